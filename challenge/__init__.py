@@ -1,0 +1,1 @@
+"""The dispute game: challenges, bisection, bonds, transcripts and replay."""

@@ -1,0 +1,1 @@
+"""Circuit definitions: adjudication and range graphs, and the Solidity verifier tooling."""

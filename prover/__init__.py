@@ -1,0 +1,1 @@
+"""The prover: EZKL adjudication circuits per segment, calibration, proofs and verification."""

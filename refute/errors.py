@@ -1,0 +1,110 @@
+"""One exception hierarchy for everything refute raises.
+
+Every error carries a one-line ``reason`` meant for people (the CLI prints it, the API returns
+it in a 4xx body). Errors from ONNX, ONNX Runtime, EZKL and the file system are translated at
+the boundary with ``raise SomeRefuteError(...) from exc`` so callers only ever catch
+:class:`RefuteError`.
+"""
+
+from __future__ import annotations
+
+
+class RefuteError(Exception):
+    """Base class of every error refute raises on purpose."""
+
+    #: A short, stable machine-readable code (used in API error bodies).
+    code: str = "refute_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+# --- model loading -------------------------------------------------------------------------
+
+
+class ModelRejected(RefuteError):
+    """The model cannot be accepted; ``reason`` says why in one line."""
+
+    code = "model_rejected"
+
+
+class ModelTooLarge(ModelRejected):
+    """The file, the graph or one of its tensors exceeds a configured limit."""
+
+    code = "model_too_large"
+
+
+class ModelDecodeError(ModelRejected):
+    """The bytes are not a well-formed ONNX protobuf (truncated, garbage, wrong type)."""
+
+    code = "model_decode_error"
+
+
+class ExternalDataRefused(ModelRejected):
+    """The model refers to data outside itself (external-data files or any path)."""
+
+    code = "external_data_refused"
+
+
+class UnsupportedOperator(ModelRejected):
+    """The model uses an operator, domain or construct outside the allowlist."""
+
+    code = "unsupported_operator"
+
+
+class UnsupportedOpset(ModelRejected):
+    """The model's opset (or IR version) is outside the supported range."""
+
+    code = "unsupported_opset"
+
+
+class ShapeError(ModelRejected):
+    """Shapes are not static (and were not pinned) or cannot be inferred consistently."""
+
+    code = "shape_error"
+
+
+class InvalidGraph(ModelRejected):
+    """The graph is structurally broken: dangling names, cycles, duplicate outputs."""
+
+    code = "invalid_graph"
+
+
+# --- segmentation and execution ------------------------------------------------------------
+
+
+class SegmentationError(RefuteError):
+    """Cuts are invalid, or the segments do not reproduce the whole model."""
+
+    code = "segmentation_error"
+
+
+class ExecutionError(RefuteError):
+    """ONNX Runtime failed to build a session or to run it on the given state."""
+
+    code = "execution_error"
+
+
+class InputError(RefuteError):
+    """Model inputs supplied by a caller do not match the model (names, shapes, dtypes)."""
+
+    code = "input_error"
+
+
+# --- commitments, traces, manifests --------------------------------------------------------
+
+
+class CommitmentError(RefuteError):
+    """A value cannot be committed (NaN, infinity, out of range) or a proof does not verify."""
+
+    code = "commitment_error"
+
+
+class BundleError(RefuteError):
+    """A trace bundle or manifest is malformed or inconsistent with its own commitment."""
+
+    code = "bundle_error"

@@ -1,0 +1,609 @@
+"""Safe loading of untrusted ONNX models.
+
+A model registered by a network is hostile until proven otherwise. :func:`load_model` reads it
+from bytes or from one file path and refuses, with a typed :class:`~refute.errors.ModelRejected`
+and a one-line reason, anything that could make the service read other files, allocate
+unbounded memory, run code paths we do not re-execute deterministically, or produce shapes we
+cannot commit to:
+
+1. size limits are checked before parsing (a path is ``stat``-ed, and only that file is opened);
+2. the protobuf is parsed without ever resolving external data;
+3. every tensor (initializers and constant attributes) is checked: no external data, declared
+   element count within limits, declared length consistent with the payload;
+4. operators must be in :data:`ALLOWED_OPS` of the default domain; no subgraphs, functions or
+   sparse tensors; the default-domain opset must lie in ``[min_opset, max_opset]``;
+5. the graph must be well formed (every name produced once, no dangling inputs, acyclic);
+6. input shapes must be static, or pinned by the caller (``shapes`` by input, ``dims`` by
+   symbolic dimension name); shapes are then inferred for every tensor and bounded.
+
+The result is a *canonical* model: nodes in a stable topological order, ``Constant`` nodes turned
+into initializers, nodes whose inputs are all constant folded, every tensor's shape recorded.
+Segmentation, execution and commitments all work on that canonical form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import AttributeProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+from refute.errors import (
+    ExternalDataRefused,
+    InvalidGraph,
+    ModelDecodeError,
+    ModelRejected,
+    ModelTooLarge,
+    ShapeError,
+    UnsupportedOperator,
+    UnsupportedOpset,
+)
+
+#: Operators of the default ONNX domain that refuse accepts. Each is run deterministically by
+#: ONNX Runtime's CPU provider and is expressible in an EZKL circuit.
+ALLOWED_OPS: frozenset[str] = frozenset(
+    {
+        "Abs", "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv",
+        "Div", "Erf", "Exp", "Flatten", "Gemm", "GlobalAveragePool", "Identity",
+        "LayerNormalization", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg",
+        "Pad", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Slice",
+        "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
+    }
+)  # fmt: skip
+
+#: Element types a tensor may have, with their size in bytes.
+_ITEM_SIZE: dict[int, int] = {
+    TensorProto.FLOAT: 4,
+    TensorProto.DOUBLE: 8,
+    TensorProto.INT64: 8,
+    TensorProto.INT32: 4,
+}
+
+#: Which repeated field holds the values of a tensor of that type when ``raw_data`` is empty.
+_TYPED_FIELD: dict[int, str] = {
+    TensorProto.FLOAT: "float_data",
+    TensorProto.DOUBLE: "double_data",
+    TensorProto.INT64: "int64_data",
+    TensorProto.INT32: "int32_data",
+}
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_MIN_IR_VERSION = 4
+
+
+@dataclass(frozen=True)
+class LoadLimits:
+    """Resource limits applied while loading a model. All are inclusive maxima."""
+
+    max_file_bytes: int = 64 * 2**20
+    max_nodes: int = 4096
+    #: Sum over all initializers and constant tensors, as declared by their dims.
+    max_initializer_bytes: int = 256 * 2**20
+    #: Any single tensor: initializer, constant, graph input or inferred intermediate.
+    max_tensor_elements: int = 2**24
+    min_opset: int = 9
+    max_opset: int = 18
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, element type and static shape of one tensor of the graph."""
+
+    name: str
+    elem_type: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> np.dtype[np.generic]:
+        """The numpy dtype of the tensor."""
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    def to_json(self) -> dict[str, object]:
+        """JSON form: ``{"name", "dtype", "shape"}``."""
+        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model that passed every check, in canonical form with static shapes."""
+
+    model: ModelProto
+    #: sha256 (hex) of the bytes as submitted: the model's identity.
+    sha256: str
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    #: Every non-constant tensor of the graph (inputs, intermediates, outputs) by name.
+    tensors: Mapping[str, TensorSpec]
+    #: Names of initializers (weights and folded constants): never part of a state.
+    constants: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def nodes(self) -> Sequence[NodeProto]:
+        """Nodes in canonical (stable topological) order."""
+        return self.model.graph.node
+
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """Specs of the graph inputs, in graph order."""
+        return tuple(self.tensors[n] for n in self.input_names)
+
+    @property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        """Specs of the graph outputs, in graph order."""
+        return tuple(self.tensors[n] for n in self.output_names)
+
+
+def load_model(
+    source: bytes | str | os.PathLike[str],
+    *,
+    limits: LoadLimits | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> LoadedModel:
+    """Load an untrusted ONNX model from bytes or a file path, refusing anything unsafe.
+
+    ``shapes`` pins whole input shapes by input name; ``dims`` pins symbolic dimensions by their
+    ``dim_param`` name (e.g. ``{"batch_size": 1}``). Raises a subclass of
+    :class:`~refute.errors.ModelRejected` with a one-line reason on any refusal.
+    """
+    limits = limits or LoadLimits()
+    data = _read_source(source, limits)
+    digest = hashlib.sha256(data).hexdigest()
+    model = _parse(data)
+    _check_header(model, limits)
+    opset = _default_opset(model)
+    _check_tensors(model, limits)
+    _check_nodes(model, limits)
+    _topological_sort(model)
+    _pin_input_shapes(model, shapes or {}, dims or {}, limits)
+    _constants_to_initializers(model)
+    _fold_constants(model, limits)
+    _drop_unused_initializers(model)
+    tensors = _infer_shapes(model, limits)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidGraph(f"model fails the ONNX checker: {_first_line(exc)}") from exc
+    inputs = tuple(i.name for i in model.graph.input)
+    return LoadedModel(
+        model=model,
+        sha256=digest,
+        opset=opset,
+        input_names=inputs,
+        output_names=tuple(o.name for o in model.graph.output),
+        tensors=tensors,
+        constants=frozenset(t.name for t in model.graph.initializer),
+    )
+
+
+# --- reading and parsing -------------------------------------------------------------------
+
+
+def _read_source(source: bytes | str | os.PathLike[str], limits: LoadLimits) -> bytes:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        _check_file_size(len(data), limits)
+        return data
+    path = Path(source)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelRejected(f"cannot read model file {path}: {exc.strerror}") from exc
+    _check_file_size(size, limits)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limits.max_file_bytes + 1)
+    except OSError as exc:
+        raise ModelRejected(f"cannot read model file {path}: {exc.strerror}") from exc
+    _check_file_size(len(data), limits)
+    return data
+
+
+def _check_file_size(size: int, limits: LoadLimits) -> None:
+    if size > limits.max_file_bytes:
+        raise ModelTooLarge(f"model is {size} bytes, over the limit of {limits.max_file_bytes}")
+    if size == 0:
+        raise ModelDecodeError("model is empty (0 bytes)")
+
+
+def _parse(data: bytes) -> ModelProto:
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelDecodeError(f"not a valid ONNX protobuf: {_first_line(exc)}") from exc
+    if not model.HasField("graph") or not model.graph.node:
+        raise ModelDecodeError("not an ONNX model: it has no graph or no nodes")
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+# --- header, tensors and nodes -------------------------------------------------------------
+
+
+def _check_header(model: ModelProto, limits: LoadLimits) -> None:
+    if not _MIN_IR_VERSION <= model.ir_version <= onnx.IR_VERSION:
+        raise UnsupportedOpset(
+            f"IR version {model.ir_version} is outside {_MIN_IR_VERSION}..{onnx.IR_VERSION}"
+        )
+    if model.functions:
+        raise UnsupportedOperator("model-local functions are not supported")
+    if model.training_info:
+        raise UnsupportedOperator("training information (graphs) is not supported")
+    graph = model.graph
+    if graph.sparse_initializer:
+        raise UnsupportedOperator("sparse initializers are not supported")
+    if len(graph.node) > limits.max_nodes:
+        raise ModelTooLarge(
+            f"graph has {len(graph.node)} nodes, over the limit of {limits.max_nodes}"
+        )
+    domains = [imp.domain for imp in model.opset_import]
+    foreign = sorted({d for d in domains if d not in _DEFAULT_DOMAINS})
+    if foreign:
+        raise UnsupportedOpset(f"opset imports of unsupported domains: {', '.join(foreign)}")
+    opset = _default_opset(model)
+    if not limits.min_opset <= opset <= limits.max_opset:
+        raise UnsupportedOpset(
+            f"opset {opset} is outside the supported range {limits.min_opset}..{limits.max_opset}"
+        )
+
+
+def _default_opset(model: ModelProto) -> int:
+    versions = [imp.version for imp in model.opset_import if imp.domain in _DEFAULT_DOMAINS]
+    if not versions:
+        raise UnsupportedOpset("model imports no default-domain (ai.onnx) opset")
+    if len(set(versions)) > 1:
+        raise UnsupportedOpset("model imports the default domain more than once")
+    return int(versions[0])
+
+
+def _attribute_tensors(node: NodeProto) -> Iterable[tuple[str, TensorProto]]:
+    for attr in node.attribute:
+        if attr.type == AttributeProto.TENSOR:
+            yield f"{node.op_type} node {node.name or node.output[0]!r}", attr.t
+        for tensor in attr.tensors:
+            yield f"{node.op_type} node {node.name or node.output[0]!r}", tensor
+
+
+def _check_tensors(model: ModelProto, limits: LoadLimits) -> None:
+    """Refuse external data first (before anything could resolve it), then sizes and lengths."""
+    tensors: list[tuple[str, TensorProto]] = [
+        (f"initializer {t.name!r}", t) for t in model.graph.initializer
+    ]
+    for node in model.graph.node:
+        tensors.extend(_attribute_tensors(node))
+    for where, tensor in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            detail = f" at {location!r}" if location is not None else ""
+            raise ExternalDataRefused(f"{where} refers to external data{detail}")
+    total_bytes = 0
+    for where, tensor in tensors:
+        total_bytes += _check_tensor_payload(where, tensor, limits)
+        if total_bytes > limits.max_initializer_bytes:
+            raise ModelTooLarge(
+                f"constant tensors exceed {limits.max_initializer_bytes} bytes in total"
+            )
+
+
+def _check_tensor_payload(where: str, tensor: TensorProto, limits: LoadLimits) -> int:
+    """Check one tensor's declared size against limits and its payload; return its byte size."""
+    if any(d < 0 for d in tensor.dims):
+        raise ModelDecodeError(f"{where} has a negative dimension {list(tensor.dims)}")
+    count = math.prod(tensor.dims)
+    if count > limits.max_tensor_elements:
+        raise ModelTooLarge(
+            f"{where} declares {count} elements, over the limit of {limits.max_tensor_elements}"
+        )
+    item = _ITEM_SIZE.get(tensor.data_type)
+    if item is None:
+        name = TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in (
+            TensorProto.DataType.values()
+        ) else str(tensor.data_type)
+        raise UnsupportedOperator(f"{where} has unsupported element type {name}")
+    nbytes = count * item
+    if tensor.raw_data:
+        if len(tensor.raw_data) != nbytes:
+            raise ModelDecodeError(
+                f"{where} declares {count} elements but carries {len(tensor.raw_data)} bytes"
+            )
+    else:
+        stored = len(getattr(tensor, _TYPED_FIELD[tensor.data_type]))
+        if stored != count:
+            raise ModelDecodeError(f"{where} declares {count} elements but carries {stored}")
+    return nbytes
+
+
+def _check_nodes(model: ModelProto, limits: LoadLimits) -> None:
+    graph = model.graph
+    for node in graph.node:
+        label = f"node {node.name or (node.output[0] if node.output else '?')!r}"
+        if node.domain not in _DEFAULT_DOMAINS:
+            raise UnsupportedOperator(f"{label} uses operator {node.op_type!r} of domain "
+                                      f"{node.domain!r}; only the default ONNX domain is accepted")
+        if node.op_type not in ALLOWED_OPS:
+            raise UnsupportedOperator(
+                f"{label} uses operator {node.op_type!r}, not in the allowlist"
+            )
+        for attr in node.attribute:
+            if attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) or attr.HasField("g"):
+                raise UnsupportedOperator(f"{label} carries a subgraph (attribute {attr.name!r})")
+            if attr.type in (AttributeProto.SPARSE_TENSOR, AttributeProto.SPARSE_TENSORS):
+                raise UnsupportedOperator(f"{label} carries a sparse tensor attribute")
+            if attr.ref_attr_name:
+                raise UnsupportedOperator(f"{label} refers to a function attribute")
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    if not inputs:
+        raise InvalidGraph("graph has no inputs besides its weights")
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        elem = value.type.tensor_type.elem_type
+        if not value.type.HasField("tensor_type") or elem != TensorProto.FLOAT:
+            raise UnsupportedOperator(f"graph input {value.name!r} is not a float32 tensor")
+    produced: set[str] = set(initializers) | set(inputs)
+    if len(produced) != len(initializers) + len(inputs) or len(set(inputs)) != len(inputs):
+        raise InvalidGraph("a graph input shares its name with a weight or another input")
+    for node in graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            if name in produced:
+                raise InvalidGraph(f"tensor {name!r} is produced more than once")
+            produced.add(name)
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in produced:
+                raise InvalidGraph(f"node input {name!r} is never produced")
+    outputs = [o.name for o in graph.output]
+    if len(set(outputs)) != len(outputs):
+        raise InvalidGraph("a graph output is listed twice")
+    for name in outputs:
+        if name not in produced:
+            raise InvalidGraph(f"graph output {name!r} is never produced")
+        if name in inputs or name in initializers:
+            raise InvalidGraph(f"graph output {name!r} is a graph input or weight, not computed")
+
+
+def _topological_sort(model: ModelProto) -> None:
+    """Reorder nodes topologically, stably (ties by original position); refuse cycles."""
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {name: i for i, n in enumerate(nodes) for name in n.output if name}
+    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    pending = [len(ds) for ds in deps]
+    ready = sorted(i for i, p in enumerate(pending) if p == 0)
+    order: list[int] = []
+    heapq.heapify(ready)
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise InvalidGraph("graph has a cycle")
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+# --- shapes --------------------------------------------------------------------------------
+
+
+def _pin_input_shapes(
+    model: ModelProto,
+    shapes: Mapping[str, Sequence[int]],
+    dims: Mapping[str, int],
+    limits: LoadLimits,
+) -> None:
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    real_inputs = [v for v in graph.input if v.name not in initializers]
+    known = {v.name for v in real_inputs}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise ShapeError(f"shape pinned for unknown input(s): {', '.join(unknown)}")
+    for dim_name, value in dims.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ShapeError(f"dimension {dim_name!r} must be pinned to a positive integer")
+    for value in real_inputs:
+        tensor_shape = value.type.tensor_type.shape
+        current = list(tensor_shape.dim)
+        if value.name in shapes:
+            pin = list(shapes[value.name])
+            if len(pin) != len(current) and value.type.tensor_type.HasField("shape"):
+                raise ShapeError(
+                    f"input {value.name!r} has rank {len(current)}, pinned shape {pin} has "
+                    f"rank {len(pin)}"
+                )
+            if any(not isinstance(d, int) or d <= 0 for d in pin):
+                raise ShapeError(f"pinned shape {pin} of input {value.name!r} must be positive")
+            for d, old in zip(pin, current, strict=True):
+                if old.HasField("dim_value") and old.dim_value != d:
+                    raise ShapeError(
+                        f"input {value.name!r} has static shape "
+                        f"{[x.dim_value for x in current]}, pinned {pin}"
+                    )
+            resolved = pin
+        else:
+            if not value.type.tensor_type.HasField("shape"):
+                raise ShapeError(f"input {value.name!r} has no shape and none was pinned")
+            resolved = []
+            for d in current:
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    resolved.append(d.dim_value)
+                elif d.HasField("dim_param") and d.dim_param in dims:
+                    resolved.append(dims[d.dim_param])
+                else:
+                    label = d.dim_param or "?"
+                    raise ShapeError(
+                        f"input {value.name!r} has dynamic dimension {label!r}: pin it with "
+                        f"shapes or dims"
+                    )
+        if math.prod(resolved) > limits.max_tensor_elements:
+            raise ModelTooLarge(f"input {value.name!r} of shape {resolved} is over the limit")
+        tensor_shape.Clear()
+        for d in resolved:
+            tensor_shape.dim.add().dim_value = d
+
+
+def _infer_shapes(model: ModelProto, limits: LoadLimits) -> dict[str, TensorSpec]:
+    """Infer every tensor's static shape; record them in ``value_info`` and the outputs."""
+    graph = model.graph
+    del graph.value_info[:]
+    for out in graph.output:
+        elem = out.type.tensor_type.elem_type
+        out.type.Clear()
+        out.type.tensor_type.elem_type = elem
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise ShapeError(f"shape inference failed: {_first_line(exc)}") from exc
+    except Exception as exc:  # onnx raises bare RuntimeErrors for some malformed graphs
+        raise ShapeError(f"shape inference failed: {_first_line(exc)}") from exc
+    known: dict[str, TensorSpec] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if value.name in known:
+            continue
+        ttype = value.type.tensor_type
+        shape = []
+        for d in ttype.shape.dim:
+            if not d.HasField("dim_value") or d.dim_value <= 0:
+                raise ShapeError(f"tensor {value.name!r} has no static shape after inference")
+            shape.append(d.dim_value)
+        if not ttype.HasField("shape"):
+            raise ShapeError(f"tensor {value.name!r} has no inferred shape")
+        spec = TensorSpec(value.name, ttype.elem_type, tuple(shape))
+        if spec.size > limits.max_tensor_elements:
+            raise ModelTooLarge(
+                f"tensor {value.name!r} of shape {list(shape)} has {spec.size} elements, over "
+                f"the limit of {limits.max_tensor_elements}"
+            )
+        known[value.name] = spec
+    initializers = {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in node.output:
+            if name and name not in known:
+                raise ShapeError(f"tensor {name!r} has no inferred shape")
+    for name in [*(i.name for i in graph.input), *(o.name for o in graph.output)]:
+        if name not in known and name not in initializers:
+            raise ShapeError(f"tensor {name!r} has no inferred shape")
+    del graph.value_info[:]
+    graph.value_info.extend(inferred.graph.value_info)
+    del graph.output[:]
+    graph.output.extend(inferred.graph.output)
+    return {k: v for k, v in known.items() if k not in initializers}
+
+
+# --- canonicalization ----------------------------------------------------------------------
+
+
+def _constants_to_initializers(model: ModelProto) -> None:
+    graph = model.graph
+    kept: list[NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "Constant":
+            kept.append(node)
+            continue
+        if len(node.attribute) != 1:
+            raise InvalidGraph(f"Constant node {node.output[0]!r} must have exactly one value")
+        attr = node.attribute[0]
+        try:
+            value = _constant_value(attr)
+        except ValueError as exc:
+            raise UnsupportedOperator(f"Constant node {node.output[0]!r}: {exc}") from exc
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _constant_value(attr: AttributeProto) -> np.ndarray:
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    raise ValueError(f"value attribute {attr.name!r} is not supported")
+
+
+def _fold_constants(model: ModelProto, limits: LoadLimits) -> None:
+    """Replace nodes whose inputs are all constant by the initializers they compute."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    kept: list[NodeProto] = []
+    for node in graph.node:
+        inputs = [x for x in node.input if x]
+        if not inputs or any(x not in constants for x in inputs):
+            kept.append(node)
+            continue
+        sub = helper.make_model(
+            helper.make_graph(
+                [node],
+                "fold",
+                [],
+                [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
+                 for o in node.output if o],
+                initializer=[constants[x] for x in inputs],
+            ),
+            opset_imports=list(model.opset_import),
+            ir_version=model.ir_version,
+        )
+        try:
+            results = ReferenceEvaluator(sub).run(None, {})
+        except Exception as exc:  # the reference evaluator raises many exception types
+            raise InvalidGraph(f"cannot fold constant node {node.output[0]!r}: {exc}") from exc
+        for name, value in zip([o for o in node.output if o], results, strict=True):
+            array = np.asarray(value)
+            if array.size > limits.max_tensor_elements:
+                raise ModelTooLarge(f"folded constant {name!r} is over the element limit")
+            tensor = numpy_helper.from_array(array, name)
+            constants[name] = tensor
+            graph.initializer.append(tensor)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _drop_unused_initializers(model: ModelProto) -> None:
+    """Drop weights nothing uses, and weights listed as graph inputs (IR < 4 style)."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    # Real inputs stay even when unused: state 0 is the model's inputs.
+    inputs = [v for v in graph.input if v.name not in weights]
+    del graph.input[:]
+    graph.input.extend(inputs)

@@ -1,0 +1,206 @@
+"""The model manifest a network publishes at registration (DESIGN.md "Registration" step 5).
+
+Format ``refute.manifest/1``, JSON (documented in ``docs/FORMATS.md``). Its identity is the
+sha256 of its canonical encoding (sorted keys, no whitespace). Fields the prover fills in later
+(``tolerances``, ``range``, ``circuits``) are ``null`` until calibration has run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ezkl
+
+from refute.errors import BundleError, CommitmentError
+from refute.executor import ORT_VERSION
+from refute.loading import TensorSpec
+from refute.quantize import check_scale
+from refute.segmentation import Segmentation
+
+FORMAT = "refute.manifest/1"
+#: The hash behind every leaf, named so a reader knows which Poseidon instance it is.
+POSEIDON_ID = "ezkl-poseidon-bn254-w2r1-rf8rp56"
+EZKL_VERSION: str = str(getattr(ezkl, "__version__", "unknown"))
+
+
+def canonical_json(data: Any) -> bytes:
+    """Canonical JSON encoding: sorted keys, compact separators, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class SegmentEntry:
+    """A segment as the manifest records it."""
+
+    index: int
+    start: int
+    end: int
+    sha256: str
+    ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a verifier needs to know about a registered model."""
+
+    model_sha256: str
+    opset: int
+    num_nodes: int
+    cuts: tuple[int, ...]
+    segments: tuple[SegmentEntry, ...]
+    states: tuple[tuple[TensorSpec, ...], ...]
+    scale: int
+    scale_source: str = "default"
+    pins: Mapping[str, Any] = field(default_factory=dict)
+    tolerances: tuple[int, ...] | None = None
+    range: float | None = None
+    circuits: tuple[Mapping[str, Any], ...] | None = None
+    ezkl_version: str = EZKL_VERSION
+    onnxruntime_version: str = ORT_VERSION
+    poseidon: str = POSEIDON_ID
+
+    @classmethod
+    def build(
+        cls,
+        segmentation: Segmentation,
+        *,
+        scale: int,
+        scale_source: str = "default",
+        pins: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """The manifest of a segmented model at ``scale``."""
+        return cls(
+            model_sha256=segmentation.model.sha256,
+            opset=segmentation.model.opset,
+            num_nodes=len(segmentation.model.nodes),
+            cuts=segmentation.cuts,
+            segments=tuple(
+                SegmentEntry(s.index, s.start, s.end, s.sha256, s.op_types)
+                for s in segmentation.segments
+            ),
+            states=segmentation.states,
+            scale=check_scale(scale),
+            scale_source=scale_source,
+            pins=dict(pins or {}),
+        )
+
+    @property
+    def num_segments(self) -> int:
+        """N."""
+        return len(self.segments)
+
+    @property
+    def sha256(self) -> str:
+        """The manifest's identity: sha256 of its canonical JSON."""
+        return hashlib.sha256(canonical_json(self.to_json())).hexdigest()
+
+    def check_segmentation(self, segmentation: Segmentation) -> None:
+        """Raise :class:`BundleError` unless ``segmentation`` is the one this manifest records."""
+        if segmentation.model.sha256 != self.model_sha256:
+            raise BundleError("manifest is for another model (model sha256 differs)")
+        if segmentation.cuts != self.cuts:
+            raise BundleError("manifest cuts differ from the segmentation's")
+        for entry, segment in zip(self.segments, segmentation.segments, strict=True):
+            if entry.sha256 != segment.sha256:
+                raise BundleError(f"segment {entry.index} bytes differ from the manifest's hash")
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``refute.manifest/1``)."""
+        return {
+            "format": FORMAT,
+            "model": {
+                "sha256": self.model_sha256,
+                "opset": self.opset,
+                "nodes": self.num_nodes,
+                "pins": dict(self.pins),
+            },
+            "cuts": list(self.cuts),
+            "segments": [
+                {"index": s.index, "start": s.start, "end": s.end, "sha256": s.sha256,
+                 "ops": list(s.ops)}
+                for s in self.segments
+            ],
+            "states": [[t.to_json() for t in state] for state in self.states],
+            "scale": self.scale,
+            "scale_source": self.scale_source,
+            "tolerances": list(self.tolerances) if self.tolerances is not None else None,
+            "range": self.range,
+            "circuits": [dict(c) for c in self.circuits] if self.circuits is not None else None,
+            "versions": {"ezkl": self.ezkl_version, "onnxruntime": self.onnxruntime_version},
+            "poseidon": self.poseidon,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        """Parse and validate the JSON form; raises :class:`BundleError` with the reason."""
+        try:
+            if data["format"] != FORMAT:
+                raise BundleError(f"unknown manifest format {data['format']!r}")
+            model = data["model"]
+            cuts = tuple(int(c) for c in data["cuts"])
+            segments = tuple(
+                SegmentEntry(int(s["index"]), int(s["start"]), int(s["end"]), str(s["sha256"]),
+                             tuple(str(o) for o in s["ops"]))
+                for s in data["segments"]
+            )
+            states = tuple(tuple(_spec(t) for t in state) for state in data["states"])
+            tolerances = data["tolerances"]
+            circuits = data["circuits"]
+            manifest = cls(
+                model_sha256=str(model["sha256"]),
+                opset=int(model["opset"]),
+                num_nodes=int(model["nodes"]),
+                cuts=cuts,
+                segments=segments,
+                states=states,
+                scale=check_scale(data["scale"]),
+                scale_source=str(data["scale_source"]),
+                pins=dict(model["pins"]),
+                tolerances=tuple(int(t) for t in tolerances) if tolerances is not None else None,
+                range=float(data["range"]) if data["range"] is not None else None,
+                circuits=tuple(dict(c) for c in circuits) if circuits is not None else None,
+                ezkl_version=str(data["versions"]["ezkl"]),
+                onnxruntime_version=str(data["versions"]["onnxruntime"]),
+                poseidon=str(data["poseidon"]),
+            )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, CommitmentError) as exc:
+            raise BundleError(f"malformed manifest: {type(exc).__name__}: {exc}") from exc
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Internal consistency: cuts, segments and states agree with each other."""
+        n = len(self.segments)
+        if len(self.cuts) != n + 1 or len(self.states) != n + 1:
+            raise BundleError("manifest cuts, segments and states disagree in number")
+        if self.cuts[0] != 0 or self.cuts[-1] != self.num_nodes:
+            raise BundleError("manifest cuts must run from 0 to the node count")
+        for i, s in enumerate(self.segments, start=1):
+            if (s.index, s.start, s.end) != (i, self.cuts[i - 1], self.cuts[i]):
+                raise BundleError(f"manifest segment {i} does not match the cuts")
+        if any(not state for state in self.states):
+            raise BundleError("manifest has an empty state")
+        if self.poseidon != POSEIDON_ID:
+            raise BundleError(f"manifest uses an unknown hash {self.poseidon!r}")
+
+
+def _spec(data: Mapping[str, Any]) -> TensorSpec:
+    import numpy as np
+    from onnx import helper
+
+    dtype = np.dtype(str(data["dtype"]))
+    shape = tuple(int(d) for d in data["shape"])
+    if any(d <= 0 for d in shape):
+        raise ValueError(f"tensor {data['name']!r} has a non-positive dimension")
+    return TensorSpec(str(data["name"]), helper.np_dtype_to_tensor_dtype(dtype), shape)
+
+
+def state_specs_json(states: Sequence[Sequence[TensorSpec]]) -> list[list[dict[str, object]]]:
+    """JSON form of a list of states."""
+    return [[t.to_json() for t in state] for state in states]

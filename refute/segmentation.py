@@ -1,0 +1,398 @@
+"""Cutting a model into standalone segments, and the states that flow between them.
+
+Nodes of the canonical model are numbered 1..M in topological order. Cuts c0=0 < c1 < … < cN=M
+split them into segments: segment i (1-based) holds nodes (c(i-1), ci], i.e. the Python slice
+``nodes[c(i-1):ci]``.
+
+State k is the set of tensors *live* at cut k: produced at or before it (or a graph input) and
+used after it (or a graph output). State 0 is the model's inputs and state N its outputs; weights
+are never state. Tensor order inside a state is fixed:
+
+* state 0: graph inputs in graph order;
+* state N: graph outputs in graph order;
+* otherwise: graph inputs first (graph order), then tensors by producing node position and output
+  index.
+
+Segment i is a standalone ONNX model whose inputs are state i-1 and whose outputs are state i, in
+that order. A tensor that only passes through a segment (a skip connection) is copied by an
+``Identity`` node onto an output named ``<name>::pass``; outputs are matched to the state by
+position, never by name. Segment bytes are serialized deterministically, so anyone can rebuild a
+segment from the model and the cuts and check its sha256 against the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, TensorProto, helper
+
+from refute.errors import SegmentationError
+from refute.executor import DeterministicExecutor
+from refute.loading import LoadedModel, TensorSpec
+
+#: Operators that make a segment of their own under the default policy.
+HEAVY_OPS: frozenset[str] = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"})
+
+PASS_SUFFIX = "::pass"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One standalone segment: nodes ``(start, end]`` as an ONNX model."""
+
+    index: int
+    start: int
+    end: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    op_types: tuple[str, ...]
+    onnx_bytes: bytes
+    #: Names of the segment graph's outputs, position-aligned with ``outputs``.
+    graph_outputs: tuple[str, ...]
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the segment's ONNX bytes."""
+        return hashlib.sha256(self.onnx_bytes).hexdigest()
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A model cut into segments, with the states between them."""
+
+    model: LoadedModel
+    cuts: tuple[int, ...]
+    states: tuple[tuple[TensorSpec, ...], ...]
+    segments: tuple[Segment, ...]
+
+    @property
+    def num_segments(self) -> int:
+        """N, the number of segments (states are numbered 0..N)."""
+        return len(self.segments)
+
+
+# --- liveness ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Liveness:
+    """Where each non-constant tensor is produced and last needed, in node positions."""
+
+    produced_at: Mapping[str, int]  # -1 for graph inputs; node index (0-based) otherwise
+    order_key: Mapping[str, tuple[int, int]]
+    last_use: Mapping[str, int]  # last 0-based node index using it; M for graph outputs
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> _Liveness:
+        nodes = loaded.nodes
+        produced: dict[str, int] = {}
+        key: dict[str, tuple[int, int]] = {}
+        for j, name in enumerate(loaded.input_names):
+            produced[name] = -1
+            key[name] = (-1, j)
+        for i, node in enumerate(nodes):
+            for j, name in enumerate(node.output):
+                if name:
+                    produced[name] = i
+                    key[name] = (i, j)
+        last: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            for name in node.input:
+                if name in produced:
+                    last[name] = i
+        for name in loaded.output_names:
+            last[name] = len(nodes)
+        return cls(produced, key, last)
+
+    def live_at(self, loaded: LoadedModel, cut: int) -> tuple[str, ...]:
+        """Names of the tensors of the state at ``cut``, in state order."""
+        if cut == 0:
+            return loaded.input_names
+        if cut == len(loaded.nodes):
+            return loaded.output_names
+        live = [
+            name
+            for name, at in self.produced_at.items()
+            if at < cut and self.last_use.get(name, -2) >= cut
+        ]
+        return tuple(sorted(live, key=lambda n: self.order_key[n]))
+
+
+def state_names(loaded: LoadedModel, cuts: Sequence[int]) -> list[tuple[str, ...]]:
+    """The tensor names of every state for these cuts (validated)."""
+    _validate_cuts(loaded, cuts)
+    liveness = _Liveness.of(loaded)
+    return [liveness.live_at(loaded, c) for c in cuts]
+
+
+# --- cut policies --------------------------------------------------------------------------
+
+
+def default_cuts(loaded: LoadedModel) -> tuple[int, ...]:
+    """One segment per compute-heavy node; light nodes merge into the segment before them.
+
+    Light nodes before the first heavy node join the first segment. A candidate cut whose state
+    would hold a non-float32 tensor is skipped (the two segments merge).
+    """
+    nodes = loaded.nodes
+    liveness = _Liveness.of(loaded)
+    cuts = [0]
+    seen_heavy = False
+    for i, node in enumerate(nodes):
+        if node.op_type in HEAVY_OPS:
+            if seen_heavy and _float_state(loaded, liveness, i):
+                cuts.append(i)
+            seen_heavy = True
+    cuts.append(len(nodes))
+    return tuple(cuts)
+
+
+def balanced_cuts(loaded: LoadedModel, max_segments: int) -> tuple[int, ...]:
+    """At most ``max_segments`` segments, chosen among the default cuts to balance cost.
+
+    Cost is an estimate of multiply-accumulates per node (see :func:`node_cost`).
+    """
+    if max_segments < 1:
+        raise SegmentationError("the maximum segment count must be at least 1")
+    candidates = default_cuts(loaded)
+    if len(candidates) - 1 <= max_segments:
+        return candidates
+    costs = [node_cost(loaded, n) for n in loaded.nodes]
+    prefix = [0, *np.cumsum(costs).tolist()]
+    total = prefix[-1]
+    chosen = [0]
+    interior = list(candidates[1:-1])
+    for j in range(1, max_segments):
+        target = total * j / max_segments
+        usable = [c for c in interior if c > chosen[-1]]
+        # Leave enough candidates for the remaining cuts.
+        remaining = max_segments - 1 - j
+        if remaining:
+            usable = usable[:-remaining] if len(usable) > remaining else []
+        if not usable:
+            break
+        chosen.append(min(usable, key=lambda c: (abs(prefix[c] - target), c)))
+    chosen.append(len(loaded.nodes))
+    return tuple(chosen)
+
+
+def node_cost(loaded: LoadedModel, node: NodeProto) -> int:
+    """Estimated multiply-accumulates of one node (output elements for light nodes)."""
+    out = loaded.tensors.get(node.output[0]) if node.output else None
+    out_elems = out.size if out is not None else 1
+    weights = {t.name: t for t in loaded.model.graph.initializer}
+
+    def dims_of(name: str) -> tuple[int, ...]:
+        if name in loaded.tensors:
+            return loaded.tensors[name].shape
+        if name in weights:
+            return tuple(weights[name].dims)
+        return ()
+
+    if node.op_type in ("Gemm", "MatMul"):
+        a = dims_of(node.input[0])
+        trans_a = any(a_.name == "transA" and a_.i for a_ in node.attribute)
+        inner = (a[-2] if trans_a and len(a) >= 2 else a[-1]) if a else 1
+        return out_elems * inner
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = dims_of(node.input[1])
+        return out_elems * (math.prod(w[1:]) if len(w) > 1 else 1)
+    return out_elems
+
+
+def _float_state(loaded: LoadedModel, liveness: _Liveness, cut: int) -> bool:
+    return all(
+        loaded.tensors[n].elem_type == TensorProto.FLOAT for n in liveness.live_at(loaded, cut)
+    )
+
+
+def _validate_cuts(loaded: LoadedModel, cuts: Sequence[int]) -> None:
+    m = len(loaded.nodes)
+    if len(cuts) < 2 or cuts[0] != 0 or cuts[-1] != m:
+        raise SegmentationError(f"cuts must start at 0 and end at the node count {m}")
+    if any(b <= a for a, b in itertools.pairwise(cuts)):
+        raise SegmentationError("cuts must be strictly increasing (no empty segment)")
+
+
+def normalize_cuts(loaded: LoadedModel, cuts: Iterable[int]) -> tuple[int, ...]:
+    """Accept interior cuts (or a full list with 0 and M) and return the full list."""
+    m = len(loaded.nodes)
+    values = sorted(set(int(c) for c in cuts))
+    bad = [c for c in values if c < 0 or c > m]
+    if bad:
+        raise SegmentationError(f"cut positions {bad} are outside 0..{m}")
+    full = tuple(sorted({0, m, *values}))
+    _validate_cuts(loaded, full)
+    return full
+
+
+# --- building segments ---------------------------------------------------------------------
+
+
+def segment_model(
+    loaded: LoadedModel,
+    *,
+    cuts: Sequence[int] | None = None,
+    max_segments: int | None = None,
+) -> Segmentation:
+    """Split ``loaded`` at ``cuts`` (explicit), or by the default policy capped at
+    ``max_segments``. Raises :class:`SegmentationError` on invalid cuts or non-float states."""
+    if cuts is not None and max_segments is not None:
+        raise SegmentationError("give either explicit cuts or a maximum segment count, not both")
+    if cuts is not None:
+        full = normalize_cuts(loaded, cuts)
+    elif max_segments is not None:
+        full = balanced_cuts(loaded, max_segments)
+    else:
+        full = default_cuts(loaded)
+    names = state_names(loaded, full)
+    states: list[tuple[TensorSpec, ...]] = []
+    for k, state in enumerate(names):
+        specs = tuple(loaded.tensors[n] for n in state)
+        bad = [s.name for s in specs if s.elem_type != TensorProto.FLOAT]
+        if bad:
+            raise SegmentationError(f"state {k} would hold non-float32 tensors {bad}")
+        if not specs:
+            raise SegmentationError(f"state {k} would be empty")
+        states.append(specs)
+    segments = tuple(
+        _build_segment(
+            loaded, index=i, start=full[i - 1], end=full[i], inputs=states[i - 1],
+            outputs=states[i],
+        )
+        for i in range(1, len(full))
+    )
+    return Segmentation(loaded, full, tuple(states), segments)
+
+
+def _build_segment(
+    loaded: LoadedModel,
+    *,
+    index: int,
+    start: int,
+    end: int,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+) -> Segment:
+    source = loaded.model
+    nodes = [_copy_node(n) for n in source.graph.node[start:end]]
+    produced_inside = {o for n in nodes for o in n.output if o}
+    input_names = {s.name for s in inputs}
+    graph_outputs: list[str] = []
+    for spec in outputs:
+        if spec.name in produced_inside:
+            graph_outputs.append(spec.name)
+        elif spec.name in input_names:
+            alias = spec.name + PASS_SUFFIX
+            nodes.append(helper.make_node("Identity", [spec.name], [alias], name=alias))
+            graph_outputs.append(alias)
+        else:  # cannot happen for states computed by _Liveness; guard the invariant anyway
+            raise SegmentationError(f"segment {index} cannot produce state tensor {spec.name!r}")
+    used = {x for n in nodes for x in n.input if x}
+    initializers = [t for t in source.graph.initializer if t.name in used]
+    value_info = [
+        v for v in source.graph.value_info
+        if v.name in produced_inside and v.name not in graph_outputs
+    ]
+    graph = helper.make_graph(
+        nodes,
+        f"refute_segment_{index}",
+        [_value_info(s.name, s) for s in inputs],
+        [_value_info(g, s) for g, s in zip(graph_outputs, outputs, strict=True)],
+        initializer=initializers,
+        value_info=value_info,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=list(source.opset_import),
+        ir_version=source.ir_version,
+        producer_name="refute",
+        producer_version="1",
+    )
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise SegmentationError(f"segment {index} is not a valid ONNX model: {exc}") from exc
+    return Segment(
+        index=index,
+        start=start,
+        end=end,
+        inputs=inputs,
+        outputs=outputs,
+        op_types=tuple(n.op_type for n in source.graph.node[start:end]),
+        onnx_bytes=serialize(model),
+        graph_outputs=tuple(graph_outputs),
+    )
+
+
+def _copy_node(node: NodeProto) -> NodeProto:
+    copy = NodeProto()
+    copy.CopyFrom(node)
+    copy.doc_string = ""
+    return copy
+
+
+def _value_info(name: str, spec: TensorSpec) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, spec.elem_type, list(spec.shape))
+
+
+def serialize(model: ModelProto) -> bytes:
+    """Deterministic protobuf serialization (map fields sorted)."""
+    return bytes(model.SerializeToString(deterministic=True))
+
+
+# --- running segments ----------------------------------------------------------------------
+
+
+def run_segment(
+    executor: DeterministicExecutor, segment: Segment, state: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """Run one segment on its input state (arrays in state order); return its output state."""
+    if len(state) != len(segment.inputs):
+        raise SegmentationError(
+            f"segment {segment.index} takes {len(segment.inputs)} tensors, got {len(state)}"
+        )
+    feeds = {spec.name: array for spec, array in zip(segment.inputs, state, strict=True)}
+    return executor.run(segment.onnx_bytes, feeds, segment.graph_outputs)
+
+
+def run_segments(
+    executor: DeterministicExecutor,
+    segmentation: Segmentation,
+    inputs: Mapping[str, np.ndarray],
+) -> list[list[np.ndarray]]:
+    """Run every segment in sequence from the model inputs; return all N+1 states."""
+    state0 = [np.asarray(inputs[name]) for name in segmentation.model.input_names]
+    states = [state0]
+    for segment in segmentation.segments:
+        states.append(run_segment(executor, segment, states[-1]))
+    return states
+
+
+def run_whole(
+    executor: DeterministicExecutor, loaded: LoadedModel, inputs: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """Run the whole canonical model; return its outputs in graph order."""
+    return executor.run(serialize(loaded.model), inputs)
+
+
+def check_reproduces(
+    executor: DeterministicExecutor,
+    segmentation: Segmentation,
+    inputs: Mapping[str, np.ndarray],
+) -> None:
+    """Raise :class:`SegmentationError` unless the segments in sequence reproduce the whole
+    model's outputs bit for bit on ``inputs``."""
+    whole = run_whole(executor, segmentation.model, inputs)
+    final = run_segments(executor, segmentation, inputs)[-1]
+    for spec, a, b in zip(segmentation.states[-1], whole, final, strict=True):
+        if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+            raise SegmentationError(
+                f"segments do not reproduce output {spec.name!r} bit for bit"
+            )

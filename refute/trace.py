@@ -1,0 +1,212 @@
+"""Traces and the trace bundle format (``refute.trace/1``).
+
+A :class:`Trace` is one execution cut into states: the N+1 states (float32 tensors in state
+order), every tensor's Poseidon hash, and the :class:`~refute.commitment.TraceCommitment`.
+
+On disk and over the wire a trace is a *bundle*: an uncompressed ZIP archive holding exactly
+
+* ``manifest.json`` — the model manifest (:mod:`refute.manifest`);
+* ``trace.json`` — format tag, manifest sha256, commitment, and per tensor its name, dtype,
+  shape, Poseidon hash and member file;
+* ``states/<k>/<j>.f32`` — tensor j of state k as raw little-endian float32, C order.
+
+Reading a bundle trusts nothing in it: member sizes are checked against the declared shapes
+before anything is read, every tensor is re-quantized and re-hashed, every leaf and the root are
+recomputed, and the states must match the manifest's. Any mismatch is a
+:class:`~refute.errors.BundleError` naming the state (and tensor) at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refute.commitment import TraceCommitment, hash_states, state_leaf
+from refute.errors import BundleError, CommitmentError, RefuteError
+from refute.manifest import Manifest, canonical_json
+
+FORMAT = "refute.trace/1"
+_MANIFEST = "manifest.json"
+_TRACE = "trace.json"
+#: Largest JSON member accepted when reading a bundle.
+_MAX_JSON_BYTES = 16 * 2**20
+
+
+def _member(k: int, j: int) -> str:
+    return f"states/{k}/{j}.f32"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One committed execution of a manifest's model."""
+
+    manifest: Manifest
+    states: tuple[tuple[np.ndarray, ...], ...]
+    tensor_hashes: tuple[tuple[int, ...], ...]
+    commitment: TraceCommitment
+
+    @classmethod
+    def from_states(
+        cls,
+        manifest: Manifest,
+        states: Sequence[Sequence[np.ndarray]],
+        *,
+        workers: int | None = None,
+    ) -> Trace:
+        """Commit to ``states`` (which must match the manifest's state specs)."""
+        frozen = tuple(tuple(np.ascontiguousarray(t, dtype=np.float32) for t in s) for s in states)
+        _check_states(manifest, frozen)
+        try:
+            hashes = hash_states(frozen, manifest.scale, workers=workers)
+        except CommitmentError as exc:
+            raise CommitmentError(f"cannot commit the trace: {exc.reason}") from exc
+        commitment = TraceCommitment.from_hashes(manifest.scale, hashes)
+        return cls(manifest, frozen, tuple(tuple(h) for h in hashes), commitment)
+
+    @property
+    def outputs(self) -> tuple[np.ndarray, ...]:
+        """State N: the model's outputs."""
+        return self.states[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``trace.json`` member."""
+        return {
+            "format": FORMAT,
+            "manifest_sha256": self.manifest.sha256,
+            "commitment": self.commitment.to_json(),
+            "states": [
+                [
+                    {**spec.to_json(), "poseidon": "0x" + h.to_bytes(32, "big").hex(),
+                     "file": _member(k, j)}
+                    for j, (spec, h) in enumerate(zip(specs, hashes, strict=True))
+                ]
+                for k, (specs, hashes) in enumerate(
+                    zip(self.manifest.states, self.tensor_hashes, strict=True)
+                )
+            ],
+        }
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the bundle atomically (temporary file, then rename) and return its path."""
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+                archive.writestr(_MANIFEST, canonical_json(self.manifest.to_json()))
+                archive.writestr(_TRACE, canonical_json(self.to_json()))
+                for k, state in enumerate(self.states):
+                    for j, tensor in enumerate(state):
+                        archive.writestr(_member(k, j), tensor.astype("<f4").tobytes())
+            tmp.replace(target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise BundleError(f"cannot write bundle {target}: {exc.strerror}") from exc
+        return target
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], *, workers: int | None = None) -> Trace:
+        """Read and fully verify a bundle; raises :class:`BundleError` on any inconsistency."""
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return cls._read_archive(archive, workers)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise BundleError(f"not a readable trace bundle: {exc}") from exc
+
+    @classmethod
+    def _read_archive(cls, archive: zipfile.ZipFile, workers: int | None) -> Trace:
+        infos = {info.filename: info for info in archive.infolist()}
+        manifest = Manifest.from_json(_read_json(archive, infos, _MANIFEST))
+        doc = _read_json(archive, infos, _TRACE)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise BundleError("trace.json is not a refute.trace/1 document")
+        if doc.get("manifest_sha256") != manifest.sha256:
+            raise BundleError("trace.json names another manifest than the one in the bundle")
+        claimed = TraceCommitment.from_json(doc.get("commitment"))
+        if claimed.scale != manifest.scale:
+            raise BundleError("commitment scale differs from the manifest's")
+        if claimed.num_states != len(manifest.states):
+            raise BundleError("commitment has a different number of states than the manifest")
+        expected = {_MANIFEST, _TRACE} | {
+            _member(k, j) for k, s in enumerate(manifest.states) for j in range(len(s))
+        }
+        if set(infos) != expected:
+            extra = sorted(set(infos) - expected)[:3]
+            missing = sorted(expected - set(infos))[:3]
+            raise BundleError(f"bundle members differ: unexpected {extra}, missing {missing}")
+        states = []
+        for k, specs in enumerate(manifest.states):
+            tensors = []
+            for j, spec in enumerate(specs):
+                info = infos[_member(k, j)]
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size != spec.size * 4:
+                    raise BundleError(f"state {k} tensor {spec.name!r} has the wrong size")
+                raw = archive.read(info)
+                tensors.append(np.frombuffer(raw, dtype="<f4").reshape(spec.shape).copy())
+            states.append(tuple(tensors))
+        try:
+            trace = cls.from_states(manifest, states, workers=workers)
+        except RefuteError as exc:
+            raise BundleError(f"bundle states cannot be committed: {exc.reason}") from exc
+        _compare(trace, claimed, doc)
+        return trace
+
+
+def _compare(trace: Trace, claimed: TraceCommitment, doc: dict[str, Any]) -> None:
+    """Pinpoint the first state whose recomputed leaf or hashes differ from the claims."""
+    listed = doc.get("states")
+    if not isinstance(listed, list) or len(listed) != len(trace.states):
+        raise BundleError("trace.json lists a different number of states")
+    for k, (mine, theirs) in enumerate(zip(trace.commitment.leaves, claimed.leaves, strict=True)):
+        if mine != theirs:
+            raise BundleError(f"state {k} does not match its committed leaf")
+        entries = listed[k]
+        if not isinstance(entries, list) or len(entries) != len(trace.tensor_hashes[k]):
+            raise BundleError(f"trace.json state {k} lists the wrong number of tensors")
+        for j, h in enumerate(trace.tensor_hashes[k]):
+            if not isinstance(entries[j], dict) or entries[j].get("poseidon") != (
+                "0x" + h.to_bytes(32, "big").hex()
+            ):
+                raise BundleError(f"state {k} tensor {j} does not match its recorded hash")
+    if trace.commitment.root != claimed.root:  # implied by equal leaves; kept as a guard
+        raise BundleError("commitment root does not match the states")
+
+
+def _check_states(manifest: Manifest, states: Sequence[Sequence[np.ndarray]]) -> None:
+    if len(states) != len(manifest.states):
+        raise BundleError(f"expected {len(manifest.states)} states, got {len(states)}")
+    for k, (specs, tensors) in enumerate(zip(manifest.states, states, strict=True)):
+        if len(specs) != len(tensors):
+            raise BundleError(f"state {k} must hold {len(specs)} tensors, got {len(tensors)}")
+        for spec, tensor in zip(specs, tensors, strict=True):
+            if tuple(tensor.shape) != spec.shape:
+                raise BundleError(
+                    f"state {k} tensor {spec.name!r} has shape {list(tensor.shape)}, "
+                    f"expected {list(spec.shape)}"
+                )
+
+
+def _read_json(
+    archive: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], name: str
+) -> Any:
+    info = infos.get(name)
+    if info is None:
+        raise BundleError(f"bundle has no {name}")
+    if info.file_size > _MAX_JSON_BYTES:
+        raise BundleError(f"{name} is too large")
+    try:
+        return json.loads(archive.read(info))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{name} is not valid JSON: {exc}") from exc
+
+
+def leaf_of_state(manifest: Manifest, state: Sequence[np.ndarray]) -> bytes:
+    """Recompute the leaf of one state (e.g. a state revealed during a dispute)."""
+    hashes = hash_states([state], manifest.scale)[0]
+    return state_leaf(hashes)

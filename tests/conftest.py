@@ -1,0 +1,51 @@
+"""Shared fixtures: the public models in ../shared/models and the deterministic executor."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refute.executor import DeterministicExecutor
+from refute.loading import LoadedModel
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = Path(os.environ.get("REFUTE_SHARED", REPO.parent / "shared")) / "models"
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """One model of ../shared/models with its EZKL-style input."""
+
+    name: str
+    path: Path
+    input_json: Path
+
+    def inputs(self, loaded: LoadedModel) -> dict[str, np.ndarray]:
+        """The model's input.json reshaped to the loaded model's input shapes."""
+        doc = json.loads(self.input_json.read_text())
+        return {
+            spec.name: np.asarray(values, dtype=np.float32).reshape(spec.shape)
+            for spec, values in zip(loaded.input_specs, doc["input_data"], strict=True)
+        }
+
+
+def shared_models() -> list[SharedModel]:
+    """Every shared model; fails loudly if the folder is missing (CI must have it)."""
+    if not SHARED_MODELS.is_dir():
+        raise RuntimeError(f"shared models not found at {SHARED_MODELS} (set REFUTE_SHARED)")
+    return [
+        SharedModel(d.name, d / "network.onnx", d / "input.json")
+        for d in sorted(SHARED_MODELS.iterdir())
+        if (d / "network.onnx").is_file()
+    ]
+
+
+@pytest.fixture(scope="session")
+def executor() -> DeterministicExecutor:
+    """One executor (and session cache) for the whole test run."""
+    return DeterministicExecutor()

@@ -1,0 +1,70 @@
+"""The command line: `refute segment`, `refute trace`, `refute inspect`, and clean failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refute.trace import Trace
+from tests.conftest import shared_models
+
+SHARED = {m.name: m for m in shared_models()}
+
+
+def _refute(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "refute", *map(str, args)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def test_segment_prints_table_and_json() -> None:
+    model = SHARED["3l_relu_conv_fc"]
+    done = _refute("segment", model.path, "--dim", "batch_size=1")
+    assert done.returncode == 0, done.stderr
+    assert "3 segments" in done.stdout and "Conv" in done.stdout
+    done = _refute("segment", model.path, "--dim", "batch_size=1", "--json", "--max-segments", "2")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["format"] == "refute.manifest/1"
+    assert len(manifest["segments"]) == 2
+
+
+@pytest.mark.slow
+def test_trace_writes_a_verifiable_bundle(tmp_path: Path) -> None:
+    model = SHARED["2l_relu_sigmoid_conv"]
+    bundle = tmp_path / "out.rtrace"
+    done = _refute("trace", model.path, model.input_json, "--dim", "batch_size=1", "-o", bundle)
+    assert done.returncode == 0, done.stderr
+    root = Trace.read(bundle).commitment.root
+    assert f"root     0x{root.hex()}" in done.stdout
+    assert "Executing segments" in done.stderr  # progress is shown
+    done = _refute("inspect", bundle)
+    assert done.returncode == 0, done.stderr
+    assert f"0x{root.hex()}" in done.stdout
+
+
+def test_failures_are_one_line_and_write_nothing(tmp_path: Path) -> None:
+    model = SHARED["1l_mlp"]
+    bundle = tmp_path / "never.rtrace"
+    cases = [
+        ("trace", model.path, model.input_json, "-o", bundle),  # dynamic dim not pinned
+        ("trace", model.path, SHARED["1l_conv"].input_json, "--dim", "batch_size=1", "-o", bundle),
+        ("segment", tmp_path / "missing.onnx"),
+        ("segment", model.input_json),  # not a model
+        ("segment", model.path, "--dim", "batch_size=1", "--cuts", "5"),
+        ("inspect", model.input_json),
+    ]
+    for args in cases:
+        done = _refute(*args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not bundle.exists()
+    done = _refute("segment", model.path, "--dim", "batch_size=x")
+    assert done.returncode == 2 and "NAME=INTEGER" in done.stderr

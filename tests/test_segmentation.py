@@ -1,0 +1,156 @@
+"""Segmentation: the segments in sequence reproduce the whole model bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from refute import zoo
+from refute.errors import SegmentationError
+from refute.executor import DeterministicExecutor
+from refute.loading import LoadedModel, load_model
+from refute.provider import random_inputs
+from refute.segmentation import (
+    HEAVY_OPS,
+    check_reproduces,
+    default_cuts,
+    run_segments,
+    run_whole,
+    segment_model,
+)
+from tests.conftest import SharedModel, shared_models
+
+SHARED = shared_models()
+ZOO = zoo.all_models()
+
+
+def _assert_bit_exact(
+    executor: DeterministicExecutor, loaded: LoadedModel, cuts: tuple[int, ...] | None,
+    inputs: dict[str, np.ndarray], max_segments: int | None = None,
+) -> None:
+    seg = segment_model(loaded, cuts=cuts, max_segments=max_segments)
+    whole = run_whole(executor, loaded, inputs)
+    states = run_segments(executor, seg, inputs)
+    assert len(states) == seg.num_segments + 1
+    for a, b in zip(whole, states[-1], strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+    check_reproduces(executor, seg, inputs)
+
+
+@pytest.mark.parametrize("shared", SHARED, ids=[m.name for m in SHARED])
+def test_shared_models_every_cut_reproduces(
+    shared: SharedModel, executor: DeterministicExecutor
+) -> None:
+    loaded = load_model(shared.path, dims={"batch_size": 1})
+    inputs = shared.inputs(loaded)
+    _assert_bit_exact(executor, loaded, None, inputs)
+    # Every single interior cut, and every node a segment of its own.
+    m = len(loaded.nodes)
+    for c in range(1, m):
+        _assert_bit_exact(executor, loaded, (0, c, m), inputs)
+    _assert_bit_exact(executor, loaded, tuple(range(m + 1)), inputs)
+
+
+@pytest.mark.parametrize("model", ZOO, ids=[m.name for m in ZOO])
+def test_zoo_models_reproduce(model: zoo.ZooModel, executor: DeterministicExecutor) -> None:
+    loaded = load_model(model.onnx_bytes)
+    for seed in range(3):
+        inputs = model.sample_input(seed)
+        _assert_bit_exact(executor, loaded, None, inputs)
+        for k in (1, 2, 3):
+            _assert_bit_exact(executor, loaded, None, inputs, max_segments=k)
+    _assert_bit_exact(executor, loaded, tuple(range(len(loaded.nodes) + 1)),
+                      model.sample_input(7))
+
+
+def test_default_policy_one_segment_per_heavy_node() -> None:
+    for model in ZOO:
+        loaded = load_model(model.onnx_bytes)
+        seg = segment_model(loaded)
+        heavy = sum(n.op_type in HEAVY_OPS for n in loaded.nodes)
+        assert seg.num_segments == max(heavy, 1), model.name
+        for s in seg.segments:
+            assert sum(op in HEAVY_OPS for op in s.op_types) <= 1
+
+
+def test_mlp_8x256_has_8_segments() -> None:
+    loaded = load_model(zoo.mlp_8x256().onnx_bytes)
+    seg = segment_model(loaded)
+    assert seg.num_segments == 8
+    assert [s.op_types for s in seg.segments] == [("Gemm", "Relu")] * 8
+
+
+def test_skip_connection_is_carried_in_state(executor: DeterministicExecutor) -> None:
+    loaded = load_model(zoo.residual_block().onnx_bytes)
+    seg = segment_model(loaded)
+    assert seg.num_segments >= 2
+    # Between the two convolutions the block's input is still needed by the residual add.
+    assert any(len(state) >= 2 for state in seg.states[1:-1])
+    inner = next(s for s in seg.states[1:-1] if len(s) >= 2)
+    assert loaded.input_names[0] in [t.name for t in inner]
+    check_reproduces(executor, seg, random_inputs(loaded, seed=3))
+
+
+def test_multi_output_states_keep_graph_output_order(executor: DeterministicExecutor) -> None:
+    loaded = load_model(zoo.multi_output().onnx_bytes)
+    assert len(loaded.output_names) == 2
+    seg = segment_model(loaded, cuts=tuple(range(len(loaded.nodes) + 1)))
+    assert tuple(t.name for t in seg.states[-1]) == loaded.output_names
+    early = min(
+        loaded.output_names,
+        key=lambda n: next(i for i, node in enumerate(loaded.nodes) if n in node.output),
+    )
+    produced = next(i for i, node in enumerate(loaded.nodes) if early in node.output)
+    for k in range(produced + 1, len(loaded.nodes)):
+        assert early in [t.name for t in seg.states[k]], f"early output missing from state {k}"
+    check_reproduces(executor, seg, random_inputs(loaded, seed=5))
+
+
+def test_segments_are_standalone_and_deterministic() -> None:
+    loaded = load_model(zoo.cnn().onnx_bytes)
+    first = segment_model(loaded)
+    again = segment_model(load_model(zoo.cnn().onnx_bytes))
+    assert [s.sha256 for s in first.segments] == [s.sha256 for s in again.segments]
+    for s in first.segments:
+        model = onnx.load_model_from_string(s.onnx_bytes)
+        onnx.checker.check_model(model, full_check=True)
+        assert [i.name for i in model.graph.input] == [t.name for t in s.inputs]
+        assert len(model.graph.output) == len(s.outputs)
+
+
+def test_default_cuts_cover_the_model() -> None:
+    loaded = load_model(zoo.attention_block().onnx_bytes)
+    cuts = default_cuts(loaded)
+    assert cuts[0] == 0 and cuts[-1] == len(loaded.nodes)
+    assert list(cuts) == sorted(set(cuts))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cuts": [0, 0]}, "strictly increasing"),
+        ({"cuts": [99]}, "outside"),
+        ({"cuts": [-1]}, "outside"),
+        ({"cuts": [1], "max_segments": 2}, "either"),
+        ({"max_segments": 0}, "at least 1"),
+    ],
+)
+def test_bad_cuts_are_refused(kwargs: dict[str, object], message: str) -> None:
+    loaded = load_model(zoo.mlp().onnx_bytes)
+    if kwargs.get("cuts") == [0, 0]:
+        from refute.segmentation import state_names
+
+        with pytest.raises(SegmentationError, match=message):
+            state_names(loaded, [0, 0, len(loaded.nodes)])
+        return
+    with pytest.raises(SegmentationError, match=message):
+        segment_model(loaded, **kwargs)  # type: ignore[arg-type]
+
+
+def test_max_segments_caps_the_count() -> None:
+    loaded = load_model(zoo.mlp_8x256().onnx_bytes)
+    for k in range(1, 10):
+        seg = segment_model(loaded, max_segments=k)
+        assert seg.num_segments == min(k, 8)

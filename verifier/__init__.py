@@ -1,0 +1,1 @@
+"""The verification service (API, persistence, spot-check workers): built on the `refute` core."""
