@@ -44,7 +44,7 @@ def _median(fn: Callable[[], object], repeat: int) -> float:
 
 
 def _models() -> list[tuple[str, bytes, dict[str, int]]]:
-    models = [(m.name, m.onnx_bytes, {}) for m in
+    models: list[tuple[str, bytes, dict[str, int]]] = [(m.name, m.onnx_bytes, {}) for m in
               (zoo.mlp_8x256(), zoo.cnn(), zoo.residual_block(), zoo.attention_block())]
     shared = SHARED / "3l_relu_conv_fc" / "network.onnx"
     if shared.is_file():

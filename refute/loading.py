@@ -134,7 +134,8 @@ class LoadedModel:
     @property
     def nodes(self) -> Sequence[NodeProto]:
         """Nodes in canonical (stable topological) order."""
-        return self.model.graph.node
+        nodes: Sequence[NodeProto] = self.model.graph.node
+        return nodes
 
     @property
     def input_specs(self) -> tuple[TensorSpec, ...]:
@@ -171,6 +172,8 @@ def load_model(
     _topological_sort(model)
     _pin_input_shapes(model, shapes or {}, dims or {}, limits)
     _constants_to_initializers(model)
+    # Bound every tensor (the folded ones included) before computing anything.
+    _infer_shapes(model, limits)
     _fold_constants(model, limits)
     _drop_unused_initializers(model)
     tensors = _infer_shapes(model, limits)
@@ -308,7 +311,7 @@ def _check_tensor_payload(where: str, tensor: TensorProto, limits: LoadLimits) -
     """Check one tensor's declared size against limits and its payload; return its byte size."""
     if any(d < 0 for d in tensor.dims):
         raise ModelDecodeError(f"{where} has a negative dimension {list(tensor.dims)}")
-    count = math.prod(tensor.dims)
+    count = int(math.prod(tensor.dims))
     if count > limits.max_tensor_elements:
         raise ModelTooLarge(
             f"{where} declares {count} elements, over the limit of {limits.max_tensor_elements}"
@@ -319,7 +322,7 @@ def _check_tensor_payload(where: str, tensor: TensorProto, limits: LoadLimits) -
             TensorProto.DataType.values()
         ) else str(tensor.data_type)
         raise UnsupportedOperator(f"{where} has unsupported element type {name}")
-    nbytes = count * item
+    nbytes: int = count * item
     if tensor.raw_data:
         if len(tensor.raw_data) != nbytes:
             raise ModelDecodeError(
@@ -446,8 +449,8 @@ def _pin_input_shapes(
             for d, old in zip(pin, current, strict=True):
                 if old.HasField("dim_value") and old.dim_value != d:
                     raise ShapeError(
-                        f"input {value.name!r} has static shape "
-                        f"{[x.dim_value for x in current]}, pinned {pin}"
+                        f"input {value.name!r} has dimension {old.dim_value} where {pin} "
+                        f"pins {d}"
                     )
             resolved = pin
         else:
@@ -475,11 +478,6 @@ def _pin_input_shapes(
 def _infer_shapes(model: ModelProto, limits: LoadLimits) -> dict[str, TensorSpec]:
     """Infer every tensor's static shape; record them in ``value_info`` and the outputs."""
     graph = model.graph
-    del graph.value_info[:]
-    for out in graph.output:
-        elem = out.type.tensor_type.elem_type
-        out.type.Clear()
-        out.type.tensor_type.elem_type = elem
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
@@ -498,6 +496,8 @@ def _infer_shapes(model: ModelProto, limits: LoadLimits) -> dict[str, TensorSpec
             shape.append(d.dim_value)
         if not ttype.HasField("shape"):
             raise ShapeError(f"tensor {value.name!r} has no inferred shape")
+        if ttype.elem_type == TensorProto.UNDEFINED:
+            raise ShapeError(f"tensor {value.name!r} has no inferred element type")
         spec = TensorSpec(value.name, ttype.elem_type, tuple(shape))
         if spec.size > limits.max_tensor_elements:
             raise ModelTooLarge(

@@ -53,7 +53,8 @@ def test_failures_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     bundle = tmp_path / "never.rtrace"
     cases = [
         ("trace", model.path, model.input_json, "-o", bundle),  # dynamic dim not pinned
-        ("trace", model.path, SHARED["1l_conv"].input_json, "--dim", "batch_size=1", "-o", bundle),
+        ("trace", model.path, SHARED["3l_relu_conv_fc"].input_json, "--dim", "batch_size=1",
+         "-o", bundle),  # wrong number of input values
         ("segment", tmp_path / "missing.onnx"),
         ("segment", model.input_json),  # not a model
         ("segment", model.path, "--dim", "batch_size=1", "--cuts", "5"),
