@@ -29,7 +29,7 @@ from refute.commitment import TraceCommitment, hash_states
 from refute.executor import DeterministicExecutor
 from refute.loading import LoadedModel, load_model
 from refute.provider import random_inputs
-from refute.segmentation import run_segments, run_whole, segment_model, serialize
+from refute.segmentation import run_segments, run_whole, segment_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 
@@ -65,7 +65,7 @@ def _measure(
     states = run_segments(executor, seg, inputs)
     t_whole = _median(lambda: run_whole(executor, loaded, inputs), repeat)
     t_segs = _median(lambda: run_segments(executor, seg, inputs), repeat)
-    default = ort.InferenceSession(serialize(loaded.model), providers=["CPUExecutionProvider"])
+    default = ort.InferenceSession(loaded.onnx_bytes, providers=["CPUExecutionProvider"])
     default.run(None, inputs)
     t_default = _median(lambda: default.run(None, inputs), repeat)
     elements = sum(t.size for s in states for t in s)
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
     table = Table(title="refute foundation benchmark (median of runs, this machine)")
     for column in ("model", "segs", "elements", "load+segment ms", "whole det. ms",
                    "segments ms", "segs/whole", "whole ORT-default ms", "segs/default",

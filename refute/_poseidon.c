@@ -36,7 +36,12 @@ typedef unsigned __int128 u128;
 #define INLINE static inline __attribute__((always_inline))
 /* The multiplication kernels are deliberately not inlined: inlined into the unrolled rounds they
  * make GCC spill heavily (measured 30-40% slower). */
+#ifndef KERNEL
 #define KERNEL static __attribute__((noinline))
+#endif
+#ifndef POW5ATTR
+#define POW5ATTR INLINE
+#endif
 
 #define WIDTH 2
 #define FULL_ROUNDS 8
@@ -225,7 +230,7 @@ INLINE void fe_dot2(fe *r, const fe *a, const fe *b, const fe *c, const fe *d) {
 }
 
 /* x^5 */
-INLINE void fe_pow5(fe *x) {
+POW5ATTR void fe_pow5(fe *x) {
     fe x2, x4;
     fe_sqr(&x2, x);
     fe_sqr(&x4, &x2);
@@ -246,6 +251,11 @@ static fe OPT_V[PARTIAL_ROUNDS];  /* sparse matrix [[m00, v], [w, 1]] */
 static fe OPT_W[PARTIAL_ROUNDS];
 static fe OPT_A_END;              /* cell 1 scale after the partial rounds */
 static fe OPT_C_END[WIDTH];       /* constants of the first full round after them */
+/* scaled rounds */
+static fe SC_K[ROUNDS][WIDTH];    /* round constants divided by the cell scales */
+static fe SC_V[ROUNDS - 1];       /* normalised matrix [[1, v], [1, u]] */
+static fe SC_U[ROUNDS - 1];
+static fe SC_LAST[WIDTH][WIDTH];  /* last round: M diag(alpha^5, beta^5) */
 static fe CAPACITY;               /* 2^64 in Montgomery form */
 static fe MONT_ONE;               /* R mod p */
 static int READY = 0;
@@ -431,6 +441,41 @@ static int derive_constants(void) {
         fe_mul_canon(&e1, &MDS[1][1], &u1);
     }
     OPT_A_END = a;
+
+    {
+        fe alpha = MONT_ONE, beta = MONT_ONE;
+        for (int r = 0; r < ROUNDS; r++) {
+            const int full = r < HALF_FULL || r >= HALF_FULL + PARTIAL_ROUNDS;
+            fe ia, ib, a5 = alpha, bx = beta, na, nb, ina, inb, tmp;
+            fe_inv(&ia, &alpha);
+            fe_inv(&ib, &beta);
+            fe_mul_canon(&SC_K[r][0], &RC[r][0], &ia);
+            fe_mul_canon(&SC_K[r][1], &RC[r][1], &ib);
+            fe_pow5(&a5);
+            fe_canon(&a5);
+            if (full) {
+                fe_pow5(&bx);
+                fe_canon(&bx);
+            }
+            if (r == ROUNDS - 1) {
+                fe_mul_canon(&SC_LAST[0][0], &MDS[0][0], &a5);
+                fe_mul_canon(&SC_LAST[0][1], &MDS[0][1], &bx);
+                fe_mul_canon(&SC_LAST[1][0], &MDS[1][0], &a5);
+                fe_mul_canon(&SC_LAST[1][1], &MDS[1][1], &bx);
+                break;
+            }
+            fe_mul_canon(&na, &MDS[0][0], &a5);
+            fe_mul_canon(&nb, &MDS[1][0], &a5);
+            fe_inv(&ina, &na);
+            fe_inv(&inb, &nb);
+            fe_mul_canon(&tmp, &MDS[0][1], &bx);
+            fe_mul_canon(&SC_V[r], &tmp, &ina);
+            fe_mul_canon(&tmp, &MDS[1][1], &bx);
+            fe_mul_canon(&SC_U[r], &tmp, &inb);
+            alpha = na;
+            beta = nb;
+        }
+    }
     fe_add(&OPT_C_END[0], &RC[HALF_FULL + PARTIAL_ROUNDS][0], &e0);
     fe_canon(&OPT_C_END[0]);
     fe_add(&OPT_C_END[1], &RC[HALF_FULL + PARTIAL_ROUNDS][1], &e1);
@@ -487,6 +532,33 @@ static __attribute__((noinline)) void permute_opt(fe s[2]) {
     for (int r = HALF_FULL + PARTIAL_ROUNDS + 1; r < ROUNDS; r++) full_round(s, RC[r]);
 }
 
+static __attribute__((noinline)) void permute_scaled(fe s[2]) {
+    for (int r = 0; r < ROUNDS - 1; r++) {
+        fe a, b, p, q;
+        fe_add(&a, &s[0], &SC_K[r][0]);
+        fe_add(&b, &s[1], &SC_K[r][1]);
+        if (r < HALF_FULL || r >= HALF_FULL + PARTIAL_ROUNDS) {
+            fe_pow5(&a);
+            fe_pow5(&b);
+            fe_mul(&p, &b, &SC_V[r]);
+            fe_mul(&q, &b, &SC_U[r]);
+        } else {
+            fe_mul(&p, &b, &SC_V[r]);
+            fe_mul(&q, &b, &SC_U[r]);
+            fe_pow5(&a);
+        }
+        fe_add(&s[0], &a, &p);
+        fe_add(&s[1], &a, &q);
+    }
+    fe a, b;
+    fe_add(&a, &s[0], &SC_K[ROUNDS - 1][0]);
+    fe_add(&b, &s[1], &SC_K[ROUNDS - 1][1]);
+    fe_pow5(&a);
+    fe_pow5(&b);
+    fe_dot2(&s[0], &a, &SC_LAST[0][0], &b, &SC_LAST[0][1]);
+    fe_dot2(&s[1], &a, &SC_LAST[1][0], &b, &SC_LAST[1][1]);
+}
+
 /* int64 -> Montgomery form of (v mod p) */
 INLINE void fe_from_i64(fe *r, int64_t v) {
     u64 x[4];
@@ -509,7 +581,9 @@ static void hash_i64(const int64_t *values, Py_ssize_t n, int optimised, uint8_t
         fe x;
         fe_from_i64(&x, values[i]);
         fe_add(&s[0], &s[0], &x);
-        if (optimised)
+        if (optimised == 2)
+            permute_scaled(s);
+        else if (optimised)
             permute_opt(s);
         else
             permute_plain(s);

@@ -50,9 +50,13 @@ class DeterministicExecutor:
         self._sessions: OrderedDict[str, ort.InferenceSession] = OrderedDict()
         self._lock = threading.Lock()
 
-    def session(self, model_bytes: bytes) -> ort.InferenceSession:
-        """Return the cached session for these graph bytes, building it on first use."""
-        key = hashlib.sha256(model_bytes).hexdigest()
+    def session(self, model_bytes: bytes, *, key: str | None = None) -> ort.InferenceSession:
+        """Return the cached session for these graph bytes, building it on first use.
+
+        ``key`` is the sha256 (hex) of ``model_bytes`` when the caller already knows it; hashing
+        a large graph on every run would otherwise dominate small executions.
+        """
+        key = key or hashlib.sha256(model_bytes).hexdigest()
         with self._lock:
             cached = self._sessions.get(key)
             if cached is not None:
@@ -76,12 +80,15 @@ class DeterministicExecutor:
         model_bytes: bytes,
         feeds: Mapping[str, np.ndarray],
         output_names: Sequence[str] | None = None,
+        *,
+        key: str | None = None,
     ) -> list[np.ndarray]:
         """Run the graph on ``feeds`` and return its outputs (all, or those named) in order.
 
-        Feeds must name exactly the graph's inputs, with the declared dtype and shape.
+        Feeds must name exactly the graph's inputs, with the declared dtype and shape. ``key``
+        is as for :meth:`session`.
         """
-        sess = self.session(model_bytes)
+        sess = self.session(model_bytes, key=key)
         expected = {i.name: i for i in sess.get_inputs()}
         if set(feeds) != set(expected):
             missing = sorted(set(expected) - set(feeds))

@@ -23,6 +23,7 @@ Segmentation, execution and commitments all work on that canonical form.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import math
@@ -131,6 +132,16 @@ class LoadedModel:
     #: Names of initializers (weights and folded constants): never part of a state.
     constants: frozenset[str] = field(default_factory=frozenset)
 
+    @functools.cached_property
+    def onnx_bytes(self) -> bytes:
+        """The canonical model, serialized deterministically."""
+        return serialize(self.model)
+
+    @functools.cached_property
+    def canonical_sha256(self) -> str:
+        """sha256 (hex) of :attr:`onnx_bytes`."""
+        return hashlib.sha256(self.onnx_bytes).hexdigest()
+
     @property
     def nodes(self) -> Sequence[NodeProto]:
         """Nodes in canonical (stable topological) order."""
@@ -191,6 +202,11 @@ def load_model(
         tensors=tensors,
         constants=frozenset(t.name for t in model.graph.initializer),
     )
+
+
+def serialize(model: ModelProto) -> bytes:
+    """Deterministic protobuf serialization (map fields sorted)."""
+    return bytes(model.SerializeToString(deterministic=True))
 
 
 # --- reading and parsing -------------------------------------------------------------------

@@ -22,6 +22,7 @@ segment from the model and the cuts and check its sha256 against the manifest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -30,11 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, TensorProto, helper
+from onnx import NodeProto, TensorProto, helper
 
 from refute.errors import SegmentationError
 from refute.executor import DeterministicExecutor
-from refute.loading import LoadedModel, TensorSpec
+from refute.loading import LoadedModel, TensorSpec, serialize
 
 #: Operators that make a segment of their own under the default policy.
 HEAVY_OPS: frozenset[str] = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"})
@@ -56,7 +57,7 @@ class Segment:
     #: Names of the segment graph's outputs, position-aligned with ``outputs``.
     graph_outputs: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         """Content hash of the segment's ONNX bytes."""
         return hashlib.sha256(self.onnx_bytes).hexdigest()
@@ -342,11 +343,6 @@ def _value_info(name: str, spec: TensorSpec) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, spec.elem_type, list(spec.shape))
 
 
-def serialize(model: ModelProto) -> bytes:
-    """Deterministic protobuf serialization (map fields sorted)."""
-    return bytes(model.SerializeToString(deterministic=True))
-
-
 # --- running segments ----------------------------------------------------------------------
 
 
@@ -359,7 +355,7 @@ def run_segment(
             f"segment {segment.index} takes {len(segment.inputs)} tensors, got {len(state)}"
         )
     feeds = {spec.name: array for spec, array in zip(segment.inputs, state, strict=True)}
-    return executor.run(segment.onnx_bytes, feeds, segment.graph_outputs)
+    return executor.run(segment.onnx_bytes, feeds, segment.graph_outputs, key=segment.sha256)
 
 
 def run_segments(
@@ -379,7 +375,7 @@ def run_whole(
     executor: DeterministicExecutor, loaded: LoadedModel, inputs: Mapping[str, np.ndarray]
 ) -> list[np.ndarray]:
     """Run the whole canonical model; return its outputs in graph order."""
-    return executor.run(serialize(loaded.model), inputs)
+    return executor.run(loaded.onnx_bytes, inputs, key=loaded.canonical_sha256)
 
 
 def check_reproduces(
