@@ -209,18 +209,14 @@ def inspect(
 
 def _print_commitment(result: Trace, path: Path) -> None:
     manifest = result.manifest
-    table = Table(title="trace commitment")
-    table.add_column("state")
-    table.add_column("tensors")
-    table.add_column("leaf")
     for k, (specs, leaf) in enumerate(zip(manifest.states, result.commitment.leaves, strict=True)):
-        table.add_row(str(k), ", ".join(f"{t.name}{list(t.shape)}" for t in specs), leaf.hex())
-    out.print(table)
-    out.print(f"model    {manifest.model_sha256}")
-    out.print(f"manifest {manifest.sha256}")
-    out.print(f"scale    {manifest.scale}  segments {manifest.num_segments}")
-    out.print(f"bundle   {path}")
-    out.print(f"root     0x{result.commitment.root.hex()}")
+        tensors = ", ".join(f"{t.name}{list(t.shape)}" for t in specs)
+        out.print(f"leaf {k:<3} 0x{leaf.hex()}  {tensors}", highlight=False, soft_wrap=True)
+    out.print(f"model    {manifest.model_sha256}", highlight=False)
+    out.print(f"manifest {manifest.sha256}", highlight=False)
+    out.print(f"scale    {manifest.scale}  segments {manifest.num_segments}", highlight=False)
+    out.print(f"bundle   {path}", highlight=False, soft_wrap=True)
+    out.print(f"root     0x{result.commitment.root.hex()}", highlight=False)
 
 
 def main() -> None:

@@ -8,12 +8,11 @@ sha256 of its canonical encoding (sorted keys, no whitespace). Fields the prover
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import ezkl
 
 from refute.errors import BundleError, CommitmentError
 from refute.executor import ORT_VERSION
@@ -24,7 +23,8 @@ from refute.segmentation import Segmentation
 FORMAT = "refute.manifest/1"
 #: The hash behind every leaf, named so a reader knows which Poseidon instance it is.
 POSEIDON_ID = "ezkl-poseidon-bn254-w2r1-rf8rp56"
-EZKL_VERSION: str = str(getattr(ezkl, "__version__", "unknown"))
+#: The EZKL release circuits and hashes are tied to (read without loading the native library).
+EZKL_VERSION: str = importlib.metadata.version("ezkl")
 
 
 def canonical_json(data: Any) -> bytes:

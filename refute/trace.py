@@ -98,6 +98,7 @@ class Trace:
         target = Path(path)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
                 archive.writestr(_MANIFEST, canonical_json(self.manifest.to_json()))
                 archive.writestr(_TRACE, canonical_json(self.to_json()))
