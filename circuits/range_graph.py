@@ -1,0 +1,47 @@
+"""The range graph of a state (DESIGN.md "Range rule").
+
+``R_k(v) = max over elements of |v|`` for the tensors of state k, given as hashed inputs in state
+order, so the proof's instances are ``Poseidon(v_1) … Poseidon(v_m), max|v|``: the hashes rebuild
+leaf k and the public maximum shows whether the state breaks the declared range R.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+from onnx import ModelProto, TensorProto, helper
+
+from circuits.adjudication import max_abs
+from refute.errors import SegmentationError
+from refute.loading import TensorSpec, serialize
+
+MAXABS = "maxabs"
+
+
+def range_model(state: Sequence[TensorSpec], *, opset: int, index: int) -> ModelProto:
+    """The ONNX model ``R_k`` over a state with these tensor specs."""
+    inputs = [f"v{j}" for j in range(len(state))]
+    nodes, initializers = max_abs(inputs, MAXABS)
+    graph = helper.make_graph(
+        nodes,
+        f"refute_range_{index}",
+        [helper.make_tensor_value_info(n, s.elem_type, list(s.shape))
+         for n, s in zip(inputs, state, strict=True)],
+        [helper.make_tensor_value_info(MAXABS, TensorProto.FLOAT, [1])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8,
+        producer_name="refute", producer_version="1",
+    )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SegmentationError(f"range graph of state {index}: {exc}") from exc
+    return model
+
+
+def range_bytes(state: Sequence[TensorSpec], *, opset: int, index: int) -> bytes:
+    """Deterministic bytes of :func:`range_model`."""
+    return serialize(range_model(state, opset=opset, index=index))

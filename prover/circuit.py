@@ -1,0 +1,262 @@
+"""Compiled EZKL circuits, one folder per circuit, cached by content hash.
+
+A circuit folder holds EZKL's usual files (``network.onnx``, ``settings.json``,
+``model.compiled``, ``pk.key``, ``vk.key``) and ``circuit.json`` (our metadata). It is named by
+sha256 over (graph bytes, scale, EZKL version, calibrated settings), so the same circuit is
+built once and reused by every later proof. Builders take an exclusive lock per key and build
+into a temporary folder that is renamed into place when complete, so concurrent builders never
+see or leave a half-built circuit.
+
+EZKL's ``setup``/``prove`` hold the GIL for their whole run: call this module from worker
+processes, never from threads of an API process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ezkl
+import numpy as np
+
+from prover.errors import CircuitUnsupported, ProverError
+from prover.srs import SrsStore, file_lock
+from refute.manifest import EZKL_VERSION, canonical_json
+
+#: ``progress(stage)``: called before each long EZKL step.
+StageFn = Callable[[str], None]
+
+GRAPH = "network.onnx"
+SETTINGS = "settings.json"
+COMPILED = "model.compiled"
+PK = "pk.key"
+VK = "vk.key"
+META = "circuit.json"
+
+
+def _quiet(stage: str) -> None:
+    del stage
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A built circuit: its folder and what a verifier needs to know about it."""
+
+    folder: Path
+    key: str
+    logrows: int
+    input_scale: int
+    output_scale: int
+    srs_path: Path
+    unsafe_srs: bool
+    vk_sha256: str
+    settings_sha256: str
+
+    @property
+    def settings_path(self) -> Path:
+        """``settings.json``."""
+        return self.folder / SETTINGS
+
+    @property
+    def compiled_path(self) -> Path:
+        """``model.compiled``."""
+        return self.folder / COMPILED
+
+    @property
+    def pk_path(self) -> Path:
+        """``pk.key``."""
+        return self.folder / PK
+
+    @property
+    def vk_path(self) -> Path:
+        """``vk.key``."""
+        return self.folder / VK
+
+    def to_json(self) -> dict[str, Any]:
+        """What the manifest records about this circuit."""
+        return {
+            "key": self.key,
+            "logrows": self.logrows,
+            "input_scale": self.input_scale,
+            "output_scale": self.output_scale,
+            "vk_sha256": self.vk_sha256,
+            "settings_sha256": self.settings_sha256,
+            "ezkl_version": EZKL_VERSION,
+            "unsafe_srs": self.unsafe_srs,
+        }
+
+    @classmethod
+    def load(cls, folder: Path) -> Circuit:
+        """Open a built circuit folder (raises ProverError if it is not complete)."""
+        try:
+            meta = json.loads((folder / META).read_text())
+            return cls(
+                folder=folder,
+                key=str(meta["key"]),
+                logrows=int(meta["logrows"]),
+                input_scale=int(meta["input_scale"]),
+                output_scale=int(meta["output_scale"]),
+                srs_path=Path(meta["srs_path"]),
+                unsafe_srs=bool(meta["unsafe_srs"]),
+                vk_sha256=str(meta["vk_sha256"]),
+                settings_sha256=str(meta["settings_sha256"]),
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ProverError(f"circuit folder {folder} is incomplete: {exc}") from exc
+
+
+def run_args(scale: int) -> Any:
+    """EZKL run arguments of every refute circuit: hashed inputs, fixed params, public output."""
+    args = ezkl.PyRunArgs()
+    args.input_visibility = "hashed"
+    args.param_visibility = "fixed"
+    args.output_visibility = "public"
+    args.input_scale = scale
+    args.param_scale = scale
+    return args
+
+
+def write_input_json(path: Path, tensors: Sequence[np.ndarray]) -> Path:
+    """EZKL input file: one flat list per graph input, in order."""
+    path.write_text(
+        json.dumps({"input_data": [np.asarray(t, dtype=np.float64).ravel().tolist()
+                                   for t in tensors]})
+    )
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _ezkl(step: str, fn: Callable[[], Any]) -> Any:
+    try:
+        result = fn()
+    except Exception as exc:  # EZKL raises bare RuntimeErrors with long messages
+        text = str(exc).strip().splitlines()
+        raise CircuitUnsupported(f"EZKL {step} failed: {text[0] if text else exc}") from exc
+    if result is False:
+        raise CircuitUnsupported(f"EZKL {step} failed")
+    return result
+
+
+def calibrated_settings(
+    graph: bytes, scale: int, calibration: Sequence[Sequence[np.ndarray]], workdir: Path
+) -> dict[str, Any]:
+    """EZKL settings for ``graph`` at ``scale``, calibrated (resources) on the first sample
+    and checked on every sample (a witness must exist for each)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    graph_path = workdir / GRAPH
+    graph_path.write_bytes(graph)
+    settings_path = workdir / SETTINGS
+    data = write_input_json(workdir / "calibration.json", calibration[0])
+    _ezkl("gen_settings", lambda: ezkl.gen_settings(
+        str(graph_path), str(settings_path), py_run_args=run_args(scale)))
+    _ezkl("calibrate_settings", lambda: ezkl.calibrate_settings(
+        str(data), str(graph_path), str(settings_path), "resources", scales=[scale]))
+    settings: dict[str, Any] = json.loads(settings_path.read_text())
+    return settings
+
+
+def circuit_key(graph: bytes, scale: int, settings: dict[str, Any]) -> str:
+    """The content hash naming a circuit folder."""
+    digest = hashlib.sha256()
+    digest.update(hashlib.sha256(graph).digest())
+    digest.update(f"scale={scale};ezkl={EZKL_VERSION};".encode())
+    digest.update(canonical_json(settings))
+    return digest.hexdigest()
+
+
+class CircuitCache:
+    """Circuit folders under ``root``, built at most once per key."""
+
+    def __init__(self, root: Path, srs: SrsStore) -> None:
+        self.root = root
+        self.srs = srs
+
+    def build(
+        self,
+        graph: bytes,
+        scale: int,
+        settings: dict[str, Any],
+        *,
+        progress: StageFn = _quiet,
+    ) -> Circuit:
+        """Return the circuit for (graph, scale, settings), compiling and setting it up if new."""
+        key = circuit_key(graph, scale, settings)
+        folder = self.root / key
+        if (folder / META).exists():
+            return Circuit.load(folder)
+        with file_lock(self.root / f"{key}.lock"):
+            if (folder / META).exists():
+                return Circuit.load(folder)
+            tmp = self.root / f".{key}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                self._build_into(tmp, key, graph, scale, settings, progress)
+                tmp.replace(folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return Circuit.load(folder)
+
+    def _build_into(
+        self,
+        tmp: Path,
+        key: str,
+        graph: bytes,
+        scale: int,
+        settings: dict[str, Any],
+        progress: StageFn,
+    ) -> None:
+        (tmp / GRAPH).write_bytes(graph)
+        (tmp / SETTINGS).write_text(json.dumps(settings))
+        progress("compile")
+        _ezkl("compile_circuit", lambda: ezkl.compile_circuit(
+            str(tmp / GRAPH), str(tmp / COMPILED), str(tmp / SETTINGS)))
+        logrows = int(settings["run_args"]["logrows"])
+        srs = self.srs.for_logrows(logrows)
+        progress("setup")
+        _ezkl("setup", lambda: ezkl.setup(
+            str(tmp / COMPILED), str(tmp / VK), str(tmp / PK), srs_path=str(srs.path)))
+        scales = settings.get("model_output_scales") or [scale]
+        meta = {
+            "key": key,
+            "logrows": logrows,
+            "input_scale": scale,
+            "output_scale": int(scales[0]),
+            "srs_path": str(srs.path),
+            "unsafe_srs": srs.unsafe,
+            "vk_sha256": _sha256_file(tmp / VK),
+            "settings_sha256": hashlib.sha256(canonical_json(settings)).hexdigest(),
+            "ezkl_version": EZKL_VERSION,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def witness(circuit: Circuit, tensors: Sequence[np.ndarray], workdir: Path) -> dict[str, Any]:
+    """EZKL witness of ``circuit`` on ``tensors`` (its inputs in order)."""
+    data = write_input_json(workdir / "input.json", tensors)
+    out = workdir / "witness.json"
+    result: dict[str, Any] = _ezkl("gen_witness", lambda: ezkl.gen_witness(
+        str(data), str(circuit.compiled_path), str(out)))
+    return result
+
+
+def felt_to_int(felt: str) -> int:
+    """A felt (EZKL little-endian hex) as a signed integer, centered on zero."""
+    from refute.poseidon import FIELD_MODULUS
+
+    value = int.from_bytes(bytes.fromhex(felt), "little")
+    return value - FIELD_MODULUS if value > FIELD_MODULUS // 2 else value

@@ -1,0 +1,169 @@
+"""Proving and verifying one disputed step (DESIGN.md "The dispute game", step 4).
+
+The proof of segment i's adjudication circuit on (state i-1, claimed state i) has public
+instances ``Poseidon(x_1) … Poseidon(x_m), Poseidon(y_1) … Poseidon(y_n), maxdiff``.
+:func:`verify_step` accepts a proof only if EZKL verifies it with the circuit's verifying key
+**and** the hash instances rebuild leaves i-1 and i of the provider's commitment; it then applies
+the verdict rule: ``maxdiff > τ_i`` → ``PROVIDER_FAULT``, else ``CHALLENGER_FAULT``.
+
+``maxdiff`` is read exactly: the instance is an integer at the circuit's output scale o, so in
+quantized units of the model scale s it is ``raw · 2^s / 2^o`` (a fraction, compared exactly).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import ezkl
+import numpy as np
+
+from prover.circuit import Circuit, felt_to_int, witness
+from prover.errors import ProofRejected, ProverError
+from refute.commitment import state_leaf
+from refute.manifest import EZKL_VERSION
+
+
+class Verdict(enum.StrEnum):
+    """Outcome of an adjudicated step."""
+
+    PROVIDER_FAULT = "PROVIDER_FAULT"
+    CHALLENGER_FAULT = "CHALLENGER_FAULT"
+
+
+def verdict_for(maxdiff_units: Fraction, tolerance: int) -> Verdict:
+    """The verdict rule: the provider is at fault iff maxdiff exceeds τ."""
+    return Verdict.PROVIDER_FAULT if maxdiff_units > tolerance else Verdict.CHALLENGER_FAULT
+
+
+def maxdiff_units(raw: int, *, output_scale: int, scale: int) -> Fraction:
+    """A maxdiff instance at ``output_scale`` expressed in quantized units at ``scale``."""
+    if raw < 0:
+        raise ProofRejected("maxdiff instance is negative")
+    return Fraction(raw * 2**scale, 2**output_scale)
+
+
+@dataclass(frozen=True)
+class StepProof:
+    """A proof for one step, with everything needed to check it offline."""
+
+    segment: int
+    circuit_key: str
+    vk_sha256: str
+    ezkl_version: str
+    proof: dict[str, Any]
+    x_hashes: tuple[int, ...]
+    y_hashes: tuple[int, ...]
+    maxdiff_raw: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (the proof bundle written by ``refute prove``)."""
+        return {
+            "format": "refute.step-proof/1",
+            "segment": self.segment,
+            "circuit_key": self.circuit_key,
+            "vk_sha256": self.vk_sha256,
+            "ezkl_version": self.ezkl_version,
+            "proof": self.proof,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, *, n_inputs: int) -> StepProof:
+        """Parse a proof bundle; instances are read from the proof itself."""
+        try:
+            if data["format"] != "refute.step-proof/1":
+                raise ProofRejected(f"unknown proof format {data['format']!r}")
+            proof = dict(data["proof"])
+            x, y, raw = split_instances(proof, n_inputs)
+            return cls(int(data["segment"]), str(data["circuit_key"]), str(data["vk_sha256"]),
+                       str(data["ezkl_version"]), proof, x, y, raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProofRejected(f"malformed proof bundle: {exc}") from exc
+
+
+def split_instances(
+    proof: dict[str, Any], n_inputs: int
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(x hashes, y hashes, maxdiff raw) from a proof's instances; ``n_inputs`` = len(state i-1)."""
+    try:
+        (column,) = proof["instances"]
+        values = [int.from_bytes(bytes.fromhex(v), "little") for v in column]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProofRejected(f"proof has malformed instances: {exc}") from exc
+    if len(values) < n_inputs + 2:
+        raise ProofRejected(f"proof has {len(values)} instances, too few for this step")
+    raw = felt_to_int(column[-1])
+    return tuple(values[:n_inputs]), tuple(values[n_inputs:-1]), raw
+
+
+def prove_step(
+    circuit: Circuit,
+    segment: int,
+    state_prev: Sequence[np.ndarray],
+    state_claimed: Sequence[np.ndarray],
+    workdir: Path | None = None,
+) -> StepProof:
+    """Prove segment ``segment``'s adjudication circuit on (state i-1, claimed state i)."""
+    with tempfile.TemporaryDirectory(prefix="refute-prove-", dir=workdir) as tmp:
+        folder = Path(tmp)
+        witness(circuit, [*state_prev, *state_claimed], folder)
+        proof_path = folder / "proof.json"
+        try:
+            proof = ezkl.prove(str(folder / "witness.json"), str(circuit.compiled_path),
+                               str(circuit.pk_path), str(proof_path),
+                               srs_path=str(circuit.srs_path))
+        except Exception as exc:  # EZKL raises bare RuntimeErrors
+            raise ProverError(f"EZKL prove failed for segment {segment}: {exc}") from exc
+        proof = json.loads(proof_path.read_text())
+    x, y, raw = split_instances(proof, len(state_prev))
+    return StepProof(segment, circuit.key, circuit.vk_sha256, EZKL_VERSION, proof, x, y, raw)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """A verified step: the maxdiff it proved and the verdict."""
+
+    segment: int
+    maxdiff_units: Fraction
+    tolerance: int
+    verdict: Verdict
+
+
+def verify_proof_file(circuit: Circuit, proof: dict[str, Any]) -> bool:
+    """EZKL verification of a proof with the circuit's verifying key."""
+    with tempfile.TemporaryDirectory(prefix="refute-verify-") as tmp:
+        path = Path(tmp) / "proof.json"
+        path.write_text(json.dumps(proof))
+        try:
+            return bool(ezkl.verify(str(path), str(circuit.settings_path), str(circuit.vk_path),
+                                    srs_path=str(circuit.srs_path)))
+        except Exception:  # EZKL raises on an invalid proof rather than returning False
+            return False
+
+
+def verify_step(
+    circuit: Circuit,
+    step: StepProof,
+    *,
+    leaf_prev: bytes,
+    leaf_claimed: bytes,
+    tolerance: int,
+    scale: int,
+) -> StepOutcome:
+    """Verify ``step`` and bind it to the commitment; raise ProofRejected if it does not hold."""
+    if step.circuit_key != circuit.key or step.vk_sha256 != circuit.vk_sha256:
+        raise ProofRejected("proof was made for another circuit")
+    if not verify_proof_file(circuit, step.proof):
+        raise ProofRejected("proof does not verify with the circuit's verifying key")
+    if state_leaf(step.x_hashes) != leaf_prev:
+        raise ProofRejected(f"proof's input hashes do not match leaf {step.segment - 1}")
+    if state_leaf(step.y_hashes) != leaf_claimed:
+        raise ProofRejected(f"proof's claimed-state hashes do not match leaf {step.segment}")
+    units = maxdiff_units(step.maxdiff_raw, output_scale=circuit.output_scale, scale=scale)
+    return StepOutcome(step.segment, units, tolerance, verdict_for(units, tolerance))
