@@ -204,7 +204,9 @@ class CircuitCache:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
-                self._build_into(tmp, key, graph, scale, settings, progress)
+                self._build_into(
+                    tmp, key=key, graph=graph, scale=scale, settings=settings, progress=progress
+                )
                 tmp.replace(folder)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -214,6 +216,7 @@ class CircuitCache:
     def _build_into(
         self,
         tmp: Path,
+        *,
         key: str,
         graph: bytes,
         scale: int,

@@ -58,12 +58,14 @@ class SrsStore:
         self.dev_cache = dev_cache
 
     def for_logrows(self, logrows: int) -> SrsFile:
-        """An SRS file for circuits of ``logrows``; generated (unsafe) in the dev cache if needed."""
+        """An SRS file for ``logrows``; generated (unsafe) in the dev cache if needed."""
         if self.srs_path is not None:
             return self._configured(logrows)
         assert self.dev_cache is not None
         if not 1 <= logrows <= MAX_DEV_LOGROWS:
-            raise SrsError(f"no development SRS above logrows {MAX_DEV_LOGROWS} (asked {logrows})")
+            raise SrsError(
+                f"no development SRS above logrows {MAX_DEV_LOGROWS} (asked {logrows})"
+            )
         path = self.dev_cache / f"kzg{logrows}.srs"
         marker = path.with_name(path.name + UNSAFE_MARKER)
         if not marker.exists():

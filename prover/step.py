@@ -96,7 +96,7 @@ def split_instances(
         values = [int.from_bytes(bytes.fromhex(v), "little") for v in column]
     except (KeyError, TypeError, ValueError) as exc:
         raise ProofRejected(f"proof has malformed instances: {exc}") from exc
-    if len(values) < n_inputs + 2:
+    if len(values) < n_inputs + 1:
         raise ProofRejected(f"proof has {len(values)} instances, too few for this step")
     raw = felt_to_int(column[-1])
     return tuple(values[:n_inputs]), tuple(values[n_inputs:-1]), raw

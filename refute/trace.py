@@ -59,10 +59,18 @@ class Trace:
         states: Sequence[Sequence[np.ndarray]],
         *,
         workers: int | None = None,
+        check_range: bool = True,
     ) -> Trace:
-        """Commit to ``states`` (which must match the manifest's state specs)."""
+        """Commit to ``states`` (which must match the manifest's state specs).
+
+        With ``check_range`` (the default, used for every upload), a value outside the manifest's
+        declared range R is refused (DESIGN.md "Range rule"); a dispute that must reveal such a
+        state turns it off and settles it with the range circuit instead.
+        """
         frozen = tuple(tuple(np.ascontiguousarray(t, dtype=np.float32) for t in s) for s in states)
         _check_states(manifest, frozen)
+        if check_range and manifest.range is not None:
+            _check_range(manifest, frozen)
         try:
             hashes = hash_states(frozen, manifest.scale, workers=workers)
         except CommitmentError as exc:
@@ -190,6 +198,18 @@ def _check_states(manifest: Manifest, states: Sequence[Sequence[np.ndarray]]) ->
                 raise BundleError(
                     f"state {k} tensor {spec.name!r} has shape {list(tensor.shape)}, "
                     f"expected {list(spec.shape)}"
+                )
+
+
+def _check_range(manifest: Manifest, states: Sequence[Sequence[np.ndarray]]) -> None:
+    assert manifest.range is not None
+    for k, (specs, tensors) in enumerate(zip(manifest.states, states, strict=True)):
+        for spec, tensor in zip(specs, tensors, strict=True):
+            if tensor.size and not np.isfinite(tensor).all():
+                raise CommitmentError(f"state {k} tensor {spec.name!r} holds a non-finite value")
+            if tensor.size and float(np.max(np.abs(tensor))) > manifest.range:
+                raise CommitmentError(
+                    f"state {k} tensor {spec.name!r} breaks the declared range R={manifest.range}"
                 )
 
 

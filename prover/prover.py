@@ -1,0 +1,156 @@
+"""The prover facade: circuits from a calibrated manifest, step and range proofs, verification.
+
+::
+
+    prover = Prover(CircuitCache(cache_dir, SrsStore(dev_cache=srs_dir)))
+    proof = prover.prove_step(prepared, manifest, i, state_prev, state_claimed)
+    outcome = prover.verify_step(prepared, manifest, proof, commitment)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from circuits.adjudication import adjudication_bytes
+from circuits.range_graph import range_bytes
+from prover.circuit import Circuit, CircuitCache
+from prover.errors import CircuitUnsupported, ProofRejected
+from prover.step import (
+    StepOutcome,
+    StepProof,
+    Verdict,
+    maxdiff_units,
+    prove_step,
+    verify_proof_file,
+    verify_step,
+)
+from refute.commitment import TraceCommitment, state_leaf
+from refute.manifest import Manifest
+from refute.provider import PreparedModel
+
+StageFn = Callable[[str], None]
+
+
+def _quiet(stage: str) -> None:
+    del stage
+
+
+def _entry(manifest: Manifest, kind: str, field: str, index: int) -> dict[str, Any]:
+    if manifest.circuits is None or manifest.tolerances is None or manifest.range is None:
+        raise CircuitUnsupported("the manifest is not calibrated yet (run calibration first)")
+    for entry in manifest.circuits:
+        if entry.get("kind") == kind and entry.get(field) == index:
+            if entry.get("settings") is None:
+                reason = entry.get("unsupported") or "EZKL cannot compile it"
+                raise CircuitUnsupported(f"{kind} circuit {index} cannot be proven: {reason}")
+            return dict(entry)
+    raise CircuitUnsupported(f"the manifest has no {kind} circuit {index}")
+
+
+@dataclass(frozen=True)
+class RangeOutcome:
+    """A verified range proof: the state's max |v| in quantized units, and the verdict."""
+
+    state: int
+    maxabs_units: Fraction
+    bound_units: Fraction
+    verdict: Verdict
+
+
+class Prover:
+    """Builds (or reuses) circuits and proves/verifies steps and ranges for a manifest."""
+
+    def __init__(self, cache: CircuitCache) -> None:
+        self.cache = cache
+
+    def step_circuit(
+        self, prepared: PreparedModel, manifest: Manifest, i: int, progress: StageFn = _quiet
+    ) -> Circuit:
+        """Segment i's adjudication circuit, built from the manifest's recorded settings."""
+        if not 1 <= i <= manifest.num_segments:
+            raise CircuitUnsupported(f"step {i} is outside 1..{manifest.num_segments}")
+        entry = _entry(manifest, "step", "segment", i)
+        graph = adjudication_bytes(prepared.segmentation.segments[i - 1])
+        return self.cache.build(graph, manifest.scale, entry["settings"], progress=progress)
+
+    def range_circuit(
+        self, prepared: PreparedModel, manifest: Manifest, k: int, progress: StageFn = _quiet
+    ) -> Circuit:
+        """State k's range circuit."""
+        entry = _entry(manifest, "range", "state", k)
+        graph = range_bytes(prepared.segmentation.states[k], opset=prepared.loaded.opset, index=k)
+        return self.cache.build(graph, manifest.scale, entry["settings"], progress=progress)
+
+    def prove_step(
+        self,
+        prepared: PreparedModel,
+        manifest: Manifest,
+        i: int,
+        state_prev: Sequence[np.ndarray],
+        state_claimed: Sequence[np.ndarray],
+        *,
+        progress: StageFn = _quiet,
+    ) -> StepProof:
+        """Prove step i on (state i-1, claimed state i)."""
+        circuit = self.step_circuit(prepared, manifest, i, progress)
+        progress("prove")
+        return prove_step(circuit, i, state_prev, state_claimed)
+
+    def verify_step(
+        self,
+        prepared: PreparedModel,
+        manifest: Manifest,
+        proof: StepProof,
+        commitment: TraceCommitment,
+    ) -> StepOutcome:
+        """Verify a step proof against the commitment and apply the verdict rule."""
+        i = proof.segment
+        if not 1 <= i <= manifest.num_segments or commitment.num_states != len(manifest.states):
+            raise ProofRejected("proof step or commitment does not fit this manifest")
+        if commitment.scale != manifest.scale:
+            raise ProofRejected("commitment scale differs from the manifest's")
+        circuit = self.step_circuit(prepared, manifest, i)
+        assert manifest.tolerances is not None
+        return verify_step(
+            circuit, proof, leaf_prev=commitment.leaves[i - 1], leaf_claimed=commitment.leaves[i],
+            tolerance=manifest.tolerances[i - 1], scale=manifest.scale,
+        )
+
+    def prove_range(
+        self, prepared: PreparedModel, manifest: Manifest, k: int, state: Sequence[np.ndarray]
+    ) -> StepProof:
+        """Prove state k's max |v| (a range proof; ``segment`` holds k)."""
+        circuit = self.range_circuit(prepared, manifest, k)
+        proof = prove_step(circuit, k, state, [])
+        return proof
+
+    def verify_range(
+        self,
+        prepared: PreparedModel,
+        manifest: Manifest,
+        proof: StepProof,
+        commitment: TraceCommitment,
+    ) -> RangeOutcome:
+        """Verify a range proof for state ``proof.segment`` against the commitment."""
+        k = proof.segment
+        if not 0 <= k < commitment.num_states:
+            raise ProofRejected(f"range proof names state {k}, outside the commitment")
+        circuit = self.range_circuit(prepared, manifest, k)
+        if proof.circuit_key != circuit.key:
+            raise ProofRejected("range proof was made for another circuit")
+        if not verify_proof_file(circuit, proof.proof):
+            raise ProofRejected("range proof does not verify with the circuit's verifying key")
+        hashes = proof.x_hashes + proof.y_hashes
+        if state_leaf(hashes) != commitment.leaves[k]:
+            raise ProofRejected(f"range proof's hashes do not match leaf {k}")
+        assert manifest.range is not None
+        units = maxdiff_units(proof.maxdiff_raw, output_scale=circuit.output_scale,
+                              scale=manifest.scale)
+        bound = Fraction(manifest.range) * 2**manifest.scale
+        verdict = Verdict.PROVIDER_FAULT if units > bound else Verdict.CHALLENGER_FAULT
+        return RangeOutcome(k, units, bound, verdict)
