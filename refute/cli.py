@@ -24,7 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from refute.errors import RefuteError
+from refute.errors import BundleError, RefuteError
+from refute.manifest import Manifest
 from refute.provider import ProgressFn, prepare_model, read_inputs_json, run_trace
 from refute.quantize import DEFAULT_SCALE
 from refute.segmentation import node_cost
@@ -172,17 +173,27 @@ def trace(
     max_segments: MaxSegOpt = None,
     scale: Annotated[int, typer.Option(help="Fixed-point scale (log2).")] = DEFAULT_SCALE,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Processes for hashing (default: all cores).")
+        int | None, typer.Option(min=1, help="Threads for hashing (default: all cores).")
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(help="Calibrated manifest (from `refute calibrate`): its pins, cuts and "
+                          "scale are used."),
     ] = None,
 ) -> None:
     """Run MODEL on INPUTS, write the trace bundle and print the commitment."""
     try:
         with _progress() as progress:
-            prepared = prepare_model(
-                model, dims=_parse_dims(dim), shapes=_parse_shapes(shape),
-                cuts=_parse_cuts(cuts), max_segments=max_segments, scale=scale,
-                progress=progress,
-            )
+            if manifest is not None:
+                from prover.cli import prepare_for
+
+                prepared = prepare_for(model, _read_manifest(manifest))
+            else:
+                prepared = prepare_model(
+                    model, dims=_parse_dims(dim), shapes=_parse_shapes(shape),
+                    cuts=_parse_cuts(cuts), max_segments=max_segments, scale=scale,
+                    progress=progress,
+                )
             feeds = read_inputs_json(inputs, prepared.loaded)
             result = run_trace(prepared, feeds, workers=workers, progress=progress)
         target = output or inputs.with_suffix(".rtrace")
@@ -207,6 +218,16 @@ def inspect(
     _print_commitment(result, bundle)
 
 
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise BundleError(f"cannot read manifest {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise BundleError(f"manifest {path} is not valid JSON: {exc}") from exc
+    return Manifest.from_json(data)
+
+
 def _print_commitment(result: Trace, path: Path) -> None:
     manifest = result.manifest
     for k, (specs, leaf) in enumerate(zip(manifest.states, result.commitment.leaves, strict=True)):
@@ -217,6 +238,15 @@ def _print_commitment(result: Trace, path: Path) -> None:
     out.print(f"scale    {manifest.scale}  segments {manifest.num_segments}", highlight=False)
     out.print(f"bundle   {path}", highlight=False, soft_wrap=True)
     out.print(f"root     0x{result.commitment.root.hex()}", highlight=False)
+
+
+def _register_prover() -> None:
+    from prover.cli import register
+
+    register(app)
+
+
+_register_prover()
 
 
 def main() -> None:

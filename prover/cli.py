@@ -1,0 +1,161 @@
+"""``refute calibrate``, ``refute prove`` and ``refute verify``: the prover's command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prover.calibration import calibrate_model
+from prover.config import get_settings
+from prover.offline import BundleOutcome, check_bundle, check_on_chain
+from prover.proof_bundle import ProofBundle
+from refute import cli as base
+from refute.errors import BundleError, RefuteError
+from refute.manifest import Manifest, canonical_json
+from refute.provider import PreparedModel, prepare_model, random_inputs, read_inputs_json
+from refute.trace import Trace
+
+
+def prepare_for(model: Path, manifest: Manifest) -> PreparedModel:
+    """Prepare ``model`` exactly as ``manifest`` describes it (pins, cuts), and check it."""
+    pins = manifest.pins
+    prepared = prepare_model(
+        model, dims=pins.get("dims"), shapes=pins.get("shapes"), cuts=manifest.cuts,
+        scale=manifest.scale,
+    )
+    manifest.check_segmentation(prepared.segmentation)
+    return dataclasses.replace(prepared, manifest=manifest)
+
+
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write.")],
+    dim: base.DimOpt = [],  # noqa: B006
+    shape: base.ShapeOpt = [],  # noqa: B006
+    cuts: base.CutsOpt = None,
+    max_segments: base.MaxSegOpt = None,
+    inputs: Annotated[
+        list[Path], typer.Option("--input", help="Calibration input (input.json); repeat.")
+    ] = [],  # noqa: B006
+    samples: Annotated[int, typer.Option(min=1, help="Extra seeded random inputs.")] = 4,
+    scale: Annotated[int, typer.Option(help="Fixed-point scale (log2).")] = 7,
+    safety: Annotated[float, typer.Option(min=1.0, help="τ safety factor.")] = 2.0,
+) -> None:
+    """Calibrate MODEL: range R, circuit settings and τ per segment; write the manifest."""
+    try:
+        with base._progress() as report:
+            prepared = prepare_model(
+                model, dims=base._parse_dims(dim), shapes=base._parse_shapes(shape),
+                cuts=base._parse_cuts(cuts), max_segments=max_segments, scale=scale,
+                progress=report,
+            )
+            data = [read_inputs_json(p, prepared.loaded) for p in inputs]
+            data += [random_inputs(prepared.loaded, seed=s) for s in range(samples)]
+            manifest, result = calibrate_model(prepared, data, safety=safety,
+                                               progress=report)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(canonical_json(manifest.to_json()))
+    except RefuteError as exc:
+        raise base._fail(exc) from exc
+    for seg in result.segments:
+        status = f"τ={seg.tolerance}" if seg.reason is None else f"UNPROVABLE: {seg.reason}"
+        base.out.print(f"step {seg.index:<3} {status}", highlight=False)
+    base.out.print(f"range R={result.range}  scale={result.scale}", highlight=False)
+    base.out.print(f"manifest {output}  ({manifest.sha256})", highlight=False)
+
+def prove(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    step: Annotated[int, typer.Argument(help="Step i (segment) to prove, or state k with "
+                                             "--range.")],
+    trace: Annotated[Path, typer.Argument(help="Trace bundle (.rtrace) with a calibrated "
+                                               "manifest.")],
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="Proof bundle path.")]
+    = None,
+    range_proof: Annotated[bool, typer.Option("--range", help="Prove state STEP's range.")]
+    = False,
+) -> None:
+    """Prove step STEP of TRACE (state i-1 → claimed state i) and write the proof bundle."""
+    settings = get_settings()
+    prover = settings.prover()
+    try:
+        with base._progress() as report:
+            report("verify", 0, 1)
+            result = Trace.read(trace)
+            report("verify", 1, 1)
+            prepared = prepare_for(model, result.manifest)
+            stages = ["compile", "setup", "prove"]
+
+            def stage(name: str) -> None:
+                report("prove", stages.index(name) if name in stages else 0, len(stages))
+
+            if range_proof:
+                proof = prover.prove_range(prepared, result.manifest, step,
+                                           result.states[step])
+                circuit = prover.range_circuit(prepared, result.manifest, step)
+                kind = "range"
+            else:
+                if not 1 <= step <= result.manifest.num_segments:
+                    raise BundleError(f"step must be in 1..{result.manifest.num_segments}")
+                proof = prover.prove_step(prepared, result.manifest, step,
+                                          result.states[step - 1], result.states[step],
+                                          progress=stage)
+                circuit = prover.step_circuit(prepared, result.manifest, step)
+                kind = "step"
+            report("prove", len(stages), len(stages))
+            bundle = ProofBundle.of(kind, result.manifest, result.commitment, proof, circuit)
+            target = output or trace.with_suffix(f".{kind}{step}.rproof")
+            bundle.write(target, circuit)
+            outcome = check_bundle(bundle, settings.srs_store())
+    except RefuteError as exc:
+        raise base._fail(exc) from exc
+    _report(outcome)
+    base.out.print(f"proof    {target}", highlight=False)
+
+def verify(
+    proof: Annotated[Path, typer.Argument(help="Proof bundle (.rproof).")],
+    chain: Annotated[bool, typer.Option("--chain", help="Also verify on a local anvil.")]
+    = False,
+) -> None:
+    """Check PROOF offline (EZKL verify, leaf binding, verdict) and, with --chain, on anvil."""
+    settings = get_settings()
+    try:
+        bundle = ProofBundle.read(proof)
+        outcome = check_bundle(bundle, settings.srs_store())
+        _report(outcome)
+        if chain:
+            with base._progress() as report:
+                report("chain", 0, 1)
+                onchain = check_on_chain(bundle, settings.srs_store())
+                report("chain", 1, 1)
+            base.out.print(
+                f"on chain eth_call={'valid' if onchain.call_ok else 'INVALID'}  "
+                f"tx={'ok' if onchain.tx_ok else 'REVERTED'}  gas={onchain.gas_used:,}  "
+                f"verifier={onchain.deployed_size:,} bytes", highlight=False,
+            )
+            if not (onchain.call_ok and onchain.tx_ok):
+                raise typer.Exit(code=1)
+    except RefuteError as exc:
+        raise base._fail(exc) from exc
+
+
+def register(app: typer.Typer) -> None:
+    """Add the prover's commands to the ``refute`` app."""
+    for command in (calibrate, prove, verify):
+        app.command()(command)
+
+
+def _report(outcome: BundleOutcome) -> None:
+    what = "maxdiff" if outcome.kind == "step" else "max|v|"
+    limit = "τ" if outcome.kind == "step" else "R·2^s"
+    base.out.print(
+        f"{outcome.kind} {outcome.index}: proof valid, bound to the commitment; "
+        f"{what}={float(outcome.value_units):.4g} units, {limit}={float(outcome.threshold):.4g}",
+        highlight=False,
+    )
+    base.out.print(f"verdict  {outcome.verdict.value}", highlight=False)
+    if outcome.unsafe_srs:
+        base.out.print("warning  verified with an UNSAFE development SRS (not for production)",
+                       highlight=False)
