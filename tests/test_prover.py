@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,18 @@ import pytest
 from prover.calibration import calibrate_model
 from prover.circuit import CircuitCache
 from prover.errors import CircuitUnsupported, ProofRejected
+from prover.evm import (
+    Anvil,
+    compile_solidity,
+    deploy,
+    verify_call,
+    verify_transaction,
+    write_verifier_sol,
+)
 from prover.prover import Prover
 from prover.srs import SrsStore
 from prover.step import StepProof, Verdict
+from refute import zoo
 from refute.errors import CommitmentError
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
@@ -46,20 +56,79 @@ class Calibrated:
 
 
 def _calibrated(name: str) -> Calibrated:
-    shared = SHARED[name]
-    prepared = prepare_model(shared.path, dims={"batch_size": 1})
+    if name in SHARED:
+        shared = SHARED[name]
+        prepared = prepare_model(shared.path, dims={"batch_size": 1})
+        inputs = shared.inputs(prepared.loaded)
+    else:
+        model = getattr(zoo, name)()
+        prepared = prepare_model(model.onnx_bytes)
+        inputs = model.sample_input(0)
     manifest, report = calibrate_model(
         prepared, [random_inputs(prepared.loaded, seed=s) for s in range(4)]
     )
     assert not report.unsupported, [s.reason for s in report.unsupported]
     prepared = dataclasses.replace(prepared, manifest=manifest)
-    trace = run_trace(prepared, shared.inputs(prepared.loaded))
+    trace = run_trace(prepared, inputs)
     return Calibrated(prepared, manifest, trace)
 
 
 @pytest.fixture(scope="module")
 def conv_fc() -> Calibrated:
     return _calibrated("3l_relu_conv_fc")
+
+
+@pytest.fixture(scope="module")
+def anvil() -> Iterator[Anvil]:
+    with Anvil() as chain:
+        yield chain
+
+
+# Three shared models (one with convolutions) and a generated model of 8 segments.
+MODELS = ["3l_relu_conv_fc", "2l_relu_sigmoid_conv", "1l_mlp", "mlp_8x256"]
+
+
+@pytest.mark.chain
+@pytest.mark.parametrize("name", MODELS)
+def test_honest_upheld_cheat_convicted_off_and_on_chain(
+    name: str, prover: Prover, anvil: Anvil, tmp_path: Path
+) -> None:
+    """For a middle step: the honest claim is upheld, a claim moved beyond τ is convicted, and
+    both proofs verify on anvil (by eth_call and by transaction); a tampered proof reverts."""
+    cal = _calibrated(name)
+    prepared, manifest, trace = cal.prepared, cal.manifest, cal.trace
+    assert manifest.tolerances is not None
+    if name == "mlp_8x256":
+        assert manifest.num_segments == 8
+    i = (manifest.num_segments + 1) // 2
+    tau = manifest.tolerances[i - 1]
+    honest = prover.prove_step(prepared, manifest, i, trace.states[i - 1], trace.states[i])
+    assert prover.verify_step(prepared, manifest, honest, trace.commitment).verdict is (
+        Verdict.CHALLENGER_FAULT
+    )
+    lie = _perturb(trace.states[i], 2 * tau / 2**manifest.scale + 0.05)
+    lying = Trace.from_states(manifest, [*trace.states[:i], lie, *trace.states[i + 1:]])
+    cheat = prover.prove_step(prepared, manifest, i, lying.states[i - 1], lying.states[i])
+    assert prover.verify_step(prepared, manifest, cheat, lying.commitment).verdict is (
+        Verdict.PROVIDER_FAULT
+    )
+    circuit = prover.step_circuit(prepared, manifest, i)
+    sol = write_verifier_sol(circuit.vk_path, circuit.settings_path, tmp_path / "V.sol",
+                             circuit.srs_path)
+    address = deploy(anvil.rpc_url, compile_solidity(sol))
+    for n, proof in enumerate((honest, cheat)):
+        path = tmp_path / f"proof{n}.json"
+        path.write_text(json.dumps(proof.proof))
+        assert verify_call(anvil.rpc_url, address, path)
+        tx = verify_transaction(anvil.rpc_url, address, path)
+        assert tx.success and tx.gas_used > 0
+        print(f"{name} step {i}: on-chain verifyProof gas {tx.gas_used:,}")
+    tampered = json.loads(json.dumps(honest.proof))
+    tampered["proof"][200] ^= 0x01
+    bad = tmp_path / "tampered.json"
+    bad.write_text(json.dumps(tampered))
+    assert not verify_call(anvil.rpc_url, address, bad)
+    assert not verify_transaction(anvil.rpc_url, address, bad, send_if_rejected=True).success
 
 
 def _perturb(state: tuple[np.ndarray, ...], amount: float) -> list[np.ndarray]:
@@ -159,3 +228,32 @@ def test_uncalibrated_manifest_is_refused(conv_fc: Calibrated, prover: Prover) -
         prover.step_circuit(raw, raw.manifest, 1)
     with pytest.raises(CircuitUnsupported, match="outside"):
         prover.step_circuit(conv_fc.prepared, conv_fc.manifest, 9)
+
+
+def test_unprovable_segment_is_reported_at_calibration() -> None:
+    """EZKL cannot compile a Conv without an explicit stride: calibration names it with a reason
+    instead of failing later in a dispute."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(-0.5, 0.5, (2, 1, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3]),
+         helper.make_node("Relu", ["c"], ["y"])],
+        "nostride",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    prepared = prepare_model(model.SerializeToString())
+    manifest, report = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=0)])
+    assert [s.index for s in report.unsupported] == [1]
+    reason = report.unsupported[0].reason
+    assert reason and "EZKL" in reason and "\n" not in reason
+    assert manifest.circuits is not None and manifest.circuits[0]["unsupported"] == reason
+    with pytest.raises(CircuitUnsupported, match="cannot be proven"):
+        Prover(CircuitCache(Path("/nonexistent"), SrsStore(dev_cache=Path("/nonexistent")))
+               ).step_circuit(dataclasses.replace(prepared, manifest=manifest), manifest, 1)
