@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from refute.errors import SegmentationError
 from refute.loading import TensorSpec, serialize
-from refute.segmentation import Segment
+from refute.segmentation import Segment, standalone_model
 
 MAXDIFF = "maxdiff"
 
@@ -69,18 +68,10 @@ def adjudication_model(segment: Segment) -> ModelProto:
         [helper.make_tensor_value_info(MAXDIFF, TensorProto.FLOAT, [1])],
         initializer=initializers,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=list(source.opset_import),
-        ir_version=source.ir_version,
-        producer_name="refute",
-        producer_version="1",
+    return standalone_model(
+        graph, opset_imports=source.opset_import, ir_version=source.ir_version,
+        label=f"adjudication graph of segment {segment.index}",
     )
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:  # an invariant: segments are valid models
-        raise SegmentationError(f"adjudication graph of segment {segment.index}: {exc}") from exc
-    return model
 
 
 def max_abs(tensors: list[str], output: str) -> tuple[list[NodeProto], list[TensorProto]]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import onnx
 from onnx import ModelProto, TensorProto, helper
 
 from circuits.adjudication import max_abs
-from refute.errors import SegmentationError
 from refute.loading import TensorSpec, serialize
+from refute.segmentation import standalone_model
 
 MAXABS = "maxabs"
 
@@ -31,15 +30,10 @@ def range_model(state: Sequence[TensorSpec], *, opset: int, index: int) -> Model
         [helper.make_tensor_value_info(MAXABS, TensorProto.FLOAT, [1])],
         initializer=initializers,
     )
-    model = helper.make_model(
+    return standalone_model(
         graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8,
-        producer_name="refute", producer_version="1",
+        label=f"range graph of state {index}",
     )
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise SegmentationError(f"range graph of state {index}: {exc}") from exc
-    return model
 
 
 def range_bytes(state: Sequence[TensorSpec], *, opset: int, index: int) -> bytes:

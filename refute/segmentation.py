@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import NodeProto, TensorProto, helper
+from onnx import ModelProto, NodeProto, TensorProto, helper
 
 from refute.errors import SegmentationError
 from refute.executor import DeterministicExecutor
@@ -309,17 +309,10 @@ def _build_segment(
         initializer=initializers,
         value_info=value_info,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=list(source.opset_import),
-        ir_version=source.ir_version,
-        producer_name="refute",
-        producer_version="1",
+    model = standalone_model(
+        graph, opset_imports=source.opset_import, ir_version=source.ir_version,
+        label=f"segment {index}",
     )
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise SegmentationError(f"segment {index} is not a valid ONNX model: {exc}") from exc
     return Segment(
         index=index,
         start=start,
@@ -330,6 +323,28 @@ def _build_segment(
         onnx_bytes=serialize(model),
         graph_outputs=tuple(graph_outputs),
     )
+
+
+def standalone_model(
+    graph: onnx.GraphProto,
+    *,
+    opset_imports: Sequence[onnx.OperatorSetIdProto],
+    ir_version: int,
+    label: str,
+) -> ModelProto:
+    """Wrap a graph refute generated into a model (producer ``refute``/``1``) and check it fully.
+
+    A failure is an invariant broken by refute itself, reported as :class:`SegmentationError`.
+    """
+    model = helper.make_model(
+        graph, opset_imports=list(opset_imports), ir_version=ir_version,
+        producer_name="refute", producer_version="1",
+    )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise SegmentationError(f"{label} is not a valid ONNX model: {exc}") from exc
+    return model
 
 
 def _copy_node(node: NodeProto) -> NodeProto:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from prover.circuit import run_args
 from refute.commitment import TraceCommitment, hash_states, hash_word, state_leaf
 from refute.errors import BundleError, CommitmentError
 from refute.merkle import keccak256, verify_merkle_proof
@@ -84,12 +85,7 @@ def test_hash_equals_instance_in_real_ezkl_proof(tmp_path: Path) -> None:
     onnx.save(model, paths["m.onnx"])
     x = rng.uniform(-1, 1, (1, 4)).astype(np.float32)
     Path(paths["in.json"]).write_text(json.dumps({"input_data": [x.ravel().tolist()]}))
-    args = ezkl.PyRunArgs()
-    args.input_visibility = "hashed"
-    args.param_visibility = "fixed"
-    args.output_visibility = "public"
-    args.input_scale = 7
-    args.param_scale = 7
+    args = run_args(7)  # hashed input, fixed params, public output, scale 7
     assert ezkl.gen_settings(paths["m.onnx"], paths["settings.json"], py_run_args=args)
     assert ezkl.calibrate_settings(paths["in.json"], paths["m.onnx"], paths["settings.json"],
                                    "resources", scales=[7])

@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from prover import evm
+from prover.circuit import run_args
 from refute.errors import RefuteError
 
 # --- units (no EZKL circuit) -------------------------------------------------------------------
@@ -147,12 +148,7 @@ def circuit(tmp_path_factory: pytest.TempPathFactory) -> Circuit:
     _gemm_model(model)
     data.write_text(json.dumps({"input_data": [[0.25, -0.5, 0.75, -1.0]]}))
 
-    args = ezkl.PyRunArgs()
-    args.input_visibility = "hashed"
-    args.param_visibility = "fixed"
-    args.output_visibility = "public"
-    args.input_scale = 7
-    args.param_scale = 7
+    args = run_args(7)  # hashed input, fixed params, public output, scale 7
     assert ezkl.gen_settings(str(model), str(settings), py_run_args=args)
     ezkl.calibrate_settings(str(data), str(model), str(settings), "resources", scales=[7])
     assert ezkl.compile_circuit(str(model), str(compiled), str(settings))
