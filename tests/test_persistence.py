@@ -1,0 +1,104 @@
+"""Migrations and constraints on SQLite and on a real PostgreSQL; the blob store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, select
+from sqlalchemy.exc import IntegrityError
+
+from tests.servers import postgres_server
+from verifier.blobs import BlobError, LocalBlobStore, MemoryBlobStore, blob_key
+from verifier.db import make_engine, migrate, session_factory
+from verifier.models import (
+    Base,
+    CheckOutcome,
+    Network,
+    RegisteredModel,
+    Result,
+    ResultStatus,
+    SpotCheck,
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'refute.db'}"
+        return
+    with postgres_server() as url:
+        yield url
+
+
+def _result(n: int, *, nonce: str = "1", message: str | None = None) -> Result:
+    now = datetime.now(UTC)
+    return Result(
+        id=f"res_{n}", network_id="net_a", model_id="mdl_a",
+        message_hash=message or f"{n:064x}", provider="0x" + "11" * 20, nonce=nonce,
+        deadline=0, stake="10", input_hash="0x" + "00" * 32, output_hash="0x" + "00" * 32,
+        trace_root="0x" + "22" * 32, leaves=["0x" + "33" * 32], signature="0x" + "44" * 65,
+        status=ResultStatus.ACCEPTED, accepted_at=now,
+        challenge_deadline=now + timedelta(hours=1),
+    )
+
+
+def test_migrations_create_the_schema_and_constraints_hold(database_url: str) -> None:
+    migrate(database_url)
+    migrate(database_url)  # idempotent
+    engine = make_engine(database_url)
+    tables = set(inspect(engine).get_table_names())
+    assert set(Base.metadata.tables) <= tables
+    sessions = session_factory(engine)
+    now = datetime.now(UTC)
+    with sessions() as s:
+        s.add(Network(id="net_a", name="A", created_at=now))
+        s.add(RegisteredModel(id="mdl_a", network_id="net_a", model_sha256="a" * 64,
+                              manifest_sha256="b" * 64, manifest={"format": "x"},
+                              model_blob="c" * 64, created_at=now))
+        s.add(_result(1))
+        s.commit()
+    # The same signed message twice is one row (idempotency), a reused nonce is refused.
+    for duplicate in (_result(2, message=f"{1:064x}", nonce="2"), _result(3, nonce="1")):
+        with sessions() as s, pytest.raises(IntegrityError):
+            s.add(duplicate)
+            s.commit()
+    # A spot-check of one segment is recorded once.
+    with sessions() as s:
+        s.add(SpotCheck(result_id="res_1", segment=2, outcome=CheckOutcome.PASS,
+                        maxdiff_units=0.5, tolerance=3, checked_at=now))
+        s.commit()
+    with sessions() as s, pytest.raises(IntegrityError):
+        s.add(SpotCheck(result_id="res_1", segment=2, outcome=CheckOutcome.FAULT,
+                        maxdiff_units=9.0, tolerance=3, checked_at=now))
+        s.commit()
+    # Foreign keys are enforced on both back ends.
+    with sessions() as s, pytest.raises(IntegrityError):
+        s.add(SpotCheck(result_id="res_missing", segment=1, outcome=CheckOutcome.PASS,
+                        maxdiff_units=0, tolerance=1, checked_at=now))
+        s.commit()
+    with sessions() as s:
+        row = s.scalars(select(Result)).one()
+        assert row.status is ResultStatus.ACCEPTED and row.leaves == ["0x" + "33" * 32]
+    engine.dispose()
+
+
+@pytest.mark.parametrize("store_kind", ["local", "memory"])
+def test_blob_store(store_kind: str, tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs") if store_kind == "local" else MemoryBlobStore()
+    key = store.put(b"model bytes")
+    assert key == blob_key(b"model bytes") and store.put(b"model bytes") == key
+    assert store.exists(key) and store.get(key) == b"model bytes"
+    missing = blob_key(b"other")
+    assert not store.exists(missing)
+    with pytest.raises(BlobError, match="not stored"):
+        store.get(missing)
+    for bad in ("../../etc/passwd", "ABC", "0" * 63):
+        with pytest.raises(BlobError, match="malformed"):
+            store.get(bad)
+    if isinstance(store, LocalBlobStore):
+        (tmp_path / "blobs" / key[:2] / key[2:]).write_bytes(b"tampered")
+        with pytest.raises(BlobError, match="corrupt"):
+            store.get(key)

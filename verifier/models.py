@@ -1,0 +1,192 @@
+"""Database schema of the verification service (SQLAlchemy 2 ORM).
+
+Every row that matters to money or to a verdict is written before it is acted on; uniqueness
+constraints make re-deliveries harmless (a result signed twice is one row; a spot-check of one
+segment of one result is recorded once). Migrations live in ``verifier/migrations`` (Alembic);
+``0001_initial`` creates exactly these tables.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class ResultStatus(enum.StrEnum):
+    """DESIGN.md "Result lifecycle"."""
+
+    ACCEPTED = "ACCEPTED"
+    DISPUTED = "DISPUTED"
+    FINALIZED = "FINALIZED"
+    PROVIDER_FAULT = "PROVIDER_FAULT"
+    UPHELD = "UPHELD"
+
+
+class CheckOutcome(enum.StrEnum):
+    """What one spot-check of one segment found."""
+
+    PASS = "PASS"
+    FAULT = "FAULT"
+    INVALID = "INVALID"  # committed states do not match their leaves
+
+
+class Network(Base):
+    """A customer network: its own API keys, models, results and sampling policy."""
+
+    __tablename__ = "networks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    spot_probability: Mapped[float] = mapped_column(Float, default=0.1)
+    spot_count: Mapped[int] = mapped_column(Integer, default=1)
+    challenge_window_s: Mapped[int] = mapped_column(Integer, default=3600)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    """An API key of a network, stored only as its sha256."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RegisteredModel(Base):
+    """A model registered by a network, with its (calibrated) manifest."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("network_id", "manifest_sha256"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, object]] = mapped_column(JSON)
+    model_blob: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Result(Base):
+    """A provider's signed claim, accepted optimistically."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("provider", "nonce"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    #: EIP-712 digest of the signed message: the idempotency key.
+    message_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    provider: Mapped[str] = mapped_column(String(42), index=True)
+    nonce: Mapped[str] = mapped_column(String(78))  # uint256 as decimal text
+    deadline: Mapped[int] = mapped_column(BigInteger)
+    stake: Mapped[str] = mapped_column(String(78))
+    input_hash: Mapped[str] = mapped_column(String(66))
+    output_hash: Mapped[str] = mapped_column(String(66))
+    trace_root: Mapped[str] = mapped_column(String(66))
+    leaves: Mapped[list[str]] = mapped_column(JSON)
+    signature: Mapped[str] = mapped_column(String(132))
+    status: Mapped[ResultStatus] = mapped_column(Enum(ResultStatus, native_enum=False,
+                                                      length=20), index=True)
+    accepted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    challenge_deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    trace_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class SpotCheck(Base):
+    """One re-executed segment of one result; recorded exactly once."""
+
+    __tablename__ = "spot_checks"
+    __table_args__ = (UniqueConstraint("result_id", "segment"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), index=True)
+    segment: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[CheckOutcome] = mapped_column(Enum(CheckOutcome, native_enum=False,
+                                                       length=10))
+    maxdiff_units: Mapped[float] = mapped_column(Float)
+    tolerance: Mapped[int] = mapped_column(Integer)
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Challenge(Base):
+    """A challenge filed against a result (by the service's watcher or a whistleblower)."""
+
+    __tablename__ = "challenges"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), index=True)
+    filed_by: Mapped[str] = mapped_column(String(42))
+    lo: Mapped[int] = mapped_column(Integer)
+    hi: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default="OPEN", index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DeadLetter(Base):
+    """A task that exhausted its deliveries: kept for operators, never silently dropped."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_name: Mapped[str] = mapped_column(String(200))
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    args: Mapped[list[object]] = mapped_column(JSON)
+    deliveries: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookEndpoint(Base):
+    """Where a network wants events delivered (HMAC-signed with ``secret``)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    secret: Mapped[str] = mapped_column(String(128))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """The durable outbox: one row per (endpoint, event), retried with backoff."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("endpoint_id", "event_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id"), index=True)
+    event_id: Mapped[str] = mapped_column(String(80))
+    event: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, object]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="PENDING", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
