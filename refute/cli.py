@@ -240,13 +240,15 @@ def _print_commitment(result: Trace, path: Path) -> None:
     out.print(f"root     0x{result.commitment.root.hex()}", highlight=False)
 
 
-def _register_prover() -> None:
-    from prover.cli import register
+def _register_components() -> None:
+    from prover.cli import register as register_prover
+    from verifier.cli import register as register_verifier
 
-    register(app)
+    register_prover(app)
+    register_verifier(app)
 
 
-_register_prover()
+_register_components()
 
 
 def main() -> None:

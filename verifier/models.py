@@ -19,6 +19,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    MetaData,
     String,
     Text,
     UniqueConstraint,
@@ -27,7 +28,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
-    """Declarative base of every table."""
+    """Declarative base of every table; constraints get stable names (migrations need them)."""
+
+    metadata = MetaData(naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
 
 
 class ResultStatus(enum.StrEnum):
@@ -136,6 +145,7 @@ class Challenge(Base):
     """A challenge filed against a result (by the service's watcher or a whistleblower)."""
 
     __tablename__ = "challenges"
+    __table_args__ = (UniqueConstraint("result_id", "filed_by", "lo", "hi"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), index=True)
@@ -145,6 +155,17 @@ class Challenge(Base):
     reason: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(20), default="OPEN", index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TaskDelivery(Base):
+    """How many times a task message was delivered (the redelivery cap counts these)."""
+
+    __tablename__ = "task_deliveries"
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(200))
+    deliveries: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class DeadLetter(Base):

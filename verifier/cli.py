@@ -1,0 +1,54 @@
+"""``refute worker`` and ``refute db upgrade``: the service's command line."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from refute import cli as base
+from refute.errors import RefuteError
+
+db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or upgrade the database schema (REFUTE_DATABASE_URL) to the latest migration."""
+    from verifier.db import migrate
+    from verifier.settings import get_settings
+
+    try:
+        url = get_settings().database_url
+        migrate(url)
+    except RefuteError as exc:
+        raise base._fail(exc) from exc
+    base.out.print(f"database at {url.split('@')[-1]} is up to date", highlight=False)
+
+
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated: spotcheck, prove, timers.")]
+    = "spotcheck",
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    beat: Annotated[bool, typer.Option(help="Also run the timer scheduler (one per "
+                                            "deployment).")] = False,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker on the given queues (and, with --beat, the timer scheduler)."""
+    from verifier.worker import QUEUES, app
+
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(wanted) - set(QUEUES))
+    if unknown or not wanted:
+        raise base._fail(RefuteError(f"unknown queues {unknown}; choose from {list(QUEUES)}"))
+    argv = ["worker", "-Q", ",".join(wanted), "-c", str(concurrency), "-l", loglevel,
+            "--without-gossip", "--without-mingle", "-n", f"refute-{'-'.join(wanted)}@%h"]
+    if beat:
+        argv.append("-B")
+    app.worker_main(argv)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service's commands to the ``refute`` app."""
+    app.command()(worker)
+    app.add_typer(db_app, name="db")

@@ -1,0 +1,181 @@
+"""Service operations shared by the API, the workers and the CLI (thin routes, work lives here).
+
+Every function takes explicit time (``now``) and a :class:`ServiceContext`, writes its state
+change before acting on it, and is idempotent: re-running it after a crash or a redelivery
+changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Engine, exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from refute.errors import RefuteError
+from refute.executor import DeterministicExecutor
+from refute.manifest import Manifest
+from refute.provider import PreparedModel, prepare_model
+from refute.trace import Trace
+from verifier.blobs import BlobStore, LocalBlobStore
+from verifier.db import make_engine, session_factory
+from verifier.models import (
+    Challenge,
+    CheckOutcome,
+    Network,
+    RegisteredModel,
+    Result,
+    ResultStatus,
+    SpotCheck,
+)
+from verifier.settings import ServiceSettings
+from verifier.spotcheck import Finding, SegmentCheck, check_segment, sample_segments
+
+SERVICE_CHALLENGER = "service"
+
+
+class NotFound(RefuteError):
+    """The object does not exist (or belongs to another network)."""
+
+    code = "not_found"
+
+
+@dataclass
+class ServiceContext:
+    """Stores and caches one process works with."""
+
+    settings: ServiceSettings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    executor: DeterministicExecutor
+
+    @classmethod
+    def create(cls, settings: ServiceSettings) -> ServiceContext:
+        """Open the stores named by ``settings`` (the database must be migrated already)."""
+        engine = make_engine(settings.database_url)
+        return cls(settings, engine, session_factory(engine), LocalBlobStore(settings.blob_dir),
+                   DeterministicExecutor())
+
+    @functools.cached_property
+    def _prepared(self) -> dict[str, PreparedModel]:
+        return {}
+
+    def prepared(self, model: RegisteredModel) -> PreparedModel:
+        """The model prepared exactly as its manifest says (cached per process)."""
+        cached = self._prepared.get(model.id)
+        if cached is None:
+            manifest = Manifest.from_json(model.manifest)
+            pins = manifest.pins
+            prepared = prepare_model(self.blobs.get(model.model_blob), dims=pins.get("dims"),
+                                     shapes=pins.get("shapes"), cuts=manifest.cuts,
+                                     scale=manifest.scale)
+            manifest.check_segmentation(prepared.segmentation)
+            cached = dataclasses.replace(prepared, manifest=manifest)
+            self._prepared[model.id] = cached
+        return cached
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random identifier such as ``res_4f1c…``."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def load_trace(ctx: ServiceContext, key: str) -> Trace:
+    """Read and fully re-verify a stored trace bundle."""
+    data = ctx.blobs.get(key)
+    with tempfile.TemporaryDirectory(prefix="refute-trace-") as tmp:
+        path = Path(tmp) / "trace.rtrace"
+        path.write_bytes(data)
+        return Trace.read(path, workers=1)
+
+
+def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[SegmentCheck]:
+    """Check the sampled segments of a result not yet checked; file a challenge on a fault.
+
+    Returns the checks recorded by *this* call (empty when every sampled check already was).
+    """
+    with ctx.sessions() as session:
+        result = session.get(Result, result_id)
+        if result is None:
+            raise NotFound(f"result {result_id} does not exist")
+        model = session.get(RegisteredModel, result.model_id)
+        network = session.get(Network, result.network_id)
+        assert model is not None and network is not None
+        if result.trace_blob is None:
+            return []
+        prepared = ctx.prepared(model)
+        picks = sample_segments(ctx.settings.spot_key_bytes(), result.id,
+                                num_segments=prepared.segmentation.num_segments,
+                                probability=network.spot_probability, count=network.spot_count)
+        done = set(session.scalars(select(SpotCheck.segment).where(
+            SpotCheck.result_id == result.id)))
+        trace_key = result.trace_blob
+    todo = [i for i in picks if i not in done]
+    if not todo:
+        return []
+    trace = load_trace(ctx, trace_key)
+    recorded = []
+    for segment in todo:
+        if ctx.settings.spotcheck_delay_s:
+            time.sleep(ctx.settings.spotcheck_delay_s)
+        check = check_segment(ctx.executor, prepared.segmentation, trace, segment)
+        if _record_check(ctx, result_id, check, now):
+            recorded.append(check)
+    return recorded
+
+
+def _record_check(ctx: ServiceContext, result_id: str, check: SegmentCheck, now: datetime) -> bool:
+    """Write one check (and, for a fault, the service's challenge) in one transaction."""
+    with ctx.sessions() as session:
+        try:
+            with session.begin():
+                session.add(SpotCheck(
+                    result_id=result_id, segment=check.segment,
+                    outcome=CheckOutcome(check.finding.value),
+                    maxdiff_units=float(check.maxdiff_units), tolerance=check.tolerance,
+                    checked_at=now,
+                ))
+                if check.finding is Finding.FAULT:
+                    session.add(Challenge(
+                        id=new_id("chl"), result_id=result_id, filed_by=SERVICE_CHALLENGER,
+                        lo=check.segment - 1, hi=check.segment,
+                        reason=(f"spot-check: segment {check.segment} differs by "
+                                f"{check.maxdiff_units} units > 2·τ={2 * check.tolerance}"),
+                        status="OPEN", created_at=now,
+                    ))
+                    session.execute(update(Result).where(
+                        Result.id == result_id, Result.status == ResultStatus.ACCEPTED
+                    ).values(status=ResultStatus.DISPUTED))
+        except IntegrityError:
+            return False  # recorded by an earlier delivery: exactly once
+    return True
+
+
+def finalize_due(ctx: ServiceContext, now: datetime) -> int:
+    """Finalize accepted results whose window closed with no open challenge; return how many."""
+    open_challenge = exists().where(Challenge.result_id == Result.id,
+                                    Challenge.status == "OPEN")
+    with ctx.sessions() as session, session.begin():
+        done = session.execute(
+            update(Result)
+            .where(Result.status == ResultStatus.ACCEPTED, Result.challenge_deadline <= now,
+                   ~open_challenge)
+            .values(status=ResultStatus.FINALIZED, finalized_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return int(cast("CursorResult[Any]", done).rowcount or 0)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)

@@ -1,0 +1,60 @@
+"""Service configuration: one pydantic-settings class read from ``REFUTE_*`` variables.
+
+Built by a cached factory (:func:`get_settings`) so tests can construct their own; nothing here
+connects to a database or a broker.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_HOME = Path.home() / ".cache" / "refute"
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the API and the workers need to find their stores and policies."""
+
+    model_config = SettingsConfigDict(env_prefix="REFUTE_")
+
+    database_url: str = f"sqlite:///{_HOME / 'refute.db'}"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    blob_dir: Path = _HOME / "blobs"
+    #: Secret key (hex) of the spot-check sampling hash: providers must not know it.
+    spot_key: str = Field(default="", repr=False)
+    chain_id: int = 31337
+    #: Celery: a task is redelivered when its worker dies; past this many deliveries it is
+    #: recorded as a dead letter instead of being run again.
+    max_deliveries: int = 5
+    #: Celery: hard time limit of a task; must stay below the broker's visibility timeout.
+    task_time_limit_s: int = 600
+    visibility_timeout_s: int = 3600
+    #: Fault injection for tests and drills: sleep this long inside each spot-check.
+    spotcheck_delay_s: float = 0.0
+    #: How often the scheduler finalizes results whose challenge window closed.
+    finalize_every_s: float = 10.0
+
+    def spot_key_bytes(self) -> bytes:
+        """The sampling key; refuses to run with none configured."""
+        from refute.errors import RefuteError
+
+        if not self.spot_key:
+            raise RefuteError("REFUTE_SPOT_KEY is not set: spot-check sampling needs a secret")
+        try:
+            return bytes.fromhex(self.spot_key)
+        except ValueError as exc:
+            raise RefuteError("REFUTE_SPOT_KEY must be hex") from exc
+
+
+@functools.cache
+def get_settings() -> ServiceSettings:
+    """The process-wide settings."""
+    settings = ServiceSettings()
+    if settings.task_time_limit_s >= settings.visibility_timeout_s:
+        from refute.errors import RefuteError
+
+        raise RefuteError("task time limit must be below the broker visibility timeout")
+    return settings

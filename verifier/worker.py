@@ -1,0 +1,112 @@
+"""Celery workers: queues ``spotcheck`` (ONNX Runtime), ``prove`` (EZKL) and ``timers``.
+
+Delivery is at least once and every task is idempotent (DESIGN.md "Spot-checks"): acks late,
+rejected back to the queue when the worker dies, one message prefetched at a time, hard time
+limits below the broker's visibility timeout. Each delivery is counted in the database before
+the work starts; past ``max_deliveries`` the message is recorded as a dead letter and dropped,
+so a poison message cannot crash workers forever and is never lost silently.
+
+Run with ``refute worker --queues spotcheck`` (or ``celery -A verifier.worker worker``).
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from verifier.models import DeadLetter, TaskDelivery
+from verifier.service import ServiceContext, finalize_due, run_spotcheck, utcnow
+from verifier.settings import ServiceSettings, get_settings
+
+QUEUES = ("spotcheck", "prove", "timers")
+
+
+def make_celery(settings: ServiceSettings) -> Celery:
+    """The Celery application configured for at-least-once, idempotent work."""
+    app = Celery("refute", broker=settings.redis_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, int(settings.task_time_limit_s * 0.9)),
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        task_default_queue="spotcheck",
+        task_routes={
+            "refute.spotcheck": {"queue": "spotcheck"},
+            "refute.prove": {"queue": "prove"},
+            "refute.finalize": {"queue": "timers"},
+        },
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "finalize": {"task": "refute.finalize", "schedule": settings.finalize_every_s},
+        },
+    )
+    return app
+
+
+app = make_celery(get_settings())
+
+
+@functools.cache
+def context() -> ServiceContext:
+    """This worker process's stores (opened on first use, never at import)."""
+    return ServiceContext.create(get_settings())
+
+
+def admit_delivery(ctx: ServiceContext, task_id: str, name: str, args: list[Any]) -> bool:
+    """Count this delivery; False (and a dead letter) once the cap is exceeded."""
+    now = utcnow()
+    with ctx.sessions() as session, session.begin():
+        row = session.get(TaskDelivery, task_id, with_for_update=True)
+        if row is None:
+            try:
+                with session.begin_nested():
+                    session.add(TaskDelivery(task_id=task_id, task_name=name, deliveries=1,
+                                             updated_at=now))
+                return True
+            except IntegrityError:
+                row = session.get(TaskDelivery, task_id, with_for_update=True)
+                assert row is not None
+        session.execute(update(TaskDelivery).where(TaskDelivery.task_id == task_id).values(
+            deliveries=TaskDelivery.deliveries + 1, updated_at=now))
+        deliveries = row.deliveries + 1
+        if deliveries <= ctx.settings.max_deliveries:
+            return True
+    with ctx.sessions() as session:
+        try:
+            with session.begin():
+                session.add(DeadLetter(task_name=name, task_id=task_id, args=args,
+                                       deliveries=deliveries, created_at=now,
+                                       error=f"delivered {deliveries} times without completing"))
+        except IntegrityError:
+            pass  # already dead-lettered by an earlier delivery
+    return False
+
+
+@app.task(name="refute.spotcheck", bind=True)
+def spotcheck(self: Any, result_id: str) -> int:
+    """Run the sampled spot-checks of a result; returns how many this delivery recorded."""
+    ctx = context()
+    if not admit_delivery(ctx, str(self.request.id), self.name, [result_id]):
+        return 0
+    try:
+        return len(run_spotcheck(ctx, result_id, utcnow()))
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
+@app.task(name="refute.finalize")
+def finalize() -> int:
+    """Finalize every result whose challenge window closed without an open dispute."""
+    return finalize_due(context(), utcnow())
