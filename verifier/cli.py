@@ -48,7 +48,28 @@ def worker(
     app.worker_main(argv)
 
 
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    admin_token: Annotated[str | None, typer.Option(
+        envvar="REFUTE_ADMIN_TOKEN", help="Token required to create networks.")] = None,
+) -> None:
+    """Run the HTTP API (the database must be migrated: `refute db upgrade`)."""
+    import uvicorn
+
+    from verifier.api.app import create_app
+    from verifier.service import ServiceContext
+    from verifier.settings import get_settings
+
+    try:
+        api = create_app(ServiceContext.create(get_settings()), admin_token=admin_token)
+    except RefuteError as exc:
+        raise base._fail(exc) from exc
+    uvicorn.run(api, host=host, port=port, log_level="warning")
+
+
 def register(app: typer.Typer) -> None:
     """Add the service's commands to the ``refute`` app."""
+    app.command()(serve)
     app.command()(worker)
     app.add_typer(db_app, name="db")

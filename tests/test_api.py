@@ -1,0 +1,232 @@
+"""The HTTP API: every route and its error paths, against a real SQLite database and blob store.
+
+Spot-check scheduling is captured here (the real Celery path is tests/test_workers.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+from fastapi.testclient import TestClient
+
+from refute import zoo
+from refute.manifest import Manifest
+from refute.provider import prepare_model, run_trace
+from refute.trace import Trace
+from tests.hostile_models import HOSTILE
+from tests.servers import redis_server
+from verifier.api.app import MAX_BODY_BYTES, create_app
+from verifier.auth import Domain, network_word, sign_typed
+from verifier.auth import Result as SignedResult
+from verifier.db import migrate
+from verifier.service import ServiceContext
+from verifier.settings import ServiceSettings
+
+pytestmark = [pytest.mark.slow]
+
+ADMIN = "admin-secret"
+PROVIDER = Account.from_key(b"\x01" * 32)
+OTHER = Account.from_key(b"\x02" * 32)
+
+
+@dataclasses.dataclass
+class Api:
+    client: TestClient
+    scheduled: list[str]
+    workdir: Path
+    settings: ServiceSettings
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    workdir = tmp_path_factory.mktemp("api")
+    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'api.db'}",
+                               blob_dir=workdir / "blobs", spot_key="ab" * 16,
+                               redis_url="redis://127.0.0.1:1/0")
+    migrate(settings.database_url)
+    scheduled: list[str] = []
+    app = create_app(ServiceContext.create(settings), admin_token=ADMIN,
+                     enqueue=scheduled.append)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield Api(client, scheduled, workdir, settings)
+
+
+def _network(api: Api, name: str = "acme") -> tuple[str, dict[str, str]]:
+    answer = api.client.post("/v1/networks", json={"name": name, "spot_probability": 1.0},
+                             headers={"X-Admin-Token": ADMIN})
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    return body["id"], {"X-API-Key": body["api_key"]}
+
+
+@pytest.fixture(scope="module")
+def registered(api: Api) -> tuple[str, dict[str, str], dict[str, Any]]:
+    network_id, headers = _network(api)
+    model = zoo.mlp()
+    answer = api.client.post("/v1/models", headers=headers, json={
+        "onnx_base64": base64.b64encode(model.onnx_bytes).decode(), "calibration_samples": 2})
+    assert answer.status_code == 201, answer.text
+    return network_id, headers, answer.json()
+
+
+def _signed(network_id: str, model_body: dict[str, Any], *, nonce: int, seed: int = 0,
+            key: Any = PROVIDER, chain_id: int = 31337, deadline: int | None = None,
+            provider: str | None = None) -> tuple[dict[str, Any], Trace]:
+    manifest = Manifest.from_json(model_body["manifest"])
+    model = zoo.mlp()
+    prepared = dataclasses.replace(prepare_model(model.onnx_bytes), manifest=manifest)
+    trace = run_trace(prepared, model.sample_input(seed))
+    claim = SignedResult(
+        network=network_word(network_id), model=bytes.fromhex(model_body["model_sha256"]),
+        input=b"\x11" * 32, output=b"\x22" * 32, trace_root=trace.commitment.root, stake=10,
+        nonce=nonce, deadline=deadline if deadline is not None else int(time.time()) + 600)
+    domain = Domain(chain_id=chain_id)
+    signature = sign_typed(claim, domain, key.key)
+    body = {
+        "model_id": model_body["id"], "provider": provider or PROVIDER.address,
+        "message": {"network": "0x" + claim.network.hex(), "model": "0x" + claim.model.hex(),
+                    "input": "0x" + claim.input.hex(), "output": "0x" + claim.output.hex(),
+                    "traceRoot": "0x" + claim.trace_root.hex(), "stake": claim.stake,
+                    "nonce": claim.nonce, "deadline": claim.deadline},
+        "domain": {"name": "refute", "version": "1", "chainId": chain_id,
+                   "verifyingContract": "0x" + "00" * 20},
+        "signature": "0x" + signature.hex(),
+        "leaves": ["0x" + leaf.hex() for leaf in trace.commitment.leaves],
+    }
+    return body, trace
+
+
+def _error(answer: Any, status: int) -> str:
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    assert set(body) == {"error"} and body["error"]["reason"]
+    return str(body["error"]["reason"])
+
+
+def test_health_metrics_and_openapi(api: Api) -> None:
+    assert api.client.get("/v1/health").json()["status"] == "ok"
+    ready = api.client.get("/v1/ready")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"] == "ok"
+    assert "refute_http_requests_total" in api.client.get("/metrics").text
+    spec = api.client.get("/openapi.json").json()
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            if path.startswith("/v1/") and path not in ("/v1/health", "/v1/ready"):
+                assert "422" in op["responses"] or method == "get", (path, method)
+                assert op.get("description") or op.get("summary"), (path, method)
+
+
+def test_ready_with_a_real_broker(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "redis") as redis:
+        settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'r.db'}",
+                                   blob_dir=tmp_path / "b", redis_url=redis.url)
+        migrate(settings.database_url)
+        app = create_app(ServiceContext.create(settings), enqueue=lambda _r: None)
+        with TestClient(app) as client:
+            assert client.get("/v1/ready").json() == {
+                "status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_network_creation_and_keys(api: Api) -> None:
+    assert "admin token" in _error(api.client.post("/v1/networks", json={"name": "x"}), 403)
+    _error(api.client.post("/v1/networks", json={"name": ""},
+                           headers={"X-Admin-Token": ADMIN}), 422)
+    _network_id, headers = _network(api, "keys")
+    second = api.client.post("/v1/networks/me/keys", headers=headers)
+    assert second.status_code == 201
+    assert second.json()["api_key"] != headers["X-API-Key"]
+    for bad in ({}, {"X-API-Key": "nope"}, {"X-API-Key": "rk_" + "A" * 43}):
+        _error(api.client.get("/v1/results", headers=bad), 401)
+
+
+def test_model_registration_refusals(api: Api) -> None:
+    _network_id, headers = _network(api, "models")
+    assert "base64" in _error(api.client.post(
+        "/v1/models", headers=headers, json={"onnx_base64": "!!!!"}), 400)
+    case_id, builder, _expected, _kwargs = next(h for h in HOSTILE if h[0] == "unknown_op")
+    reason = _error(api.client.post("/v1/models", headers=headers, json={
+        "onnx_base64": base64.b64encode(builder()).decode()}), 400)
+    assert "allowlist" in reason, case_id
+    big = api.client.post("/v1/models", headers={**headers,
+                          "Content-Length": str(MAX_BODY_BYTES + 1)}, content=b"{}")
+    _error(big, 413)
+
+
+def test_submit_is_optimistic_idempotent_and_guarded(
+    api: Api, registered: tuple[str, dict[str, str], dict[str, Any]]
+) -> None:
+    network_id, headers, model = registered
+    body, _trace = _signed(network_id, model, nonce=1)
+    first = api.client.post("/v1/results", headers=headers, json=body)
+    assert first.status_code == 202, first.text
+    accepted = first.json()
+    assert accepted["status"] == "ACCEPTED" and accepted["challenge_deadline"]
+    again = api.client.post("/v1/results", headers=headers, json=body)
+    assert again.status_code == 200 and again.json()["id"] == accepted["id"]
+    replay, _ = _signed(network_id, model, nonce=1, seed=5)
+    assert "already used" in _error(api.client.post("/v1/results", headers=headers,
+                                                    json=replay), 409)
+    expired, _ = _signed(network_id, model, nonce=2, deadline=int(time.time()) - 5)
+    _error(api.client.post("/v1/results", headers=headers, json=expired), 403)
+    foreign_chain, _ = _signed(network_id, model, nonce=3, chain_id=1)
+    assert "domain" in _error(api.client.post("/v1/results", headers=headers,
+                                              json=foreign_chain), 403)
+    resigned, _ = _signed(network_id, model, nonce=4, key=OTHER)
+    _error(api.client.post("/v1/results", headers=headers, json=resigned), 403)
+    bad_leaves, _ = _signed(network_id, model, nonce=5)
+    bad_leaves["leaves"][1] = "0x" + "99" * 32
+    assert "trace root" in _error(api.client.post("/v1/results", headers=headers,
+                                                  json=bad_leaves), 400)
+    # Another network sees nothing of this one and cannot submit against its model.
+    other_id, other_headers = _network(api, "other")
+    _error(api.client.get(f"/v1/results/{accepted['id']}", headers=other_headers), 404)
+    _error(api.client.get(f"/v1/models/{model['id']}", headers=other_headers), 404)
+    theirs, _ = _signed(other_id, model, nonce=6)
+    _error(api.client.post("/v1/results", headers=other_headers, json=theirs), 404)
+    assert api.client.get("/v1/results", headers=other_headers).json()["items"] == []
+
+
+def test_trace_upload_and_listing(
+    api: Api, registered: tuple[str, dict[str, str], dict[str, Any]], tmp_path: Path
+) -> None:
+    network_id, headers, model = registered
+    ids = []
+    for n in range(3):
+        body, trace = _signed(network_id, model, nonce=100 + n, seed=n)
+        answer = api.client.post("/v1/results", headers=headers, json=body)
+        assert answer.status_code == 202
+        ids.append(answer.json()["id"])
+        bundle = trace.write(tmp_path / f"t{n}.rtrace").read_bytes()
+        uploaded = api.client.put(f"/v1/results/{ids[-1]}/trace", headers=headers,
+                                  content=bundle)
+        assert uploaded.status_code == 200, uploaded.text
+        assert uploaded.json()["trace_uploaded"] is True
+    assert api.scheduled[-3:] == ids
+    _body, wrong = _signed(network_id, model, nonce=999, seed=42)
+    reason = _error(api.client.put(f"/v1/results/{ids[0]}/trace", headers=headers,
+                                   content=wrong.write(tmp_path / "w.rtrace").read_bytes()), 400)
+    assert "leaves differ" in reason
+    _error(api.client.put(f"/v1/results/{ids[0]}/trace", headers=headers, content=b"junk"), 400)
+    _error(api.client.put(f"/v1/results/{ids[0]}/trace", headers=headers, content=b""), 400)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = api.client.get("/v1/results", headers=headers, params=params).json()
+        seen += [r["id"] for r in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert set(ids) <= set(seen) and len(seen) == len(set(seen))
+    filtered = api.client.get("/v1/results", headers=headers,
+                              params={"status": "ACCEPTED", "model_id": model["id"]}).json()
+    assert all(r["status"] == "ACCEPTED" for r in filtered["items"])
+    _error(api.client.get("/v1/results", headers=headers, params={"status": "NOPE"}), 400)
+    _error(api.client.get("/v1/results", headers=headers, params={"cursor": "res_x"}), 400)

@@ -1,0 +1,53 @@
+"""Networks and their API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from verifier.auth import AuthError, api_key_matches, hash_api_key, is_api_key, new_api_key
+from verifier.models import ApiKey, Network
+from verifier.service import new_id
+
+
+def create_network(
+    session: Session,
+    *,
+    name: str,
+    spot_probability: float,
+    spot_count: int,
+    challenge_window_s: int,
+    now: datetime,
+) -> tuple[Network, str]:
+    """Create a network with its first API key; returns (network, key shown once)."""
+    network = Network(id=new_id("net"), name=name, spot_probability=spot_probability,
+                      spot_count=spot_count, challenge_window_s=challenge_window_s,
+                      created_at=now)
+    token, digest = new_api_key()
+    session.add(network)
+    session.flush()
+    session.add(ApiKey(network_id=network.id, key_hash=digest, created_at=now))
+    return network, token
+
+
+def add_api_key(session: Session, network_id: str, now: datetime) -> str:
+    """Another API key for a network; returns the key (shown once)."""
+    token, digest = new_api_key()
+    session.add(ApiKey(network_id=network_id, key_hash=digest, created_at=now))
+    return token
+
+
+def authenticate(session: Session, token: str | None) -> Network:
+    """The network owning ``token``; AuthError if missing, malformed, unknown or revoked."""
+    if token is None or not is_api_key(token):
+        raise AuthError("missing or malformed API key")
+    digest = hash_api_key(token)
+    key = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+    if key is None or key.revoked_at is not None or not api_key_matches(token, key.key_hash):
+        raise AuthError("unknown or revoked API key")
+    network = session.get(Network, key.network_id)
+    if network is None:
+        raise AuthError("unknown or revoked API key")
+    return network

@@ -1,0 +1,304 @@
+"""The FastAPI application: thin routes over the service modules.
+
+Every refusal is a ``RefuteError`` mapped to a 4xx with ``{"error": {"code", "reason"}}``;
+bodies over the configured size are refused with 413 before they are read in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from refute.errors import BundleError, InputError, ModelRejected, RefuteError
+from refute.manifest import Manifest
+from verifier.accounts import add_api_key, authenticate, create_network
+from verifier.api.schemas import (
+    ErrorBody,
+    Health,
+    ModelOut,
+    ModelRegister,
+    NetworkCreate,
+    NetworkCreated,
+    ResultOut,
+    ResultPage,
+    ResultSubmit,
+)
+from verifier.auth import AuthError, Domain
+from verifier.blobs import BlobError
+from verifier.models import Network, RegisteredModel, Result, SpotCheck
+from verifier.registry import decode_model, register_in_subprocess, store_model
+from verifier.results import (
+    Conflict,
+    attach_trace,
+    list_results,
+    owned_model,
+    owned_result,
+    submit_result,
+)
+from verifier.service import NotFound, ServiceContext, utcnow
+
+MAX_BODY_BYTES = 64 * 2**20
+
+REQUESTS = Counter("refute_http_requests_total", "HTTP requests", ["route", "status"])
+LATENCY = Histogram("refute_http_request_seconds", "HTTP request latency", ["route"])
+RESULTS = Counter("refute_results_accepted_total", "Results accepted")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed request or refused content"},
+    401: {"model": ErrorBody, "description": "Missing, unknown or revoked API key"},
+    403: {"model": ErrorBody, "description": "Signature or domain refused"},
+    404: {"model": ErrorBody, "description": "No such object for this network"},
+    409: {"model": ErrorBody, "description": "Replayed nonce"},
+    413: {"model": ErrorBody, "description": "Body too large"},
+    422: {"model": ErrorBody, "description": "Body does not match the schema"},
+}
+
+
+def _status(exc: RefuteError) -> int:
+    if isinstance(exc, AuthError):
+        return 401 if "API key" in exc.reason else 403
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, ModelRejected | BundleError | InputError | BlobError):
+        return 400
+    return 400
+
+
+def _error(status: int, code: str, reason: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "reason": reason}})
+
+
+@contextmanager
+def _write(s: Session) -> Iterator[None]:
+    """Commit what the block wrote, or roll it back (the session may already be in a
+    transaction opened by authentication)."""
+    try:
+        yield
+        s.commit()
+    except BaseException:
+        s.rollback()
+        raise
+
+
+def _session(request: Request) -> Iterator[Session]:
+    ctx: ServiceContext = request.app.state.ctx
+    with ctx.sessions() as s:
+        yield s
+
+
+SessionDep = Annotated[Session, Depends(_session)]
+
+
+def _network(s: SessionDep, x_api_key: Annotated[str | None, Header()] = None) -> Network:
+    return authenticate(s, x_api_key)
+
+
+NetworkDep = Annotated[Network, Depends(_network)]
+
+
+def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
+               enqueue: Callable[[str], None] | None = None) -> FastAPI:
+    """The API over ``ctx``. ``enqueue(result_id)`` schedules a spot-check (Celery by default).
+
+    ``admin_token`` guards network creation (``X-Admin-Token``); without one, creating networks
+    is open (development only).
+    """
+    app = FastAPI(title="refute", version="1", description=(
+        "Verification of ML inference run on untrusted hardware: optimistic acceptance, "
+        "spot-checks, challenges settled by zero-knowledge proofs."))
+    app.state.ctx = ctx
+    domain = Domain(chain_id=ctx.settings.chain_id)
+
+    def schedule(result_id: str) -> None:
+        if enqueue is not None:
+            enqueue(result_id)
+            return
+        from verifier.worker import app as celery_app
+
+        celery_app.send_task("refute.spotcheck", args=[result_id])
+
+    @app.middleware("http")
+    async def limit_and_measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, "body_too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
+        route = request.url.path.split("/")[2] if request.url.path.startswith("/v1/") else "other"
+        with LATENCY.labels(route).time():
+            response = await call_next(request)
+        REQUESTS.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RefuteError)
+    async def refute_error(_request: Request, exc: RefuteError) -> JSONResponse:
+        return _error(_status(exc), exc.code, exc.reason)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}"[:300])
+
+    @app.get("/v1/health", response_model=Health, tags=["operations"])
+    def health() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok")
+
+    @app.get("/v1/ready", response_model=Health, responses={503: {"model": Health}},
+             tags=["operations"])
+    def ready(response: Response) -> Health:
+        """Readiness: the database and the broker answer."""
+        checks: dict[str, str] = {}
+        try:
+            with ctx.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # report any driver failure as not ready
+            checks["database"] = type(exc).__name__
+        try:
+            import redis
+
+            redis.Redis.from_url(ctx.settings.redis_url, socket_timeout=2).ping()
+            checks["broker"] = "ok"
+        except Exception as exc:  # report any broker failure as not ready
+            checks["broker"] = type(exc).__name__
+        ok = all(v == "ok" for v in checks.values())
+        response.status_code = 200 if ok else 503
+        return Health(status="ok" if ok else "unavailable", checks=checks)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/networks", status_code=201, response_model=NetworkCreated, responses=ERRORS,
+              tags=["networks"])
+    def new_network(body: NetworkCreate, s: SessionDep,
+                    x_admin_token: Annotated[str | None, Header()] = None) -> NetworkCreated:
+        """Create a network; its first API key is in the answer (shown once)."""
+        if admin_token is not None and x_admin_token != admin_token:
+            raise AuthError("network creation needs the admin token (X-Admin-Token)")
+        with _write(s):
+            net, token = create_network(s, name=body.name, spot_probability=body.spot_probability,
+                                        spot_count=body.spot_count,
+                                        challenge_window_s=body.challenge_window_s, now=utcnow())
+        return NetworkCreated(id=net.id, name=net.name, api_key=token)
+
+    @app.post("/v1/networks/me/keys", status_code=201, response_model=NetworkCreated,
+              responses=ERRORS, tags=["networks"])
+    def new_key(net: NetworkDep, s: SessionDep) -> NetworkCreated:
+        """Issue another API key for the calling network."""
+        with _write(s):
+            token = add_api_key(s, net.id, utcnow())
+        return NetworkCreated(id=net.id, name=net.name, api_key=token)
+
+    @app.post("/v1/models", status_code=201, response_model=ModelOut, responses=ERRORS,
+              tags=["models"])
+    async def register(body: ModelRegister, net: NetworkDep, s: SessionDep) -> ModelOut:
+        """Register a model: safe loading, segmentation, calibration; returns the manifest."""
+        data = decode_model(body.onnx_base64)
+        options = body.model_dump(exclude={"onnx_base64"})
+        manifest_json = await asyncio.to_thread(register_in_subprocess, data, options)
+        manifest = Manifest.from_json(manifest_json)
+        with _write(s):
+            row = store_model(s, ctx.blobs, network_id=net.id, data=data,
+                              manifest=manifest_json, manifest_sha256=manifest.sha256,
+                              now=utcnow())
+        return _model_out(row)
+
+    @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=ERRORS,
+             tags=["models"])
+    def get_model(model_id: str, net: NetworkDep, s: SessionDep) -> ModelOut:
+        """A registered model of the calling network."""
+        return _model_out(owned_model(s, net, model_id))
+
+    @app.post("/v1/results", status_code=202, response_model=ResultOut, responses={
+        200: {"model": ResultOut, "description": "Already accepted (same signed message)"},
+        **ERRORS}, tags=["results"])
+    def submit(body: ResultSubmit, net: NetworkDep, s: SessionDep,
+               response: Response) -> ResultOut:
+        """Accept a signed result at once (202) with its challenge deadline."""
+        with _write(s):
+            row, created = submit_result(s, net, body, domain=domain, now=utcnow())
+        if created:
+            RESULTS.inc()
+        else:
+            response.status_code = 200
+        return _result_out(s, row)
+
+    @app.get("/v1/results", response_model=ResultPage, responses=ERRORS, tags=["results"])
+    def results(net: NetworkDep, s: SessionDep,
+                status: Annotated[str | None, Query(max_length=20)] = None,
+                model_id: Annotated[str | None, Query(max_length=40)] = None,
+                limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                cursor: Annotated[str | None, Query(max_length=40)] = None) -> ResultPage:
+        """The calling network's results, newest first, filtered and paginated."""
+        rows, next_cursor = list_results(s, net, status=status, model_id=model_id, limit=limit,
+                                         cursor=cursor)
+        return ResultPage(items=[_result_out(s, r) for r in rows], next_cursor=next_cursor)
+
+    @app.get("/v1/results/{result_id}", response_model=ResultOut, responses=ERRORS,
+             tags=["results"])
+    def get_result(result_id: str, net: NetworkDep, s: SessionDep) -> ResultOut:
+        """One result of the calling network, with its spot-checks."""
+        return _result_out(s, owned_result(s, net, result_id))
+
+    @app.put("/v1/results/{result_id}/trace", response_model=ResultOut, responses=ERRORS,
+             tags=["results"], openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload_trace(result_id: str, request: Request, net: NetworkDep,
+                           s: SessionDep) -> ResultOut:
+        """Upload the result's trace bundle (``refute.trace/1``); it must match the commitment."""
+        data = await _read_limited(request)
+        with _write(s):
+            row = owned_result(s, net, result_id)
+            await asyncio.to_thread(attach_trace, s, ctx.blobs, row, data)
+        schedule(row.id)
+        return _result_out(s, row)
+
+    return app
+
+
+async def _read_limited(request: Request) -> bytes:
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise InputError(f"bodies are limited to {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    if size == 0:
+        raise InputError("the body is empty: send the trace bundle")
+    return b"".join(chunks)
+
+
+def _model_out(row: RegisteredModel) -> ModelOut:
+    return ModelOut(id=row.id, model_sha256=row.model_sha256,
+                    manifest_sha256=row.manifest_sha256, manifest=row.manifest,
+                    created_at=row.created_at)
+
+
+def _result_out(s: Session, row: Result) -> ResultOut:
+    checks = s.scalars(select(SpotCheck).where(SpotCheck.result_id == row.id)
+                       .order_by(SpotCheck.segment)).all()
+    return ResultOut(
+        id=row.id, model_id=row.model_id, provider=row.provider, status=row.status.value,
+        trace_root=row.trace_root, accepted_at=row.accepted_at,
+        challenge_deadline=row.challenge_deadline, finalized_at=row.finalized_at,
+        trace_uploaded=row.trace_blob is not None,
+        spot_checks=[{"segment": c.segment, "outcome": c.outcome.value,
+                      "maxdiff_units": c.maxdiff_units, "tolerance": c.tolerance}
+                     for c in checks],
+    )

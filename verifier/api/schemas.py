@@ -1,0 +1,130 @@
+"""Request and response bodies of the API (pydantic), with examples for the OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HEX32 = r"^0x[0-9a-fA-F]{64}$"
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+class ErrorDetail(BaseModel):
+    """Why a request was refused."""
+
+    code: str = Field(examples=["auth_error"])
+    reason: str = Field(examples=["missing or invalid API key"])
+
+
+class ErrorBody(BaseModel):
+    """Every error answer has this body."""
+
+    error: ErrorDetail
+
+
+class NetworkCreate(BaseModel):
+    """A new network and its sampling policy."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200, examples=["acme-inference"])
+    spot_probability: float = Field(default=0.1, ge=0.0, le=1.0)
+    spot_count: int = Field(default=1, ge=0, le=64)
+    challenge_window_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+
+
+class NetworkCreated(BaseModel):
+    """The network and its first API key (shown once)."""
+
+    id: str = Field(examples=["net_4f1c9a0e2b7d6c5a1e3f9b08"])
+    name: str
+    api_key: str = Field(examples=["rk_" + "x" * 43])
+
+
+class ModelRegister(BaseModel):
+    """An ONNX model to register (base64), with optional shape pins and cut choices."""
+
+    model_config = ConfigDict(extra="forbid")
+    onnx_base64: str = Field(min_length=4, max_length=96 * 2**20)
+    dims: dict[str, int] = Field(default_factory=dict, examples=[{"batch_size": 1}])
+    shapes: dict[str, list[int]] = Field(default_factory=dict)
+    cuts: list[int] | None = None
+    max_segments: int | None = Field(default=None, ge=1, le=1024)
+    calibration_samples: int = Field(default=4, ge=1, le=64)
+    scale: int = Field(default=7, ge=0, le=30)
+
+
+class ModelOut(BaseModel):
+    """A registered model and its calibrated manifest."""
+
+    id: str
+    model_sha256: str
+    manifest_sha256: str
+    manifest: dict[str, Any]
+    created_at: datetime
+
+
+class SignedResultMessage(BaseModel):
+    """The EIP-712 ``Result`` message the provider signed."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    network: str = Field(pattern=HEX32)
+    model: str = Field(pattern=HEX32)
+    input: str = Field(pattern=HEX32)
+    output: str = Field(pattern=HEX32)
+    traceRoot: str = Field(pattern=HEX32)  # noqa: N815 - the EIP-712 field name
+    stake: int = Field(ge=0, lt=2**256)
+    nonce: int = Field(ge=0, lt=2**256)
+    deadline: int = Field(ge=0, lt=2**64)
+
+
+class DomainIn(BaseModel):
+    """The EIP-712 domain the provider signed under."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "refute"
+    version: str = "1"
+    chainId: int = Field(ge=1, lt=2**256)  # noqa: N815
+    verifyingContract: str = Field(pattern=ADDRESS)  # noqa: N815
+
+
+class ResultSubmit(BaseModel):
+    """A provider's signed result."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(min_length=1, max_length=40)
+    provider: str = Field(pattern=ADDRESS)
+    message: SignedResultMessage
+    domain: DomainIn
+    signature: str = Field(pattern=r"^(0x)?[0-9a-fA-F]{130}$")
+    leaves: list[str] = Field(min_length=2, max_length=4097)
+
+
+class ResultOut(BaseModel):
+    """A result as the service holds it."""
+
+    id: str
+    model_id: str
+    provider: str
+    status: str
+    trace_root: str
+    accepted_at: datetime
+    challenge_deadline: datetime
+    finalized_at: datetime | None
+    trace_uploaded: bool
+    spot_checks: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ResultPage(BaseModel):
+    """One page of results (newest first) and the cursor of the next page."""
+
+    items: list[ResultOut]
+    next_cursor: str | None
+
+
+class Health(BaseModel):
+    """Liveness / readiness answer."""
+
+    status: str = Field(examples=["ok"])
+    checks: dict[str, str] = Field(default_factory=dict)

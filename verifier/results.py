@@ -1,0 +1,137 @@
+"""Results: optimistic acceptance of signed claims, trace upload, reading and listing."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from refute.errors import BundleError, InputError
+from refute.manifest import Manifest
+from refute.merkle import merkle_root
+from refute.trace import Trace
+from verifier.api.schemas import ResultSubmit
+from verifier.auth import AuthError, Domain, network_word, typed_data_hash, verify_signed
+from verifier.auth import Result as SignedResult
+from verifier.blobs import BlobStore
+from verifier.models import Network, RegisteredModel, Result, ResultStatus
+from verifier.service import NotFound, new_id
+
+
+class Conflict(InputError):
+    """The request contradicts an existing object (a replayed nonce)."""
+
+    code = "conflict"
+
+
+def _word(hex_text: str) -> bytes:
+    return bytes.fromhex(hex_text.removeprefix("0x"))
+
+
+def owned_model(session: Session, network: Network, model_id: str) -> RegisteredModel:
+    """A model of this network (another network's model is "not found")."""
+    model = session.get(RegisteredModel, model_id)
+    if model is None or model.network_id != network.id:
+        raise NotFound(f"model {model_id} not found")
+    return model
+
+
+def owned_result(session: Session, network: Network, result_id: str) -> Result:
+    """A result of this network (another network's result is "not found")."""
+    result = session.get(Result, result_id)
+    if result is None or result.network_id != network.id:
+        raise NotFound(f"result {result_id} not found")
+    return result
+
+
+def submit_result(
+    session: Session, network: Network, body: ResultSubmit, *, domain: Domain, now: datetime
+) -> tuple[Result, bool]:
+    """Accept a signed result at once; returns (result, created). Idempotent per message."""
+    model = owned_model(session, network, body.model_id)
+    m = body.message
+    claim = SignedResult(network=_word(m.network), model=_word(m.model), input=_word(m.input),
+                         output=_word(m.output), trace_root=_word(m.traceRoot), stake=m.stake,
+                         nonce=m.nonce, deadline=m.deadline)
+    claimed = Domain(chain_id=body.domain.chainId,
+                     verifying_contract=body.domain.verifyingContract,
+                     name=body.domain.name, version=body.domain.version)
+    signer = verify_signed(claim, claimed, body.signature, expected_signer=body.provider,
+                           now=int(now.timestamp()), expected_domain=domain)
+    if claim.network != network_word(network.id):
+        raise AuthError("the signed message names another network")
+    if claim.model.hex() != model.model_sha256:
+        raise InputError("the signed message names another model than model_id")
+    manifest = Manifest.from_json(model.manifest)
+    leaves = [_word(leaf) for leaf in body.leaves]
+    if len(leaves) != len(manifest.states) or any(len(x) != 32 for x in leaves):
+        raise InputError(f"a trace of this model has {len(manifest.states)} 32-byte leaves")
+    if merkle_root(leaves) != claim.trace_root:
+        raise InputError("leaves do not hash to the signed trace root")
+    digest = typed_data_hash(claim, domain).hex()
+    existing = session.scalars(select(Result).where(Result.message_hash == digest)).first()
+    if existing is not None:
+        if existing.network_id != network.id:
+            raise NotFound("result not found")
+        return existing, False
+    replay = session.scalars(select(Result).where(Result.provider == signer,
+                                                  Result.nonce == str(m.nonce))).first()
+    if replay is not None:
+        raise Conflict(f"nonce {m.nonce} of provider {signer} was already used")
+    result = Result(
+        id=new_id("res"), network_id=network.id, model_id=model.id, message_hash=digest,
+        provider=signer, nonce=str(m.nonce), deadline=m.deadline, stake=str(m.stake),
+        input_hash=m.input, output_hash=m.output, trace_root=m.traceRoot,
+        leaves=["0x" + leaf.hex() for leaf in leaves], signature=body.signature,
+        status=ResultStatus.ACCEPTED, accepted_at=now,
+        challenge_deadline=now + timedelta(seconds=network.challenge_window_s),
+    )
+    session.add(result)
+    return result, True
+
+
+def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes) -> str:
+    """Verify an uploaded trace bundle against the result's commitment and store it."""
+    model = session.get(RegisteredModel, result.model_id)
+    assert model is not None
+    with tempfile.TemporaryDirectory(prefix="refute-upload-") as tmp:
+        path = Path(tmp) / "upload.rtrace"
+        path.write_bytes(data)
+        trace = Trace.read(path, workers=1)
+    if trace.manifest.sha256 != model.manifest_sha256:
+        raise BundleError("the trace was made under another manifest than the model's")
+    if ["0x" + leaf.hex() for leaf in trace.commitment.leaves] != list(result.leaves):
+        raise BundleError("the trace's leaves differ from the result's signed commitment")
+    key = blobs.put(data)
+    result.trace_blob = key
+    return key
+
+
+def list_results(
+    session: Session, network: Network, *, status: str | None, model_id: str | None,
+    limit: int, cursor: str | None,
+) -> tuple[list[Result], str | None]:
+    """A page of the network's results, newest first; ``cursor`` is the last id seen."""
+    query = select(Result).where(Result.network_id == network.id)
+    if status is not None:
+        try:
+            query = query.where(Result.status == ResultStatus(status))
+        except ValueError as exc:
+            raise InputError(f"unknown status {status!r}") from exc
+    if model_id is not None:
+        query = query.where(Result.model_id == model_id)
+    if cursor is not None:
+        anchor = session.get(Result, cursor)
+        if anchor is None or anchor.network_id != network.id:
+            raise InputError("invalid cursor")
+        query = query.where(
+            (Result.accepted_at < anchor.accepted_at)
+            | ((Result.accepted_at == anchor.accepted_at) & (Result.id < anchor.id))
+        )
+    rows = list(session.scalars(query.order_by(Result.accepted_at.desc(), Result.id.desc())
+                                .limit(limit + 1)))
+    next_cursor = rows[limit - 1].id if len(rows) > limit else None
+    return rows[:limit], next_cursor
