@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -68,8 +70,31 @@ def serve(
     uvicorn.run(api, host=host, port=port, log_level="warning")
 
 
+def stack(
+    workdir: Annotated[Path, typer.Option(help="Folder for the database, blobs, logs.")]
+    = Path(".refute/stack"),
+) -> None:
+    """Start the whole local stack (redis-server, API, workers) until interrupted."""
+    from verifier.stack import LocalStack
+
+    try:
+        with LocalStack(workdir) as running:
+            base.out.print(f"API      {running.api_url}  (admin token {running.admin_token})",
+                           highlight=False)
+            base.out.print(f"redis    127.0.0.1:{running.redis_port}", highlight=False)
+            base.out.print(f"logs     {running.workdir}/*.log   — Ctrl-C stops everything",
+                           highlight=False)
+            while True:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        base.out.print("stopped", highlight=False)
+    except RefuteError as exc:
+        raise base._fail(exc) from exc
+
+
 def register(app: typer.Typer) -> None:
     """Add the service's commands to the ``refute`` app."""
+    app.command()(stack)
     app.command()(serve)
     app.command()(worker)
     app.add_typer(db_app, name="db")

@@ -1,0 +1,65 @@
+"""The whole stack as real processes (redis-server, API, Celery workers) driven by the client:
+register a model, submit honest and cheating results with traces, watch the spot-check catch
+the cheat and the honest results finalize."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+
+from refute import zoo
+from refute.manifest import Manifest
+from refute.provider import prepare_model, run_trace
+from refute.trace import Trace
+from verifier.client import ApiError, RefuteClient, sign_result
+from verifier.stack import LocalStack
+
+pytestmark = [pytest.mark.slow]
+
+PROVIDER = Account.from_key(b"\x07" * 32)
+
+
+def test_stack_end_to_end(tmp_path: Path) -> None:
+    with LocalStack(tmp_path / "stack") as stack:
+        admin = RefuteClient(stack.api_url)
+        with pytest.raises(ApiError) as refused:
+            admin.create_network("nope")
+        assert refused.value.status == 403
+        network_id, key = admin.create_network("demo", admin_token=stack.admin_token,
+                                               spot_probability=1.0, spot_count=3,
+                                               challenge_window_s=8)
+        client = RefuteClient(stack.api_url, key)
+        model = zoo.mlp()
+        registered = client.register_model(model.onnx_bytes, calibration_samples=2)
+        manifest = Manifest.from_json(registered["manifest"])
+        prepared = dataclasses.replace(prepare_model(model.onnx_bytes), manifest=manifest)
+        ids = []
+        for n in range(3):
+            trace = run_trace(prepared, model.sample_input(n))
+            if n == 1:  # the cheat: state 1 moved far beyond 2·τ
+                states = [list(s) for s in trace.states]
+                states[1][0] = states[1][0] + 1.0
+                trace = Trace.from_states(manifest, states)
+            body = sign_result(
+                network_id=network_id, model_id=registered["id"],
+                model_sha256=registered["model_sha256"], trace=trace, input_hash=b"\x01" * 32,
+                output_hash=b"\x02" * 32, stake=100, nonce=n, deadline=int(time.time()) + 600,
+                private_key=PROVIDER.key, provider=PROVIDER.address)
+            accepted = client.submit_result(body)
+            assert accepted.status == "ACCEPTED"
+            bundle = trace.write(tmp_path / f"{n}.rtrace").read_bytes()
+            assert client.upload_trace(accepted.id, bundle).trace_uploaded
+            ids.append(accepted.id)
+        cheat = client.wait(ids[1], until=frozenset({"DISPUTED"}), timeout=120, poll=0.5)
+        assert any(c["outcome"] == "FAULT" and c["segment"] == 1 for c in cheat.spot_checks)
+        for rid in (ids[0], ids[2]):
+            final = client.wait(rid, timeout=120, poll=0.5)
+            assert final.status == "FINALIZED"
+            assert {c["segment"] for c in final.spot_checks} == {1, 2, 3}
+            assert all(c["outcome"] == "PASS" for c in final.spot_checks)
+        assert client.result(ids[1]).status == "DISPUTED"  # never finalized while disputed
+        assert [r.id for r in client.results(page_size=2)] == list(reversed(ids))

@@ -1,0 +1,195 @@
+"""A typed Python client for networks and providers.
+
+::
+
+    client = RefuteClient("http://127.0.0.1:8000", api_key)
+    model = client.register_model(onnx_bytes, dims={"batch_size": 1})
+    result = client.submit_result(signed_body)
+    client.upload_trace(result.id, trace_bundle_bytes)
+    final = client.wait(result.id, until={"FINALIZED", "PROVIDER_FAULT", "UPHELD"})
+
+Every refusal raises :class:`ApiError` with the server's ``code`` and one-line ``reason``.
+A provider signs results with :func:`sign_result` (EIP-712, see :mod:`verifier.auth`).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from refute.errors import RefuteError
+from refute.trace import Trace
+from verifier.auth import Domain, network_word, sign_typed
+from verifier.auth import Result as SignedResult
+
+TERMINAL = frozenset({"FINALIZED", "PROVIDER_FAULT", "UPHELD"})
+
+
+class ApiError(RefuteError):
+    """The service refused a request."""
+
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ResultView:
+    """A result as the service reports it."""
+
+    id: str
+    model_id: str
+    provider: str
+    status: str
+    challenge_deadline: datetime
+    trace_uploaded: bool
+    spot_checks: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> ResultView:
+        """Parse the API's JSON."""
+        return cls(str(data["id"]), str(data["model_id"]), str(data["provider"]),
+                   str(data["status"]), datetime.fromisoformat(data["challenge_deadline"]),
+                   bool(data["trace_uploaded"]), tuple(data.get("spot_checks", ())))
+
+
+def sign_result(
+    *,
+    network_id: str,
+    model_id: str,
+    model_sha256: str,
+    trace: Trace,
+    input_hash: bytes,
+    output_hash: bytes,
+    stake: int,
+    nonce: int,
+    deadline: int,
+    private_key: bytes | str,
+    provider: str,
+    chain_id: int = 31337,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/results`` for a trace, signed by the provider's key."""
+    claim = SignedResult(network=network_word(network_id), model=bytes.fromhex(model_sha256),
+                         input=input_hash, output=output_hash, trace_root=trace.commitment.root,
+                         stake=stake, nonce=nonce, deadline=deadline)
+    domain = Domain(chain_id=chain_id)
+    signature = sign_typed(claim, domain, private_key)
+
+    def hex32(value: bytes) -> str:
+        return "0x" + value.hex()
+
+    return {
+        "model_id": model_id,
+        "provider": provider,
+        "message": {"network": hex32(claim.network), "model": hex32(claim.model),
+                    "input": hex32(input_hash), "output": hex32(output_hash),
+                    "traceRoot": hex32(claim.trace_root), "stake": stake, "nonce": nonce,
+                    "deadline": deadline},
+        "domain": {"name": domain.name, "version": domain.version, "chainId": chain_id,
+                   "verifyingContract": domain.verifying_contract},
+        "signature": "0x" + signature.hex(),
+        "leaves": [hex32(leaf) for leaf in trace.commitment.leaves],
+    }
+
+
+class RefuteClient:
+    """HTTP client of the refute API for one network (identified by its API key)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *,
+                 timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout,
+                                  transport=transport)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> RefuteClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            answer = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "unreachable", f"cannot reach the service: {exc}") from exc
+        if answer.status_code >= 400:
+            try:
+                error = answer.json()["error"]
+                raise ApiError(answer.status_code, str(error["code"]), str(error["reason"]))
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(answer.status_code, "http_error",
+                               f"HTTP {answer.status_code}: {answer.text[:200]}") from None
+        return answer.json()
+
+    def create_network(self, name: str, *, admin_token: str | None = None,
+                       spot_probability: float = 0.1, spot_count: int = 1,
+                       challenge_window_s: int = 3600) -> tuple[str, str]:
+        """Create a network; returns (network id, API key). Use the key for a new client."""
+        headers = {"X-Admin-Token": admin_token} if admin_token else {}
+        body = self._call("POST", "/v1/networks", headers=headers, json={
+            "name": name, "spot_probability": spot_probability, "spot_count": spot_count,
+            "challenge_window_s": challenge_window_s})
+        return str(body["id"]), str(body["api_key"])
+
+    def register_model(self, onnx_bytes: bytes, *, dims: dict[str, int] | None = None,
+                       shapes: dict[str, list[int]] | None = None,
+                       cuts: Sequence[int] | None = None, calibration_samples: int = 4,
+                       ) -> dict[str, Any]:
+        """Register a model (loads, segments, calibrates); returns id, hashes and manifest."""
+        body: dict[str, Any] = self._call("POST", "/v1/models", json={
+            "onnx_base64": base64.b64encode(onnx_bytes).decode(), "dims": dims or {},
+            "shapes": shapes or {}, "cuts": list(cuts) if cuts is not None else None,
+            "calibration_samples": calibration_samples})
+        return body
+
+    def submit_result(self, signed_body: dict[str, Any]) -> ResultView:
+        """Submit a signed result (see :func:`sign_result`); accepted at once."""
+        return ResultView.of(self._call("POST", "/v1/results", json=signed_body))
+
+    def upload_trace(self, result_id: str, bundle: bytes) -> ResultView:
+        """Upload the trace bundle of a result."""
+        return ResultView.of(self._call("PUT", f"/v1/results/{result_id}/trace", content=bundle,
+                                        headers={"Content-Type": "application/zip"}))
+
+    def result(self, result_id: str) -> ResultView:
+        """One result."""
+        return ResultView.of(self._call("GET", f"/v1/results/{result_id}"))
+
+    def results(self, *, status: str | None = None, model_id: str | None = None,
+                page_size: int = 100) -> Iterator[ResultView]:
+        """Every result of the network (newest first), following pagination."""
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            for key, value in (("status", status), ("model_id", model_id), ("cursor", cursor)):
+                if value is not None:
+                    params[key] = value
+            page = self._call("GET", "/v1/results", params=params)
+            yield from (ResultView.of(item) for item in page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def wait(self, result_id: str, *, until: frozenset[str] = TERMINAL,
+             timeout: float = 600.0, poll: float = 1.0) -> ResultView:
+        """Poll a result until its status is in ``until``; ApiError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.result(result_id)
+            if view.status in until:
+                return view
+            if time.monotonic() > deadline:
+                raise ApiError(0, "timeout", f"result {result_id} still {view.status} after "
+                                             f"{timeout:.0f} s")
+            time.sleep(poll)

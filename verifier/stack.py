@@ -1,0 +1,148 @@
+"""The whole local stack as processes: redis-server, the API and the workers.
+
+:class:`LocalStack` starts everything on free loopback ports under one folder, waits until the
+API is ready, and stops what it started (workers, API, then Redis) on exit. ``refute stack``
+runs it in the foreground; tests and the demo use it as a context manager.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from refute.errors import RefuteError
+from verifier.db import migrate
+
+
+class StackError(RefuteError):
+    """A process of the local stack failed to start."""
+
+    code = "stack_error"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalStack:
+    """redis-server + ``refute serve`` + ``refute worker`` processes on loopback."""
+
+    def __init__(self, workdir: Path, *, admin_token: str | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir.resolve()
+        self.admin_token = admin_token or secrets.token_urlsafe(16)
+        self.redis_port = _free_port()
+        self.api_port = _free_port()
+        self.extra_env = dict(extra_env or {})
+        self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the API."""
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment every process of the stack runs with."""
+        return {
+            **os.environ,
+            "REFUTE_DATABASE_URL": f"sqlite:///{self.workdir / 'refute.db'}",
+            "REFUTE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "REFUTE_BLOB_DIR": str(self.workdir / "blobs"),
+            "REFUTE_HOME": str(self.workdir / "home"),
+            "REFUTE_SPOT_KEY": self._spot_key(),
+            "REFUTE_ADMIN_TOKEN": self.admin_token,
+            **self.extra_env,
+        }
+
+    def _spot_key(self) -> str:
+        path = self.workdir / "spot.key"
+        if not path.exists():
+            path.write_text(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("ab")
+        self._logs.append(log)
+        process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=self.workdir)
+        self._processes.append((name, process))
+        return process
+
+    def start(self) -> Self:
+        """Start Redis, migrate the database, start the API and the workers; wait for ready."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise StackError("redis-server not found: run scripts/bootstrap")
+        try:
+            self._spawn("redis", [redis, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                                  "--dir", str(self.workdir), "--appendonly", "yes",
+                                  "--appendfsync", "everysec", "--save", ""])
+            migrate(self.env["REFUTE_DATABASE_URL"])
+            refute = [sys.executable, "-m", "refute"]
+            self._spawn("api", [*refute, "serve", "--port", str(self.api_port)])
+            self._spawn("worker-spotcheck", [*refute, "worker", "--queues", "spotcheck",
+                                             "--loglevel", "WARNING"])
+            self._spawn("worker-timers", [*refute, "worker", "--queues", "timers", "--beat",
+                                          "--loglevel", "WARNING"])
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, process in self._processes:
+                if process.poll() is not None:
+                    tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-400:]
+                    raise StackError(f"{name} exited with {process.returncode}: {tail.strip()}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/v1/ready", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise StackError(f"the API was not ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop every process this stack started (workers and API first, Redis last)."""
+        for _name, process in reversed(self._processes):
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for _name, process in reversed(self._processes):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self._processes.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
