@@ -37,7 +37,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 @pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case: schemathesis.Case) -> None:
+def test_no_server_errors(case: schemathesis.Case) -> None:  # type: ignore[type-arg]
     """Authenticated as a real network, every generated request answers below 500."""
     response = case.call(headers={"X-API-Key": API_KEY})
     if case.path == "/v1/ready" and response.status_code == 503:
