@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prover.circuit import CircuitCache
@@ -26,6 +27,12 @@ class ProverSettings(BaseSettings):
 
     home: Path = Path.home() / ".cache" / "refute"
     srs_path: Path | None = None
+
+    @field_validator("srs_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``REFUTE_SRS_PATH=""`` means no SRS file, not the current directory."""
+        return None if value == "" else value
 
     def srs_store(self) -> SrsStore:
         """The configured SRS file, or the development cache."""

@@ -12,7 +12,7 @@ Nothing here touches the network (``ezkl.get_srs`` is never called).
 from __future__ import annotations
 
 import fcntl
-import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,7 +71,7 @@ class SrsStore:
         if not marker.exists():
             with file_lock(path.with_name(path.name + ".lock")):
                 if not marker.exists():
-                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
                     try:
                         ezkl.gen_srs(str(tmp), logrows)
                         tmp.replace(path)
@@ -83,6 +83,8 @@ class SrsStore:
 
     def _configured(self, logrows: int) -> SrsFile:
         assert self.srs_path is not None
+        if not self.srs_path.is_file():
+            raise SrsError(f"the configured SRS {self.srs_path} is not a file")
         try:
             size = self.srs_path.stat().st_size
         except OSError as exc:

@@ -5,8 +5,13 @@ the cheat and the honest results finalize."""
 from __future__ import annotations
 
 import dataclasses
+import http.server
+import json
+import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from eth_account import Account
@@ -17,14 +22,31 @@ from refute.provider import prepare_model, run_trace
 from refute.trace import Trace
 from verifier.client import ApiError, RefuteClient, sign_result
 from verifier.stack import LocalStack
+from verifier.webhooks import verify_signature
 
 pytestmark = [pytest.mark.slow]
 
 PROVIDER = Account.from_key(b"\x07" * 32)
 
 
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(({k: v for k, v in self.headers.items()}, body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        del format, args
+
+
 def test_stack_end_to_end(tmp_path: Path) -> None:
-    with LocalStack(tmp_path / "stack") as stack:
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    env = {"REFUTE_WEBHOOKS_ALLOW_PRIVATE": "1", "REFUTE_FINALIZE_EVERY_S": "1"}
+    with LocalStack(tmp_path / "stack", extra_env=env) as stack:
         admin = RefuteClient(stack.api_url)
         with pytest.raises(ApiError) as refused:
             admin.create_network("nope")
@@ -33,6 +55,8 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
                                                spot_probability=1.0, spot_count=3,
                                                challenge_window_s=8)
         client = RefuteClient(stack.api_url, key)
+        hook = client.register_webhook(f"http://127.0.0.1:{receiver.server_port}/hook",
+                                       ["result.finalized", "result.disputed"])
         model = zoo.mlp()
         registered = client.register_model(model.onnx_bytes, calibration_samples=2)
         manifest = Manifest.from_json(registered["manifest"])
@@ -63,3 +87,19 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
             assert all(c["outcome"] == "PASS" for c in final.spot_checks)
         assert client.result(ids[1]).status == "DISPUTED"  # never finalized while disputed
         assert [r.id for r in client.results(page_size=2)] == list(reversed(ids))
+        # Webhooks: one signed delivery per event, delivered from the durable outbox.
+        def delivered() -> bool:
+            return len(_Receiver.received) >= 3
+
+        deadline = time.monotonic() + 60
+        while not delivered() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        events = {}
+        for sent_headers, sent_body in _Receiver.received:
+            assert verify_signature(hook["secret"], sent_headers, sent_body, datetime.now(UTC))
+            events[json.loads(sent_body)["result_id"]] = sent_headers["X-Refute-Event"]
+        assert events == {ids[0]: "result.finalized", ids[1]: "result.disputed",
+                          ids[2]: "result.finalized"}
+        listed = client.deliveries()
+        assert len(listed) == 3 and all(d["status"] == "DELIVERED" for d in listed)
+    receiver.shutdown()

@@ -172,3 +172,18 @@ def test_bad_inputs_are_refused(prepared: PreparedModel) -> None:
         read_inputs_json({"nope": 1}, prepared.loaded)
     with pytest.raises(InputError, match="values"):
         read_inputs_json({"input_data": [[1.0, 2.0]]}, prepared.loaded)
+
+
+def test_trusted_read_skips_rehash_but_not_structure(trace: Trace, tmp_path: Path) -> None:
+    good = trace.write(tmp_path / "good.rtrace")
+    fast = Trace.read(good, rehash=False)
+    assert fast.commitment == trace.commitment and fast.tensor_hashes == trace.tensor_hashes
+
+    def set_hash(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["states"][1][0]["poseidon"] = "0x" + "22" * 32
+
+    bad = _rewrite(good, tmp_path / "bad.rtrace", _edit_json("trace.json", set_hash))
+    with pytest.raises(BundleError, match="rebuild"):
+        Trace.read(bad, rehash=False)
+    with pytest.raises(BundleError, match="not a readable"):
+        Trace.read(tmp_path / "absent.rtrace", rehash=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -68,7 +69,8 @@ class LocalBlobStore:
         if path.exists():
             return key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Unique per writer even across containers sharing the volume (PIDs repeat there).
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with tmp.open("wb") as handle:
                 handle.write(data)

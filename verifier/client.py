@@ -181,6 +181,18 @@ class RefuteClient:
             if cursor is None:
                 return
 
+    def register_webhook(self, url: str, events: Sequence[str]) -> dict[str, Any]:
+        """Register an event endpoint; the answer holds its signing secret (shown once)."""
+        body: dict[str, Any] = self._call("POST", "/v1/webhooks",
+                                          json={"url": url, "events": list(events)})
+        return body
+
+    def deliveries(self, *, status: str | None = None) -> list[dict[str, Any]]:
+        """The network's webhook deliveries, newest first."""
+        params = {"status": status} if status else {}
+        body: list[dict[str, Any]] = self._call("GET", "/v1/webhooks/deliveries", params=params)
+        return body
+
     def wait(self, result_id: str, *, until: frozenset[str] = TERMINAL,
              timeout: float = 600.0, poll: float = 1.0) -> ResultView:
         """Poll a result until its status is in ``until``; ApiError on timeout."""

@@ -39,6 +39,7 @@ from verifier.models import (
 )
 from verifier.settings import ServiceSettings
 from verifier.spotcheck import Finding, SegmentCheck, check_segment, sample_segments
+from verifier.webhooks import enqueue
 
 SERVICE_CHALLENGER = "service"
 
@@ -91,12 +92,13 @@ def new_id(prefix: str) -> str:
 
 
 def load_trace(ctx: ServiceContext, key: str) -> Trace:
-    """Read and fully re-verify a stored trace bundle."""
+    """Read a stored trace bundle. It was fully verified at upload and the blob store checks
+    its sha256 on read, so its states are not re-hashed here."""
     data = ctx.blobs.get(key)
     with tempfile.TemporaryDirectory(prefix="refute-trace-") as tmp:
         path = Path(tmp) / "trace.rtrace"
         path.write_bytes(data)
-        return Trace.read(path, workers=1)
+        return Trace.read(path, workers=1, rehash=False)
 
 
 def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[SegmentCheck]:
@@ -146,16 +148,25 @@ def _record_check(ctx: ServiceContext, result_id: str, check: SegmentCheck, now:
                     checked_at=now,
                 ))
                 if check.finding is Finding.FAULT:
+                    result = session.get(Result, result_id)
+                    assert result is not None
+                    challenge_id = new_id("chl")
                     session.add(Challenge(
-                        id=new_id("chl"), result_id=result_id, filed_by=SERVICE_CHALLENGER,
+                        id=challenge_id, result_id=result_id, filed_by=SERVICE_CHALLENGER,
                         lo=check.segment - 1, hi=check.segment,
                         reason=(f"spot-check: segment {check.segment} differs by "
                                 f"{check.maxdiff_units} units > 2·τ={2 * check.tolerance}"),
                         status="OPEN", created_at=now,
                     ))
-                    session.execute(update(Result).where(
+                    session.flush()
+                    disputed = session.execute(update(Result).where(
                         Result.id == result_id, Result.status == ResultStatus.ACCEPTED
                     ).values(status=ResultStatus.DISPUTED))
+                    if cast("CursorResult[Any]", disputed).rowcount:
+                        enqueue(session, result.network_id, "result.disputed",
+                                f"disputed:{result_id}",
+                                {"result_id": result_id, "challenge_id": challenge_id,
+                                 "step": check.segment, "filed_by": SERVICE_CHALLENGER}, now)
         except IntegrityError:
             return False  # recorded by an earlier delivery: exactly once
     return True
@@ -165,15 +176,25 @@ def finalize_due(ctx: ServiceContext, now: datetime) -> int:
     """Finalize accepted results whose window closed with no open challenge; return how many."""
     open_challenge = exists().where(Challenge.result_id == Result.id,
                                     Challenge.status == "OPEN")
+    due = (Result.status == ResultStatus.ACCEPTED, Result.challenge_deadline <= now,
+           ~open_challenge)
     with ctx.sessions() as session, session.begin():
-        done = session.execute(
-            update(Result)
-            .where(Result.status == ResultStatus.ACCEPTED, Result.challenge_deadline <= now,
-                   ~open_challenge)
+        rows = session.execute(select(Result.id, Result.network_id).where(*due)).all()
+        if not rows:
+            return 0
+        ids = [r.id for r in rows]
+        session.execute(
+            update(Result).where(Result.id.in_(ids), *due)
             .values(status=ResultStatus.FINALIZED, finalized_at=now)
             .execution_options(synchronize_session=False)
         )
-        return int(cast("CursorResult[Any]", done).rowcount or 0)
+        finalized = session.execute(select(Result.id, Result.network_id).where(
+            Result.id.in_(ids), Result.status == ResultStatus.FINALIZED,
+            Result.finalized_at == now)).all()
+        for row in finalized:
+            enqueue(session, row.network_id, "result.finalized", f"finalized:{row.id}",
+                    {"result_id": row.id, "finalized_at": now.isoformat()}, now)
+        return len(finalized)
 
 
 def utcnow() -> datetime:

@@ -34,8 +34,10 @@ class ServiceSettings(BaseSettings):
     visibility_timeout_s: int = 3600
     #: Fault injection for tests and drills: sleep this long inside each spot-check.
     spotcheck_delay_s: float = 0.0
-    #: How often the scheduler finalizes results whose challenge window closed.
+    #: How often the scheduler finalizes results and delivers due webhooks.
     finalize_every_s: float = 10.0
+    #: Accept webhook endpoints on loopback/private addresses (development and tests only).
+    webhooks_allow_private: bool = False
 
     def spot_key_bytes(self) -> bytes:
         """The sampling key; refuses to run with none configured."""

@@ -42,6 +42,7 @@ def make_celery(settings: ServiceSettings) -> Celery:
             "refute.spotcheck": {"queue": "spotcheck"},
             "refute.prove": {"queue": "prove"},
             "refute.finalize": {"queue": "timers"},
+            "refute.webhooks": {"queue": "timers"},
         },
         task_ignore_result=True,
         task_serializer="json",
@@ -49,6 +50,7 @@ def make_celery(settings: ServiceSettings) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule={
             "finalize": {"task": "refute.finalize", "schedule": settings.finalize_every_s},
+            "webhooks": {"task": "refute.webhooks", "schedule": settings.finalize_every_s},
         },
     )
     return app
@@ -104,6 +106,17 @@ def spotcheck(self: Any, result_id: str) -> int:
     except Exception:
         traceback.print_exc()
         raise
+
+
+@app.task(name="refute.webhooks")
+def deliver_webhooks() -> int:
+    """Attempt every due webhook delivery of the outbox."""
+    import httpx
+
+    from verifier.webhooks import deliver_due
+
+    with httpx.Client() as client:
+        return deliver_due(context().sessions, utcnow(), client=client)
 
 
 @app.task(name="refute.finalize")

@@ -22,6 +22,7 @@ from refute.errors import BundleError, InputError, ModelRejected, RefuteError
 from refute.manifest import Manifest
 from verifier.accounts import add_api_key, authenticate, create_network
 from verifier.api.schemas import (
+    DeliveryOut,
     ErrorBody,
     Health,
     ModelOut,
@@ -31,6 +32,8 @@ from verifier.api.schemas import (
     ResultOut,
     ResultPage,
     ResultSubmit,
+    WebhookCreate,
+    WebhookCreated,
 )
 from verifier.auth import AuthError, Domain
 from verifier.blobs import BlobError
@@ -45,6 +48,7 @@ from verifier.results import (
     submit_result,
 )
 from verifier.service import NotFound, ServiceContext, utcnow
+from verifier.webhooks import WebhookError, list_deliveries, register_endpoint
 
 MAX_BODY_BYTES = 64 * 2**20
 
@@ -70,7 +74,7 @@ def _status(exc: RefuteError) -> int:
         return 404
     if isinstance(exc, Conflict):
         return 409
-    if isinstance(exc, ModelRejected | BundleError | InputError | BlobError):
+    if isinstance(exc, ModelRejected | BundleError | InputError | BlobError | WebhookError):
         return 400
     return 400
 
@@ -267,6 +271,29 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
             await asyncio.to_thread(attach_trace, s, ctx.blobs, row, data)
         schedule(row.id)
         return _result_out(s, row)
+
+    @app.post("/v1/webhooks", status_code=201, response_model=WebhookCreated, responses=ERRORS,
+              tags=["webhooks"])
+    def new_webhook(body: WebhookCreate, net: NetworkDep, s: SessionDep) -> WebhookCreated:
+        """Register an endpoint for events; deliveries are HMAC-signed with the returned secret."""
+        with _write(s):
+            endpoint, secret = register_endpoint(
+                s, net.id, body.url, body.events,
+                allow_loopback=ctx.settings.webhooks_allow_private, now=utcnow())
+        return WebhookCreated(id=endpoint.id, url=endpoint.url, events=list(endpoint.events),
+                              secret=secret)
+
+    @app.get("/v1/webhooks/deliveries", response_model=list[DeliveryOut], responses=ERRORS,
+             tags=["webhooks"])
+    def deliveries(net: NetworkDep, s: SessionDep,
+                   status: Annotated[str | None, Query(max_length=20)] = None,
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[DeliveryOut]:
+        """The calling network's webhook deliveries, newest first."""
+        return [DeliveryOut(id=d.id, endpoint_id=d.endpoint_id, event=d.event,
+                            event_id=d.event_id, status=d.status, attempts=d.attempts,
+                            next_attempt_at=d.next_attempt_at, last_error=d.last_error,
+                            delivered_at=d.delivered_at)
+                for d in list_deliveries(s, net.id, status=status, limit=limit)]
 
     return app
 

@@ -128,3 +128,35 @@ class Health(BaseModel):
 
     status: str = Field(examples=["ok"])
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class WebhookCreate(BaseModel):
+    """An endpoint to receive signed event deliveries."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(min_length=8, max_length=2000, examples=["https://hooks.example.com/refute"])
+    events: list[str] = Field(min_length=1, max_length=3,
+                              examples=[["result.finalized", "result.disputed"]])
+
+
+class WebhookCreated(BaseModel):
+    """The endpoint and its signing secret (shown once)."""
+
+    id: str
+    url: str
+    events: list[str]
+    secret: str
+
+
+class DeliveryOut(BaseModel):
+    """One delivery of the outbox."""
+
+    id: int
+    endpoint_id: str
+    event: str
+    event_id: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    delivered_at: datetime | None
