@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from refute.manifest import Manifest
 from refute.provider import prepare_model, run_trace
 from refute.trace import Trace
 from tests.hostile_models import HOSTILE
-from tests.servers import redis_server
+from tests.servers import postgres_server, redis_server
 from verifier.api.app import MAX_BODY_BYTES, create_app
 from verifier.auth import Domain, network_word, sign_typed
 from verifier.auth import Result as SignedResult
@@ -44,18 +45,23 @@ class Api:
     settings: ServiceSettings
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     workdir = tmp_path_factory.mktemp("api")
-    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'api.db'}",
-                               blob_dir=workdir / "blobs", spot_key="ab" * 16,
-                               redis_url="redis://127.0.0.1:1/0")
-    migrate(settings.database_url)
-    scheduled: list[str] = []
-    app = create_app(ServiceContext.create(settings), admin_token=ADMIN,
-                     enqueue=scheduled.append)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield Api(client, scheduled, workdir, settings)
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{workdir / 'api.db'}"
+        else:
+            url = stack.enter_context(postgres_server())
+        settings = ServiceSettings(database_url=url, blob_dir=workdir / "blobs",
+                                   spot_key="ab" * 16, redis_url="redis://127.0.0.1:1/0")
+        migrate(settings.database_url)
+        scheduled: list[str] = []
+        context = ServiceContext.create(settings)
+        app = create_app(context, admin_token=ADMIN, enqueue=scheduled.append)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield Api(client, scheduled, workdir, settings)
+        context.engine.dispose()
 
 
 def _network(api: Api, name: str = "acme") -> tuple[str, dict[str, str]]:
