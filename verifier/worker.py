@@ -35,7 +35,15 @@ def make_celery(settings: ServiceSettings) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, int(settings.task_time_limit_s * 0.9)),
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for messages of dead workers often enough to honour the visibility
+            # timeout (kombu's default sweep is every 10 × 10 s), and never let a crashed
+            # sweeper's lock block recovery for long.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": 60,
+        },
         broker_connection_retry_on_startup=True,
         task_default_queue="spotcheck",
         task_routes={
