@@ -211,3 +211,45 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Dispute(Base):
+    """One dispute game over one result (its state is the game engine's, as JSON)."""
+
+    __tablename__ = "disputes"
+    __table_args__ = (UniqueConstraint("result_id", "challenger", "lo", "hi"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), index=True)
+    challenger: Mapped[str] = mapped_column(String(42))
+    lo: Mapped[int] = mapped_column(Integer)
+    hi: Mapped[int] = mapped_column(Integer)
+    bond: Mapped[str] = mapped_column(String(78))
+    state: Mapped[dict[str, object]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), index=True)  # OPEN | RESOLVED
+    verdict: Mapped[str | None] = mapped_column(String(30), nullable=True)
+    #: When the running clock (or proof deadline) expires, for the timer; None when resolved.
+    timeout_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TranscriptEvent(Base):
+    """One event of a result's hash-chained transcript (challenge.transcript)."""
+
+    __tablename__ = "transcript_events"
+    __table_args__ = (UniqueConstraint("result_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    event: Mapped[dict[str, object]] = mapped_column(JSON)
+
+
+class LedgerEntry(Base):
+    """One journal entry of the bonds ledger (challenge.ledger), in order."""
+
+    __tablename__ = "ledger_entries"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    entry: Mapped[dict[str, object]] = mapped_column(JSON)

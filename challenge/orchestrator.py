@@ -1,0 +1,364 @@
+"""Orchestration of disputes: load, apply one move with the pure game engine, persist, act.
+
+Every step is one database transaction that writes the new game state, the transcript events
+and the ledger entries together, *before* anything is acted on; the effects the engine returns
+are then carried out (reveals served from the uploaded trace, answers computed by the service's
+own watcher, proofs queued). A crash between the two resumes from the database: the pending
+effect is recomputed from the stored phase (:func:`resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from challenge.codec import state_from_json, state_to_json
+from challenge.game import (
+    Actor,
+    Answer,
+    Choice,
+    DisputeState,
+    Effect,
+    Move,
+    Open,
+    Phase,
+    ProofOutcome,
+    RequestAnswer,
+    RequestRangeProof,
+    RequestReveal,
+    RequestStepProof,
+    Resolved,
+    Reveal,
+    Tick,
+    TimeControl,
+    apply,
+    timeout_at,
+)
+from challenge.ledger import Ledger
+from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
+from challenge.transcript import Transcript
+from refute.errors import RefuteError
+from refute.manifest import Manifest
+from refute.segmentation import run_segments
+from refute.trace import Trace
+from verifier.models import (
+    Dispute,
+    LedgerEntry,
+    RegisteredModel,
+    Result,
+    ResultStatus,
+    TranscriptEvent,
+)
+from verifier.service import ServiceContext, load_trace, new_id
+from verifier.webhooks import enqueue
+
+SERVICE = "service"
+#: Default clocks: an hour of thinking time per party, an hour for each proof.
+DEFAULT_CLOCKS = TimeControl(provider=3600.0, challenger=3600.0, proof_timeout=3600.0)
+#: Shares of a slashed stake / bond that go to the winner (basis points).
+CHALLENGER_SHARE_BPS = 5000
+PROVIDER_SHARE_BPS = 5000
+
+#: ``schedule_proof(dispute_id)``: queue the proof of a dispute's step (Celery by default).
+ProofScheduler = Callable[[str], None]
+
+
+class DisputeError(RefuteError):
+    """A dispute cannot be opened or moved (wrong result status, unknown dispute…)."""
+
+    code = "dispute_error"
+
+
+# --- persistence helpers ----------------------------------------------------------------------
+
+
+def load_ledger(session: Session) -> Ledger:
+    """The bonds ledger, replayed from its journal."""
+    rows = session.scalars(select(LedgerEntry).order_by(LedgerEntry.seq)).all()
+    return Ledger.from_json({"format": "refute-ledger/1", "entries": [r.entry for r in rows]})
+
+
+def save_ledger(session: Session, ledger: Ledger, known: int) -> None:
+    """Append the ledger's entries past the first ``known`` ones."""
+    for entry in ledger.entries()[known:]:
+        data = entry.to_json()
+        session.add(LedgerEntry(seq=int(str(data["seq"])), entry=data))
+
+
+def load_transcript(session: Session, result_id: str) -> Transcript:
+    """A result's transcript, verified while loading."""
+    rows = session.scalars(select(TranscriptEvent).where(TranscriptEvent.result_id == result_id)
+                           .order_by(TranscriptEvent.seq)).all()
+    events = [r.event for r in rows]
+    head = events[-1]["hash"] if events else "0x" + "00" * 32
+    return Transcript.from_json({"format": TRANSCRIPT_FORMAT, "events": events, "head": head,
+                                 "length": len(events), "signatures": [],
+                                 "aggregate_signature": None})
+
+
+def record(session: Session, transcript: Transcript, result_id: str, *, kind: str, at: float,
+           body: dict[str, Any]) -> None:
+    """Append an event to the transcript and stage its row."""
+    event = transcript.append(kind, at, body)
+    session.add(TranscriptEvent(result_id=result_id, seq=event.seq, event=event.to_json()))
+
+
+def _ensure_submission(session: Session, transcript: Transcript, result: Result) -> None:
+    if len(transcript) == 0:
+        record(session, transcript, result.id, kind="submission",
+               at=result.accepted_at.timestamp(), body={
+            "result_id": result.id, "provider": result.provider, "model_id": result.model_id,
+            "trace_root": result.trace_root, "leaves": list(result.leaves),
+            "stake": result.stake, "signature": result.signature})
+
+
+# --- opening and moving -----------------------------------------------------------------------
+
+
+def open_dispute(
+    ctx: ServiceContext,
+    result_id: str,
+    *,
+    challenger: str,
+    lo: int,
+    hi: int,
+    bond: int,
+    now: datetime,
+    clocks: TimeControl = DEFAULT_CLOCKS,
+    schedule_proof: ProofScheduler | None = None,
+) -> str:
+    """Open a dispute over states (lo, hi] of a result; returns its id (idempotent)."""
+    with ctx.sessions() as session, session.begin():
+        result = session.get(Result, result_id, with_for_update=True)
+        if result is None:
+            raise DisputeError(f"result {result_id} does not exist")
+        existing = session.scalars(select(Dispute).where(
+            Dispute.result_id == result_id, Dispute.challenger == challenger,
+            Dispute.lo == lo, Dispute.hi == hi)).first()
+        if existing is not None:
+            return existing.id
+        if result.status not in (ResultStatus.ACCEPTED, ResultStatus.DISPUTED):
+            raise DisputeError(f"result {result_id} is {result.status.value}: it cannot be "
+                               "challenged any more")
+        n = len(result.leaves) - 1
+        state, effects = apply(None, Open(actor=Actor.CHALLENGER, at=now.timestamp(), n=n,
+                                          lo=lo, hi=hi, clocks=clocks))
+        dispute_id = new_id("dsp")
+        ledger = load_ledger(session)
+        known = len(ledger.entries())
+        stake = int(result.stake)
+        if stake > 0 and ledger.stake(result_id) is None:
+            ledger.deposit(result.provider, stake)
+            ledger.lock_stake(result_id, result.provider, stake)
+        ledger.deposit(challenger, bond)
+        ledger.post_bond(dispute_id, challenger, bond, result_id=result_id)
+        save_ledger(session, ledger, known)
+        transcript = load_transcript(session, result_id)
+        _ensure_submission(session, transcript, result)
+        record(session, transcript, result_id, kind="challenge", at=now.timestamp(), body={
+            "dispute_id": dispute_id, "challenger": challenger, "lo": lo, "hi": hi,
+            "bond": str(bond)})
+        session.add(Dispute(id=dispute_id, result_id=result_id, challenger=challenger, lo=lo,
+                            hi=hi, bond=str(bond), state=state_to_json(state), status="OPEN",
+                            timeout_at=timeout_at(state), opened_at=now))
+        result.status = ResultStatus.DISPUTED
+    drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)
+    return dispute_id
+
+
+def move(ctx: ServiceContext, dispute_id: str, game_move: Move, now: datetime,
+         detail: dict[str, Any] | None = None) -> tuple[DisputeState, list[Effect]]:
+    """Apply one move in one transaction (state, transcript, ledger on resolution)."""
+    with ctx.sessions() as session, session.begin():
+        dispute = session.get(Dispute, dispute_id, with_for_update=True)
+        if dispute is None:
+            raise DisputeError(f"dispute {dispute_id} does not exist")
+        state = state_from_json(dispute.state)
+        new_state, effects = apply(state, game_move)
+        if new_state == state and not effects:
+            return state, []  # an early tick: nothing happened
+        transcript = load_transcript(session, dispute.result_id)
+        kind = type(game_move).__name__.lower()
+        body: dict[str, Any] = {"dispute_id": dispute_id, "actor": game_move.actor.value,
+                                "phase": new_state.phase.value, **(detail or {})}
+        record(session, transcript, dispute.result_id,
+               kind="timeout" if kind == "tick" else kind, at=game_move.at, body=body)
+        dispute.state = state_to_json(new_state)
+        dispute.timeout_at = timeout_at(new_state)
+        for effect in effects:
+            if isinstance(effect, Resolved):
+                _resolve(session, transcript, dispute, effect, now)
+    return new_state, effects
+
+
+def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect: Resolved,
+             now: datetime) -> None:
+    result = session.get(Result, dispute.result_id, with_for_update=True)
+    assert result is not None
+    verdict = effect.verdict.value.upper()
+    ledger = load_ledger(session)
+    known = len(ledger.entries())
+    ledger.settle(dispute.id, verdict, network_id=result.network_id,
+                  challenger_share_bps=CHALLENGER_SHARE_BPS,
+                  provider_share_bps=PROVIDER_SHARE_BPS)
+    dispute.status = "RESOLVED"
+    dispute.verdict = verdict
+    dispute.resolved_at = now
+    dispute.timeout_at = None
+    at_fault = effect.verdict.at_fault()
+    if at_fault is Actor.PROVIDER:
+        result.status = ResultStatus.PROVIDER_FAULT
+        ledger.close_others(result.id)
+        for other in session.scalars(select(Dispute).where(
+                Dispute.result_id == result.id, Dispute.status == "OPEN",
+                Dispute.id != dispute.id)):
+            other.status = "RESOLVED"
+            other.verdict = "CLOSED"
+            other.timeout_at = None
+    else:
+        still_open = session.scalars(select(Dispute).where(
+            Dispute.result_id == result.id, Dispute.status == "OPEN",
+            Dispute.id != dispute.id)).first()
+        if still_open is None:
+            result.status = (ResultStatus.UPHELD if at_fault is Actor.CHALLENGER
+                             else ResultStatus.ACCEPTED)
+    save_ledger(session, ledger, known)
+    record(session, transcript, result.id, kind="verdict", at=now.timestamp(), body={
+        "dispute_id": dispute.id, "verdict": verdict, "reason": effect.reason,
+        "result_status": result.status.value})
+    enqueue(session, result.network_id, "dispute.verdict", f"verdict:{dispute.id}",
+            {"dispute_id": dispute.id, "result_id": result.id, "verdict": verdict,
+             "result_status": result.status.value}, now)
+
+
+# --- carrying out effects ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Loaded:
+    result: Result
+    model: RegisteredModel
+    dispute: Dispute
+    trace: Trace | None
+
+
+def _load(ctx: ServiceContext, dispute_id: str) -> _Loaded:
+    with ctx.sessions() as session:
+        dispute = session.get(Dispute, dispute_id)
+        if dispute is None:
+            raise DisputeError(f"dispute {dispute_id} does not exist")
+        result = session.get(Result, dispute.result_id)
+        assert result is not None
+        model = session.get(RegisteredModel, result.model_id)
+        assert model is not None
+    trace = load_trace(ctx, result.trace_blob) if result.trace_blob else None
+    return _Loaded(result, model, dispute, trace)
+
+
+def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: datetime, *,
+          schedule_proof: ProofScheduler | None = None) -> None:
+    """Carry out effects until the dispute waits on someone outside the service."""
+    pending = list(effects)
+    while pending:
+        effect = pending.pop(0)
+        loaded = _load(ctx, dispute_id)
+        if isinstance(effect, RequestReveal):
+            if loaded.trace is None:
+                continue  # the provider must reveal through the API, within its clock
+            reveal = _serve_reveal(loaded, effect.state, now)
+            pending += move(ctx, dispute_id, reveal, now, {"state": effect.state})[1]
+        elif isinstance(effect, RequestAnswer) and loaded.dispute.challenger == SERVICE:
+            choice = _watcher_answer(ctx, loaded, effect.state)
+            answer = Answer(actor=Actor.CHALLENGER, at=now.timestamp(), state=effect.state,
+                            choice=choice)
+            pending += move(ctx, dispute_id, answer, now,
+                            {"state": effect.state, "choice": choice.value})[1]
+        elif isinstance(effect, RequestStepProof | RequestRangeProof):
+            (schedule_proof or _celery_prove)(dispute_id)
+
+
+def _serve_reveal(loaded: _Loaded, k: int, now: datetime) -> Reveal:
+    """Reveal state k from the provider's uploaded (committed) trace."""
+    assert loaded.trace is not None
+    manifest = loaded.trace.manifest
+    state = loaded.trace.states[k]
+    matches = "0x" + loaded.trace.commitment.leaves[k].hex() == loaded.result.leaves[k]
+    bound = manifest.range
+    in_range = bound is None or all(
+        bool(np.isfinite(t).all()) and float(np.max(np.abs(t))) <= bound for t in state)
+    return Reveal(actor=Actor.PROVIDER, at=now.timestamp(), state=k, matches_leaf=matches,
+                  in_range=in_range)
+
+
+def _watcher_answer(ctx: ServiceContext, loaded: _Loaded, k: int) -> Choice:
+    """The service's honest answer: does state k equal its own execution of the model?"""
+    assert loaded.trace is not None
+    prepared = ctx.prepared(loaded.model)
+    inputs = {spec.name: t for spec, t in zip(prepared.manifest.states[0],
+                                               loaded.trace.states[0], strict=True)}
+    own = run_segments(ctx.executor, prepared.segmentation, inputs)[k]
+    from refute.trace import leaf_of_state
+
+    mine = leaf_of_state(prepared.manifest, own)
+    return Choice.AGREE if "0x" + mine.hex() == loaded.result.leaves[k] else Choice.DISAGREE
+
+
+def _celery_prove(dispute_id: str) -> None:
+    from verifier.worker import app
+
+    app.send_task("refute.prove", args=[dispute_id])
+
+
+# --- proving ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _prover() -> Any:
+    from prover.config import get_settings
+
+    return get_settings().prover()
+
+
+def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> DisputeState | None:
+    """Prove the step a dispute reached (idempotent: does nothing unless a proof is due)."""
+    loaded = _load(ctx, dispute_id)
+    state = state_from_json(loaded.dispute.state)
+    if state.phase is not Phase.STEP_PROOF:
+        return None
+    if loaded.trace is None:
+        raise DisputeError("the step's states were not revealed (no trace uploaded)")
+    prepared = ctx.prepared(loaded.model)
+    manifest: Manifest = prepared.manifest
+    step = state.hi
+    prover = _prover()
+    proof = prover.prove_step(prepared, manifest, step, loaded.trace.states[step - 1],
+                              loaded.trace.states[step])
+    outcome = prover.verify_step(prepared, manifest, proof, loaded.trace.commitment)
+    assert manifest.tolerances is not None
+    game_move = ProofOutcome(actor=Actor.SERVICE, at=now.timestamp(), step=step,
+                             maxdiff_units=Fraction(outcome.maxdiff_units),
+                             tolerance=manifest.tolerances[step - 1], valid=True)
+    new_state, effects = move(ctx, dispute_id, game_move, now, {
+        "step": step, "maxdiff_units": str(outcome.maxdiff_units),
+        "tolerance": manifest.tolerances[step - 1], "circuit": proof.circuit_key,
+        "vk_sha256": proof.vk_sha256, "proof": proof.proof})
+    drive(ctx, dispute_id, effects, now)
+    return new_state
+
+
+def tick_due(ctx: ServiceContext, now: datetime) -> int:
+    """Apply timeouts to every open dispute whose clock ran out; returns how many moved."""
+    with ctx.sessions() as session:
+        due = session.scalars(select(Dispute.id).where(
+            Dispute.status == "OPEN", Dispute.timeout_at <= now.timestamp())).all()
+    for dispute_id in due:
+        move(ctx, dispute_id, Tick(actor=Actor.SERVICE, at=now.timestamp()), now)
+    return len(due)

@@ -1,0 +1,145 @@
+"""Disputes end to end in one process: the watcher bisects a cheating trace and a real EZKL
+proof convicts it; a dishonest challenger loses against an honest provider; a provider that
+never reveals times out. The ledger balances and the transcript verifies after each."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from challenge import orchestrator
+from challenge.game import TimeControl
+from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
+from prover import config as prover_config
+from prover.calibration import calibrate_model
+from refute import zoo
+from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
+from refute.trace import Trace
+from verifier.db import migrate
+from verifier.models import Dispute, Network, RegisteredModel, Result, ResultStatus
+from verifier.service import ServiceContext, new_id
+from verifier.settings import ServiceSettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.ezkl]
+
+
+@dataclasses.dataclass
+class World:
+    ctx: ServiceContext
+    prepared: PreparedModel
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    workdir = tmp_path_factory.mktemp("disputes")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REFUTE_HOME", str(workdir / "home"))
+    prover_config.get_settings.cache_clear()
+    orchestrator._prover.cache_clear()
+    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'd.db'}",
+                               blob_dir=workdir / "blobs", spot_key="ab" * 16)
+    migrate(settings.database_url)
+    ctx = ServiceContext.create(settings)
+    model = zoo.mlp()
+    prepared = prepare_model(model.onnx_bytes)
+    manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
+                                             for s in range(3)])
+    prepared = dataclasses.replace(prepared, manifest=manifest)
+    now = datetime.now(UTC)
+    with ctx.sessions() as s, s.begin():
+        s.add(Network(id="net_d", name="d", created_at=now))
+        s.add(RegisteredModel(id="mdl_d", network_id="net_d", model_sha256=manifest.model_sha256,
+                              manifest_sha256=manifest.sha256, manifest=manifest.to_json(),
+                              model_blob=ctx.blobs.put(model.onnx_bytes), created_at=now))
+    yield World(ctx, prepared, workdir)
+    mp.undo()
+    prover_config.get_settings.cache_clear()
+    orchestrator._prover.cache_clear()
+
+
+def _result(world: World, *, lie_at: int | None, upload: bool = True, seed: int = 0) -> str:
+    trace = run_trace(world.prepared, zoo.mlp().sample_input(seed))
+    if lie_at is not None:
+        states = [list(x) for x in trace.states]
+        states[lie_at][0] = states[lie_at][0] + 0.5
+        trace = Trace.from_states(world.prepared.manifest, states)
+    rid = new_id("res")
+    now = datetime.now(UTC)
+    blob = world.ctx.blobs.put(trace.write(world.workdir / f"{rid}.rtrace").read_bytes())
+    with world.ctx.sessions() as s, s.begin():
+        s.add(Result(id=rid, network_id="net_d", model_id="mdl_d", message_hash=rid.ljust(64, "0"),
+                     provider="0x" + "aa" * 20, nonce=rid, deadline=0, stake="1000",
+                     input_hash="0x" + "00" * 32, output_hash="0x" + "00" * 32,
+                     trace_root="0x" + trace.commitment.root.hex(),
+                     leaves=["0x" + x.hex() for x in trace.commitment.leaves],
+                     signature="0x", status=ResultStatus.ACCEPTED, accepted_at=now,
+                     challenge_deadline=now + timedelta(hours=1),
+                     trace_blob=blob if upload else None))
+    return rid
+
+
+def _status(world: World, rid: str) -> ResultStatus:
+    with world.ctx.sessions() as s:
+        row = s.get(Result, rid)
+        assert row is not None
+        return row.status
+
+
+def _books_and_chain(world: World, rid: str) -> list[str]:
+    with world.ctx.sessions() as s:
+        load_ledger(s).check()
+        transcript = load_transcript(s, rid)
+    transcript.verify_chain()
+    return [e.kind for e in transcript.events]
+
+
+@pytest.mark.parametrize("lie_at", [1, 2, 3])  # first, middle and last segment of 3
+def test_watcher_bisects_and_convicts_a_cheat(world: World, lie_at: int) -> None:
+    rid = _result(world, lie_at=lie_at)
+    queued: list[str] = []
+    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=10,
+                              now=datetime.now(UTC), schedule_proof=queued.append)
+    assert queued == [dispute_id]  # bisection finished, the step awaits its proof
+    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    assert state is not None and state.hi == lie_at and state.verdict is not None
+    assert state.verdict.value == "provider_fault"
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    kinds = _books_and_chain(world, rid)
+    assert kinds[:2] == ["submission", "challenge"] and kinds[-2:] == ["proofoutcome", "verdict"]
+    assert prove_pending(world.ctx, dispute_id, datetime.now(UTC)) is None  # exactly once
+    with world.ctx.sessions() as s:
+        ledger = load_ledger(s)
+        assert ledger.balance("treasury:net_d") > 0
+
+
+def test_honest_provider_beats_a_dishonest_challenger(world: World) -> None:
+    rid = _result(world, lie_at=None, seed=3)
+    queued: list[str] = []
+    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "cc" * 20, lo=1, hi=2,
+                              bond=50, now=datetime.now(UTC), schedule_proof=queued.append)
+    assert queued == [dispute_id]
+    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    assert state is not None and state.verdict is not None
+    assert state.verdict.value == "challenger_fault"
+    assert _status(world, rid) is ResultStatus.UPHELD
+    assert _books_and_chain(world, rid)[-1] == "verdict"
+
+
+def test_provider_that_never_reveals_times_out(world: World) -> None:
+    rid = _result(world, lie_at=None, upload=False, seed=4)
+    start = datetime.now(UTC)
+    clocks = TimeControl(provider=5.0, challenger=5.0, proof_timeout=60.0)
+    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "dd" * 20, lo=0, hi=3, bond=5,
+                              now=start, clocks=clocks, schedule_proof=lambda _d: None)
+    assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=2)) == 0
+    assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=6)) == 1
+    with world.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.verdict == "PROVIDER_TIMEOUT"
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    assert _books_and_chain(world, rid)[-2:] == ["timeout", "verdict"]
