@@ -56,7 +56,8 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
                                                challenge_window_s=8)
         client = RefuteClient(stack.api_url, key)
         hook = client.register_webhook(f"http://127.0.0.1:{receiver.server_port}/hook",
-                                       ["result.finalized", "result.disputed"])
+                                       ["result.finalized", "result.disputed",
+                                        "dispute.verdict"])
         model = zoo.mlp()
         registered = client.register_model(model.onnx_bytes, calibration_samples=2)
         manifest = Manifest.from_json(registered["manifest"])
@@ -78,28 +79,35 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
             bundle = trace.write(tmp_path / f"{n}.rtrace").read_bytes()
             assert client.upload_trace(accepted.id, bundle).trace_uploaded
             ids.append(accepted.id)
-        cheat = client.wait(ids[1], until=frozenset({"DISPUTED"}), timeout=120, poll=0.5)
+        cheat = client.wait(ids[1], until=frozenset({"DISPUTED", "PROVIDER_FAULT"}),
+                            timeout=120, poll=0.5)
         assert any(c["outcome"] == "FAULT" and c["segment"] == 1 for c in cheat.spot_checks)
+        # The watcher disputes the faulty step; the prove worker settles it with a real proof.
+        convicted = client.wait(ids[1], until=frozenset({"PROVIDER_FAULT"}), timeout=600,
+                                poll=1.0)
+        assert convicted.status == "PROVIDER_FAULT"
         for rid in (ids[0], ids[2]):
             final = client.wait(rid, timeout=120, poll=0.5)
             assert final.status == "FINALIZED"
             assert {c["segment"] for c in final.spot_checks} == {1, 2, 3}
             assert all(c["outcome"] == "PASS" for c in final.spot_checks)
-        assert client.result(ids[1]).status == "DISPUTED"  # never finalized while disputed
+        assert client.result(ids[1]).status == "PROVIDER_FAULT"  # never finalized
         assert [r.id for r in client.results(page_size=2)] == list(reversed(ids))
         # Webhooks: one signed delivery per event, delivered from the durable outbox.
         def delivered() -> bool:
-            return len(_Receiver.received) >= 3
+            return len(_Receiver.received) >= 3 and any(
+                h["X-Refute-Event"] == "dispute.verdict" for h, _ in _Receiver.received)
 
         deadline = time.monotonic() + 60
         while not delivered() and time.monotonic() < deadline:
             time.sleep(0.5)
-        events = {}
+        events = set()
         for sent_headers, sent_body in _Receiver.received:
             assert verify_signature(hook["secret"], sent_headers, sent_body, datetime.now(UTC))
-            events[json.loads(sent_body)["result_id"]] = sent_headers["X-Refute-Event"]
-        assert events == {ids[0]: "result.finalized", ids[1]: "result.disputed",
-                          ids[2]: "result.finalized"}
+            events.add((json.loads(sent_body)["result_id"], sent_headers["X-Refute-Event"]))
+        assert {(ids[0], "result.finalized"), (ids[1], "result.disputed"),
+                (ids[2], "result.finalized")} <= events
+        assert (ids[1], "result.finalized") not in events
         listed = client.deliveries()
-        assert len(listed) == 3 and all(d["status"] == "DELIVERED" for d in listed)
+        assert listed and all(d["status"] == "DELIVERED" for d in listed)
     receiver.shutdown()

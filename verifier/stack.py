@@ -97,6 +97,8 @@ class LocalStack:
             self._spawn("api", [*refute, "serve", "--port", str(self.api_port)])
             self._spawn("worker-spotcheck", [*refute, "worker", "--queues", "spotcheck",
                                              "--loglevel", "WARNING"])
+            self._spawn("worker-prove", [*refute, "worker", "--queues", "prove",
+                                         "--loglevel", "WARNING"])
             self._spawn("worker-timers", [*refute, "worker", "--queues", "timers", "--beat",
                                           "--loglevel", "WARNING"])
             self._wait_ready()

@@ -19,6 +19,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
+from refute.errors import RefuteError
 from verifier.models import DeadLetter, TaskDelivery
 from verifier.service import ServiceContext, finalize_due, run_spotcheck, utcnow
 from verifier.settings import ServiceSettings, get_settings
@@ -51,6 +52,7 @@ def make_celery(settings: ServiceSettings) -> Celery:
             "refute.prove": {"queue": "prove"},
             "refute.finalize": {"queue": "timers"},
             "refute.webhooks": {"queue": "timers"},
+            "refute.disputes": {"queue": "timers"},
         },
         task_ignore_result=True,
         task_serializer="json",
@@ -59,6 +61,7 @@ def make_celery(settings: ServiceSettings) -> Celery:
         beat_schedule={
             "finalize": {"task": "refute.finalize", "schedule": settings.finalize_every_s},
             "webhooks": {"task": "refute.webhooks", "schedule": settings.finalize_every_s},
+            "disputes": {"task": "refute.disputes", "schedule": settings.finalize_every_s},
         },
     )
     return app
@@ -110,10 +113,49 @@ def spotcheck(self: Any, result_id: str) -> int:
     if not admit_delivery(ctx, str(self.request.id), self.name, [result_id]):
         return 0
     try:
-        return len(run_spotcheck(ctx, result_id, utcnow()))
+        checks = run_spotcheck(ctx, result_id, utcnow())
     except Exception:
         traceback.print_exc()
         raise
+    watch_faults(ctx, result_id)
+    return len(checks)
+
+
+def watch_faults(ctx: ServiceContext, result_id: str) -> None:
+    """The watcher: every spot-check fault becomes a dispute naming that step (idempotent)."""
+    from sqlalchemy import select
+
+    from challenge.orchestrator import SERVICE, open_dispute
+    from verifier.models import SpotCheck
+
+    with ctx.sessions() as session:
+        faults = session.scalars(select(SpotCheck.segment).where(
+            SpotCheck.result_id == result_id, SpotCheck.outcome == "FAULT")).all()
+    for segment in sorted(faults):
+        try:
+            open_dispute(ctx, result_id, challenger=SERVICE, lo=segment - 1, hi=segment,
+                         bond=ctx.settings.watcher_bond, now=utcnow())
+        except RefuteError as exc:  # e.g. already convicted by the first fault's dispute
+            print(f"watcher: no dispute on {result_id} step {segment}: {exc.reason}")
+
+
+@app.task(name="refute.prove", bind=True)
+def prove(self: Any, dispute_id: str) -> bool:
+    """Prove the step a dispute reached and apply the verdict (idempotent)."""
+    from challenge.orchestrator import prove_pending
+
+    ctx = context()
+    if not admit_delivery(ctx, str(self.request.id), self.name, [dispute_id]):
+        return False
+    return prove_pending(ctx, dispute_id, utcnow()) is not None
+
+
+@app.task(name="refute.disputes")
+def dispute_timers() -> int:
+    """Apply timeouts to disputes whose clock ran out."""
+    from challenge.orchestrator import tick_due
+
+    return tick_due(context(), utcnow())
 
 
 @app.task(name="refute.webhooks")
