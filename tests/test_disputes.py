@@ -10,15 +10,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from eth_account import Account
+from fastapi.testclient import TestClient
 
 from challenge import orchestrator
 from challenge.game import TimeControl
 from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
+from challenge.whistleblower import Whistleblower
 from prover import config as prover_config
 from prover.calibration import calibrate_model
 from refute import zoo
+from refute.errors import RefuteError
 from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
 from refute.trace import Trace
+from verifier.api.app import create_app
 from verifier.db import migrate
 from verifier.models import Dispute, Network, RegisteredModel, Result, ResultStatus
 from verifier.service import ServiceContext, new_id
@@ -143,3 +148,44 @@ def test_provider_that_never_reveals_times_out(world: World) -> None:
         assert dispute is not None and dispute.verdict == "PROVIDER_TIMEOUT"
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
     assert _books_and_chain(world, rid)[-2:] == ["timeout", "verdict"]
+
+
+def _prove_now(world: World, dispute_id: str) -> None:
+    prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+
+
+def _api_whistleblower(world: World, key: bytes) -> tuple[Whistleblower, TestClient]:
+    app = create_app(world.ctx, enqueue=lambda _r: None,
+                     schedule_proof=lambda d: _prove_now(world, d))
+    client = TestClient(app, raise_server_exceptions=True)
+    account = Account.from_key(key)
+    return Whistleblower("http://testserver", account.key, account.address,
+                         client=client), client
+
+
+def test_whistleblower_through_the_api_convicts_a_cheat(world: World) -> None:
+    rid = _result(world, lie_at=2, seed=5)
+    blower, client = _api_whistleblower(world, b"\x21" * 32)
+    log: list[str] = []
+    final = blower.challenge(rid, world.prepared, zoo.mlp().sample_input(5), bond=20,
+                             report=log.append)
+    assert final["verdict"] == "PROVIDER_FAULT" and final["hi"] == 2
+    assert any("DISAGREE" in line for line in log)
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    bundle = client.get(f"/v1/results/{rid}/transcript").json()
+    assert bundle["length"] == len(bundle["events"]) and bundle["events"][-1]["kind"] == "verdict"
+    # Another key cannot move in someone else's dispute.
+    other, _ = _api_whistleblower(world, b"\x22" * 32)
+    dispute = {"id": final["id"], "rounds": 0, "pending_leaf": "0x" + "00" * 32}
+    with pytest.raises(RefuteError, match="HTTP 40"):
+        other._answer("net_d", dispute, agree=True)
+
+
+def test_dishonest_whistleblower_loses_to_an_honest_provider(world: World) -> None:
+    rid = _result(world, lie_at=None, seed=6)
+    blower, _ = _api_whistleblower(world, b"\x23" * 32)
+    wrong_input = zoo.mlp().sample_input(7)  # its "own execution" disagrees everywhere
+    final = blower.challenge(rid, world.prepared, wrong_input, bond=30)
+    assert final["verdict"] == "CHALLENGER_FAULT"
+    assert _status(world, rid) is ResultStatus.UPHELD
+    _books_and_chain(world, rid)

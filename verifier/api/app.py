@@ -112,7 +112,8 @@ NetworkDep = Annotated[Network, Depends(_network)]
 
 
 def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
-               enqueue: Callable[[str], None] | None = None) -> FastAPI:
+               enqueue: Callable[[str], None] | None = None,
+               schedule_proof: Callable[[str], None] | None = None) -> FastAPI:
     """The API over ``ctx``. ``enqueue(result_id)`` schedules a spot-check (Celery by default).
 
     ``admin_token`` guards network creation (``X-Admin-Token``); without one, creating networks
@@ -295,6 +296,9 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
                             delivered_at=d.delivered_at)
                 for d in list_deliveries(s, net.id, status=status, limit=limit)]
 
+    from challenge.api import router as dispute_router
+
+    app.include_router(dispute_router(ctx, ERRORS, schedule_proof))
     return app
 
 

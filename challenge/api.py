@@ -1,0 +1,232 @@
+"""Dispute routes of the API: challenges (signed, bonded), dispute state, moves, transcripts.
+
+Whistleblowers are not networks: these routes authenticate by EIP-712 signatures (the
+challenger's key), not by API keys. Anyone can read a dispute and a result's transcript.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+
+from challenge.codec import state_from_json
+from challenge.game import Actor, Answer, Choice, Phase
+from challenge.orchestrator import ProofScheduler, drive, load_transcript, move, open_dispute
+from verifier.api.app import SessionDep
+from verifier.api.schemas import ADDRESS, HEX32, DomainIn
+from verifier.auth import AuthError, Domain, network_word, verify_signed
+from verifier.auth import Challenge as SignedChallenge
+from verifier.auth import Move as SignedMove
+from verifier.models import Dispute, Result
+from verifier.service import NotFound, ServiceContext, utcnow
+
+#: ``Move.kind`` values of the signed message.
+MOVE_AGREE = 1
+MOVE_DISAGREE = 2
+
+
+class ChallengeMessage(BaseModel):
+    """The EIP-712 ``Challenge`` message."""
+
+    model_config = ConfigDict(extra="forbid")
+    network: str = Field(pattern=HEX32)
+    result: str = Field(pattern=HEX32)
+    lo: int = Field(ge=0, lt=2**32)
+    hi: int = Field(ge=1, lt=2**32)
+    bond: int = Field(ge=1, lt=2**256)
+    nonce: int = Field(ge=0, lt=2**256)
+    deadline: int = Field(ge=0, lt=2**64)
+
+
+class ChallengeOpen(BaseModel):
+    """A signed challenge against a result."""
+
+    model_config = ConfigDict(extra="forbid")
+    challenger: str = Field(pattern=ADDRESS)
+    message: ChallengeMessage
+    domain: DomainIn
+    signature: str = Field(pattern=r"^(0x)?[0-9a-fA-F]{130}$")
+
+
+class MoveMessage(BaseModel):
+    """The EIP-712 ``Move`` message: kind 1 = AGREE, 2 = DISAGREE with the revealed state."""
+
+    model_config = ConfigDict(extra="forbid")
+    network: str = Field(pattern=HEX32)
+    dispute: str = Field(pattern=HEX32)
+    round: int = Field(ge=0, lt=2**32)
+    kind: int = Field(ge=0, le=255)
+    payload: str = Field(pattern=HEX32)
+    nonce: int = Field(ge=0, lt=2**256)
+    deadline: int = Field(ge=0, lt=2**64)
+
+
+class MoveSubmit(BaseModel):
+    """A party's signed move."""
+
+    model_config = ConfigDict(extra="forbid")
+    player: str = Field(pattern=ADDRESS)
+    message: MoveMessage
+    domain: DomainIn
+    signature: str = Field(pattern=r"^(0x)?[0-9a-fA-F]{130}$")
+
+
+class DisputeOut(BaseModel):
+    """A dispute as anyone may see it."""
+
+    id: str
+    result_id: str
+    challenger: str
+    status: str
+    verdict: str | None
+    phase: str
+    lo: int
+    hi: int
+    pending: int | None
+    rounds: int
+    timeout_at: float | None
+    opened_at: datetime
+    pending_leaf: str | None = None
+
+
+class PublicResult(BaseModel):
+    """A result's public commitment."""
+
+    id: str
+    network_id: str
+    model_id: str
+    provider: str
+    status: str
+    trace_root: str
+    leaves: list[str]
+    challenge_deadline: datetime
+
+
+def _word(text: str) -> bytes:
+    return bytes.fromhex(text.removeprefix("0x"))
+
+
+def _domain(body: DomainIn) -> Domain:
+    return Domain(chain_id=body.chainId, verifying_contract=body.verifyingContract,
+                  name=body.name, version=body.version)
+
+
+def _dispute_out(s: Session, dispute: Dispute) -> DisputeOut:
+    state = state_from_json(dispute.state)
+    result = s.get(Result, dispute.result_id)
+    pending_leaf = None
+    if result is not None and state.pending is not None:
+        pending_leaf = result.leaves[state.pending]
+    return DisputeOut(id=dispute.id, result_id=dispute.result_id, challenger=dispute.challenger,
+                      status=dispute.status, verdict=dispute.verdict, phase=state.phase.value,
+                      lo=state.lo, hi=state.hi, pending=state.pending, rounds=state.rounds,
+                      timeout_at=dispute.timeout_at, opened_at=dispute.opened_at,
+                      pending_leaf=pending_leaf)
+
+
+def router(ctx: ServiceContext, errors: dict[int | str, Any],
+           schedule_proof: ProofScheduler | None = None) -> APIRouter:
+    """The dispute routes over ``ctx`` (``schedule_proof`` queues proofs, Celery by default)."""
+    api = APIRouter(tags=["disputes"])
+    expected = Domain(chain_id=ctx.settings.chain_id)
+
+    @api.post("/v1/results/{result_id}/challenges", status_code=201, response_model=DisputeOut,
+              responses=errors)
+    def challenge(result_id: str, body: ChallengeOpen, s: SessionDep) -> DisputeOut:
+        """Open a bonded dispute over states (lo, hi] of a result, signed by the challenger."""
+        result = s.get(Result, result_id)
+        if result is None:
+            raise NotFound(f"result {result_id} not found")
+        m = body.message
+        claim = SignedChallenge(network=_word(m.network), result=_word(m.result), lo=m.lo,
+                                hi=m.hi, bond=m.bond, nonce=m.nonce, deadline=m.deadline)
+        now = utcnow()
+        signer = verify_signed(claim, _domain(body.domain), body.signature,
+                               expected_signer=body.challenger, now=int(now.timestamp()),
+                               expected_domain=expected)
+        if claim.network != network_word(result.network_id) or claim.result != network_word(
+                result_id):
+            raise AuthError("the signed challenge names another network or result")
+        if not 0 <= m.lo < m.hi <= len(result.leaves) - 1:
+            raise AuthError(f"lo and hi must satisfy 0 <= lo < hi <= {len(result.leaves) - 1}")
+        s.rollback()
+        dispute_id = open_dispute(ctx, result_id, challenger=signer, lo=m.lo, hi=m.hi,
+                                  bond=m.bond, now=now, schedule_proof=schedule_proof)
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None
+        return _dispute_out(s, dispute)
+
+    @api.get("/v1/public/results/{result_id}", response_model=PublicResult, responses=errors)
+    def public_result(result_id: str, s: SessionDep) -> PublicResult:
+        """What anyone needs to check or challenge a result: its commitment and ids."""
+        result = s.get(Result, result_id)
+        if result is None:
+            raise NotFound(f"result {result_id} not found")
+        return PublicResult(id=result.id, network_id=result.network_id,
+                            model_id=result.model_id, provider=result.provider,
+                            status=result.status.value, trace_root=result.trace_root,
+                            leaves=list(result.leaves),
+                            challenge_deadline=result.challenge_deadline)
+
+    @api.get("/v1/disputes/{dispute_id}", response_model=DisputeOut, responses=errors)
+    def get_dispute(dispute_id: str, s: SessionDep) -> DisputeOut:
+        """A dispute's state, phase, pending state and clocks."""
+        dispute = s.get(Dispute, dispute_id)
+        if dispute is None:
+            raise NotFound(f"dispute {dispute_id} not found")
+        return _dispute_out(s, dispute)
+
+    @api.post("/v1/disputes/{dispute_id}/moves", response_model=DisputeOut, responses=errors)
+    def submit_move(dispute_id: str, body: MoveSubmit, s: SessionDep) -> DisputeOut:
+        """The challenger's AGREE/DISAGREE on the revealed state (signed, round-bound)."""
+        dispute = s.get(Dispute, dispute_id)
+        if dispute is None:
+            raise NotFound(f"dispute {dispute_id} not found")
+        result = s.get(Result, dispute.result_id)
+        assert result is not None
+        state = state_from_json(dispute.state)
+        m = body.message
+        signed = SignedMove(network=_word(m.network), dispute=_word(m.dispute), round=m.round,
+                            kind=m.kind, payload=_word(m.payload), nonce=m.nonce,
+                            deadline=m.deadline)
+        now = utcnow()
+        signer = verify_signed(signed, _domain(body.domain), body.signature,
+                               expected_signer=body.player, now=int(now.timestamp()),
+                               expected_domain=expected)
+        if signer.lower() != dispute.challenger.lower():
+            raise AuthError("only the dispute's challenger may answer")
+        if signed.network != network_word(result.network_id) or signed.dispute != network_word(
+                dispute_id):
+            raise AuthError("the signed move names another network or dispute")
+        if state.phase is not Phase.ANSWER or state.pending is None:
+            raise AuthError(f"the dispute is not waiting for an answer (phase "
+                            f"{state.phase.value})")
+        if m.round != state.rounds or "0x" + signed.payload.hex() != result.leaves[state.pending]:
+            raise AuthError("the move is for another round or another revealed state")
+        if m.kind not in (MOVE_AGREE, MOVE_DISAGREE):
+            raise AuthError("kind must be 1 (AGREE) or 2 (DISAGREE)")
+        choice = Choice.AGREE if m.kind == MOVE_AGREE else Choice.DISAGREE
+        s.rollback()
+        answer = Answer(actor=Actor.CHALLENGER, at=now.timestamp(), state=state.pending,
+                        choice=choice)
+        _state, effects = move(ctx, dispute_id, answer, now,
+                               {"state": state.pending, "choice": choice.value,
+                                "signature": body.signature})
+        drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)
+        s.expire_all()
+        fresh = s.get(Dispute, dispute_id)
+        assert fresh is not None
+        return _dispute_out(s, fresh)
+
+    @api.get("/v1/results/{result_id}/transcript", responses=errors)
+    def transcript(result_id: str, s: SessionDep) -> dict[str, Any]:
+        """The result's hash-chained transcript (``refute.transcript/1``)."""
+        if s.get(Result, result_id) is None:
+            raise NotFound(f"result {result_id} not found")
+        return load_transcript(s, result_id).to_json()
+
+    return api

@@ -1,0 +1,119 @@
+"""The reference whistleblower: challenge a result through the API and play the bisection.
+
+It knows the job's input, executes the model itself (the deterministic executor), and answers
+each revealed state honestly: AGREE iff the committed leaf of state m equals the leaf of its own
+state m. It signs the challenge and every move with its own key (EIP-712).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+import numpy as np
+
+from challenge.api import MOVE_AGREE, MOVE_DISAGREE
+from refute.errors import RefuteError
+from refute.executor import DeterministicExecutor
+from refute.provider import PreparedModel, validate_inputs
+from refute.segmentation import run_segments
+from refute.trace import leaf_of_state
+from verifier.auth import Challenge, Domain, Move, network_word, sign_typed
+
+Report = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    del message
+
+
+class Whistleblower:
+    """A challenger with its own key, its own execution, and an HTTP client."""
+
+    def __init__(self, api_url: str, private_key: bytes | str, address: str, *,
+                 chain_id: int = 31337, client: httpx.Client | None = None) -> None:
+        self.http = client or httpx.Client(base_url=api_url, timeout=120)
+        self.key = private_key
+        self.address = address
+        self.domain = Domain(chain_id=chain_id)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        answer = self.http.request(method, path, **kwargs)
+        if answer.status_code >= 400:
+            try:
+                reason = answer.json()["error"]["reason"]
+            except (ValueError, KeyError, TypeError):
+                reason = answer.text[:200]
+            raise RefuteError(f"{method} {path}: HTTP {answer.status_code}: {reason}")
+        return answer.json()
+
+    def _domain_json(self) -> dict[str, Any]:
+        return {"name": self.domain.name, "version": self.domain.version,
+                "chainId": self.domain.chain_id,
+                "verifyingContract": self.domain.verifying_contract}
+
+    def challenge(
+        self,
+        result_id: str,
+        prepared: PreparedModel,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        bond: int,
+        lo: int = 0,
+        hi: int | None = None,
+        poll: float = 0.5,
+        timeout: float = 900.0,
+        report: Report = _quiet,
+    ) -> dict[str, Any]:
+        """Open a dispute and play it to its verdict; returns the final dispute view."""
+        public = self._call("GET", f"/v1/public/results/{result_id}")
+        own = run_segments(DeterministicExecutor(), prepared.segmentation,
+                           validate_inputs(prepared.loaded, inputs))
+        own_leaves = ["0x" + leaf_of_state(prepared.manifest, s).hex() for s in own]
+        n = len(public["leaves"]) - 1
+        hi = n if hi is None else hi
+        deadline = int(time.time()) + 3600
+        claim = Challenge(network=network_word(public["network_id"]),
+                          result=network_word(result_id), lo=lo, hi=hi, bond=bond,
+                          nonce=time.time_ns(), deadline=deadline)
+        body = {"challenger": self.address, "domain": self._domain_json(),
+                "signature": "0x" + sign_typed(claim, self.domain, self.key).hex(),
+                "message": {"network": "0x" + claim.network.hex(),
+                            "result": "0x" + claim.result.hex(), "lo": lo, "hi": hi,
+                            "bond": bond, "nonce": claim.nonce, "deadline": deadline}}
+        dispute = self._call("POST", f"/v1/results/{result_id}/challenges", json=body)
+        report(f"opened dispute {dispute['id']} over states {lo}..{hi}")
+        answered: set[int] = set()
+        stop = time.monotonic() + timeout
+        while dispute["status"] == "OPEN":
+            if dispute["phase"] == "answer" and dispute["rounds"] not in answered:
+                m = dispute["pending"]
+                agree = own_leaves[m] == dispute["pending_leaf"]
+                report(f"round {dispute['rounds'] + 1}: state {m} "
+                       f"{'matches' if agree else 'differs from'} my execution → "
+                       f"{'AGREE' if agree else 'DISAGREE'}")
+                self._answer(public["network_id"], dispute, agree=agree)
+                answered.add(dispute["rounds"])
+            elif time.monotonic() > stop:
+                raise RefuteError(f"dispute {dispute['id']} undecided after {timeout:.0f} s")
+            else:
+                time.sleep(poll)
+            dispute = self._call("GET", f"/v1/disputes/{dispute['id']}")
+        report(f"verdict {dispute['verdict']}")
+        return dict(dispute)
+
+    def _answer(self, network_id: str, dispute: dict[str, Any], *, agree: bool) -> None:
+        deadline = int(time.time()) + 600
+        signed = Move(network=network_word(network_id), dispute=network_word(dispute["id"]),
+                      round=dispute["rounds"], kind=MOVE_AGREE if agree else MOVE_DISAGREE,
+                      payload=bytes.fromhex(dispute["pending_leaf"][2:]),
+                      nonce=time.time_ns(), deadline=deadline)
+        body = {"player": self.address, "domain": self._domain_json(),
+                "signature": "0x" + sign_typed(signed, self.domain, self.key).hex(),
+                "message": {"network": "0x" + signed.network.hex(),
+                            "dispute": "0x" + signed.dispute.hex(), "round": signed.round,
+                            "kind": signed.kind, "payload": "0x" + signed.payload.hex(),
+                            "nonce": signed.nonce, "deadline": deadline}}
+        self._call("POST", f"/v1/disputes/{dispute['id']}/moves", json=body)
