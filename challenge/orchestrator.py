@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,8 +45,9 @@ from challenge.game import (
     timeout_at,
 )
 from challenge.ledger import Ledger
+from challenge.replay import write_bundle
 from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
-from challenge.transcript import Transcript
+from challenge.transcript import SigningKey, Transcript, sign_head
 from refute.errors import RefuteError
 from refute.manifest import Manifest
 from refute.segmentation import run_segments
@@ -164,8 +167,10 @@ def open_dispute(
         transcript = load_transcript(session, result_id)
         _ensure_submission(session, transcript, result)
         record(session, transcript, result_id, kind="challenge", at=now.timestamp(), body={
-            "dispute_id": dispute_id, "challenger": challenger, "lo": lo, "hi": hi,
-            "bond": str(bond)})
+            "dispute_id": dispute_id, "challenger": challenger, "lo": lo, "hi": hi, "n": n,
+            "bond": str(bond), "clocks": {"provider": clocks.provider,
+                                          "challenger": clocks.challenger,
+                                          "proof_timeout": clocks.proof_timeout}})
         session.add(Dispute(id=dispute_id, result_id=result_id, challenger=challenger, lo=lo,
                             hi=hi, bond=str(bond), state=state_to_json(state), status="OPEN",
                             timeout_at=timeout_at(state), opened_at=now))
@@ -362,3 +367,45 @@ def tick_due(ctx: ServiceContext, now: datetime) -> int:
     for dispute_id in due:
         move(ctx, dispute_id, Tick(actor=Actor.SERVICE, at=now.timestamp()), now)
     return len(due)
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def service_signing_key(ctx: ServiceContext) -> SigningKey:
+    """The service's BLS key: from ``REFUTE_BLS_SEED`` (hex), else a development seed kept
+    beside the blob store (generated once; not for production)."""
+    if ctx.settings.bls_seed:
+        return SigningKey.generate(bytes.fromhex(ctx.settings.bls_seed))
+    path = ctx.settings.blob_dir.parent / "bls-dev.seed"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+    return SigningKey.generate(bytes.fromhex(path.read_text().strip()))
+
+
+def export_dispute(ctx: ServiceContext, dispute_id: str, path: Path) -> Path:
+    """Write the dispute's bundle for ``refute replay`` (transcript head signed by the service)."""
+    loaded = _load(ctx, dispute_id)
+    with ctx.sessions() as session:
+        transcript = load_transcript(session, loaded.result.id)
+    key = service_signing_key(ctx)
+    transcript.attach_signature(key.public_key, sign_head(transcript, key))
+    prepared = ctx.prepared(loaded.model)
+    manifest = prepared.manifest
+    state = state_from_json(loaded.dispute.state)
+    revealed = {int(str(e.body["state"])) for e in transcript.events
+                if e.kind == "reveal" and e.body.get("dispute_id") == dispute_id}
+    files: dict[str, bytes] = {}
+    proved = any(e.kind == "proofoutcome" and e.body.get("dispute_id") == dispute_id
+                 for e in transcript.events)
+    if proved:
+        revealed |= {state.lo, state.hi}
+        circuit = _prover().step_circuit(prepared, manifest, state.hi)
+        files = {"settings.json": circuit.settings_path.read_bytes(),
+                 "vk.key": circuit.vk_path.read_bytes(),
+                 "srs.bin": circuit.srs_path.read_bytes()}
+    trace = loaded.trace
+    states = {k: trace.states[k] for k in sorted(revealed)} if trace is not None else {}
+    return write_bundle(path, transcript=transcript.to_json(), manifest=manifest,
+                        dispute_id=dispute_id, states=states, circuit_files=files)

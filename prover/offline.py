@@ -46,6 +46,21 @@ def materialize(bundle: ProofBundle, srs: SrsStore, folder: Path) -> Circuit:
     return Circuit.load(folder)
 
 
+def materialize_files(folder: Path, settings: bytes, vk: bytes, srs: bytes,
+                      input_scale: int) -> Circuit:
+    """A verify-only circuit from raw settings, vk and SRS bytes (e.g. from a dispute bundle)."""
+    data = json.loads(settings)
+    (folder / SETTINGS).write_bytes(settings)
+    (folder / VK).write_bytes(vk)
+    (folder / "srs.bin").write_bytes(srs)
+    scales = data.get("model_output_scales") or [input_scale]
+    (folder / META).write_text(json.dumps({
+        "key": "", "logrows": int(data["run_args"]["logrows"]), "input_scale": input_scale,
+        "output_scale": int(scales[0]), "srs_path": str(folder / "srs.bin"),
+        "unsafe_srs": True, "vk_sha256": "", "settings_sha256": ""}))
+    return Circuit.load(folder)
+
+
 def check_bundle(bundle: ProofBundle, srs: SrsStore) -> BundleOutcome:
     """Verify the proof, its binding to the commitment's leaves, and apply the verdict rule."""
     manifest, step = bundle.manifest, bundle.step

@@ -241,11 +241,13 @@ def _print_commitment(result: Trace, path: Path) -> None:
 
 
 def _register_components() -> None:
+    from challenge.cli import register as register_challenge
     from prover.cli import register as register_prover
     from verifier.cli import register as register_verifier
 
     register_prover(app)
     register_verifier(app)
+    register_challenge(app)
 
 
 _register_components()

@@ -5,7 +5,9 @@ never reveals times out. The ledger balances and the transcript verifies after e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import json
+import zipfile
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from fastapi.testclient import TestClient
 from challenge import orchestrator
 from challenge.game import TimeControl
 from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
+from challenge.replay import replay
 from challenge.whistleblower import Whistleblower
 from prover import config as prover_config
 from prover.calibration import calibrate_model
@@ -189,3 +192,43 @@ def test_dishonest_whistleblower_loses_to_an_honest_provider(world: World) -> No
     assert final["verdict"] == "CHALLENGER_FAULT"
     assert _status(world, rid) is ResultStatus.UPHELD
     _books_and_chain(world, rid)
+
+
+def test_exported_dispute_replays_and_tampering_is_pinpointed(world: World, tmp_path: Path) -> None:
+    rid = _result(world, lie_at=3, seed=8)
+    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=10,
+                              now=datetime.now(UTC),
+                              schedule_proof=lambda d: _prove_now(world, d))
+    bundle = orchestrator.export_dispute(world.ctx, dispute_id, tmp_path / "d.rdispute")
+    report = replay(bundle)
+    assert report.ok, report.lines
+    assert [name for name, _ok, _d in report.lines] == [
+        "bundle", "transcript", "leaves", "moves", "proof", "binding", "verdict"]
+    # Tamper: one revealed state's bytes, then one transcript event.
+    def rewrite(edit: Callable[[str, bytes], bytes], name: str) -> Path:
+        out = tmp_path / name
+        with zipfile.ZipFile(bundle) as a, zipfile.ZipFile(out, "w") as b:
+            for info in a.infolist():
+                b.writestr(info.filename, edit(info.filename, a.read(info)))
+        return out
+
+    def flip_state(member: str, data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 1]) if member == "states/2/0.f32" else data
+
+    def forge_answer(member: str, data: bytes) -> bytes:
+        if member != "transcript.json":
+            return data
+        doc = json.loads(data)
+        for event in doc["events"]:
+            if event["kind"] == "answer":
+                event["body"]["choice"] = "agree" if event["body"]["choice"] == "disagree" \
+                    else "disagree"
+                break
+        return json.dumps(doc).encode()
+
+    broken = replay(rewrite(flip_state, "state.rdispute"))
+    assert [n for n, ok, _ in broken.lines if not ok] == ["leaves", "moves"]
+    forged = replay(rewrite(forge_answer, "answer.rdispute"))
+    failed = {n: d for n, ok, d in forged.lines if not ok}
+    assert "transcript" in failed and "altered" in failed["transcript"]
+    assert "moves" in failed  # the forged answer also breaks the game replay

@@ -189,3 +189,21 @@ def test_kill_restart_and_redis_restart_lose_nothing(stack: Stack) -> None:
             assert cheat is not None and cheat.status is ResultStatus.DISPUTED
     finally:
         _stop(worker)
+
+
+def test_redelivery_cap_writes_a_dead_letter(tmp_path: Path) -> None:
+    """A message delivered more often than the cap (a worker that keeps dying on it) is recorded
+    as a dead letter once and not run again."""
+    from verifier.worker import admit_delivery
+
+    settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'dl.db'}",
+                               blob_dir=tmp_path / "b", max_deliveries=3)
+    migrate(settings.database_url)
+    ctx = ServiceContext.create(settings)
+    outcomes = [admit_delivery(ctx, "task-1", "refute.spotcheck", ["res_x"]) for _ in range(5)]
+    assert outcomes == [True, True, True, False, False]
+    with ctx.sessions() as s:
+        letters = s.scalars(select(DeadLetter)).all()
+        assert len(letters) == 1 and letters[0].args == ["res_x"]
+        assert letters[0].deliveries == 4
+    assert admit_delivery(ctx, "task-2", "refute.spotcheck", ["res_y"])

@@ -36,6 +36,9 @@ class ServiceSettings(BaseSettings):
     spotcheck_delay_s: float = 0.0
     #: How often the scheduler finalizes results and delivers due webhooks.
     finalize_every_s: float = 10.0
+    #: Seed (hex, ≥ 32 bytes) of the service's BLS key that signs transcript heads; empty means
+    #: a development seed generated beside the blob store.
+    bls_seed: str = Field(default="", repr=False)
     #: The bond the service's watcher posts when it challenges a result itself.
     watcher_bond: int = 1
     #: Accept webhook endpoints on loopback/private addresses (development and tests only).

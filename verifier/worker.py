@@ -16,7 +16,6 @@ import traceback
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from refute.errors import RefuteError
@@ -90,9 +89,9 @@ def admit_delivery(ctx: ServiceContext, task_id: str, name: str, args: list[Any]
             except IntegrityError:
                 row = session.get(TaskDelivery, task_id, with_for_update=True)
                 assert row is not None
-        session.execute(update(TaskDelivery).where(TaskDelivery.task_id == task_id).values(
-            deliveries=TaskDelivery.deliveries + 1, updated_at=now))
-        deliveries = row.deliveries + 1
+        deliveries = row.deliveries + 1  # the row is locked (FOR UPDATE on PostgreSQL)
+        row.deliveries = deliveries
+        row.updated_at = now
         if deliveries <= ctx.settings.max_deliveries:
             return True
     with ctx.sessions() as session:

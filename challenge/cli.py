@@ -1,0 +1,80 @@
+"""``refute demo``, ``refute challenge`` and ``refute replay``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from refute import cli as base
+from refute.errors import RefuteError
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the stack, traces and bundles.")]
+    = Path("out/demo"),
+) -> None:
+    """Run a real end-to-end dispute demo (starts and stops its own local stack)."""
+    from challenge.demo import run_demo
+
+    try:
+        ok = run_demo(workdir, base.out)
+    except RefuteError as exc:
+        raise base._fail(exc) from exc
+    if not ok:
+        base.err.print("[red]error:[/red] the demo did not reach the expected verdicts")
+        raise typer.Exit(code=1)
+
+
+def challenge(
+    result_id: Annotated[str, typer.Argument(help="The result to challenge.")],
+    model: Annotated[Path, typer.Option(help="The result's ONNX model file.")],
+    inputs: Annotated[Path, typer.Option("--input", help="The job's input (input.json).")],
+    api: Annotated[str, typer.Option(help="Service URL.")] = "http://127.0.0.1:8000",
+    key: Annotated[str, typer.Option(envvar="REFUTE_CHALLENGER_KEY",
+                                     help="Challenger's private key (hex).")] = "",
+    bond: Annotated[int, typer.Option(min=1, help="Bond to post.")] = 100,
+    dim: base.DimOpt = [],  # noqa: B006
+) -> None:
+    """Challenge RESULT as a whistleblower: open a dispute and bisect it to a verdict."""
+    from eth_account import Account
+
+    from challenge.whistleblower import Whistleblower
+    from refute.provider import prepare_model, read_inputs_json
+
+    try:
+        if not key:
+            raise RefuteError("a challenger key is needed (--key or REFUTE_CHALLENGER_KEY)")
+        account = Account.from_key(key)
+        prepared = prepare_model(model, dims=base._parse_dims(dim))
+        feeds = read_inputs_json(inputs, prepared.loaded)
+        final = Whistleblower(api, account.key, account.address).challenge(
+            result_id, prepared, feeds, bond=bond,
+            report=lambda m: base.out.print(m, highlight=False))
+    except (RefuteError, ValueError) as exc:
+        raise base._fail(exc if isinstance(exc, RefuteError) else RefuteError(str(exc))) from exc
+    base.out.print(f"dispute {final['id']}: {final['verdict']}", highlight=False)
+
+
+def replay_bundle(
+    bundle: Annotated[Path, typer.Argument(help="Dispute bundle (.rdispute).")],
+    trusted_key: Annotated[list[str], typer.Option("--key", help="Trusted BLS public key "
+                                                                 "(hex); repeat.")] = [],  # noqa: B006
+) -> None:
+    """Re-check a dispute bundle offline and print a report; exit 1 if any check fails."""
+    from challenge.replay import replay
+
+    report = replay(bundle, trusted_key or None)
+    for name, ok, detail in report.lines:
+        mark = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+        base.out.print(f"{mark} {name:<11} {detail}", soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the dispute commands to the ``refute`` app."""
+    app.command()(demo)
+    app.command()(challenge)
+    app.command("replay")(replay_bundle)
