@@ -6,7 +6,7 @@ tests, :class:`SrsStore` generates one file per logrows with ``ezkl.gen_srs`` in
 folder and marks it **unsafe**: whoever generated it knows the toxic waste and can forge proofs.
 Every artifact built with such a file carries ``"unsafe_srs": true``.
 
-Nothing here touches the network (``ezkl.get_srs`` is never called).
+Nothing here touches the network: EZKL's downloading SRS fetcher is never called.
 """
 
 from __future__ import annotations
