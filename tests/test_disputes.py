@@ -232,3 +232,24 @@ def test_exported_dispute_replays_and_tampering_is_pinpointed(world: World, tmp_
     failed = {n: d for n, ok, d in forged.lines if not ok}
     assert "transcript" in failed and "altered" in failed["transcript"]
     assert "moves" in failed  # the forged answer also breaks the game replay
+
+
+def test_challenger_that_stops_answering_times_out(world: World) -> None:
+    """A whistleblower who opens a dispute and then never answers loses its bond."""
+    rid = _result(world, lie_at=None, seed=9)
+    start = datetime.now(UTC)
+    clocks = TimeControl(provider=60.0, challenger=5.0, proof_timeout=60.0)
+    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "ee" * 20, lo=0, hi=3, bond=7,
+                              now=start, clocks=clocks, schedule_proof=lambda _d: None)
+    with world.ctx.sessions() as s:  # the trace was uploaded: state 1 revealed at once
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.state["phase"] == "answer"
+        load_ledger(s).check()
+    assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=6)) == 1
+    with world.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.verdict == "CHALLENGER_TIMEOUT"
+        ledger = load_ledger(s)
+        ledger.check()
+        assert ledger.balance("available:0x" + "ee" * 20) == 0  # the bond is gone
+    assert _status(world, rid) is ResultStatus.UPHELD
