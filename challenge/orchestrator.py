@@ -409,3 +409,21 @@ def export_dispute(ctx: ServiceContext, dispute_id: str, path: Path) -> Path:
     states = {k: trace.states[k] for k in sorted(revealed)} if trace is not None else {}
     return write_bundle(path, transcript=transcript.to_json(), manifest=manifest,
                         dispute_id=dispute_id, states=states, circuit_files=files)
+
+
+def resume(ctx: ServiceContext, dispute_id: str, now: datetime, *,
+           schedule_proof: ProofScheduler | None = None) -> None:
+    """Carry out a dispute's pending effect again from its stored phase (after a crash between
+    a committed move and its effects, or a lost task). Idempotent."""
+    loaded = _load(ctx, dispute_id)
+    state = state_from_json(loaded.dispute.state)
+    effects: list[Effect] = []
+    if state.phase is Phase.REVEAL and state.pending is not None:
+        effects = [RequestReveal(state=state.pending)]
+    elif state.phase is Phase.ANSWER and state.pending is not None:
+        effects = [RequestAnswer(state=state.pending)]
+    elif state.phase is Phase.STEP_PROOF:
+        effects = [RequestStepProof(step=state.hi)]
+    elif state.phase is Phase.RANGE_PROOF and state.pending is not None:
+        effects = [RequestRangeProof(state=state.pending)]
+    drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)

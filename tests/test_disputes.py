@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from challenge import orchestrator
 from challenge.game import TimeControl
@@ -253,3 +254,30 @@ def test_challenger_that_stops_answering_times_out(world: World) -> None:
         ledger.check()
         assert ledger.balance("available:0x" + "ee" * 20) == 0  # the bond is gone
     assert _status(world, rid) is ResultStatus.UPHELD
+
+
+def test_a_crash_after_a_committed_move_resumes_to_the_same_verdict(world: World) -> None:
+    """The process dies right after the dispute reached its step (the proof was never queued);
+    resuming from the database proves it and reaches the verdict, exactly once."""
+    rid = _result(world, lie_at=2, seed=10)
+
+    def crash(_dispute_id: str) -> None:
+        raise RuntimeError("worker killed before queueing the proof")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=3,
+                     now=datetime.now(UTC), schedule_proof=crash)
+    with world.ctx.sessions() as s:
+        dispute = s.scalars(select(Dispute).where(Dispute.result_id == rid)).one()
+        assert dispute.state["phase"] == "step_proof" and dispute.status == "OPEN"
+        dispute_id = dispute.id
+    queued: list[str] = []
+    orchestrator.resume(world.ctx, dispute_id, datetime.now(UTC), schedule_proof=queued.append)
+    assert queued == [dispute_id]
+    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    assert state is not None and state.verdict is not None
+    assert state.verdict.value == "provider_fault" and state.hi == 2
+    orchestrator.resume(world.ctx, dispute_id, datetime.now(UTC), schedule_proof=queued.append)
+    assert queued == [dispute_id]  # nothing pending any more
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    _books_and_chain(world, rid)
