@@ -33,6 +33,7 @@ from challenge.game import (
     Open,
     Phase,
     ProofOutcome,
+    RangeOutcome,
     RequestAnswer,
     RequestRangeProof,
     RequestReveal,
@@ -53,6 +54,7 @@ from refute.manifest import Manifest
 from refute.segmentation import run_segments
 from refute.trace import Trace
 from verifier.models import (
+    Challenge,
     Dispute,
     LedgerEntry,
     RegisteredModel,
@@ -218,6 +220,10 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
     dispute.verdict = verdict
     dispute.resolved_at = now
     dispute.timeout_at = None
+    for filed in session.scalars(select(Challenge).where(
+            Challenge.result_id == dispute.result_id, Challenge.lo == dispute.lo,
+            Challenge.hi == dispute.hi, Challenge.status == "OPEN")):
+        filed.status = "RESOLVED"  # the spot-check's record of this fault
     at_fault = effect.verdict.at_fault()
     if at_fault is Actor.PROVIDER:
         result.status = ResultStatus.PROVIDER_FAULT
@@ -333,9 +339,12 @@ def _prover() -> Any:
 
 
 def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> DisputeState | None:
-    """Prove the step a dispute reached (idempotent: does nothing unless a proof is due)."""
+    """Prove what a dispute waits for — the step, or the range of a revealed state — and apply
+    the outcome (idempotent: does nothing unless a proof is due)."""
     loaded = _load(ctx, dispute_id)
     state = state_from_json(loaded.dispute.state)
+    if state.phase is Phase.RANGE_PROOF:
+        return _prove_range(ctx, loaded, state, now)
     if state.phase is not Phase.STEP_PROOF:
         return None
     if loaded.trace is None:
@@ -356,6 +365,28 @@ def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> Disput
         "tolerance": manifest.tolerances[step - 1], "circuit": proof.circuit_key,
         "vk_sha256": proof.vk_sha256, "proof": proof.proof})
     drive(ctx, dispute_id, effects, now)
+    return new_state
+
+
+def _prove_range(ctx: ServiceContext, loaded: _Loaded, state: DisputeState,
+                 now: datetime) -> DisputeState:
+    """Settle a revealed state that breaks the range rule with the range circuit."""
+    if loaded.trace is None or state.pending is None:
+        raise DisputeError("the state to range-check was not revealed")
+    k = state.pending
+    prepared = ctx.prepared(loaded.model)
+    manifest = prepared.manifest
+    prover = _prover()
+    proof = prover.prove_range(prepared, manifest, k, loaded.trace.states[k])
+    outcome = prover.verify_range(prepared, manifest, proof, loaded.trace.commitment)
+    game_move = RangeOutcome(actor=Actor.SERVICE, at=now.timestamp(), state=k,
+                             max_abs_units=Fraction(outcome.maxabs_units),
+                             bound=int(outcome.bound_units), valid=True)
+    new_state, effects = move(ctx, loaded.dispute.id, game_move, now, {
+        "state": k, "max_abs_units": str(outcome.maxabs_units),
+        "bound": int(outcome.bound_units), "circuit": proof.circuit_key,
+        "vk_sha256": proof.vk_sha256, "proof": proof.proof})
+    drive(ctx, loaded.dispute.id, effects, now)
     return new_state
 
 

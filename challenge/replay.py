@@ -31,6 +31,7 @@ from challenge.game import (
     DisputeState,
     Open,
     ProofOutcome,
+    RangeOutcome,
     Reveal,
     Tick,
     TimeControl,
@@ -165,6 +166,10 @@ def _replay_moves(report: ReplayReport, events: list[dict[str, Any]], leaves: li
                                                state=b["state"], choice=Choice(b["choice"])))
             elif kind == "timeout":
                 state, _ = apply(state, Tick(actor=Actor.SERVICE, at=event["at"]))
+            elif kind == "rangeoutcome":
+                state, _ = apply(state, RangeOutcome(
+                    actor=Actor.SERVICE, at=event["at"], state=b["state"],
+                    max_abs_units=Fraction(b["max_abs_units"]), bound=b["bound"], valid=True))
             elif kind == "proofoutcome":
                 state, _ = apply(state, ProofOutcome(
                     actor=Actor.SERVICE, at=event["at"], step=b["step"],

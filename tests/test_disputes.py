@@ -71,12 +71,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     orchestrator._prover.cache_clear()
 
 
-def _result(world: World, *, lie_at: int | None, upload: bool = True, seed: int = 0) -> str:
+def _result(world: World, *, lie_at: int | None, upload: bool = True, seed: int = 0,
+            out_of_range_at: int | None = None) -> str:
     trace = run_trace(world.prepared, zoo.mlp().sample_input(seed))
     if lie_at is not None:
         states = [list(x) for x in trace.states]
         states[lie_at][0] = states[lie_at][0] + 0.5
         trace = Trace.from_states(world.prepared.manifest, states)
+    if out_of_range_at is not None:  # committed, but it would be refused at upload
+        assert world.prepared.manifest.range is not None
+        states = [list(x) for x in trace.states]
+        states[out_of_range_at][0] = states[out_of_range_at][0].copy()
+        states[out_of_range_at][0].flat[0] = 3 * world.prepared.manifest.range
+        trace = Trace.from_states(world.prepared.manifest, states, check_range=False)
     rid = new_id("res")
     now = datetime.now(UTC)
     blob = world.ctx.blobs.put(trace.write(world.workdir / f"{rid}.rtrace").read_bytes())
@@ -281,3 +288,18 @@ def test_a_crash_after_a_committed_move_resumes_to_the_same_verdict(world: World
     assert queued == [dispute_id]  # nothing pending any more
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
     _books_and_chain(world, rid)
+
+
+def test_revealed_state_outside_the_range_is_convicted_by_the_range_circuit(world: World) -> None:
+    rid = _result(world, lie_at=None, seed=11, out_of_range_at=1)
+    queued: list[str] = []
+    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=4,
+                              now=datetime.now(UTC), schedule_proof=queued.append)
+    with world.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.state["phase"] == "range_proof"
+    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    assert state is not None and state.verdict is not None
+    assert state.verdict.value == "provider_fault"
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    assert "rangeoutcome" in _books_and_chain(world, rid)
