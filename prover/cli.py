@@ -107,7 +107,7 @@ def prove(
             report("prove", len(stages), len(stages))
             bundle = ProofBundle.of(kind, result.manifest, result.commitment, proof, circuit)
             target = output or trace.with_suffix(f".{kind}{step}.rproof")
-            bundle.write(target, circuit)
+            bundle.write(target)
             outcome = check_bundle(bundle, settings.srs_store())
     except RefuteError as exc:
         raise base._fail(exc) from exc

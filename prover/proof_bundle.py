@@ -37,9 +37,8 @@ class ProofBundle:
     settings: dict[str, Any]
     vk: bytes
 
-    def write(self, path: str | os.PathLike[str], circuit: Circuit) -> Path:
-        """Write the bundle (with ``circuit``'s settings and vk) atomically."""
-        del circuit  # settings and vk are already in the bundle; kept for call-site clarity
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the bundle (settings and vk included) atomically."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

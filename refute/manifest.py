@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,8 +199,3 @@ def _spec(data: Mapping[str, Any]) -> TensorSpec:
     if any(d <= 0 for d in shape):
         raise ValueError(f"tensor {data['name']!r} has a non-positive dimension")
     return TensorSpec(str(data["name"]), helper.np_dtype_to_tensor_dtype(dtype), shape)
-
-
-def state_specs_json(states: Sequence[Sequence[TensorSpec]]) -> list[list[dict[str, object]]]:
-    """JSON form of a list of states."""
-    return [[t.to_json() for t in state] for state in states]

@@ -18,6 +18,7 @@ recomputed, and the states must match the manifest's. Any mismatch is a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -121,17 +122,23 @@ class Trace:
 
     @classmethod
     def read(
-        cls, path: str | os.PathLike[str], *, workers: int | None = None, rehash: bool = True
+        cls,
+        path: str | os.PathLike[str] | bytes,
+        *,
+        workers: int | None = None,
+        rehash: bool = True,
     ) -> Trace:
-        """Read and fully verify a bundle; raises :class:`BundleError` on any inconsistency.
+        """Read and fully verify a bundle (a path, or its bytes); raises :class:`BundleError`
+        on any inconsistency.
 
         ``rehash=False`` skips re-quantizing and re-hashing the states (the dominant cost) and
         trusts the recorded hashes; every structural check still runs. Use it only for a bundle
         that was fully verified before and kept in content-addressed storage (the service's own
         blob store, whose key is the sha256 of the bytes).
         """
+        source = io.BytesIO(path) if isinstance(path, bytes) else path
         try:
-            with zipfile.ZipFile(path) as archive:
+            with zipfile.ZipFile(source) as archive:
                 return cls._read_archive(archive, workers, rehash)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise BundleError(f"not a readable trace bundle: {exc}") from exc

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -97,10 +95,7 @@ def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes
     """Verify an uploaded trace bundle against the result's commitment and store it."""
     model = session.get(RegisteredModel, result.model_id)
     assert model is not None
-    with tempfile.TemporaryDirectory(prefix="refute-upload-") as tmp:
-        path = Path(tmp) / "upload.rtrace"
-        path.write_bytes(data)
-        trace = Trace.read(path, workers=1)
+    trace = Trace.read(data, workers=1)
     if trace.manifest.sha256 != model.manifest_sha256:
         raise BundleError("the trace was made under another manifest than the model's")
     if ["0x" + leaf.hex() for leaf in trace.commitment.leaves] != list(result.leaves):

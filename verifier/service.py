@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, exists, select, update
@@ -94,11 +92,7 @@ def new_id(prefix: str) -> str:
 def load_trace(ctx: ServiceContext, key: str) -> Trace:
     """Read a stored trace bundle. It was fully verified at upload and the blob store checks
     its sha256 on read, so its states are not re-hashed here."""
-    data = ctx.blobs.get(key)
-    with tempfile.TemporaryDirectory(prefix="refute-trace-") as tmp:
-        path = Path(tmp) / "trace.rtrace"
-        path.write_bytes(data)
-        return Trace.read(path, workers=1, rehash=False)
+    return Trace.read(ctx.blobs.get(key), workers=1, rehash=False)
 
 
 def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[SegmentCheck]:
