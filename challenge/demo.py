@@ -168,18 +168,8 @@ def _member(bundle: Path, name: str) -> bytes:
 
 def _on_chain(body: dict[str, Any], folder: Path, console: Console) -> int:
     """Deploy the step circuit's Solidity verifier on anvil and verify the proof by a tx."""
-    from prover.circuit import Circuit
-    from prover.config import get_settings
-    from prover.evm import Anvil, compile_solidity, deploy, verify_transaction, write_verifier_sol
+    from challenge.onchain import verify_outcome_on_chain
 
-    folder.mkdir(parents=True, exist_ok=True)
-    circuit = Circuit.load(get_settings().home / "circuits" / str(body["circuit"]))
-    sol = write_verifier_sol(circuit.vk_path, circuit.settings_path, folder / "Verifier.sol",
-                             circuit.srs_path)
-    proof = folder / "proof.json"
-    proof.write_text(json.dumps(body["proof"]))
-    with Anvil() as chain:
-        address = deploy(chain.rpc_url, compile_solidity(sol))
-        tx = verify_transaction(chain.rpc_url, address, proof)
+    tx = verify_outcome_on_chain(body, folder)
     console.print(f"  proof for step {body['step']} verified on anvil: gas {tx.gas_used:,}")
     return tx.gas_used if tx.success else 0

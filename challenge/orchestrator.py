@@ -66,8 +66,6 @@ from verifier.service import ServiceContext, load_trace, new_id
 from verifier.webhooks import enqueue
 
 SERVICE = "service"
-#: Default clocks: an hour of thinking time per party, an hour for each proof.
-DEFAULT_CLOCKS = TimeControl(provider=3600.0, challenger=3600.0, proof_timeout=3600.0)
 #: Shares of a slashed stake / bond that go to the winner (basis points).
 CHALLENGER_SHARE_BPS = 5000
 PROVIDER_SHARE_BPS = 5000
@@ -128,6 +126,13 @@ def _ensure_submission(session: Session, transcript: Transcript, result: Result)
 # --- opening and moving -----------------------------------------------------------------------
 
 
+def configured_clocks(ctx: ServiceContext) -> TimeControl:
+    """The time control new disputes get, from the service's settings."""
+    return TimeControl(provider=ctx.settings.dispute_provider_clock_s,
+                       challenger=ctx.settings.dispute_challenger_clock_s,
+                       proof_timeout=ctx.settings.dispute_proof_timeout_s)
+
+
 def open_dispute(
     ctx: ServiceContext,
     result_id: str,
@@ -137,10 +142,14 @@ def open_dispute(
     hi: int,
     bond: int,
     now: datetime,
-    clocks: TimeControl = DEFAULT_CLOCKS,
+    clocks: TimeControl | None = None,
     schedule_proof: ProofScheduler | None = None,
 ) -> str:
-    """Open a dispute over states (lo, hi] of a result; returns its id (idempotent)."""
+    """Open a dispute over states (lo, hi] of a result; returns its id (idempotent).
+
+    ``clocks`` default to the service's settings (``REFUTE_DISPUTE_*``)."""
+    if clocks is None:
+        clocks = configured_clocks(ctx)
     with ctx.sessions() as session, session.begin():
         result = session.get(Result, result_id, with_for_update=True)
         if result is None:

@@ -33,14 +33,16 @@ class Whistleblower:
     """A challenger with its own key, its own execution, and an HTTP client."""
 
     def __init__(self, api_url: str, private_key: bytes | str, address: str, *,
-                 chain_id: int = 31337, client: httpx.Client | None = None) -> None:
+                 chain_id: int = 31337, client: httpx.Client | None = None,
+                 retry_for: float = 60.0) -> None:
         self.http = client or httpx.Client(base_url=api_url, timeout=120)
         self.key = private_key
         self.address = address
         self.domain = Domain(chain_id=chain_id)
+        self.retry_for = retry_for
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        answer = self.http.request(method, path, **kwargs)
+        answer = self._request(method, path, **kwargs)
         if answer.status_code >= 400:
             try:
                 reason = answer.json()["error"]["reason"]
@@ -49,10 +51,33 @@ class Whistleblower:
             raise RefuteError(f"{method} {path}: HTTP {answer.status_code}: {reason}")
         return answer.json()
 
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request; a refused connection (the API restarting) is retried for a while.
+
+        Only connection failures are retried: the request never reached the API, so sending it
+        again cannot apply a move twice.
+        """
+        delay, waited = 0.25, 0.0
+        while True:
+            try:
+                return self.http.request(method, path, **kwargs)
+            except httpx.ConnectError as exc:
+                if waited >= self.retry_for:
+                    raise RefuteError(f"{method} {path}: the API is unreachable: {exc}") from exc
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+
     def _domain_json(self) -> dict[str, Any]:
         return {"name": self.domain.name, "version": self.domain.version,
                 "chainId": self.domain.chain_id,
                 "verifyingContract": self.domain.verifying_contract}
+
+    def own_leaves(self, prepared: PreparedModel, inputs: Mapping[str, np.ndarray]) -> list[str]:
+        """The leaves of this whistleblower's own execution of the job (states 0..N)."""
+        own = run_segments(DeterministicExecutor(), prepared.segmentation,
+                           validate_inputs(prepared.loaded, inputs))
+        return ["0x" + leaf_of_state(prepared.manifest, s).hex() for s in own]
 
     def challenge(
         self,
@@ -68,10 +93,14 @@ class Whistleblower:
         report: Report = _quiet,
     ) -> dict[str, Any]:
         """Open a dispute and play it to its verdict; returns the final dispute view."""
+        dispute = self.open(result_id, bond=bond, lo=lo, hi=hi, report=report)
+        return self.play(dispute["id"], self.own_leaves(prepared, inputs), poll=poll,
+                         timeout=timeout, report=report)
+
+    def open(self, result_id: str, *, bond: int, lo: int = 0, hi: int | None = None,
+             report: Report = _quiet) -> dict[str, Any]:
+        """Open a bonded dispute over states (lo, hi] (the whole trace by default)."""
         public = self._call("GET", f"/v1/public/results/{result_id}")
-        own = run_segments(DeterministicExecutor(), prepared.segmentation,
-                           validate_inputs(prepared.loaded, inputs))
-        own_leaves = ["0x" + leaf_of_state(prepared.manifest, s).hex() for s in own]
         n = len(public["leaves"]) - 1
         hi = n if hi is None else hi
         deadline = int(time.time()) + 3600
@@ -83,8 +112,23 @@ class Whistleblower:
                 "message": {"network": "0x" + claim.network.hex(),
                             "result": "0x" + claim.result.hex(), "lo": lo, "hi": hi,
                             "bond": bond, "nonce": claim.nonce, "deadline": deadline}}
-        dispute = self._call("POST", f"/v1/results/{result_id}/challenges", json=body)
+        dispute: dict[str, Any] = self._call("POST", f"/v1/results/{result_id}/challenges",
+                                             json=body)
         report(f"opened dispute {dispute['id']} over states {lo}..{hi}")
+        return dispute
+
+    def play(self, dispute_id: str, own_leaves: list[str], *, poll: float = 0.5,
+             timeout: float = 900.0, report: Report = _quiet) -> dict[str, Any]:
+        """Play an open dispute to its verdict, answering each revealed state honestly.
+
+        Safe to call again after a crash of this client or of the API: it reads the dispute's
+        state and answers only what is pending; the API refuses an answer for a past round.
+        """
+        dispute = self._call("GET", f"/v1/disputes/{dispute_id}")
+        public = self._call("GET", f"/v1/public/results/{dispute['result_id']}")
+        if len(own_leaves) != len(public["leaves"]):
+            raise RefuteError(f"my execution has {len(own_leaves)} states, the result "
+                              f"commits {len(public['leaves'])}")
         answered: set[int] = set()
         stop = time.monotonic() + timeout
         while dispute["status"] == "OPEN":
@@ -97,10 +141,10 @@ class Whistleblower:
                 self._answer(public["network_id"], dispute, agree=agree)
                 answered.add(dispute["rounds"])
             elif time.monotonic() > stop:
-                raise RefuteError(f"dispute {dispute['id']} undecided after {timeout:.0f} s")
+                raise RefuteError(f"dispute {dispute_id} undecided after {timeout:.0f} s")
             else:
                 time.sleep(poll)
-            dispute = self._call("GET", f"/v1/disputes/{dispute['id']}")
+            dispute = self._call("GET", f"/v1/disputes/{dispute_id}")
         report(f"verdict {dispute['verdict']}")
         return dict(dispute)
 

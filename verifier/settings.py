@@ -41,6 +41,11 @@ class ServiceSettings(BaseSettings):
     bls_seed: str = Field(default="", repr=False)
     #: The bond the service's watcher posts when it challenges a result itself.
     watcher_bond: int = 1
+    #: Dispute clocks (seconds) fixed when a dispute opens: each party's total thinking time,
+    #: and how long the service has for each proof before the dispute is aborted.
+    dispute_provider_clock_s: float = Field(default=3600.0, gt=0)
+    dispute_challenger_clock_s: float = Field(default=3600.0, gt=0)
+    dispute_proof_timeout_s: float = Field(default=3600.0, gt=0)
     #: Accept webhook endpoints on loopback/private addresses (development and tests only).
     webhooks_allow_private: bool = False
 

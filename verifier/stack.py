@@ -7,6 +7,7 @@ runs it in the foreground; tests and the demo use it as a context manager.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -47,6 +48,7 @@ class LocalStack:
         self.api_port = _free_port()
         self.extra_env = dict(extra_env or {})
         self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._commands: dict[str, list[str]] = {}
         self._logs: list[IO[bytes]] = []
 
     @property
@@ -80,7 +82,32 @@ class LocalStack:
         process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, cwd=self.workdir)
         self._processes.append((name, process))
+        self._commands[name] = args
         return process
+
+    def process(self, name: str) -> subprocess.Popen[bytes]:
+        """The running process called ``name`` (``api``, ``worker-prove``, …)."""
+        for known, process in reversed(self._processes):
+            if known == name:
+                return process
+        raise StackError(f"no process called {name!r} in this stack")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process and its children (a crash drill: nothing gets to clean up)."""
+        process = self.process(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self._processes = [(n, p) for n, p in self._processes if p is not process]
+
+    def restart(self, name: str) -> None:
+        """Start a killed process again with its original command (and wait for the API)."""
+        if any(known == name and p.poll() is None for known, p in self._processes):
+            raise StackError(f"{name} is still running: kill it first")
+        if name not in self._commands:
+            raise StackError(f"no process called {name!r} in this stack")
+        self._spawn(name, self._commands[name])
+        self._wait_ready()
 
     def start(self) -> Self:
         """Start Redis, migrate the database, start the API and the workers; wait for ready."""
