@@ -6,6 +6,7 @@ challenger's key), not by API keys. Anyone can read a dispute and a result's tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,12 +17,13 @@ from sqlalchemy.orm import Session
 from challenge.codec import state_from_json
 from challenge.game import Actor, Answer, Choice, Phase
 from challenge.orchestrator import ProofScheduler, drive, load_transcript, move, open_dispute
-from verifier.api.app import SessionDep
+from verifier.api.app import NetworkDep, SessionDep
 from verifier.api.schemas import ADDRESS, HEX32, DomainIn
 from verifier.auth import AuthError, Domain, network_word, verify_signed
 from verifier.auth import Challenge as SignedChallenge
 from verifier.auth import Move as SignedMove
-from verifier.models import Dispute, Result
+from verifier.models import Dispute, Result, ResultStatus
+from verifier.results import Conflict, owned_result
 from verifier.service import NotFound, ServiceContext, utcnow
 
 #: ``Move.kind`` values of the signed message.
@@ -93,6 +95,13 @@ class DisputeOut(BaseModel):
     pending_leaf: str | None = None
 
 
+class WatchQueued(BaseModel):
+    """The watcher's check of a whole result is queued."""
+
+    result_id: str
+    queued: bool
+
+
 class PublicResult(BaseModel):
     """A result's public commitment."""
 
@@ -128,10 +137,33 @@ def _dispute_out(s: Session, dispute: Dispute) -> DisputeOut:
                       pending_leaf=pending_leaf)
 
 
+def _celery_watch(result_id: str) -> None:
+    from verifier.worker import app
+
+    app.send_task("refute.watch", args=[result_id])
+
+
 def router(ctx: ServiceContext, errors: dict[int | str, Any],
-           schedule_proof: ProofScheduler | None = None) -> APIRouter:
-    """The dispute routes over ``ctx`` (``schedule_proof`` queues proofs, Celery by default)."""
+           schedule_proof: ProofScheduler | None = None,
+           schedule_watch: Callable[[str], None] | None = None) -> APIRouter:
+    """The dispute routes over ``ctx`` (``schedule_proof`` queues proofs and ``schedule_watch``
+    the watcher's checks, Celery by default)."""
     api = APIRouter(tags=["disputes"])
+
+    @api.post("/v1/results/{result_id}/watch", status_code=202, response_model=WatchQueued,
+              responses=errors)
+    def watch_result(result_id: str, net: NetworkDep, s: SessionDep) -> WatchQueued:
+        """Ask the service's watcher to check a whole result of this network itself: it executes
+        the model on the job's input and, if its output differs from the committed one, opens a
+        whole-trace dispute and plays the bisection (needs the uploaded trace)."""
+        result = owned_result(s, net, result_id)
+        if result.trace_blob is None:
+            raise Conflict(f"result {result_id}: upload its trace first (the watcher needs the "
+                           "job's input)")
+        if result.status not in (ResultStatus.ACCEPTED, ResultStatus.DISPUTED):
+            raise Conflict(f"result {result_id} is {result.status.value}: nothing to watch")
+        (schedule_watch or _celery_watch)(result_id)
+        return WatchQueued(result_id=result_id, queued=True)
     expected = Domain(chain_id=ctx.settings.chain_id)
 
     @api.post("/v1/results/{result_id}/challenges", status_code=201, response_model=DisputeOut,

@@ -28,6 +28,7 @@ __all__ = [
     "Actor",
     "Answer",
     "Choice",
+    "Disclose",
     "DisputeState",
     "Effect",
     "GameError",
@@ -39,6 +40,7 @@ __all__ = [
     "ProofOutcome",
     "RangeOutcome",
     "RequestAnswer",
+    "RequestDisclosure",
     "RequestRangeProof",
     "RequestReveal",
     "RequestStepProof",
@@ -89,6 +91,10 @@ class Actor(enum.StrEnum):
 class Phase(enum.Enum):
     """What the dispute waits for. There is no "not started" member: no dispute is ``None``."""
 
+    DISCLOSE = "disclose"
+    """The provider's committed states are not available to the service (its trace was not
+    uploaded): the provider must disclose them (upload the trace) before the bisection starts;
+    the provider's clock runs."""
     REVEAL = "reveal"
     """The provider must reveal state ``pending``; the provider's clock runs."""
     ANSWER = "answer"
@@ -157,18 +163,45 @@ class Open:
     lo: int
     hi: int
     clocks: TimeControl
+    disclosed: bool = True
+    """The provider's committed states are available to the service (the trace was uploaded).
+    If not, the game starts in DISCLOSE, on the provider's clock."""
 
     @classmethod
-    def whole_trace(cls, *, actor: Actor, at: float, n: int, clocks: TimeControl) -> Open:
+    def whole_trace(
+        cls, *, actor: Actor, at: float, n: int, clocks: TimeControl, disclosed: bool = True
+    ) -> Open:
         """Dispute the whole trace: lo = 0, hi = n."""
-        return cls(actor=actor, at=at, n=n, lo=0, hi=n, clocks=clocks)
+        return cls(actor=actor, at=at, n=n, lo=0, hi=n, clocks=clocks, disclosed=disclosed)
 
     @classmethod
     def single_step(
-        cls, *, actor: Actor, at: float, n: int, step: int, clocks: TimeControl
+        cls,
+        *,
+        actor: Actor,
+        at: float,
+        n: int,
+        step: int,
+        clocks: TimeControl,
+        disclosed: bool = True,
     ) -> Open:
         """Dispute segment ``step`` directly: lo = step - 1, hi = step."""
-        return cls(actor=actor, at=at, n=n, lo=step - 1, hi=step, clocks=clocks)
+        return cls(
+            actor=actor, at=at, n=n, lo=step - 1, hi=step, clocks=clocks, disclosed=disclosed
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Disclose:
+    """The provider made its committed states available (uploaded its trace).
+
+    ``matches_commitment``: every disclosed state hashes to its committed leaf (the orchestrator
+    checked the whole trace against the result's commitment).
+    """
+
+    actor: Actor
+    at: float
+    matches_commitment: bool
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -236,10 +269,15 @@ class Tick:
     at: float
 
 
-Move: TypeAlias = Open | Reveal | Answer | RangeOutcome | ProofOutcome | Tick
+Move: TypeAlias = Open | Disclose | Reveal | Answer | RangeOutcome | ProofOutcome | Tick
 
 
 # --- effects -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDisclosure:
+    """Ask the provider to disclose its committed states (its clock is running)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,13 +316,21 @@ class Resolved:
     reason: str
 
 
-Effect: TypeAlias = RequestReveal | RequestAnswer | RequestStepProof | RequestRangeProof | Resolved
+Effect: TypeAlias = (
+    RequestDisclosure
+    | RequestReveal
+    | RequestAnswer
+    | RequestStepProof
+    | RequestRangeProof
+    | Resolved
+)
 
 
 # --- state ---------------------------------------------------------------------------------
 
 _WAITING_FOR: Mapping[Phase, Actor | None] = MappingProxyType(
     {
+        Phase.DISCLOSE: Actor.PROVIDER,
         Phase.REVEAL: Actor.PROVIDER,
         Phase.ANSWER: Actor.CHALLENGER,
         Phase.RANGE_PROOF: None,
@@ -310,7 +356,7 @@ class DisputeState:
     phase: Phase
     pending: int | None
     """The state awaited or under proof (m = (lo+hi)//2), the step ``hi`` in STEP_PROOF, or
-    ``None`` once resolved."""
+    ``None`` in DISCLOSE and once resolved."""
     clocks: TimeControl
     """The time control fixed at open."""
     provider_clock: float
@@ -380,6 +426,9 @@ def _inconsistency(s: DisputeState) -> str | None:
     elif s.phase is Phase.STEP_PROOF:
         if width != 1 or s.pending != s.hi:
             return "phase step_proof needs hi = lo + 1 and pending = hi"
+    elif s.phase is Phase.DISCLOSE:
+        if s.pending is not None or s.rounds != 0 or s.moves != 1:
+            return "phase disclose comes right after the opening, with nothing pending"
     elif s.pending is not None:
         return "a resolved dispute has nothing pending"
     return None
@@ -416,7 +465,7 @@ def timeout_at(state: DisputeState | None) -> float | None:
     """
     if state is None:
         return None
-    if state.phase is Phase.REVEAL:
+    if state.phase in (Phase.DISCLOSE, Phase.REVEAL):
         return state.turn_started + state.provider_clock
     if state.phase is Phase.ANSWER:
         return state.turn_started + state.challenger_clock
@@ -429,7 +478,7 @@ def timeout_at(state: DisputeState | None) -> float | None:
 
 Transition: TypeAlias = tuple[DisputeState, list[Effect]]
 _Handler: TypeAlias = Callable[[DisputeState | None, Move], Transition]
-_M = TypeVar("_M", Open, Reveal, Answer, RangeOutcome, ProofOutcome, Tick)
+_M = TypeVar("_M", Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick)
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +517,25 @@ def _open(state: DisputeState | None, move: Move) -> Transition:
     ):
         if not (math.isfinite(value) and value > 0):
             raise IllegalMove(f"open: the {name} time must be finite and positive, got {value}")
+    if not isinstance(move.disclosed, bool):
+        raise IllegalMove(f"open: disclosed must be a boolean, got {move.disclosed!r}")
+    if not move.disclosed:
+        waiting = DisputeState(
+            n=move.n,
+            lo=move.lo,
+            hi=move.hi,
+            phase=Phase.DISCLOSE,
+            pending=None,
+            clocks=c,
+            provider_clock=float(c.provider),
+            challenger_clock=float(c.challenger),
+            turn_started=move.at,
+            rounds=0,
+            moves=1,
+            verdict=None,
+            reason=None,
+        )
+        return waiting, [RequestDisclosure()]
     return _next_round(
         lo=move.lo,
         hi=move.hi,
@@ -523,6 +591,26 @@ def _pending(state: DisputeState) -> int:
     if state.pending is None:  # pragma: no cover - excluded by DisputeState's own checks
         raise IllegalMove("internal: nothing is pending in a resolved dispute")
     return state.pending
+
+
+def _disclose(state: DisputeState, move: Disclose) -> Transition:
+    if move.matches_commitment is not True:
+        raise IllegalMove(
+            "disclose: the states do not match the committed leaves; it counts as no "
+            "disclosure and the provider's clock keeps running"
+        )
+    spent = _charge(state, Actor.PROVIDER, move.at)
+    return _next_round(
+        lo=state.lo,
+        hi=state.hi,
+        at=move.at,
+        n=state.n,
+        clocks=state.clocks,
+        provider_clock=spent.provider_clock,
+        challenger_clock=spent.challenger_clock,
+        rounds=0,
+        moves=state.moves + 1,
+    )
 
 
 def _reveal(state: DisputeState, move: Reveal) -> Transition:
@@ -605,6 +693,13 @@ def _tick(state: DisputeState, move: Tick) -> Transition:
     deadline = timeout_at(state)
     if deadline is None or move.at < deadline:
         return state, []  # nothing expired: a stale or early timer changes nothing
+    if state.phase is Phase.DISCLOSE:
+        return _resolve(
+            replace(state, provider_clock=0.0),
+            move.at,
+            Verdict.PROVIDER_TIMEOUT,
+            "the provider's clock ran out waiting for the disclosure of its committed states",
+        )
     if state.phase is Phase.REVEAL:
         timed_out = replace(state, provider_clock=0.0)
         return _resolve(
@@ -655,6 +750,8 @@ def _resolve(state: DisputeState, at: float, verdict: Verdict, reason: str) -> T
 TRANSITIONS: Mapping[tuple[Phase | None, type[Move]], Rule] = MappingProxyType(
     {
         (None, Open): Rule(Actor.CHALLENGER, _open),
+        (Phase.DISCLOSE, Disclose): Rule(Actor.PROVIDER, _in_game(Disclose, _disclose)),
+        (Phase.DISCLOSE, Tick): Rule(Actor.SERVICE, _in_game(Tick, _tick)),
         (Phase.REVEAL, Reveal): Rule(Actor.PROVIDER, _in_game(Reveal, _reveal)),
         (Phase.REVEAL, Tick): Rule(Actor.SERVICE, _in_game(Tick, _tick)),
         (Phase.ANSWER, Answer): Rule(Actor.CHALLENGER, _in_game(Answer, _answer)),

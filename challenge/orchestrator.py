@@ -27,6 +27,7 @@ from challenge.game import (
     Actor,
     Answer,
     Choice,
+    Disclose,
     DisputeState,
     Effect,
     Move,
@@ -35,6 +36,7 @@ from challenge.game import (
     ProofOutcome,
     RangeOutcome,
     RequestAnswer,
+    RequestDisclosure,
     RequestRangeProof,
     RequestReveal,
     RequestStepProof,
@@ -52,7 +54,7 @@ from challenge.transcript import SigningKey, Transcript, sign_head
 from refute.errors import RefuteError
 from refute.manifest import Manifest
 from refute.segmentation import run_segments
-from refute.trace import Trace
+from refute.trace import Trace, leaf_of_state
 from verifier.models import (
     Challenge,
     Dispute,
@@ -90,7 +92,9 @@ def load_ledger(session: Session) -> Ledger:
 
 
 def save_ledger(session: Session, ledger: Ledger, known: int) -> None:
-    """Append the ledger's entries past the first ``known`` ones."""
+    """Append the ledger's entries past the first ``known`` ones, once the books are checked
+    (a :class:`~challenge.ledger.LedgerError` aborts the caller's transaction: nothing moves)."""
+    ledger.check()
     for entry in ledger.entries()[known:]:
         data = entry.to_json()
         session.add(LedgerEntry(seq=int(str(data["seq"])), entry=data))
@@ -163,8 +167,9 @@ def open_dispute(
             raise DisputeError(f"result {result_id} is {result.status.value}: it cannot be "
                                "challenged any more")
         n = len(result.leaves) - 1
+        disclosed = result.trace_blob is not None
         state, effects = apply(None, Open(actor=Actor.CHALLENGER, at=now.timestamp(), n=n,
-                                          lo=lo, hi=hi, clocks=clocks))
+                                          lo=lo, hi=hi, clocks=clocks, disclosed=disclosed))
         dispute_id = new_id("dsp")
         ledger = load_ledger(session)
         known = len(ledger.entries())
@@ -179,13 +184,23 @@ def open_dispute(
         _ensure_submission(session, transcript, result)
         record(session, transcript, result_id, kind="challenge", at=now.timestamp(), body={
             "dispute_id": dispute_id, "challenger": challenger, "lo": lo, "hi": hi, "n": n,
-            "bond": str(bond), "clocks": {"provider": clocks.provider,
-                                          "challenger": clocks.challenger,
-                                          "proof_timeout": clocks.proof_timeout}})
+            "bond": str(bond), "disclosed": disclosed,
+            "clocks": {"provider": clocks.provider, "challenger": clocks.challenger,
+                       "proof_timeout": clocks.proof_timeout}})
         session.add(Dispute(id=dispute_id, result_id=result_id, challenger=challenger, lo=lo,
                             hi=hi, bond=str(bond), state=state_to_json(state), status="OPEN",
                             timeout_at=timeout_at(state), opened_at=now))
+        if result.status is ResultStatus.ACCEPTED:
+            enqueue(session, result.network_id, "result.disputed", f"disputed:{result_id}",
+                    {"result_id": result_id, "dispute_id": dispute_id, "lo": lo, "hi": hi,
+                     "filed_by": challenger}, now)
         result.status = ResultStatus.DISPUTED
+        if not disclosed:  # the provider must upload its committed trace within its clock
+            enqueue(session, result.network_id, "dispute.disclosure_requested",
+                    f"disclose:{dispute_id}",
+                    {"result_id": result_id, "dispute_id": dispute_id,
+                     "deadline": timeout_at(state),
+                     "how": f"PUT /v1/results/{result_id}/trace"}, now)
     drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)
     return dispute_id
 
@@ -270,6 +285,14 @@ class _Loaded:
     trace: Trace | None
 
 
+def _model_of(ctx: ServiceContext, result: Result) -> RegisteredModel:
+    with ctx.sessions() as session:
+        model = session.get(RegisteredModel, result.model_id)
+        if model is None:
+            raise DisputeError(f"result {result.id}: its model {result.model_id} is missing")
+        return model
+
+
 def _load(ctx: ServiceContext, dispute_id: str) -> _Loaded:
     with ctx.sessions() as session:
         dispute = session.get(Dispute, dispute_id)
@@ -290,9 +313,16 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
     while pending:
         effect = pending.pop(0)
         loaded = _load(ctx, dispute_id)
-        if isinstance(effect, RequestReveal):
+        if isinstance(effect, RequestDisclosure):
             if loaded.trace is None:
-                continue  # the provider must reveal through the API, within its clock
+                continue  # requested by webhook at open; the upload route calls disclose()
+            pending += move(ctx, dispute_id, Disclose(actor=Actor.PROVIDER, at=now.timestamp(),
+                                                      matches_commitment=True), now,
+                            {"trace_blob": loaded.result.trace_blob})[1]
+        elif isinstance(effect, RequestReveal):
+            if loaded.trace is None:  # excluded by the game: DISCLOSE comes first
+                raise DisputeError(f"dispute {dispute_id}: state {effect.state} is due but the "
+                                   "trace is not available")
             reveal = _serve_reveal(loaded, effect.state, now)
             pending += move(ctx, dispute_id, reveal, now, {"state": effect.state})[1]
         elif isinstance(effect, RequestAnswer) and loaded.dispute.challenger == SERVICE:
@@ -303,6 +333,19 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
                             {"state": effect.state, "choice": choice.value})[1]
         elif isinstance(effect, RequestStepProof | RequestRangeProof):
             (schedule_proof or _celery_prove)(dispute_id)
+
+
+def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
+             schedule_proof: ProofScheduler | None = None) -> list[str]:
+    """The provider's trace was uploaded (and checked against its commitment): move every open
+    dispute of the result that waits for it out of DISCLOSE. Returns their ids (idempotent)."""
+    with ctx.sessions() as session:
+        waiting = [d.id for d in session.scalars(select(Dispute).where(
+            Dispute.result_id == result_id, Dispute.status == "OPEN"))
+            if d.state.get("phase") == Phase.DISCLOSE.value]
+    for dispute_id in waiting:
+        resume(ctx, dispute_id, now, schedule_proof=schedule_proof)
+    return waiting
 
 
 def _serve_reveal(loaded: _Loaded, k: int, now: datetime) -> Reveal:
@@ -318,17 +361,41 @@ def _serve_reveal(loaded: _Loaded, k: int, now: datetime) -> Reveal:
                   in_range=in_range)
 
 
+def _own_leaf(ctx: ServiceContext, model: RegisteredModel, trace: Trace | None, k: int) -> str:
+    """The leaf of state k of the watcher's own execution of the job (its input is state 0)."""
+    assert trace is not None
+    prepared = ctx.prepared(model)
+    inputs = {spec.name: t for spec, t in zip(prepared.manifest.states[0], trace.states[0],
+                                               strict=True)}
+    own = run_segments(ctx.executor, prepared.segmentation, inputs)[k]
+    return "0x" + leaf_of_state(prepared.manifest, own).hex()
+
+
 def _watcher_answer(ctx: ServiceContext, loaded: _Loaded, k: int) -> Choice:
     """The service's honest answer: does state k equal its own execution of the model?"""
-    assert loaded.trace is not None
-    prepared = ctx.prepared(loaded.model)
-    inputs = {spec.name: t for spec, t in zip(prepared.manifest.states[0],
-                                               loaded.trace.states[0], strict=True)}
-    own = run_segments(ctx.executor, prepared.segmentation, inputs)[k]
-    from refute.trace import leaf_of_state
+    agree = _own_leaf(ctx, loaded.model, loaded.trace, k) == loaded.result.leaves[k]
+    return Choice.AGREE if agree else Choice.DISAGREE
 
-    mine = leaf_of_state(prepared.manifest, own)
-    return Choice.AGREE if "0x" + mine.hex() == loaded.result.leaves[k] else Choice.DISAGREE
+
+def watch(ctx: ServiceContext, result_id: str, now: datetime, *,
+          schedule_proof: ProofScheduler | None = None) -> str | None:
+    """The watcher checks a whole result itself: it executes the model on the job's input and,
+    when its output differs from the committed one, opens a whole-trace dispute and plays the
+    bisection with its own execution (rule HC-OPEN). Returns the dispute's id, or ``None`` when
+    the output agrees. Idempotent (one watcher dispute per result)."""
+    with ctx.sessions() as session:
+        result = session.get(Result, result_id)
+        if result is None:
+            raise DisputeError(f"result {result_id} does not exist")
+        if result.trace_blob is None:
+            raise DisputeError(f"result {result_id}: the watcher needs the job's input, and the "
+                               "trace (state 0) was not uploaded")
+    trace = load_trace(ctx, result.trace_blob)
+    n = len(result.leaves) - 1
+    if _own_leaf(ctx, _model_of(ctx, result), trace, n) == result.leaves[n]:
+        return None
+    return open_dispute(ctx, result_id, challenger=SERVICE, lo=0, hi=n,
+                        bond=ctx.settings.watcher_bond, now=now, schedule_proof=schedule_proof)
 
 
 def _celery_prove(dispute_id: str) -> None:
@@ -458,7 +525,9 @@ def resume(ctx: ServiceContext, dispute_id: str, now: datetime, *,
     loaded = _load(ctx, dispute_id)
     state = state_from_json(loaded.dispute.state)
     effects: list[Effect] = []
-    if state.phase is Phase.REVEAL and state.pending is not None:
+    if state.phase is Phase.DISCLOSE:
+        effects = [RequestDisclosure()]
+    elif state.phase is Phase.REVEAL and state.pending is not None:
         effects = [RequestReveal(state=state.pending)]
     elif state.phase is Phase.ANSWER and state.pending is not None:
         effects = [RequestAnswer(state=state.pending)]

@@ -28,6 +28,7 @@ from challenge.game import (
     Actor,
     Answer,
     Choice,
+    Disclose,
     DisputeState,
     Open,
     ProofOutcome,
@@ -150,10 +151,14 @@ def _replay_moves(report: ReplayReport, events: list[dict[str, Any]], leaves: li
     state: DisputeState | None = None
     try:
         state, _ = apply(None, Open(actor=Actor.CHALLENGER, at=opened["at"], n=body["n"],
-                                    lo=body["lo"], hi=body["hi"], clocks=clocks))
+                                    lo=body["lo"], hi=body["hi"], clocks=clocks,
+                                    disclosed=bool(body.get("disclosed", True))))
         for event in events:
             kind, b = event["kind"], event["body"]
-            if kind == "reveal":
+            if kind == "disclose":  # the service checked the upload against the leaves
+                state, _ = apply(state, Disclose(actor=Actor.PROVIDER, at=event["at"],
+                                                 matches_commitment=True))
+            elif kind == "reveal":
                 k = b["state"]
                 matches = k in states and "0x" + leaf_of_state(
                     manifest, states[k]).hex() == leaves[k]

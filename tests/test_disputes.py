@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -27,6 +28,7 @@ from refute import zoo
 from refute.errors import RefuteError
 from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
 from refute.trace import Trace
+from verifier.accounts import add_api_key
 from verifier.api.app import create_app
 from verifier.db import migrate
 from verifier.models import Dispute, Network, RegisteredModel, Result, ResultStatus
@@ -99,6 +101,25 @@ def _result(world: World, *, lie_at: int | None, upload: bool = True, seed: int 
     return rid
 
 
+@pytest.fixture(autouse=True)
+def books_checked_after_every_move(world: World, monkeypatch: pytest.MonkeyPatch
+                                   ) -> Iterator[list[str]]:
+    """Every move the orchestrator applies (API, watcher, prover, timers) is followed by a check
+    that the bonds ledger balances; the test fails on the first move that unbalances it."""
+    applied: list[str] = []
+    original = orchestrator.move
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        outcome = original(*args, **kwargs)
+        with world.ctx.sessions() as s:
+            load_ledger(s).check()
+        applied.append(type(args[2]).__name__)
+        return outcome
+
+    monkeypatch.setattr(orchestrator, "move", checked)
+    yield applied
+
+
 def _status(world: World, rid: str) -> ResultStatus:
     with world.ctx.sessions() as s:
         row = s.get(Result, rid)
@@ -146,12 +167,15 @@ def test_honest_provider_beats_a_dishonest_challenger(world: World) -> None:
     assert _books_and_chain(world, rid)[-1] == "verdict"
 
 
-def test_provider_that_never_reveals_times_out(world: World) -> None:
+def test_provider_that_never_discloses_its_trace_times_out(world: World) -> None:
     rid = _result(world, lie_at=None, upload=False, seed=4)
     start = datetime.now(UTC)
     clocks = TimeControl(provider=5.0, challenger=5.0, proof_timeout=60.0)
     dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "dd" * 20, lo=0, hi=3, bond=5,
                               now=start, clocks=clocks, schedule_proof=lambda _d: None)
+    with world.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.state["phase"] == "disclose"
     assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=2)) == 0
     assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=6)) == 1
     with world.ctx.sessions() as s:
@@ -303,3 +327,75 @@ def test_revealed_state_outside_the_range_is_convicted_by_the_range_circuit(worl
     assert state.verdict.value == "provider_fault"
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
     assert "rangeoutcome" in _books_and_chain(world, rid)
+
+
+def _network_key(world: World) -> str:
+    with world.ctx.sessions() as s, s.begin():
+        return add_api_key(s, "net_d", datetime.now(UTC))
+
+
+@pytest.mark.parametrize("single_step", [False, True])
+def test_a_trace_uploaded_during_the_dispute_is_disclosed_and_the_cheat_convicted(
+        world: World, single_step: bool, books_checked_after_every_move: list[str]) -> None:
+    """The provider had not uploaded its trace: the dispute waits (DISCLOSE, provider's clock)
+    until it does; a trace that breaks the commitment is refused and changes nothing; the real
+    one continues the game to a proof that convicts the lie."""
+    rid = _result(world, lie_at=2, upload=False, seed=12 + single_step)
+    queued: list[str] = []
+    lo, hi = (1, 2) if single_step else (0, 3)
+    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=lo, hi=hi, bond=6,
+                              now=datetime.now(UTC), schedule_proof=queued.append)
+    assert queued == []
+    app = create_app(world.ctx, enqueue=lambda _r: None,
+                     schedule_proof=lambda d: _prove_now(world, d))
+    client = TestClient(app, raise_server_exceptions=True)
+    headers = {"x-api-key": _network_key(world), "content-type": "application/zip"}
+    other = world.workdir / f"{_result(world, lie_at=None, seed=14)}.rtrace"
+    refused = client.put(f"/v1/results/{rid}/trace", content=other.read_bytes(),
+                         headers=headers)
+    assert refused.status_code == 400 and "commitment" in refused.json()["error"]["reason"]
+    view = client.get(f"/v1/disputes/{dispute_id}").json()
+    assert view["phase"] == "disclose" and view["status"] == "OPEN"
+    uploaded = client.put(f"/v1/results/{rid}/trace",
+                          content=(world.workdir / f"{rid}.rtrace").read_bytes(),
+                          headers=headers)
+    assert uploaded.status_code == 200, uploaded.text
+    view = client.get(f"/v1/disputes/{dispute_id}").json()
+    assert (view["status"], view["verdict"], view["hi"]) == ("RESOLVED", "PROVIDER_FAULT", 2)
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    kinds = _books_and_chain(world, rid)
+    assert kinds[kinds.index("challenge") + 1] == "disclose" and kinds[-1] == "verdict"
+    assert books_checked_after_every_move[0] == "Disclose"
+    assert books_checked_after_every_move[-1] == "ProofOutcome"
+    report = replay(orchestrator.export_dispute(world.ctx, dispute_id,
+                                                world.workdir / f"{dispute_id}.rdispute"))
+    assert report.ok, report.lines
+
+
+def test_the_watcher_checks_a_whole_result_on_request(world: World) -> None:
+    """A network asks the watcher to check results: it executes the job itself, leaves an
+    honest result alone, and bisects a cheat to the lying step, which a proof convicts."""
+    watched: list[str | None] = []
+
+    def run_watch(rid: str) -> None:
+        watched.append(orchestrator.watch(world.ctx, rid, datetime.now(UTC),
+                                          schedule_proof=lambda d: _prove_now(world, d)))
+
+    client = TestClient(create_app(world.ctx, enqueue=lambda _r: None, schedule_watch=run_watch))
+    headers = {"x-api-key": _network_key(world)}
+    honest, cheat = _result(world, lie_at=None, seed=15), _result(world, lie_at=3, seed=16)
+    hidden = _result(world, lie_at=None, seed=17, upload=False)
+    assert client.post(f"/v1/results/{honest}/watch", headers=headers).status_code == 202
+    assert watched == [None] and _status(world, honest) is ResultStatus.ACCEPTED
+    refused = client.post(f"/v1/results/{hidden}/watch", headers=headers)
+    assert refused.status_code == 409 and "upload its trace" in refused.json()["error"]["reason"]
+    assert client.post(f"/v1/results/{cheat}/watch").status_code == 401  # networks only
+    assert client.post(f"/v1/results/{cheat}/watch", headers=headers).status_code == 202
+    assert watched[-1] is not None
+    with world.ctx.sessions() as s:
+        dispute = s.get(Dispute, watched[-1])
+        assert dispute is not None and dispute.challenger == "service"
+        assert (dispute.verdict, dispute.state["hi"]) == ("PROVIDER_FAULT", 3)
+    assert _status(world, cheat) is ResultStatus.PROVIDER_FAULT
+    refused = client.post(f"/v1/results/{cheat}/watch", headers=headers)
+    assert refused.status_code == 409 and "PROVIDER_FAULT" in refused.json()["error"]["reason"]

@@ -28,6 +28,7 @@ from challenge.game import (
     Actor,
     Answer,
     Choice,
+    Disclose,
     DisputeState,
     Effect,
     GameError,
@@ -39,6 +40,7 @@ from challenge.game import (
     ProofOutcome,
     RangeOutcome,
     RequestAnswer,
+    RequestDisclosure,
     RequestRangeProof,
     RequestReveal,
     RequestStepProof,
@@ -66,6 +68,17 @@ R = 1 << 20
 def open_whole(n: int = 8, at: float = T0, clocks: TimeControl = CLOCKS) -> DisputeState:
     state, effects = apply(None, Open.whole_trace(actor=C, at=at, n=n, clocks=clocks))
     assert len(effects) == 1
+    return state
+
+
+def open_undisclosed(n: int, *, clocks: TimeControl = CLOCKS, single: int | None = None
+                     ) -> DisputeState:
+    """Open over a result whose trace the service does not have (whole trace or one step)."""
+    move = (Open.whole_trace(actor=C, at=T0, n=n, clocks=clocks, disclosed=False) if single is None
+            else Open.single_step(actor=C, at=T0, n=n, step=single, clocks=clocks,
+                                  disclosed=False))
+    state, effects = apply(None, move)
+    assert effects == [RequestDisclosure()]
     return state
 
 
@@ -133,6 +146,8 @@ def example_move(move_type: type[Move], state: DisputeState | None, actor: Actor
     hi = 1 if state is None else state.hi
     if move_type is Open:
         return Open.whole_trace(actor=actor, at=at, n=8, clocks=CLOCKS)
+    if move_type is Disclose:
+        return Disclose(actor=actor, at=at, matches_commitment=True)
     if move_type is Reveal:
         return Reveal(actor=actor, at=at, state=pending, matches_leaf=True, in_range=True)
     if move_type is Answer:
@@ -148,9 +163,10 @@ def example_move(move_type: type[Move], state: DisputeState | None, actor: Actor
     return Tick(actor=actor, at=at)
 
 
-MOVE_TYPES: list[type[Move]] = [Open, Reveal, Answer, RangeOutcome, ProofOutcome, Tick]
+MOVE_TYPES: list[type[Move]] = [Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick]
 MOVER: dict[type[Move], Actor] = {
     Open: C,
+    Disclose: P,
     Reveal: P,
     Answer: C,
     RangeOutcome: S,
@@ -163,6 +179,8 @@ def state_in(phase: Phase | None) -> DisputeState | None:
     """A reachable state in ``phase`` (``None`` is "no dispute yet")."""
     if phase is None:
         return None
+    if phase is Phase.DISCLOSE:
+        return open_undisclosed(8)
     state = open_whole(8)
     if phase is Phase.REVEAL:
         return state
@@ -680,6 +698,43 @@ def test_apply_is_deterministic_and_leaves_its_input_alone() -> None:
         state.lo = 3  # type: ignore[misc]
 
 
+# --- disclosure (the trace was not uploaded) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("single", [None, 3])
+def test_undisclosed_open_waits_for_the_provider_on_its_clock(single: int | None) -> None:
+    state = open_undisclosed(8, single=single)
+    assert (state.phase, state.pending, state.turn, state.rounds) == (
+        Phase.DISCLOSE, None, P, 0)
+    assert timeout_at(state) == T0 + CLOCKS.provider
+    new, effects = apply(state, Disclose(actor=P, at=T0 + 30, matches_commitment=True))
+    assert new.provider_clock == CLOCKS.provider - 30
+    assert new.challenger_clock == CLOCKS.challenger
+    assert new.moves == 2 and new.rounds == 0
+    if single is None:  # the bisection starts as if the trace had been there at open
+        assert (new.phase, new.pending, effects) == (Phase.REVEAL, 4, [RequestReveal(4)])
+    else:  # a single step goes to its proof: both of its states are now available
+        assert (new.phase, new.pending, effects) == (Phase.STEP_PROOF, 3, [RequestStepProof(3)])
+
+
+def test_a_disclosure_that_breaks_the_commitment_counts_as_none() -> None:
+    state = open_undisclosed(8)
+    refused(state, Disclose(actor=P, at=T0 + 5, matches_commitment=False), "keeps running")
+    later, _ = apply(state, Disclose(actor=P, at=T0 + 9, matches_commitment=True))
+    assert later.provider_clock == CLOCKS.provider - 9  # the refused try stopped nothing
+
+
+def test_a_provider_that_never_discloses_times_out() -> None:
+    clocks = TimeControl(provider=20.0, challenger=50.0, proof_timeout=10.0)
+    state = open_undisclosed(4, clocks=clocks)
+    assert apply(state, Tick(actor=S, at=T0 + 19.9)) == (state, [])
+    refused(state, Disclose(actor=P, at=T0 + 20, matches_commitment=True), "deadline passed")
+    new, effects = apply(state, Tick(actor=S, at=T0 + 20))
+    assert new.verdict is Verdict.PROVIDER_TIMEOUT and new.provider_clock == 0.0
+    assert new.challenger_clock == 50.0
+    assert effects == [Resolved(Verdict.PROVIDER_TIMEOUT, new.reason or "")]
+
+
 # --- exhaustive small cases --------------------------------------------------------------------
 
 
@@ -841,10 +896,12 @@ class DisputeMachine(RuleBasedStateMachine):
             step = self.f  # an honest challenger names the first wrong state's segment
         else:
             step = data.draw(st.integers(1, n), label="step")
+        disclosed = data.draw(st.booleans(), label="trace_uploaded")
         move = (
-            Open.single_step(actor=C, at=T0, n=n, step=step, clocks=self.clocks)
+            Open.single_step(actor=C, at=T0, n=n, step=step, clocks=self.clocks,
+                             disclosed=disclosed)
             if single
-            else Open.whole_trace(actor=C, at=T0, n=n, clocks=self.clocks)
+            else Open.whole_trace(actor=C, at=T0, n=n, clocks=self.clocks, disclosed=disclosed)
         )
         self.state, effects = apply(None, move)
         self.check_effects(effects)
@@ -858,6 +915,7 @@ class DisputeMachine(RuleBasedStateMachine):
         """Exactly one effect, matching the new phase."""
         s = self.state
         expected: dict[Phase, Effect] = {
+            Phase.DISCLOSE: RequestDisclosure(),
             Phase.REVEAL: RequestReveal(s.pending or 0),
             Phase.ANSWER: RequestAnswer(s.pending or 0),
             Phase.RANGE_PROOF: RequestRangeProof(s.pending or 0),
@@ -881,6 +939,8 @@ class DisputeMachine(RuleBasedStateMachine):
         at = min(at, deadline)
         if at >= deadline:  # float rounding: act at the last representable moment instead
             at = s.turn_started
+        if s.phase is Phase.DISCLOSE:  # the committed trace, as uploaded
+            return Disclose(actor=P, at=at, matches_commitment=True)
         m = s.pending
         assert m is not None
         if s.phase is Phase.REVEAL:
@@ -923,6 +983,13 @@ class DisputeMachine(RuleBasedStateMachine):
     @rule()
     def next_move(self) -> None:
         self.play()
+
+    @precondition(lambda self: self.state.phase is Phase.DISCLOSE)
+    @rule()
+    def provider_discloses_another_trace(self) -> None:
+        """A trace that does not match the commitment is refused and stops no clock."""
+        at = self.state.last_move_at
+        self.expect_refused(Disclose(actor=P, at=at, matches_commitment=False))
 
     @precondition(lambda self: self.state.phase is Phase.REVEAL)
     @rule(data=st.data())

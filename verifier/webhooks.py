@@ -1,6 +1,7 @@
 """The durable webhook outbox: endpoints, signed deliveries, retries with backoff.
 
-Events (``result.finalized``, ``result.disputed``, ``dispute.verdict``) are written as
+Events (``result.finalized``, ``result.disputed``, ``dispute.verdict``,
+``dispute.disclosure_requested``) are written as
 :class:`~verifier.models.WebhookDelivery` rows by :func:`enqueue` *in the caller's transaction*:
 the row commits (or rolls back) together with the state change that caused it (the outbox
 pattern), so an event is never announced for a change that did not happen and never lost for one
@@ -64,7 +65,8 @@ from refute.errors import RefuteError
 from verifier.models import Network, WebhookDelivery, WebhookEndpoint
 
 #: Every event a network can subscribe to.
-EVENTS: frozenset[str] = frozenset({"result.finalized", "result.disputed", "dispute.verdict"})
+EVENTS: frozenset[str] = frozenset({"result.finalized", "result.disputed", "dispute.verdict",
+                                    "dispute.disclosure_requested"})
 
 #: Delivery states.
 PENDING = "PENDING"

@@ -49,6 +49,7 @@ def make_celery(settings: ServiceSettings) -> Celery:
         task_routes={
             "refute.spotcheck": {"queue": "spotcheck"},
             "refute.prove": {"queue": "prove"},
+            "refute.watch": {"queue": "spotcheck"},
             "refute.finalize": {"queue": "timers"},
             "refute.webhooks": {"queue": "timers"},
             "refute.disputes": {"queue": "timers"},
@@ -136,6 +137,21 @@ def watch_faults(ctx: ServiceContext, result_id: str) -> None:
                          bond=ctx.settings.watcher_bond, now=utcnow())
         except RefuteError as exc:  # e.g. already convicted by the first fault's dispute
             print(f"watcher: no dispute on {result_id} step {segment}: {exc.reason}")
+
+
+@app.task(name="refute.watch", bind=True)
+def watch(self: Any, result_id: str) -> str | None:
+    """The watcher checks a whole result and disputes it if its own output differs."""
+    from challenge.orchestrator import watch as watch_result
+
+    ctx = context()
+    if not admit_delivery(ctx, str(self.request.id), self.name, [result_id]):
+        return None
+    try:
+        return watch_result(ctx, result_id, utcnow())
+    except RefuteError as exc:  # e.g. convicted meanwhile: nothing to do, and say so
+        print(f"watcher: no dispute on {result_id}: {exc.reason}")
+        return None
 
 
 @app.task(name="refute.prove", bind=True)

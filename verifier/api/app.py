@@ -113,8 +113,10 @@ NetworkDep = Annotated[Network, Depends(_network)]
 
 def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
                enqueue: Callable[[str], None] | None = None,
-               schedule_proof: Callable[[str], None] | None = None) -> FastAPI:
-    """The API over ``ctx``. ``enqueue(result_id)`` schedules a spot-check (Celery by default).
+               schedule_proof: Callable[[str], None] | None = None,
+               schedule_watch: Callable[[str], None] | None = None) -> FastAPI:
+    """The API over ``ctx``. ``enqueue(result_id)`` schedules a spot-check, ``schedule_proof``
+    a dispute's proof and ``schedule_watch`` a watcher's check (all Celery by default).
 
     ``admin_token`` guards network creation (``X-Admin-Token``); without one, creating networks
     is open (development only).
@@ -271,6 +273,12 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
             row = owned_result(s, net, result_id)
             await asyncio.to_thread(attach_trace, s, ctx.blobs, row, data)
         schedule(row.id)
+        from challenge.orchestrator import disclose
+
+        # Disputes waiting for this trace (opened before it was uploaded) continue now.
+        if await asyncio.to_thread(disclose, ctx, row.id, utcnow(),
+                                   schedule_proof=schedule_proof):
+            s.expire_all()
         return _result_out(s, row)
 
     @app.post("/v1/webhooks", status_code=201, response_model=WebhookCreated, responses=ERRORS,
@@ -298,7 +306,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
 
     from challenge.api import router as dispute_router
 
-    app.include_router(dispute_router(ctx, ERRORS, schedule_proof))
+    app.include_router(dispute_router(ctx, ERRORS, schedule_proof, schedule_watch))
     return app
 
 
