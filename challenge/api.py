@@ -16,13 +16,20 @@ from sqlalchemy.orm import Session
 
 from challenge.codec import state_from_json
 from challenge.game import Actor, Answer, Choice, Phase
-from challenge.orchestrator import ProofScheduler, drive, load_transcript, move, open_dispute
+from challenge.orchestrator import (
+    ProofScheduler,
+    SignedClaim,
+    drive,
+    load_transcript,
+    move,
+    open_dispute,
+)
 from verifier.api.app import NetworkDep, SessionDep
 from verifier.api.schemas import ADDRESS, HEX32, DomainIn
-from verifier.auth import AuthError, Domain, network_word, verify_signed
+from verifier.auth import AuthError, Domain, network_word, typed_data_hash, verify_signed
 from verifier.auth import Challenge as SignedChallenge
 from verifier.auth import Move as SignedMove
-from verifier.models import Dispute, Result, ResultStatus
+from verifier.models import Dispute, Result, ResultStatus, SignedMessage
 from verifier.results import Conflict, owned_result
 from verifier.service import NotFound, ServiceContext, utcnow
 
@@ -186,8 +193,11 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
         if not 0 <= m.lo < m.hi <= len(result.leaves) - 1:
             raise AuthError(f"lo and hi must satisfy 0 <= lo < hi <= {len(result.leaves) - 1}")
         s.rollback()
+        signed = SignedClaim(digest=typed_data_hash(claim, expected).hex(), signer=signer,
+                             nonce=m.nonce, kind="challenge")
         dispute_id = open_dispute(ctx, result_id, challenger=signer, lo=m.lo, hi=m.hi,
-                                  bond=m.bond, now=now, schedule_proof=schedule_proof)
+                                  bond=m.bond, now=now, schedule_proof=schedule_proof,
+                                  signed=signed)
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None
         return _dispute_out(s, dispute)
@@ -234,6 +244,10 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
         if signed.network != network_word(result.network_id) or signed.dispute != network_word(
                 dispute_id):
             raise AuthError("the signed move names another network or dispute")
+        claim = SignedClaim(digest=typed_data_hash(signed, expected).hex(), signer=signer,
+                            nonce=m.nonce, kind="move")
+        if s.get(SignedMessage, claim.digest) is not None:
+            return _dispute_out(s, dispute)  # a retry of an applied move: applied once
         if state.phase is not Phase.ANSWER or state.pending is None:
             raise AuthError(f"the dispute is not waiting for an answer (phase "
                             f"{state.phase.value})")
@@ -247,7 +261,7 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
                         choice=choice)
         _state, effects = move(ctx, dispute_id, answer, now,
                                {"state": state.pending, "choice": choice.value,
-                                "signature": body.signature})
+                                "signature": body.signature}, signed=claim)
         drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)
         s.expire_all()
         fresh = s.get(Dispute, dispute_id)

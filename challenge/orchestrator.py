@@ -9,10 +9,11 @@ effect is recomputed from the stored phase (:func:`resume`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from challenge.codec import state_from_json, state_to_json
@@ -62,8 +64,10 @@ from verifier.models import (
     RegisteredModel,
     Result,
     ResultStatus,
+    SignedMessage,
     TranscriptEvent,
 )
+from verifier.results import Conflict
 from verifier.service import ServiceContext, load_trace, new_id
 from verifier.webhooks import enqueue
 
@@ -130,6 +134,53 @@ def _ensure_submission(session: Session, transcript: Transcript, result: Result)
 # --- opening and moving -----------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class SignedClaim:
+    """A party's verified signed message behind a challenge or a move (replay protection)."""
+
+    digest: str
+    """The EIP-712 digest (hex): identifies the message, so a retry is recognised."""
+    signer: str
+    nonce: int
+    kind: str
+    """``challenge`` or ``move``."""
+
+
+def _earlier(session: Session, signed: SignedClaim | None) -> str | None:
+    """The dispute an identical earlier message was applied to (a retry), or ``None`` for a new
+    message; a different message under a used ``(signer, nonce)`` is refused."""
+    if signed is None:
+        return None
+    seen = session.get(SignedMessage, signed.digest)
+    if seen is not None:
+        return seen.dispute_id
+    clash = session.scalars(select(SignedMessage.digest).where(
+        SignedMessage.signer == signed.signer, SignedMessage.nonce == str(signed.nonce))).first()
+    if clash is not None:
+        raise Conflict(f"nonce {signed.nonce} of {signed.signer} was already used for another "
+                       "message")
+    return None
+
+
+def _remember(session: Session, signed: SignedClaim | None, dispute_id: str,
+              now: datetime) -> None:
+    if signed is not None:
+        session.add(SignedMessage(digest=signed.digest, signer=signed.signer,
+                                  nonce=str(signed.nonce), kind=signed.kind,
+                                  dispute_id=dispute_id, created_at=now))
+
+
+@contextlib.contextmanager
+def _one_writer() -> Iterator[None]:
+    """Turn a lost race on a unique key (two requests applying the same message at once) into
+    a clear refusal instead of a server error; the loser's transaction changed nothing."""
+    try:
+        yield
+    except IntegrityError as exc:
+        raise Conflict("a concurrent request changed this dispute first; read it and retry"
+                       ) from exc
+
+
 def configured_clocks(ctx: ServiceContext) -> TimeControl:
     """The time control new disputes get, from the service's settings."""
     return TimeControl(provider=ctx.settings.dispute_provider_clock_s,
@@ -148,13 +199,18 @@ def open_dispute(
     now: datetime,
     clocks: TimeControl | None = None,
     schedule_proof: ProofScheduler | None = None,
+    signed: SignedClaim | None = None,
 ) -> str:
     """Open a dispute over states (lo, hi] of a result; returns its id (idempotent).
 
-    ``clocks`` default to the service's settings (``REFUTE_DISPUTE_*``)."""
+    ``clocks`` default to the service's settings (``REFUTE_DISPUTE_*``); ``signed`` is the
+    challenger's signed message, recorded once (a retry returns the same dispute)."""
     if clocks is None:
         clocks = configured_clocks(ctx)
-    with ctx.sessions() as session, session.begin():
+    with _one_writer(), ctx.sessions() as session, session.begin():
+        retry = _earlier(session, signed)
+        if retry is not None:
+            return retry
         result = session.get(Result, result_id, with_for_update=True)
         if result is None:
             raise DisputeError(f"result {result_id} does not exist")
@@ -162,6 +218,7 @@ def open_dispute(
             Dispute.result_id == result_id, Dispute.challenger == challenger,
             Dispute.lo == lo, Dispute.hi == hi)).first()
         if existing is not None:
+            _remember(session, signed, existing.id, now)
             return existing.id
         if result.status not in (ResultStatus.ACCEPTED, ResultStatus.DISPUTED):
             raise DisputeError(f"result {result_id} is {result.status.value}: it cannot be "
@@ -190,6 +247,7 @@ def open_dispute(
         session.add(Dispute(id=dispute_id, result_id=result_id, challenger=challenger, lo=lo,
                             hi=hi, bond=str(bond), state=state_to_json(state), status="OPEN",
                             timeout_at=timeout_at(state), opened_at=now))
+        _remember(session, signed, dispute_id, now)
         if result.status is ResultStatus.ACCEPTED:
             enqueue(session, result.network_id, "result.disputed", f"disputed:{result_id}",
                     {"result_id": result_id, "dispute_id": dispute_id, "lo": lo, "hi": hi,
@@ -206,14 +264,24 @@ def open_dispute(
 
 
 def move(ctx: ServiceContext, dispute_id: str, game_move: Move, now: datetime,
-         detail: dict[str, Any] | None = None) -> tuple[DisputeState, list[Effect]]:
-    """Apply one move in one transaction (state, transcript, ledger on resolution)."""
-    with ctx.sessions() as session, session.begin():
+         detail: dict[str, Any] | None = None, *,
+         signed: SignedClaim | None = None) -> tuple[DisputeState, list[Effect]]:
+    """Apply one move in one transaction (state, transcript, ledger on resolution).
+
+    ``signed`` is the party's signed message behind the move: a retry of an applied message
+    returns the current state and applies nothing; a reused nonce is refused."""
+    with _one_writer(), ctx.sessions() as session, session.begin():
         dispute = session.get(Dispute, dispute_id, with_for_update=True)
         if dispute is None:
             raise DisputeError(f"dispute {dispute_id} does not exist")
         state = state_from_json(dispute.state)
+        retry = _earlier(session, signed)
+        if retry is not None:
+            if retry != dispute_id:
+                raise Conflict("this signed message was already applied to another dispute")
+            return state, []
         new_state, effects = apply(state, game_move)
+        _remember(session, signed, dispute_id, now)
         if new_state == state and not effects:
             return state, []  # an early tick: nothing happened
         transcript = load_transcript(session, dispute.result_id)

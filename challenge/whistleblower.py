@@ -103,15 +103,8 @@ class Whistleblower:
         public = self._call("GET", f"/v1/public/results/{result_id}")
         n = len(public["leaves"]) - 1
         hi = n if hi is None else hi
-        deadline = int(time.time()) + 3600
-        claim = Challenge(network=network_word(public["network_id"]),
-                          result=network_word(result_id), lo=lo, hi=hi, bond=bond,
-                          nonce=time.time_ns(), deadline=deadline)
-        body = {"challenger": self.address, "domain": self._domain_json(),
-                "signature": "0x" + sign_typed(claim, self.domain, self.key).hex(),
-                "message": {"network": "0x" + claim.network.hex(),
-                            "result": "0x" + claim.result.hex(), "lo": lo, "hi": hi,
-                            "bond": bond, "nonce": claim.nonce, "deadline": deadline}}
+        body = self.challenge_body(public["network_id"], result_id, lo=lo, hi=hi, bond=bond,
+                                   nonce=time.time_ns())
         dispute: dict[str, Any] = self._call("POST", f"/v1/results/{result_id}/challenges",
                                              json=body)
         report(f"opened dispute {dispute['id']} over states {lo}..{hi}")
@@ -148,16 +141,33 @@ class Whistleblower:
         report(f"verdict {dispute['verdict']}")
         return dict(dispute)
 
-    def _answer(self, network_id: str, dispute: dict[str, Any], *, agree: bool) -> None:
+    def challenge_body(self, network_id: str, result_id: str, *, lo: int, hi: int, bond: int,
+                       nonce: int) -> dict[str, Any]:
+        """The signed request body that opens a dispute over states (lo, hi]."""
+        deadline = int(time.time()) + 3600
+        claim = Challenge(network=network_word(network_id), result=network_word(result_id),
+                          lo=lo, hi=hi, bond=bond, nonce=nonce, deadline=deadline)
+        return {"challenger": self.address, "domain": self._domain_json(),
+                "signature": "0x" + sign_typed(claim, self.domain, self.key).hex(),
+                "message": {"network": "0x" + claim.network.hex(),
+                            "result": "0x" + claim.result.hex(), "lo": lo, "hi": hi,
+                            "bond": bond, "nonce": nonce, "deadline": deadline}}
+
+    def move_body(self, network_id: str, dispute: dict[str, Any], *, agree: bool,
+                  nonce: int) -> dict[str, Any]:
+        """The signed request body answering the dispute's pending state in its current round."""
         deadline = int(time.time()) + 600
         signed = Move(network=network_word(network_id), dispute=network_word(dispute["id"]),
                       round=dispute["rounds"], kind=MOVE_AGREE if agree else MOVE_DISAGREE,
-                      payload=bytes.fromhex(dispute["pending_leaf"][2:]),
-                      nonce=time.time_ns(), deadline=deadline)
-        body = {"player": self.address, "domain": self._domain_json(),
+                      payload=bytes.fromhex(dispute["pending_leaf"][2:]), nonce=nonce,
+                      deadline=deadline)
+        return {"player": self.address, "domain": self._domain_json(),
                 "signature": "0x" + sign_typed(signed, self.domain, self.key).hex(),
                 "message": {"network": "0x" + signed.network.hex(),
                             "dispute": "0x" + signed.dispute.hex(), "round": signed.round,
                             "kind": signed.kind, "payload": "0x" + signed.payload.hex(),
-                            "nonce": signed.nonce, "deadline": deadline}}
+                            "nonce": nonce, "deadline": deadline}}
+
+    def _answer(self, network_id: str, dispute: dict[str, Any], *, agree: bool) -> None:
+        body = self.move_body(network_id, dispute, agree=agree, nonce=time.time_ns())
         self._call("POST", f"/v1/disputes/{dispute['id']}/moves", json=body)

@@ -399,3 +399,34 @@ def test_the_watcher_checks_a_whole_result_on_request(world: World) -> None:
     assert _status(world, cheat) is ResultStatus.PROVIDER_FAULT
     refused = client.post(f"/v1/results/{cheat}/watch", headers=headers)
     assert refused.status_code == 409 and "PROVIDER_FAULT" in refused.json()["error"]["reason"]
+
+
+def test_signed_challenges_and_moves_are_applied_once_and_nonces_cannot_be_reused(
+        world: World) -> None:
+    """A retried message (same signature) is answered again but applied once; a different
+    message under a used nonce is refused with 409 and changes nothing."""
+    rid = _result(world, lie_at=None, seed=18)
+    blower, client = _api_whistleblower(world, b"\x24" * 32)
+    opening = blower.challenge_body("net_d", rid, lo=0, hi=3, bond=9, nonce=77)
+    first = client.post(f"/v1/results/{rid}/challenges", json=opening)
+    again = client.post(f"/v1/results/{rid}/challenges", json=opening)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"]
+    other = blower.challenge_body("net_d", rid, lo=1, hi=3, bond=9, nonce=77)
+    clash = client.post(f"/v1/results/{rid}/challenges", json=other)
+    assert clash.status_code == 409 and "nonce 77" in clash.json()["error"]["reason"]
+    dispute = first.json()
+    assert dispute["phase"] == "answer" and dispute["rounds"] == 0
+    answer = blower.move_body("net_d", dispute, agree=True, nonce=78)
+    moved = client.post(f"/v1/disputes/{dispute['id']}/moves", json=answer)
+    assert moved.status_code == 200 and moved.json()["rounds"] == 1
+    retried = client.post(f"/v1/disputes/{dispute['id']}/moves", json=answer)
+    assert retried.status_code == 200 and retried.json()["rounds"] == 1  # applied once
+    reused = blower.move_body("net_d", retried.json(), agree=False, nonce=78)
+    refused = client.post(f"/v1/disputes/{dispute['id']}/moves", json=reused)
+    assert refused.status_code == 409 and "nonce 78" in refused.json()["error"]["reason"]
+    assert client.get(f"/v1/disputes/{dispute['id']}").json()["rounds"] == 1
+    with world.ctx.sessions() as s:
+        assert len(s.scalars(select(Dispute).where(Dispute.result_id == rid)).all()) == 1
+    assert [e for e in _books_and_chain(world, rid) if e in ("challenge", "answer")] == [
+        "challenge", "answer"]

@@ -253,3 +253,20 @@ class LedgerEntry(Base):
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     entry: Mapped[dict[str, object]] = mapped_column(JSON)
+
+
+class SignedMessage(Base):
+    """A challenger's signed message (challenge or move) that the service applied: replay
+    protection. The EIP-712 digest identifies a retry of the same message (answered again,
+    applied once); ``(signer, nonce)`` may not carry two different messages."""
+
+    __tablename__ = "signed_messages"
+    __table_args__ = (UniqueConstraint("signer", "nonce"),)
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    signer: Mapped[str] = mapped_column(String(42))
+    nonce: Mapped[str] = mapped_column(String(78))  # uint256 as decimal text
+    kind: Mapped[str] = mapped_column(String(20))  # challenge | move
+    #: The dispute the message opened or moved.
+    dispute_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
