@@ -138,7 +138,9 @@ def _dispute_out(s: Session, dispute: Dispute) -> DisputeOut:
     if result is not None and state.pending is not None:
         pending_leaf = result.leaves[state.pending]
     return DisputeOut(id=dispute.id, result_id=dispute.result_id, challenger=dispute.challenger,
-                      status=dispute.status, verdict=dispute.verdict, phase=state.phase.value,
+                      status=dispute.status, verdict=dispute.verdict,
+                      phase=state.phase.value if dispute.status == "OPEN" or state.resolved
+                      else "closed",
                       lo=state.lo, hi=state.hi, pending=state.pending, rounds=state.rounds,
                       timeout_at=dispute.timeout_at, opened_at=dispute.opened_at,
                       pending_leaf=pending_leaf)

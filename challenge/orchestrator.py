@@ -275,6 +275,9 @@ def move(ctx: ServiceContext, dispute_id: str, game_move: Move, now: datetime,
         if dispute is None:
             raise DisputeError(f"dispute {dispute_id} does not exist")
         state = state_from_json(dispute.state)
+        if dispute.status != "OPEN" and not state.resolved:  # closed by another conviction
+            raise DisputeError(f"dispute {dispute_id} was closed ({dispute.verdict}): the "
+                               "result's provider was convicted in another dispute")
         retry = _earlier(session, signed)
         if retry is not None:
             if retry != dispute_id:
@@ -487,6 +490,8 @@ def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> Disput
     the outcome (idempotent: does nothing unless a proof is due)."""
     loaded = _load(ctx, dispute_id)
     state = state_from_json(loaded.dispute.state)
+    if loaded.dispute.status != "OPEN":
+        return None  # resolved, or closed by another dispute's conviction: nothing to prove
     if state.phase is Phase.RANGE_PROOF:
         return _prove_range(ctx, loaded, state, now)
     if state.phase is not Phase.STEP_PROOF:
@@ -593,7 +598,9 @@ def resume(ctx: ServiceContext, dispute_id: str, now: datetime, *,
     loaded = _load(ctx, dispute_id)
     state = state_from_json(loaded.dispute.state)
     effects: list[Effect] = []
-    if state.phase is Phase.DISCLOSE:
+    if loaded.dispute.status != "OPEN":
+        pass  # resolved, or closed by another dispute's conviction
+    elif state.phase is Phase.DISCLOSE:
         effects = [RequestDisclosure()]
     elif state.phase is Phase.REVEAL and state.pending is not None:
         effects = [RequestReveal(state=state.pending)]

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from challenge import orchestrator
-from challenge.game import TimeControl
+from challenge.game import Actor, Answer, Choice, TimeControl
 from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
 from challenge.replay import replay
 from challenge.whistleblower import Whistleblower
@@ -430,3 +430,35 @@ def test_signed_challenges_and_moves_are_applied_once_and_nonces_cannot_be_reuse
         assert len(s.scalars(select(Dispute).where(Dispute.result_id == rid)).all()) == 1
     assert [e for e in _books_and_chain(world, rid) if e in ("challenge", "answer")] == [
         "challenge", "answer"]
+
+
+def test_a_conviction_closes_the_other_disputes_and_returns_their_bonds(world: World) -> None:
+    """Two disputes on one cheating result: the first conviction settles the stake once; the
+    other dispute closes with its bond returned and can no longer move or be proven."""
+    rid = _result(world, lie_at=2, seed=19)
+    queued: list[str] = []
+    second_challenger = "0x" + "ab" * 20
+    first = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=8,
+                         now=datetime.now(UTC), schedule_proof=queued.append)
+    second = open_dispute(world.ctx, rid, challenger=second_challenger, lo=0, hi=3, bond=40,
+                          now=datetime.now(UTC), schedule_proof=queued.append)
+    assert queued == [first]  # the second waits for its challenger's answer
+    state = prove_pending(world.ctx, first, datetime.now(UTC))
+    assert state is not None and state.verdict is not None
+    assert state.verdict.value == "provider_fault"
+    with world.ctx.sessions() as s:
+        other = s.get(Dispute, second)
+        assert other is not None and (other.status, other.verdict) == ("RESOLVED", "CLOSED")
+        ledger = load_ledger(s)
+        ledger.check()
+        assert ledger.balance("available:" + second_challenger) == 40  # the bond came back
+    client = TestClient(create_app(world.ctx, enqueue=lambda _r: None))
+    view = client.get(f"/v1/disputes/{second}").json()
+    assert (view["phase"], view["verdict"]) == ("closed", "CLOSED")
+    with pytest.raises(RefuteError, match="was closed"):
+        orchestrator.move(world.ctx, second, Answer(actor=Actor.CHALLENGER,
+                                                    at=datetime.now(UTC).timestamp(), state=1,
+                                                    choice=Choice.DISAGREE), datetime.now(UTC))
+    assert prove_pending(world.ctx, second, datetime.now(UTC)) is None
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    assert _books_and_chain(world, rid).count("verdict") == 1
