@@ -53,11 +53,13 @@ from challenge.game import (
     max_rounds,
     timeout_at,
 )
+from challenge.ledger import Ledger
 from refute.errors import RefuteError
 
 P, C, S = Actor.PROVIDER, Actor.CHALLENGER, Actor.SERVICE
 CLOCKS = TimeControl(provider=3600.0, challenger=3600.0, proof_timeout=600.0)
 T0 = 1000.0
+STAKE, BOND = 1000, 100
 TOL = 4
 R = 1 << 20
 
@@ -905,6 +907,13 @@ class DisputeMachine(RuleBasedStateMachine):
         )
         self.state, effects = apply(None, move)
         self.check_effects(effects)
+        # The bonds behind the game: the provider's stake and the challenger's bond are locked
+        # at open and settled by the verdict, exactly as the orchestrator does.
+        self.ledger = Ledger()
+        self.ledger.deposit("prov", STAKE)
+        self.ledger.lock_stake("res", "prov", STAKE)
+        self.ledger.deposit("chal", BOND)
+        self.ledger.post_bond("dsp", "chal", BOND, result_id="res")
         self.width0 = self.state.hi - self.state.lo
         self.last_width = self.width0
         self.last_rounds = 0
@@ -970,6 +979,10 @@ class DisputeMachine(RuleBasedStateMachine):
     def play(self) -> None:
         self.state, effects = apply(self.state, self.step_move())
         self.check_effects(effects)
+        for effect in effects:
+            if isinstance(effect, Resolved):
+                self.ledger.settle("dsp", effect.verdict.value.upper(), network_id="net",
+                                   challenger_share_bps=5000, provider_share_bps=5000)
 
     def expect_refused(self, move: Move) -> None:
         before = self.state
@@ -1080,6 +1093,22 @@ class DisputeMachine(RuleBasedStateMachine):
         assert self.state.challenger_clock <= self.clocks.challenger
 
     @invariant()
+    def books_balance_and_follow_the_verdict(self) -> None:
+        """The ledger balances after every move; once resolved, money follows the verdict."""
+        self.ledger.check()
+        assert sum(self.ledger.balances().values()) == 0
+        chal = self.ledger.balance("available:chal")
+        verdict = self.state.verdict
+        if verdict is None:
+            assert chal == 0  # the bond is locked while the game runs
+        elif verdict.at_fault() is P:
+            assert chal > BOND  # bond back plus a share of the slashed stake
+        elif verdict.at_fault() is C:
+            assert chal == 0 and self.ledger.balance("available:prov") > 0
+        else:
+            assert chal == BOND  # aborted: the bond is returned, nobody gains
+
+    @invariant()
     def honest_actor_rules(self) -> None:
         broken = [r.name for r in HONEST_RULES if not r.holds(self)]
         assert not broken, f"{broken}: {self.state}"
@@ -1095,6 +1124,7 @@ class DisputeMachine(RuleBasedStateMachine):
             self.bounds_and_rounds()
             self.clocks_never_negative()
             self.honest_actor_rules()
+            self.books_balance_and_follow_the_verdict()
         assert self.state.resolved
         assert self.state.verdict is not None
         if self.stalled is None:
