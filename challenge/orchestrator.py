@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from challenge.game import (
     Disclose,
     DisputeState,
     Effect,
+    IllegalMove,
     Move,
     Open,
     Phase,
@@ -290,9 +291,11 @@ def move(ctx: ServiceContext, dispute_id: str, game_move: Move, now: datetime,
         transcript = load_transcript(session, dispute.result_id)
         kind = type(game_move).__name__.lower()
         body: dict[str, Any] = {"dispute_id": dispute_id, "actor": game_move.actor.value,
-                                "phase": new_state.phase.value, **(detail or {})}
+                                "phase": new_state.phase.value, "move_at": game_move.at,
+                                **(detail or {})}
         record(session, transcript, dispute.result_id,
-               kind="timeout" if kind == "tick" else kind, at=game_move.at, body=body)
+               kind="timeout" if kind == "tick" else kind,
+               at=max(game_move.at, now.timestamp()), body=body)
         dispute.state = state_to_json(new_state)
         dispute.timeout_at = timeout_at(new_state)
         for effect in effects:
@@ -379,31 +382,57 @@ def _load(ctx: ServiceContext, dispute_id: str) -> _Loaded:
 
 def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: datetime, *,
           schedule_proof: ProofScheduler | None = None) -> None:
-    """Carry out effects until the dispute waits on someone outside the service."""
+    """Carry out effects until the dispute waits on someone outside the service.
+
+    What the service does on a party's behalf is stamped with the moment the party had done it,
+    never with the service's own (possibly crash-delayed) time: a reveal served from the uploaded
+    trace and the watcher's answer at the start of their turn, a disclosure at the upload. So a
+    slow or restarted service can never run a party's clock out. Another process may carry out
+    the same effect concurrently (crash recovery, :func:`resume_stalled`): the engine then
+    refuses the second copy, and this one stops quietly.
+    """
     pending = list(effects)
     while pending:
         effect = pending.pop(0)
         loaded = _load(ctx, dispute_id)
+        state = state_from_json(loaded.dispute.state)
+        game_move: Move
+        detail: dict[str, Any]
         if isinstance(effect, RequestDisclosure):
-            if loaded.trace is None:
+            uploaded = loaded.result.trace_uploaded_at
+            if loaded.trace is None or uploaded is None:
                 continue  # requested by webhook at open; the upload route calls disclose()
-            pending += move(ctx, dispute_id, Disclose(actor=Actor.PROVIDER, at=now.timestamp(),
-                                                      matches_commitment=True), now,
-                            {"trace_blob": loaded.result.trace_blob})[1]
+            game_move = Disclose(actor=Actor.PROVIDER,
+                                 at=max(state.turn_started, _timestamp(uploaded)),
+                                 matches_commitment=True)
+            detail = {"trace_blob": loaded.result.trace_blob}
         elif isinstance(effect, RequestReveal):
             if loaded.trace is None:  # excluded by the game: DISCLOSE comes first
                 raise DisputeError(f"dispute {dispute_id}: state {effect.state} is due but the "
                                    "trace is not available")
-            reveal = _serve_reveal(loaded, effect.state, now)
-            pending += move(ctx, dispute_id, reveal, now, {"state": effect.state})[1]
+            game_move = _serve_reveal(loaded, effect.state, state.turn_started)
+            detail = {"state": effect.state}
         elif isinstance(effect, RequestAnswer) and loaded.dispute.challenger == SERVICE:
             choice = _watcher_answer(ctx, loaded, effect.state)
-            answer = Answer(actor=Actor.CHALLENGER, at=now.timestamp(), state=effect.state,
-                            choice=choice)
-            pending += move(ctx, dispute_id, answer, now,
-                            {"state": effect.state, "choice": choice.value})[1]
+            game_move = Answer(actor=Actor.CHALLENGER, at=state.turn_started,
+                               state=effect.state, choice=choice)
+            detail = {"state": effect.state, "choice": choice.value}
         elif isinstance(effect, RequestStepProof | RequestRangeProof):
             (schedule_proof or _celery_prove)(dispute_id)
+            continue
+        else:
+            continue  # the challenger's answer: it comes through the API
+        try:
+            pending += move(ctx, dispute_id, game_move, now, detail)[1]
+        except IllegalMove:
+            if _load(ctx, dispute_id).dispute.state != loaded.dispute.state:
+                return  # carried out concurrently by another process
+            raise
+
+
+def _timestamp(moment: datetime) -> float:
+    """Unix seconds of a stored time (SQLite returns naive UTC datetimes)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
@@ -419,7 +448,7 @@ def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
     return waiting
 
 
-def _serve_reveal(loaded: _Loaded, k: int, now: datetime) -> Reveal:
+def _serve_reveal(loaded: _Loaded, k: int, at: float) -> Reveal:
     """Reveal state k from the provider's uploaded (committed) trace."""
     assert loaded.trace is not None
     manifest = loaded.trace.manifest
@@ -428,7 +457,7 @@ def _serve_reveal(loaded: _Loaded, k: int, now: datetime) -> Reveal:
     bound = manifest.range
     in_range = bound is None or all(
         bool(np.isfinite(t).all()) and float(np.max(np.abs(t))) <= bound for t in state)
-    return Reveal(actor=Actor.PROVIDER, at=now.timestamp(), state=k, matches_leaf=matches,
+    return Reveal(actor=Actor.PROVIDER, at=at, state=k, matches_leaf=matches,
                   in_range=in_range)
 
 
@@ -537,6 +566,47 @@ def _prove_range(ctx: ServiceContext, loaded: _Loaded, state: DisputeState,
         "vk_sha256": proof.vk_sha256, "proof": proof.proof})
     drive(ctx, loaded.dispute.id, effects, now)
     return new_state
+
+
+def resume_stalled(ctx: ServiceContext, now: datetime, *,
+                   schedule_proof: ProofScheduler | None = None) -> list[str]:
+    """Crash recovery for every open dispute: carry out again what the service owes but lost
+    between a committed move and its effect (a reveal from the uploaded trace, a disclosure
+    already uploaded, the watcher's answer, a proof that was never queued or whose task was
+    lost). Runs on the timers beat before timeouts are applied, so a party can never time out
+    because of the service. Returns the ids it acted on."""
+    grace = ctx.settings.dispute_resume_after_s
+    # Past the broker's own redelivery of a lost task, and the time that task may run.
+    requeue_every = float(ctx.settings.visibility_timeout_s + ctx.settings.task_time_limit_s)
+    t = now.timestamp()
+    owed: list[str] = []
+    proofs: list[str] = []
+    with ctx.sessions() as session, session.begin():
+        rows = session.execute(select(Dispute, Result.trace_blob).join(
+            Result, Result.id == Dispute.result_id).where(Dispute.status == "OPEN")).all()
+        for dispute, trace_blob in rows:
+            state = state_from_json(dispute.state)
+            deadline = timeout_at(state)
+            late = t - state.turn_started >= grace or (deadline is not None and t >= deadline)
+            service_owes = (
+                (state.phase in (Phase.DISCLOSE, Phase.REVEAL) and trace_blob is not None)
+                or (state.phase is Phase.ANSWER and dispute.challenger == SERVICE))
+            if service_owes:
+                if late:
+                    owed.append(dispute.id)
+            elif state.phase in (Phase.STEP_PROOF, Phase.RANGE_PROOF):
+                since = dispute.proof_requeued_at or state.turn_started
+                if t - since >= requeue_every:
+                    dispute.proof_requeued_at = t
+                    proofs.append(dispute.id)
+    for dispute_id in owed:
+        try:
+            resume(ctx, dispute_id, now, schedule_proof=schedule_proof)
+        except RefuteError as exc:  # one broken dispute must not stop the others' recovery
+            print(f"recovery: dispute {dispute_id}: {exc.reason}")
+    for dispute_id in proofs:
+        (schedule_proof or _celery_prove)(dispute_id)
+    return owed + proofs
 
 
 def tick_due(ctx: ServiceContext, now: datetime) -> int:

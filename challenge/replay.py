@@ -155,8 +155,9 @@ def _replay_moves(report: ReplayReport, events: list[dict[str, Any]], leaves: li
                                     disclosed=bool(body.get("disclosed", True))))
         for event in events:
             kind, b = event["kind"], event["body"]
+            at = b.get("move_at", event["at"])  # the move's own time (see orchestrator.drive)
             if kind == "disclose":  # the service checked the upload against the leaves
-                state, _ = apply(state, Disclose(actor=Actor.PROVIDER, at=event["at"],
+                state, _ = apply(state, Disclose(actor=Actor.PROVIDER, at=at,
                                                  matches_commitment=True))
             elif kind == "reveal":
                 k = b["state"]
@@ -164,20 +165,20 @@ def _replay_moves(report: ReplayReport, events: list[dict[str, Any]], leaves: li
                     manifest, states[k]).hex() == leaves[k]
                 in_range = manifest.range is None or all(
                     float(np.max(np.abs(t))) <= manifest.range for t in states.get(k, []))
-                state, _ = apply(state, Reveal(actor=Actor.PROVIDER, at=event["at"], state=k,
+                state, _ = apply(state, Reveal(actor=Actor.PROVIDER, at=at, state=k,
                                                matches_leaf=matches, in_range=in_range))
             elif kind == "answer":
-                state, _ = apply(state, Answer(actor=Actor.CHALLENGER, at=event["at"],
+                state, _ = apply(state, Answer(actor=Actor.CHALLENGER, at=at,
                                                state=b["state"], choice=Choice(b["choice"])))
             elif kind == "timeout":
-                state, _ = apply(state, Tick(actor=Actor.SERVICE, at=event["at"]))
+                state, _ = apply(state, Tick(actor=Actor.SERVICE, at=at))
             elif kind == "rangeoutcome":
                 state, _ = apply(state, RangeOutcome(
-                    actor=Actor.SERVICE, at=event["at"], state=b["state"],
+                    actor=Actor.SERVICE, at=at, state=b["state"],
                     max_abs_units=Fraction(b["max_abs_units"]), bound=b["bound"], valid=True))
             elif kind == "proofoutcome":
                 state, _ = apply(state, ProofOutcome(
-                    actor=Actor.SERVICE, at=event["at"], step=b["step"],
+                    actor=Actor.SERVICE, at=at, step=b["step"],
                     maxdiff_units=Fraction(b["maxdiff_units"]), tolerance=b["tolerance"],
                     valid=True))
     except RefuteError as exc:

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from challenge import orchestrator
-from challenge.game import Actor, Answer, Choice, TimeControl
+from challenge.game import Actor, Answer, Choice, RequestReveal, TimeControl
 from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
 from challenge.replay import replay
 from challenge.whistleblower import Whistleblower
@@ -462,3 +462,49 @@ def test_a_conviction_closes_the_other_disputes_and_returns_their_bonds(world: W
     assert prove_pending(world.ctx, second, datetime.now(UTC)) is None
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
     assert _books_and_chain(world, rid).count("verdict") == 1
+
+
+def test_recovery_carries_out_what_a_crash_lost_and_never_times_out_the_provider(
+        world: World) -> None:
+    """A crash right after a committed answer (the reveal it calls for was never served), then
+    an outage longer than the provider's whole clock: the timers' recovery serves the reveal
+    as of the moment it was due, before applying timeouts, so the honest provider is not
+    charged for the service's outage. A proof that was never queued is queued again, once, after
+    the broker would have redelivered and run a lost task."""
+    rid = _result(world, lie_at=None, seed=20)
+    start = datetime.now(UTC)
+    clocks = TimeControl(provider=5.0, challenger=1000.0, proof_timeout=5000.0)
+    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "ef" * 20, lo=0, hi=3, bond=2,
+                              now=start, clocks=clocks, schedule_proof=lambda _d: None)
+    answered = start + timedelta(seconds=1)
+    state, effects = orchestrator.move(world.ctx, dispute_id, Answer(
+        actor=Actor.CHALLENGER, at=answered.timestamp(), state=1, choice=Choice.AGREE), answered)
+    assert (state.phase.value, state.pending, effects) == ("reveal", 2, [RequestReveal(2)])
+    later = answered + timedelta(seconds=100)  # the provider's 5 s are long gone
+    queued: list[str] = []
+    assert orchestrator.resume_stalled(world.ctx, later, schedule_proof=queued.append) == [
+        dispute_id]
+    assert orchestrator.tick_due(world.ctx, later) == 0
+    with world.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.status == "OPEN"
+        assert (dispute.state["phase"], dispute.state["pending"]) == ("answer", 2)
+        assert dispute.state["provider_clock"] == 5.0  # not charged for the outage
+    # The challenger answers; the game reaches the step proof, whose task is lost.
+    final = later + timedelta(seconds=1)
+    orchestrator.move(world.ctx, dispute_id, Answer(actor=Actor.CHALLENGER,
+                                                    at=final.timestamp(), state=2,
+                                                    choice=Choice.DISAGREE), final)
+    settings = world.ctx.settings
+    assert orchestrator.resume_stalled(world.ctx, final, schedule_proof=queued.append) == []
+    again = final + timedelta(seconds=settings.visibility_timeout_s + settings.task_time_limit_s)
+    assert orchestrator.resume_stalled(world.ctx, again, schedule_proof=queued.append) == [
+        dispute_id]
+    assert orchestrator.resume_stalled(world.ctx, again, schedule_proof=queued.append) == []
+    assert queued == [dispute_id]
+    events = _books_and_chain(world, rid)
+    assert events.count("reveal") == 2 and "timeout" not in events
+    with world.ctx.sessions() as s:
+        transcript = load_transcript(s, rid)
+    replayed = [e for e in transcript.events if e.kind == "reveal"][-1]
+    assert replayed.body["move_at"] == answered.timestamp()  # stamped when it was due

@@ -123,6 +123,9 @@ class Result(Base):
     challenge_deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     trace_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: When the trace was uploaded (a provider's disclosure counts from then).
+    trace_uploaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                               nullable=True)
 
 
 class SpotCheck(Base):
@@ -232,6 +235,8 @@ class Dispute(Base):
     timeout_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When crash recovery last queued this dispute's proof again (unix seconds), if ever.
+    proof_requeued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class TranscriptEvent(Base):

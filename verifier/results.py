@@ -91,7 +91,8 @@ def submit_result(
     return result, True
 
 
-def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes) -> str:
+def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes,
+                 now: datetime) -> str:
     """Verify an uploaded trace bundle against the result's commitment and store it."""
     model = session.get(RegisteredModel, result.model_id)
     assert model is not None
@@ -101,6 +102,8 @@ def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes
     if ["0x" + leaf.hex() for leaf in trace.commitment.leaves] != list(result.leaves):
         raise BundleError("the trace's leaves differ from the result's signed commitment")
     key = blobs.put(data)
+    if result.trace_blob != key or result.trace_uploaded_at is None:
+        result.trace_uploaded_at = now
     result.trace_blob = key
     return key
 

@@ -46,6 +46,12 @@ class ServiceSettings(BaseSettings):
     dispute_provider_clock_s: float = Field(default=3600.0, gt=0)
     dispute_challenger_clock_s: float = Field(default=3600.0, gt=0)
     dispute_proof_timeout_s: float = Field(default=3600.0, gt=0)
+    #: Crash recovery: a step the service owes (a reveal from the uploaded trace, the watcher's
+    #: answer, a disclosure already uploaded) that is still undone this long after its turn
+    #: began is carried out again by the timers; a proof is queued again after the broker's
+    #: visibility timeout plus the task time limit (a lost task would have come back and run by
+    #: then: this covers a proof that was never queued).
+    dispute_resume_after_s: float = Field(default=5.0, gt=0)
     #: Accept webhook endpoints on loopback/private addresses (development and tests only).
     webhooks_allow_private: bool = False
 

@@ -167,10 +167,14 @@ def prove(self: Any, dispute_id: str) -> bool:
 
 @app.task(name="refute.disputes")
 def dispute_timers() -> int:
-    """Apply timeouts to disputes whose clock ran out."""
-    from challenge.orchestrator import tick_due
+    """Carry out what the service owes but lost in a crash, then apply timeouts to disputes
+    whose clock ran out (in that order: a party never times out because of the service)."""
+    from challenge.orchestrator import resume_stalled, tick_due
 
-    return tick_due(context(), utcnow())
+    ctx = context()
+    now = utcnow()
+    resume_stalled(ctx, now)
+    return tick_due(ctx, now)
 
 
 @app.task(name="refute.webhooks")

@@ -271,7 +271,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         data = await _read_limited(request)
         with _write(s):
             row = owned_result(s, net, result_id)
-            await asyncio.to_thread(attach_trace, s, ctx.blobs, row, data)
+            await asyncio.to_thread(attach_trace, s, ctx.blobs, row, data, utcnow())
         schedule(row.id)
         from challenge.orchestrator import disclose
 

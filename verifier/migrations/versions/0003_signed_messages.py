@@ -1,4 +1,5 @@
-"""signed messages (replay protection of challenges and moves)
+"""signed messages (replay protection of challenges and moves); when a trace was uploaded and
+when a dispute's proof was last re-queued (crash recovery)
 
 Revision ID: 0003
 Revises: 0002
@@ -32,10 +33,19 @@ def upgrade() -> None:
     with op.batch_alter_table("signed_messages", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_signed_messages_dispute_id"), ["dispute_id"],
                               unique=False)
+    with op.batch_alter_table("results", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("trace_uploaded_at", sa.DateTime(timezone=True),
+                                      nullable=True))
+    with op.batch_alter_table("disputes", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("proof_requeued_at", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
     """Revert this revision."""
+    with op.batch_alter_table("disputes", schema=None) as batch_op:
+        batch_op.drop_column("proof_requeued_at")
+    with op.batch_alter_table("results", schema=None) as batch_op:
+        batch_op.drop_column("trace_uploaded_at")
     with op.batch_alter_table("signed_messages", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_signed_messages_dispute_id"))
     op.drop_table("signed_messages")

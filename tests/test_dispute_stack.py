@@ -1,0 +1,387 @@
+"""Disputes end to end through the real stack: redis-server, ``refute serve`` and the Celery
+workers as processes, whistleblowers playing through the HTTP API, real EZKL proofs, and the
+proof of a verdict verified by a transaction on a local anvil chain.
+
+One stack (and one registered model) serves the whole module. Its dispute clocks are short so
+timeouts are reached quickly; honest players answer within a second or two. Every dispute ends
+with exactly one verdict (and at most one proof outcome) in the result's hash-chained
+transcript, and the bonds ledger balances after it, including after crash drills that SIGKILL
+the prove worker mid-proof or the API mid-dispute, or kill the API between a committed answer
+and the reveal the service serves next (the timers' recovery serves it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from sqlalchemy import select
+
+from challenge.game import Actor, Answer, Choice
+from challenge.ledger import available_account
+from challenge.onchain import verify_outcome_on_chain
+from challenge.orchestrator import load_ledger, load_transcript, move
+from challenge.whistleblower import Whistleblower
+from prover import config as prover_config
+from refute import zoo
+from refute.manifest import Manifest
+from refute.provider import PreparedModel, prepare_model, run_trace
+from refute.trace import Trace
+from verifier.client import RefuteClient, sign_result
+from verifier.models import Dispute, TaskDelivery
+from verifier.service import ServiceContext
+from verifier.settings import ServiceSettings
+from verifier.stack import LocalStack
+
+pytestmark = [pytest.mark.slow, pytest.mark.ezkl, pytest.mark.chain]
+
+PROVIDER = Account.from_key(b"\x51" * 32)
+STAKE = 1000
+BOND = 100
+#: Each party's dispute clock (s): long enough for an honest answer and an API restart, short
+#: enough that a timeout is reached quickly.
+CLOCK_S = 20.0
+#: Visibility timeout of the broker (s): the task of a killed worker comes back after it. The
+#: task time limit stays below it and well above a cold proof of one MLP step (measured 19-37 s
+#: on 2 cores, the first one including EZKL's start; a warm proof takes about 9 s).
+VISIBILITY_TIMEOUT_S = 90
+TASK_TIME_LIMIT_S = 75
+#: Slack (s) for a timeout to be applied after its deadline: the timers beat every second.
+TICK_SLACK_S = 10.0
+
+
+@dataclasses.dataclass
+class Deployment:
+    stack: LocalStack
+    client: RefuteClient
+    http: httpx.Client
+    network_id: str
+    model: dict[str, Any]
+    prepared: PreparedModel
+    ctx: ServiceContext
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    workdir = tmp_path_factory.mktemp("dispute-stack")
+    env = {
+        "REFUTE_FINALIZE_EVERY_S": "1",
+        "REFUTE_DISPUTE_PROVIDER_CLOCK_S": str(CLOCK_S),
+        "REFUTE_DISPUTE_CHALLENGER_CLOCK_S": str(CLOCK_S),
+        "REFUTE_DISPUTE_PROOF_TIMEOUT_S": "600",
+        "REFUTE_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+        "REFUTE_TASK_TIME_LIMIT_S": str(TASK_TIME_LIMIT_S),
+    }
+    with LocalStack(workdir / "stack", extra_env=env) as stack:
+        # The on-chain check reads the circuits the prove worker built (REFUTE_HOME).
+        mp = pytest.MonkeyPatch()
+        mp.setenv("REFUTE_HOME", stack.env["REFUTE_HOME"])
+        prover_config.get_settings.cache_clear()
+        try:
+            admin = RefuteClient(stack.api_url)
+            # No spot-checks and a long window: only the whistleblowers dispute, nothing
+            # finalizes under them.
+            network_id, key = admin.create_network(
+                "disputes", admin_token=stack.admin_token, spot_probability=0.0,
+                challenge_window_s=3600)
+            client = RefuteClient(stack.api_url, key)
+            model = zoo.mlp()
+            registered = client.register_model(model.onnx_bytes, calibration_samples=2)
+            manifest = Manifest.from_json(registered["manifest"])
+            prepared = dataclasses.replace(prepare_model(model.onnx_bytes), manifest=manifest)
+            ctx = ServiceContext.create(ServiceSettings(
+                database_url=stack.env["REFUTE_DATABASE_URL"],
+                blob_dir=Path(stack.env["REFUTE_BLOB_DIR"]),
+                spot_key=stack.env["REFUTE_SPOT_KEY"]))
+            with httpx.Client(base_url=stack.api_url, timeout=60) as http:
+                yield Deployment(stack, client, http, network_id, registered, prepared, ctx,
+                                 workdir)
+            ctx.engine.dispose()
+        finally:
+            mp.undo()
+            prover_config.get_settings.cache_clear()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _submit(d: Deployment, *, seed: int, lie_at: int | None = None, upload: bool = True) -> str:
+    """Submit a result of the MLP on ``sample_input(seed)``; a cheat moves state ``lie_at``
+    (only that one) by 0.5, far beyond its tolerance. Returns the result id."""
+    trace = run_trace(d.prepared, zoo.mlp().sample_input(seed))
+    if lie_at is not None:
+        states = [list(s) for s in trace.states]
+        states[lie_at][0] = states[lie_at][0] + 0.5
+        trace = Trace.from_states(d.prepared.manifest, states)
+    body = sign_result(
+        network_id=d.network_id, model_id=d.model["id"], model_sha256=d.model["model_sha256"],
+        trace=trace, input_hash=seed.to_bytes(32, "big"), output_hash=b"\x00" * 32,
+        stake=STAKE, nonce=time.time_ns(), deadline=int(time.time()) + 3600,
+        private_key=PROVIDER.key, provider=PROVIDER.address)
+    accepted = d.client.submit_result(body)
+    assert accepted.status == "ACCEPTED"
+    if upload:
+        bundle = trace.write(d.workdir / f"{accepted.id}.rtrace").read_bytes()
+        assert d.client.upload_trace(accepted.id, bundle).trace_uploaded
+    return accepted.id
+
+
+def _whistleblower(d: Deployment, key: int) -> Whistleblower:
+    account = Account.from_key(bytes([key]) * 32)
+    return Whistleblower(d.stack.api_url, account.key, account.address)
+
+
+def _dispute(d: Deployment, dispute_id: str) -> dict[str, Any]:
+    answer = d.http.get(f"/v1/disputes/{dispute_id}")
+    answer.raise_for_status()
+    view: dict[str, Any] = answer.json()
+    return view
+
+
+def _wait_resolved(d: Deployment, dispute_id: str, *, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = _dispute(d, dispute_id)
+        if view["status"] == "RESOLVED":
+            return view
+        assert time.monotonic() < deadline, f"dispute still open after {timeout:.0f} s: {view}"
+        time.sleep(0.5)
+
+
+def _wait_phase(d: Deployment, dispute_id: str, phase: str, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = _dispute(d, dispute_id)
+        if view["phase"] == phase:
+            return
+        assert view["status"] == "OPEN", f"resolved before reaching {phase}: {view}"
+        assert time.monotonic() < deadline, f"not in phase {phase} after {timeout:.0f} s: {view}"
+        time.sleep(0.2)
+
+
+def _status(d: Deployment, result_id: str) -> str:
+    return d.client.result(result_id).status
+
+
+def _events(d: Deployment, result_id: str, dispute_id: str) -> list[dict[str, Any]]:
+    """The dispute's events in the result's transcript (as the API serves it)."""
+    answer = d.http.get(f"/v1/results/{result_id}/transcript")
+    answer.raise_for_status()
+    doc = answer.json()
+    assert doc["length"] == len(doc["events"])
+    return [e for e in doc["events"] if e["body"].get("dispute_id") == dispute_id]
+
+
+def _settled_once(d: Deployment, result_id: str, dispute_id: str, verdict: str, *,
+                  proved: bool) -> list[dict[str, Any]]:
+    """Exactly one verdict (and one proof outcome iff ``proved``) for the dispute; the books
+    balance and the transcript's hash chain verifies. Returns the dispute's events."""
+    events = _events(d, result_id, dispute_id)
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "challenge" and kinds[-1] == "verdict", kinds
+    assert kinds.count("verdict") == 1, kinds
+    assert kinds.count("proofoutcome") == (1 if proved else 0), kinds
+    assert events[-1]["body"]["verdict"] == verdict
+    with d.ctx.sessions() as session:
+        ledger = load_ledger(session)
+        ledger.check()
+        record = ledger.dispute(dispute_id)
+        assert record is not None and record.verdict is not None
+        assert record.verdict == verdict
+        transcript = load_transcript(session, result_id)
+    transcript.verify_chain()
+    return events
+
+
+def _challenger_balance(d: Deployment, dispute_id: str) -> int:
+    with d.ctx.sessions() as session:
+        ledger = load_ledger(session)
+        record = ledger.dispute(dispute_id)
+        assert record is not None
+        return ledger.balance(available_account(record.challenger))
+
+
+def _proof_outcome(events: list[dict[str, Any]]) -> dict[str, Any]:
+    body: dict[str, Any] = next(e["body"] for e in events if e["kind"] == "proofoutcome")
+    return body
+
+
+# --- the game ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lie_at", [1, 2, 3])  # the first, a middle and the last segment
+def test_cheating_provider_loses_to_an_honest_whistleblower(deployment: Deployment, lie_at: int,
+                                                            tmp_path: Path) -> None:
+    d = deployment
+    seed = 10 + lie_at
+    rid = _submit(d, seed=seed, lie_at=lie_at)
+    blower = _whistleblower(d, 0x60 + lie_at)
+    log: list[str] = []
+    final = blower.challenge(rid, d.prepared, zoo.mlp().sample_input(seed), bond=BOND,
+                             timeout=300, report=log.append)
+    assert final["verdict"] == "PROVIDER_FAULT", (final, log)
+    assert final["hi"] == lie_at and final["lo"] == lie_at - 1
+    assert _status(d, rid) == "PROVIDER_FAULT"
+    events = _settled_once(d, rid, final["id"], "PROVIDER_FAULT", proved=True)
+    outcome = _proof_outcome(events)
+    assert outcome["step"] == lie_at
+    assert float(Fraction(outcome["maxdiff_units"])) > outcome["tolerance"]
+    # The whistleblower got its bond back and half the slashed stake.
+    assert _challenger_balance(d, final["id"]) == BOND + STAKE // 2
+    # The proof in the transcript convinces the step circuit's Solidity verifier on chain.
+    tx = verify_outcome_on_chain(outcome, tmp_path / "chain")
+    assert tx.success and tx.gas_used > 0
+
+
+def test_honest_provider_beats_a_dishonest_whistleblower(deployment: Deployment) -> None:
+    d = deployment
+    rid = _submit(d, seed=20)
+    blower = _whistleblower(d, 0x70)
+    wrong_input = zoo.mlp().sample_input(21)  # its "execution" disagrees with every state
+    final = blower.challenge(rid, d.prepared, wrong_input, bond=BOND, timeout=300)
+    assert final["verdict"] == "CHALLENGER_FAULT", final
+    assert _status(d, rid) == "UPHELD"
+    events = _settled_once(d, rid, final["id"], "CHALLENGER_FAULT", proved=True)
+    outcome = _proof_outcome(events)
+    assert float(Fraction(outcome["maxdiff_units"])) <= outcome["tolerance"]
+    assert _challenger_balance(d, final["id"]) == 0  # the bond is slashed
+
+
+def test_a_party_whose_clock_runs_out_loses(deployment: Deployment) -> None:
+    """Both timeouts at once (they share the wait): a provider that never uploaded its trace
+    cannot disclose or reveal anything; a whistleblower that opens and never answers."""
+    d = deployment
+    silent_provider = _submit(d, seed=30, upload=False)
+    honest_provider = _submit(d, seed=31)
+    opened = time.time()
+    against_provider = _whistleblower(d, 0x80).open(silent_provider, bond=BOND)
+    silent_challenger = _whistleblower(d, 0x81).open(honest_provider, bond=BOND)
+    assert _dispute(d, silent_challenger["id"])["phase"] == "answer"  # state 1 was revealed
+    provider_view = _wait_resolved(d, against_provider["id"], timeout=CLOCK_S + 60)
+    challenger_view = _wait_resolved(d, silent_challenger["id"], timeout=CLOCK_S + 60)
+    assert provider_view["verdict"] == "PROVIDER_TIMEOUT", provider_view
+    assert challenger_view["verdict"] == "CHALLENGER_TIMEOUT", challenger_view
+    assert _status(d, silent_provider) == "PROVIDER_FAULT"
+    assert _status(d, honest_provider) == "UPHELD"
+    _settled_once(d, silent_provider, against_provider["id"], "PROVIDER_TIMEOUT", proved=False)
+    _settled_once(d, honest_provider, silent_challenger["id"], "CHALLENGER_TIMEOUT",
+                  proved=False)
+    assert _challenger_balance(d, against_provider["id"]) == BOND + STAKE // 2
+    assert _challenger_balance(d, silent_challenger["id"]) == 0
+    # Decided by the clock: not before it ran out, and soon after.
+    with d.ctx.sessions() as session:
+        for dispute_id in (against_provider["id"], silent_challenger["id"]):
+            row = session.get(Dispute, dispute_id)
+            assert row is not None and row.resolved_at is not None
+            took = (row.resolved_at - row.opened_at).total_seconds()
+            assert CLOCK_S <= took <= CLOCK_S + TICK_SLACK_S, (dispute_id, took)
+    assert time.time() - opened < CLOCK_S + 60
+
+
+# --- crash drills -----------------------------------------------------------------------------
+
+
+def _prove_deliveries(d: Deployment) -> dict[str, int]:
+    with d.ctx.sessions() as session:
+        rows = session.scalars(select(TaskDelivery).where(
+            TaskDelivery.task_name == "refute.prove")).all()
+        return {row.task_id: row.deliveries for row in rows}
+
+
+def test_prove_worker_killed_mid_proof_redelivers_to_the_same_verdict(
+        deployment: Deployment) -> None:
+    d = deployment
+    seed = 40
+    rid = _submit(d, seed=seed, lie_at=2)
+    blower = _whistleblower(d, 0x90)
+    before = _prove_deliveries(d)
+    dispute = blower.open(rid, bond=BOND)
+    own = blower.own_leaves(d.prepared, zoo.mlp().sample_input(seed))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        playing = pool.submit(blower.play, dispute["id"], own, timeout=600)
+        _wait_phase(d, dispute["id"], "step_proof", timeout=60)
+        # Wait until the prove worker took the task (it counts the delivery first), then let
+        # it get into the proof and kill it.
+        deadline = time.monotonic() + 30
+        while not (new := set(_prove_deliveries(d)) - set(before)):
+            assert time.monotonic() < deadline, "the prove worker never took the task"
+            time.sleep(0.2)
+        (task_id,) = new
+        time.sleep(1.5)
+        assert _dispute(d, dispute["id"])["status"] == "OPEN", "proved before the kill"
+        d.stack.kill("worker-prove")
+        killed_at = time.monotonic()
+        time.sleep(2)
+        assert _dispute(d, dispute["id"])["phase"] == "step_proof"  # nothing half-applied
+        d.stack.restart("worker-prove")
+        final = playing.result(timeout=VISIBILITY_TIMEOUT_S + 300)
+    redelivered_after = time.monotonic() - killed_at
+    assert final["verdict"] == "PROVIDER_FAULT" and final["hi"] == 2, final
+    assert _status(d, rid) == "PROVIDER_FAULT"
+    _settled_once(d, rid, dispute["id"], "PROVIDER_FAULT", proved=True)
+    # The same message came back through the visibility timeout (not a new task).
+    deliveries = _prove_deliveries(d)
+    assert deliveries[task_id] == 2, deliveries
+    assert set(deliveries) - set(before) == {task_id}
+    assert redelivered_after < VISIBILITY_TIMEOUT_S + 120
+
+
+def test_api_killed_mid_dispute_play_resumes_to_the_same_verdict(deployment: Deployment) -> None:
+    d = deployment
+    seed = 50
+    rid = _submit(d, seed=seed, lie_at=3)
+    blower = _whistleblower(d, 0xA0)
+    dispute = blower.open(rid, bond=BOND)
+    assert _dispute(d, dispute["id"])["phase"] == "answer"
+    d.stack.kill("api")
+    started = time.monotonic()
+    d.stack.restart("api")
+    restart_s = time.monotonic() - started
+    assert restart_s < CLOCK_S / 2, f"the API took {restart_s:.1f} s to restart"
+    final = blower.play(dispute["id"], blower.own_leaves(d.prepared, zoo.mlp().sample_input(seed)),
+                        timeout=300)
+    assert final["verdict"] == "PROVIDER_FAULT" and final["hi"] == 3, final
+    assert final["rounds"] == 2
+    assert _status(d, rid) == "PROVIDER_FAULT"
+    events = _settled_once(d, rid, dispute["id"], "PROVIDER_FAULT", proved=True)
+    assert [e["kind"] for e in events].count("challenge") == 1
+    assert [e["body"]["choice"] for e in events if e["kind"] == "answer"] == ["agree", "agree"]
+
+
+def test_api_crash_after_a_committed_answer_does_not_time_out_an_honest_provider(
+        deployment: Deployment) -> None:
+    """The API dies inside ``POST /v1/disputes/{id}/moves`` right after committing an answer and
+    before serving the next reveal from the provider's uploaded trace. The provider cannot do
+    anything (the service reveals for it), so the dispute must go on once the API is back."""
+    d = deployment
+    seed = 60
+    rid = _submit(d, seed=seed)  # honest, trace uploaded
+    blower = _whistleblower(d, 0xB0)
+    dispute = blower.open(rid, bond=BOND)
+    view = _dispute(d, dispute["id"])
+    assert view["phase"] == "answer" and view["pending"] == 1
+    d.stack.kill("api")
+    # What the route had committed when it died: the challenger's AGREE on state 1 (the same
+    # move() call, in its own transaction); its drive() that serves state 2 never ran.
+    now = datetime.now(UTC)
+    state, effects = move(d.ctx, dispute["id"], Answer(actor=Actor.CHALLENGER, at=now.timestamp(),
+                                                       state=1, choice=Choice.AGREE),
+                          now, {"state": 1, "choice": "agree"})
+    assert state.phase.value == "reveal" and state.pending == 2 and effects
+    d.stack.restart("api")
+    own = blower.own_leaves(d.prepared, zoo.mlp().sample_input(seed))
+    final = blower.play(dispute["id"], own, timeout=CLOCK_S + 120)
+    _settled_once(d, rid, dispute["id"], str(final["verdict"]),
+                  proved=final["verdict"] == "CHALLENGER_FAULT")
+    assert final["verdict"] == "CHALLENGER_FAULT", final  # not PROVIDER_TIMEOUT
+    assert _status(d, rid) == "UPHELD"
