@@ -158,6 +158,7 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
     """The dispute routes over ``ctx`` (``schedule_proof`` queues proofs and ``schedule_watch``
     the watcher's checks, Celery by default)."""
     api = APIRouter(tags=["disputes"])
+    expected = Domain(chain_id=ctx.settings.chain_id)
 
     @api.post("/v1/results/{result_id}/watch", status_code=202, response_model=WatchQueued,
               responses=errors)
@@ -173,7 +174,6 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
             raise Conflict(f"result {result_id} is {result.status.value}: nothing to watch")
         (schedule_watch or _celery_watch)(result_id)
         return WatchQueued(result_id=result_id, queued=True)
-    expected = Domain(chain_id=ctx.settings.chain_id)
 
     @api.post("/v1/results/{result_id}/challenges", status_code=201, response_model=DisputeOut,
               responses=errors)

@@ -357,17 +357,13 @@ class _Loaded:
     model: RegisteredModel
     dispute: Dispute
     trace: Trace | None
+    own_states: list[list[np.ndarray]] | None = None
+    """The watcher's own execution of the job, once computed (see :func:`_own_leaf`)."""
 
 
-def _model_of(ctx: ServiceContext, result: Result) -> RegisteredModel:
-    with ctx.sessions() as session:
-        model = session.get(RegisteredModel, result.model_id)
-        if model is None:
-            raise DisputeError(f"result {result.id}: its model {result.model_id} is missing")
-        return model
-
-
-def _load(ctx: ServiceContext, dispute_id: str) -> _Loaded:
+def _load(ctx: ServiceContext, dispute_id: str, reuse: _Loaded | None = None) -> _Loaded:
+    """The dispute's rows, read afresh; the trace (immutable once uploaded) and the watcher's
+    execution are taken from ``reuse`` when it has them, not read or computed again."""
     with ctx.sessions() as session:
         dispute = session.get(Dispute, dispute_id)
         if dispute is None:
@@ -376,6 +372,8 @@ def _load(ctx: ServiceContext, dispute_id: str) -> _Loaded:
         assert result is not None
         model = session.get(RegisteredModel, result.model_id)
         assert model is not None
+    if reuse is not None and reuse.trace is not None:
+        return _Loaded(result, model, dispute, reuse.trace, reuse.own_states)
     trace = load_trace(ctx, result.trace_blob) if result.trace_blob else None
     return _Loaded(result, model, dispute, trace)
 
@@ -392,9 +390,10 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
     refuses the second copy, and this one stops quietly.
     """
     pending = list(effects)
+    loaded: _Loaded | None = None
     while pending:
         effect = pending.pop(0)
-        loaded = _load(ctx, dispute_id)
+        loaded = _load(ctx, dispute_id, reuse=loaded)
         state = state_from_json(loaded.dispute.state)
         game_move: Move
         detail: dict[str, Any]
@@ -425,7 +424,7 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
         try:
             pending += move(ctx, dispute_id, game_move, now, detail)[1]
         except IllegalMove:
-            if _load(ctx, dispute_id).dispute.state != loaded.dispute.state:
+            if _load(ctx, dispute_id, reuse=loaded).dispute.state != loaded.dispute.state:
                 return  # carried out concurrently by another process
             raise
 
@@ -461,19 +460,27 @@ def _serve_reveal(loaded: _Loaded, k: int, at: float) -> Reveal:
                   in_range=in_range)
 
 
-def _own_leaf(ctx: ServiceContext, model: RegisteredModel, trace: Trace | None, k: int) -> str:
-    """The leaf of state k of the watcher's own execution of the job (its input is state 0)."""
-    assert trace is not None
+def _execute(ctx: ServiceContext, model: RegisteredModel,
+             trace: Trace | None) -> list[list[np.ndarray]]:
+    """The watcher's own execution of the job: every state, from the trace's state 0 (input)."""
+    if trace is None:
+        raise DisputeError("the watcher needs the job's input, and the trace was not uploaded")
     prepared = ctx.prepared(model)
     inputs = {spec.name: t for spec, t in zip(prepared.manifest.states[0], trace.states[0],
                                                strict=True)}
-    own = run_segments(ctx.executor, prepared.segmentation, inputs)[k]
-    return "0x" + leaf_of_state(prepared.manifest, own).hex()
+    return run_segments(ctx.executor, prepared.segmentation, inputs)
+
+
+def _leaf(ctx: ServiceContext, model: RegisteredModel, state: Sequence[np.ndarray]) -> str:
+    return "0x" + leaf_of_state(ctx.prepared(model).manifest, state).hex()
 
 
 def _watcher_answer(ctx: ServiceContext, loaded: _Loaded, k: int) -> Choice:
-    """The service's honest answer: does state k equal its own execution of the model?"""
-    agree = _own_leaf(ctx, loaded.model, loaded.trace, k) == loaded.result.leaves[k]
+    """The service's honest answer: does state k equal its own execution of the model? The job
+    is executed once per drive (kept on ``loaded``); only the states asked about are hashed."""
+    if loaded.own_states is None:
+        loaded.own_states = _execute(ctx, loaded.model, loaded.trace)
+    agree = _leaf(ctx, loaded.model, loaded.own_states[k]) == loaded.result.leaves[k]
     return Choice.AGREE if agree else Choice.DISAGREE
 
 
@@ -490,9 +497,11 @@ def watch(ctx: ServiceContext, result_id: str, now: datetime, *,
         if result.trace_blob is None:
             raise DisputeError(f"result {result_id}: the watcher needs the job's input, and the "
                                "trace (state 0) was not uploaded")
-    trace = load_trace(ctx, result.trace_blob)
+        model = session.get(RegisteredModel, result.model_id)
+        assert model is not None
     n = len(result.leaves) - 1
-    if _own_leaf(ctx, _model_of(ctx, result), trace, n) == result.leaves[n]:
+    output = _execute(ctx, model, load_trace(ctx, result.trace_blob))[n]
+    if _leaf(ctx, model, output) == result.leaves[n]:
         return None
     return open_dispute(ctx, result_id, challenger=SERVICE, lo=0, hi=n,
                         bond=ctx.settings.watcher_bond, now=now, schedule_proof=schedule_proof)
