@@ -124,10 +124,16 @@ def record(session: Session, transcript: Transcript, result_id: str, *, kind: st
 
 
 def _ensure_submission(session: Session, transcript: Transcript, result: Result) -> None:
+    """Record the result's submission as event 0, naming the model's manifest by its sha256
+    (the manifest a dispute bundle carries is checked against it by ``refute replay``)."""
     if len(transcript) == 0:
+        model = session.get(RegisteredModel, result.model_id)
+        if model is None:
+            raise DisputeError(f"result {result.id}: model {result.model_id} is not registered")
         record(session, transcript, result.id, kind="submission",
                at=result.accepted_at.timestamp(), body={
             "result_id": result.id, "provider": result.provider, "model_id": result.model_id,
+            "manifest_sha256": Manifest.from_json(model.manifest).sha256,
             "trace_root": result.trace_root, "leaves": list(result.leaves),
             "stake": result.stake, "signature": result.signature})
 
@@ -550,7 +556,11 @@ def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> Disput
     new_state, effects = move(ctx, dispute_id, game_move, now, {
         "step": step, "maxdiff_units": str(outcome.maxdiff_units),
         "tolerance": manifest.tolerances[step - 1], "circuit": proof.circuit_key,
-        "vk_sha256": proof.vk_sha256, "proof": proof.proof})
+        "vk_sha256": proof.vk_sha256, "proof": proof.proof,
+        # The artifacts the proof was made with, kept in the blob store by sha256.
+        "settings_sha256": ctx.blobs.put((circuit := prover.step_circuit(
+            prepared, manifest, step)).settings_path.read_bytes()),
+        "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())})
     drive(ctx, dispute_id, effects, now)
     return new_state
 
@@ -572,7 +582,11 @@ def _prove_range(ctx: ServiceContext, loaded: _Loaded, state: DisputeState,
     new_state, effects = move(ctx, loaded.dispute.id, game_move, now, {
         "state": k, "max_abs_units": str(outcome.maxabs_units),
         "bound": int(outcome.bound_units), "circuit": proof.circuit_key,
-        "vk_sha256": proof.vk_sha256, "proof": proof.proof})
+        "vk_sha256": proof.vk_sha256, "proof": proof.proof,
+        # The artifacts the proof was made with, kept in the blob store by sha256.
+        "settings_sha256": ctx.blobs.put((circuit := prover.range_circuit(
+            prepared, manifest, k)).settings_path.read_bytes()),
+        "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())})
     drive(ctx, loaded.dispute.id, effects, now)
     return new_state
 
@@ -644,7 +658,11 @@ def service_signing_key(ctx: ServiceContext) -> SigningKey:
 
 
 def export_dispute(ctx: ServiceContext, dispute_id: str, path: Path) -> Path:
-    """Write the dispute's bundle for ``refute replay`` (transcript head signed by the service)."""
+    """Write the dispute's bundle for ``refute replay`` (transcript head signed by the service).
+
+    It holds the states the dispute revealed or proved on and, under ``artifacts/<sha256>``,
+    every settings file, verifying key and SRS that a proof event of the dispute names by hash
+    (taken from the blob store where the prover kept them, else from the circuit cache)."""
     loaded = _load(ctx, dispute_id)
     with ctx.sessions() as session:
         transcript = load_transcript(session, loaded.result.id)
@@ -652,20 +670,33 @@ def export_dispute(ctx: ServiceContext, dispute_id: str, path: Path) -> Path:
     transcript.attach_signature(key.public_key, sign_head(transcript, key))
     prepared = ctx.prepared(loaded.model)
     manifest = prepared.manifest
-    state = state_from_json(loaded.dispute.state)
-    revealed = {int(str(e.body["state"])) for e in transcript.events
-                if e.kind == "reveal" and e.body.get("dispute_id") == dispute_id}
+    wanted: set[int] = set()
     files: dict[str, bytes] = {}
-    proved = any(e.kind == "proofoutcome" and e.body.get("dispute_id") == dispute_id
-                 for e in transcript.events)
-    if proved:
-        revealed |= {state.lo, state.hi}
-        circuit = _prover().step_circuit(prepared, manifest, state.hi)
-        files = {"settings.json": circuit.settings_path.read_bytes(),
-                 "vk.key": circuit.vk_path.read_bytes(),
-                 "srs.bin": circuit.srs_path.read_bytes()}
+    for event in transcript.events:
+        body = event.body
+        if body.get("dispute_id") != dispute_id:
+            continue
+        if event.kind == "reveal":
+            wanted.add(int(str(body["state"])))
+            continue
+        if event.kind == "proofoutcome":
+            step = int(str(body["step"]))
+            wanted |= {step - 1, step}
+            circuit = _prover().step_circuit(prepared, manifest, step)
+        elif event.kind == "rangeoutcome":
+            wanted.add(int(str(body["state"])))
+            circuit = _prover().range_circuit(prepared, manifest, int(str(body["state"])))
+        else:
+            continue
+        for field, fallback in (("settings_sha256", circuit.settings_path),
+                                ("vk_sha256", circuit.vk_path), ("srs_sha256", circuit.srs_path)):
+            digest = str(body.get(field, ""))
+            if digest and ctx.blobs.exists(digest):
+                files[f"artifacts/{digest}"] = ctx.blobs.get(digest)
+            elif digest:
+                files[f"artifacts/{digest}"] = fallback.read_bytes()
     trace = loaded.trace
-    states = {k: trace.states[k] for k in sorted(revealed)} if trace is not None else {}
+    states = {k: trace.states[k] for k in sorted(wanted)} if trace is not None else {}
     return write_bundle(path, transcript=transcript.to_json(), manifest=manifest,
                         dispute_id=dispute_id, states=states, circuit_files=files)
 
