@@ -163,7 +163,7 @@ def test_honest_provider_beats_a_dishonest_challenger(world: World) -> None:
     state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "challenger_fault"
-    assert _status(world, rid) is ResultStatus.UPHELD
+    assert _status(world, rid) is ResultStatus.ACCEPTED  # open to other challengers
     assert _books_and_chain(world, rid)[-1] == "verdict"
 
 
@@ -222,7 +222,7 @@ def test_dishonest_whistleblower_loses_to_an_honest_provider(world: World) -> No
     wrong_input = zoo.mlp().sample_input(7)  # its "own execution" disagrees everywhere
     final = blower.challenge(rid, world.prepared, wrong_input, bond=30)
     assert final["verdict"] == "CHALLENGER_FAULT"
-    assert _status(world, rid) is ResultStatus.UPHELD
+    assert _status(world, rid) is ResultStatus.ACCEPTED  # open to other challengers
     _books_and_chain(world, rid)
 
 
@@ -284,7 +284,7 @@ def test_challenger_that_stops_answering_times_out(world: World) -> None:
         ledger = load_ledger(s)
         ledger.check()
         assert ledger.balance("available:0x" + "ee" * 20) == 0  # the bond is gone
-    assert _status(world, rid) is ResultStatus.UPHELD
+    assert _status(world, rid) is ResultStatus.ACCEPTED  # open to other challengers
 
 
 def test_a_crash_after_a_committed_move_resumes_to_the_same_verdict(world: World) -> None:
@@ -508,3 +508,85 @@ def test_recovery_carries_out_what_a_crash_lost_and_never_times_out_the_provider
         transcript = load_transcript(s, rid)
     replayed = [e for e in transcript.events if e.kind == "reveal"][-1]
     assert replayed.body["move_at"] == answered.timestamp()  # stamped when it was due
+
+
+def test_a_lost_self_challenge_does_not_shield_the_real_lie(world: World) -> None:
+    """Issue 9, finding 2: a provider lies at step 2, challenges its own honest step 1 with a
+    second key and a tiny bond, and loses. The result stays open (not "upheld"): the honest
+    challenge of step 2 is accepted and convicts."""
+    rid = _result(world, lie_at=2, seed=31)
+    queued: list[str] = []
+    decoy = open_dispute(world.ctx, rid, challenger="0x" + "5e" * 20, lo=0, hi=1, bond=1,
+                         now=datetime.now(UTC), schedule_proof=queued.append)
+    state = prove_pending(world.ctx, decoy, datetime.now(UTC))
+    assert state is not None and state.verdict is not None
+    assert state.verdict.value == "challenger_fault"
+    assert _status(world, rid) is ResultStatus.ACCEPTED  # open to every other challenger
+    client = TestClient(create_app(world.ctx, enqueue=lambda _r: None,
+                                   schedule_watch=lambda _r: None))
+    watch = client.post(f"/v1/results/{rid}/watch", headers={"X-API-Key": _network_key(world)})
+    assert watch.status_code == 202, watch.text  # was 409 once the result was "UPHELD"
+    honest = open_dispute(world.ctx, rid, challenger="service", lo=1, hi=2, bond=10,
+                          now=datetime.now(UTC), schedule_proof=queued.append)
+    state = prove_pending(world.ctx, honest, datetime.now(UTC))
+    assert state is not None and state.verdict is not None
+    assert state.verdict.value == "provider_fault"
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    _books_and_chain(world, rid)
+
+
+def test_disputes_that_reach_one_step_share_one_proof(world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9, finding 8: 20 fresh keys dispute the same step of a result. Each posts a bond,
+    but the prover proves the step once and every dispute gets that proof's verdict."""
+    rid = _result(world, lie_at=2, seed=37)
+    proofs: list[tuple[str, int]] = []
+    real_prove = orchestrator._prove
+
+    def counted(ctx: ServiceContext, loaded: Any, kind: str, index: int) -> dict[str, Any]:
+        proofs.append((kind, index))
+        return real_prove(ctx, loaded, kind, index)
+
+    monkeypatch.setattr(orchestrator, "_prove", counted)
+    queued: list[str] = []
+    disputes = [open_dispute(world.ctx, rid, challenger="0x" + f"{i:02x}" * 20, lo=1, hi=2,
+                             bond=1, now=datetime.now(UTC), schedule_proof=queued.append)
+                for i in range(20)]
+    assert queued == disputes  # every dispute reached the step and queued its proof
+    for dispute_id in queued:
+        prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    assert proofs == [("step", 2)]
+    with world.ctx.sessions() as s:
+        verdicts = {s.get(Dispute, d).verdict for d in disputes}  # type: ignore[union-attr]
+    assert verdicts <= {"PROVIDER_FAULT", "CLOSED"} and "PROVIDER_FAULT" in verdicts
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    assert _books_and_chain(world, rid).count("proofoutcome") == 1
+
+
+def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
+        world: World) -> None:
+    """Issue 9, finding 8: the deadline is the stored one, checked when the challenge arrives
+    (whatever the timers are doing); a bond below the network's minimum is refused."""
+    rid = _result(world, lie_at=None, seed=41)
+    with world.ctx.sessions() as s:
+        row = s.get(Result, rid)
+        assert row is not None
+        deadline = row.challenge_deadline.replace(tzinfo=UTC)
+    with pytest.raises(RefuteError, match="challenge window .* closed"):
+        open_dispute(world.ctx, rid, challenger="0x" + "77" * 20, lo=0, hi=3, bond=5,
+                     now=deadline + timedelta(seconds=5))
+    with world.ctx.sessions() as s, s.begin():
+        network = s.get(Network, "net_d")
+        assert network is not None
+        network.min_bond = "1000"
+    try:
+        with pytest.raises(RefuteError, match="below this network's minimum bond 1000"):
+            open_dispute(world.ctx, rid, challenger="0x" + "77" * 20, lo=0, hi=3, bond=999,
+                         now=datetime.now(UTC))
+        with world.ctx.sessions() as s:
+            assert s.scalars(select(Dispute).where(Dispute.result_id == rid)).first() is None
+    finally:
+        with world.ctx.sessions() as s, s.begin():
+            network = s.get(Network, "net_d")
+            assert network is not None
+            network.min_bond = "1"

@@ -20,10 +20,13 @@ def create_network(
     spot_count: int,
     challenge_window_s: int,
     now: datetime,
+    min_bond: int = 1,
+    disclosure_window_s: int = 600,
 ) -> tuple[Network, str]:
     """Create a network with its first API key; returns (network, key shown once)."""
     network = Network(id=new_id("net"), name=name, spot_probability=spot_probability,
                       spot_count=spot_count, challenge_window_s=challenge_window_s,
+                      min_bond=str(min_bond), disclosure_window_s=disclosure_window_s,
                       created_at=now)
     token, digest = new_api_key()
     session.add(network)

@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -40,13 +41,14 @@ class Base(DeclarativeBase):
 
 
 class ResultStatus(enum.StrEnum):
-    """DESIGN.md "Result lifecycle"."""
+    """DESIGN.md "Result lifecycle". There is no "upheld": a dispute the challenger loses settles
+    that dispute only, and the result stays open to other challengers until its window closes
+    (migration 0004 turned stored ``UPHELD`` results back into ``ACCEPTED``)."""
 
     ACCEPTED = "ACCEPTED"
     DISPUTED = "DISPUTED"
     FINALIZED = "FINALIZED"
     PROVIDER_FAULT = "PROVIDER_FAULT"
-    UPHELD = "UPHELD"
 
 
 class CheckOutcome(enum.StrEnum):
@@ -68,6 +70,10 @@ class Network(Base):
     spot_count: Mapped[int] = mapped_column(Integer, default=1)
     challenge_window_s: Mapped[int] = mapped_column(Integer, default=3600)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: The smallest bond a challenger may post (covers the proof a dispute can cause).
+    min_bond: Mapped[str] = mapped_column(String(78), default="1")  # uint256 as decimal text
+    #: How long a sampled provider has to disclose the states its spot-check needs.
+    disclosure_window_s: Mapped[int] = mapped_column(Integer, default=600)
 
 
 class ApiKey(Base):
@@ -126,6 +132,19 @@ class Result(Base):
     #: When the trace was uploaded (a provider's disclosure counts from then).
     trace_uploaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                                nullable=True)
+    #: The segments sampled for spot-checks, decided and written with the acceptance: the
+    #: result cannot finalize until each has its SpotCheck row.
+    spot_segments: Mapped[list[int]] = mapped_column(JSON, default=list)
+    #: True while a sampled check is not recorded (set with the acceptance, cleared by the
+    #: transaction that records the last one).
+    spot_pending: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    #: When the owed checks were last queued (the sweep queues them again after a while).
+    spot_queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                            nullable=True)
+    #: Until when the provider may disclose the states its sampled checks need (None: nothing
+    #: to disclose, the trace or the states are stored, or the result was not sampled).
+    disclosure_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                                 nullable=True, index=True)
 
 
 class SpotCheck(Base):
@@ -142,6 +161,34 @@ class SpotCheck(Base):
     maxdiff_units: Mapped[float] = mapped_column(Float)
     tolerance: Mapped[int] = mapped_column(Integer)
     checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DisclosedState(Base):
+    """One committed state a provider disclosed on request (checked against its leaf)."""
+
+    __tablename__ = "disclosed_states"
+
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), primary_key=True)
+    state: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The disclosure bundle (``refute.states/1``) in the blob store that holds this state.
+    blob: Mapped[str] = mapped_column(String(64))
+    disclosed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SharedProof(Base):
+    """The one proof of a disputed step (or of a revealed state's range) of a result, shared by
+    every dispute that reaches it: claimed by the first prove task, then filled in."""
+
+    __tablename__ = "shared_proofs"
+
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), primary_key=True)
+    #: ``step`` (index = the segment) or ``range`` (index = the state).
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: What the proof established and its transcript detail; None while it is being proven.
+    outcome: Mapped[dict[str, object] | None] = mapped_column(JSON, nullable=True)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Challenge(Base):

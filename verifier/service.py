@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import numpy as np
 from sqlalchemy import CursorResult, Engine, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from refute.disclosure import read_states
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
@@ -29,14 +31,15 @@ from verifier.db import make_engine, session_factory
 from verifier.models import (
     Challenge,
     CheckOutcome,
-    Network,
+    DisclosedState,
+    Dispute,
     RegisteredModel,
     Result,
     ResultStatus,
     SpotCheck,
 )
 from verifier.settings import ServiceSettings
-from verifier.spotcheck import Finding, SegmentCheck, check_segment, sample_segments
+from verifier.spotcheck import Finding, SegmentCheck, check_states
 from verifier.webhooks import enqueue
 
 SERVICE_CHALLENGER = "service"
@@ -95,8 +98,26 @@ def load_trace(ctx: ServiceContext, key: str) -> Trace:
     return Trace.read(ctx.blobs.get(key), workers=1, rehash=False)
 
 
+def held_states(ctx: ServiceContext, manifest: Manifest, result: Result, needed: set[int],
+                disclosed: dict[int, str]) -> dict[int, tuple[np.ndarray, ...]]:
+    """The provider's committed states in ``needed`` that the service holds: from the uploaded
+    trace (all of them), else from the disclosures (``disclosed`` maps state → bundle blob).
+    Both were verified against the result's leaves when they arrived."""
+    if result.trace_blob is not None:
+        trace = load_trace(ctx, result.trace_blob)
+        return {k: trace.states[k] for k in needed}
+    found: dict[int, tuple[np.ndarray, ...]] = {}
+    for blob in sorted({disclosed[k] for k in needed if k in disclosed}):
+        states = read_states(manifest, ctx.blobs.get(blob), result.leaves)
+        found.update({k: v for k, v in states.items() if k in needed})
+    return found
+
+
 def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[SegmentCheck]:
-    """Check the sampled segments of a result not yet checked; file a challenge on a fault.
+    """Check the result's sampled segments (decided at acceptance) not yet recorded, from the
+    states the service holds; file a challenge on a fault. A segment whose states were neither
+    uploaded nor disclosed yet is left owed: the timers ask for them and challenge that step
+    when they do not come (:func:`verifier.lifecycle.sweep`).
 
     Returns the checks recorded by *this* call (empty when every sampled check already was).
     """
@@ -105,45 +126,67 @@ def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[Se
         if result is None:
             raise NotFound(f"result {result_id} does not exist")
         model = session.get(RegisteredModel, result.model_id)
-        network = session.get(Network, result.network_id)
-        assert model is not None and network is not None
-        if result.trace_blob is None:
-            return []
-        prepared = ctx.prepared(model)
-        picks = sample_segments(ctx.settings.spot_key_bytes(), result.id,
-                                num_segments=prepared.segmentation.num_segments,
-                                probability=network.spot_probability, count=network.spot_count)
-        done = set(session.scalars(select(SpotCheck.segment).where(
-            SpotCheck.result_id == result.id)))
-        trace_key = result.trace_blob
-    todo = [i for i in picks if i not in done]
+        assert model is not None
+        todo = owed_segments(session, result)
+        disclosed = dict(session.execute(select(DisclosedState.state, DisclosedState.blob)
+                                         .where(DisclosedState.result_id == result_id)).all())
+        session.expunge(result)
     if not todo:
+        _settle_owed(ctx, result_id)  # a crash between the last record and this flag
         return []
-    trace = load_trace(ctx, trace_key)
+    prepared = ctx.prepared(model)
+    needed = {k for i in todo for k in (i - 1, i)}
+    states = held_states(ctx, prepared.manifest, result, needed, disclosed)
     recorded = []
     for segment in todo:
+        if segment - 1 not in states or segment not in states:
+            continue
         if ctx.settings.spotcheck_delay_s:
             time.sleep(ctx.settings.spotcheck_delay_s)
-        check = check_segment(ctx.executor, prepared.segmentation, trace, segment)
+        check = check_states(ctx.executor, prepared.segmentation, prepared.manifest, segment,
+                             before=states[segment - 1], after=states[segment])
         if _record_check(ctx, result_id, check, now):
             recorded.append(check)
     return recorded
 
 
+def owed_segments(session: Session, result: Result) -> list[int]:
+    """The result's sampled segments whose check is not recorded yet."""
+    if not result.spot_segments:
+        return []
+    done = set(session.scalars(select(SpotCheck.segment).where(
+        SpotCheck.result_id == result.id)))
+    return [int(i) for i in result.spot_segments if int(i) not in done]
+
+
+def _settle_owed(ctx: ServiceContext, result_id: str) -> None:
+    with ctx.sessions() as session, session.begin():
+        result = session.get(Result, result_id, with_for_update=True)
+        if result is not None and result.spot_pending and not owed_segments(session, result):
+            result.spot_pending = False
+            result.disclosure_deadline = None
+
+
 def _record_check(ctx: ServiceContext, result_id: str, check: SegmentCheck, now: datetime) -> bool:
-    """Write one check (and, for a fault, the service's challenge) in one transaction."""
+    """Write one check (and, for a fault, the service's challenge) in one transaction; the
+    result's row is locked first, so the transaction that records the last owed check is the
+    one that sees them all and clears ``spot_pending``."""
     with ctx.sessions() as session:
         try:
             with session.begin():
+                result = session.get(Result, result_id, with_for_update=True)
+                assert result is not None
                 session.add(SpotCheck(
                     result_id=result_id, segment=check.segment,
                     outcome=CheckOutcome(check.finding.value),
                     maxdiff_units=float(check.maxdiff_units), tolerance=check.tolerance,
                     checked_at=now,
                 ))
+                session.flush()
+                if not owed_segments(session, result):
+                    result.spot_pending = False
+                    result.disclosure_deadline = None
                 if check.finding is Finding.FAULT:
-                    result = session.get(Result, result_id)
-                    assert result is not None
                     challenge_id = new_id("chl")
                     session.add(Challenge(
                         id=challenge_id, result_id=result_id, filed_by=SERVICE_CHALLENGER,
@@ -167,11 +210,13 @@ def _record_check(ctx: ServiceContext, result_id: str, check: SegmentCheck, now:
 
 
 def finalize_due(ctx: ServiceContext, now: datetime) -> int:
-    """Finalize accepted results whose window closed with no open challenge; return how many."""
+    """Finalize accepted results whose window closed, whose sampled checks are all recorded and
+    that have no open challenge or dispute (DESIGN.md "Result lifecycle"); return how many."""
     open_challenge = exists().where(Challenge.result_id == Result.id,
                                     Challenge.status == "OPEN")
+    open_dispute = exists().where(Dispute.result_id == Result.id, Dispute.status == "OPEN")
     due = (Result.status == ResultStatus.ACCEPTED, Result.challenge_deadline <= now,
-           ~open_challenge)
+           Result.spot_pending.is_(False), ~open_challenge, ~open_dispute)
     with ctx.sessions() as session, session.begin():
         rows = session.execute(select(Result.id, Result.network_id).where(*due)).all()
         if not rows:

@@ -16,12 +16,14 @@ import enum
 import hashlib
 import hmac
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
+from refute.manifest import Manifest
 from refute.quantize import quantize
 from refute.segmentation import Segmentation, run_segment
 from refute.trace import Trace
@@ -67,15 +69,23 @@ def check_segment(
     executor: DeterministicExecutor, segmentation: Segmentation, trace: Trace, segment: int
 ) -> SegmentCheck:
     """Re-execute ``segment`` on the committed state i-1 and compare with committed state i."""
-    manifest = trace.manifest
+    return check_states(executor, segmentation, trace.manifest, segment,
+                        before=trace.states[segment - 1], after=trace.states[segment])
+
+
+def check_states(
+    executor: DeterministicExecutor, segmentation: Segmentation, manifest: Manifest,
+    segment: int, *, before: Sequence[np.ndarray], after: Sequence[np.ndarray],
+) -> SegmentCheck:
+    """Re-execute ``segment`` on ``before`` (committed state i-1, from a trace or a disclosure)
+    and compare with ``after`` (committed state i) in quantized units."""
     if manifest.tolerances is None:
         raise SpotCheckError("the manifest is not calibrated: no tolerances to check against")
     if not 1 <= segment <= segmentation.num_segments:
         raise SpotCheckError(f"segment {segment} is outside 1..{segmentation.num_segments}")
-    recomputed = run_segment(executor, segmentation.segments[segment - 1],
-                             trace.states[segment - 1])
+    recomputed = run_segment(executor, segmentation.segments[segment - 1], tuple(before))
     worst = 0
-    for mine, theirs in zip(recomputed, trace.states[segment], strict=True):
+    for mine, theirs in zip(recomputed, after, strict=True):
         diff = np.abs(quantize(mine, manifest.scale) - quantize(theirs, manifest.scale))
         worst = max(worst, int(diff.max()) if diff.size else 0)
     tolerance = manifest.tolerances[segment - 1]

@@ -12,7 +12,7 @@ Run with ``refute worker --queues spotcheck`` (or ``celery -A verifier.worker wo
 from __future__ import annotations
 
 import functools
-import traceback
+import logging
 from typing import Any
 
 from celery import Celery
@@ -24,6 +24,8 @@ from verifier.service import ServiceContext, finalize_due, run_spotcheck, utcnow
 from verifier.settings import ServiceSettings, get_settings
 
 QUEUES = ("spotcheck", "prove", "timers")
+
+log = logging.getLogger(__name__)
 
 
 def make_celery(settings: ServiceSettings) -> Celery:
@@ -109,34 +111,23 @@ def admit_delivery(ctx: ServiceContext, task_id: str, name: str, args: list[Any]
 @app.task(name="refute.spotcheck", bind=True)
 def spotcheck(self: Any, result_id: str) -> int:
     """Run the sampled spot-checks of a result; returns how many this delivery recorded."""
+    from verifier.lifecycle import watch_faults
+
     ctx = context()
     if not admit_delivery(ctx, str(self.request.id), self.name, [result_id]):
         return 0
     try:
         checks = run_spotcheck(ctx, result_id, utcnow())
     except Exception:
-        traceback.print_exc()
+        log.exception("spot-check of %s failed", result_id)
         raise
-    watch_faults(ctx, result_id)
+    watch_faults(ctx, result_id, utcnow())
     return len(checks)
 
 
-def watch_faults(ctx: ServiceContext, result_id: str) -> None:
-    """The watcher: every spot-check fault becomes a dispute naming that step (idempotent)."""
-    from sqlalchemy import select
-
-    from challenge.orchestrator import SERVICE, open_dispute
-    from verifier.models import SpotCheck
-
-    with ctx.sessions() as session:
-        faults = session.scalars(select(SpotCheck.segment).where(
-            SpotCheck.result_id == result_id, SpotCheck.outcome == "FAULT")).all()
-    for segment in sorted(faults):
-        try:
-            open_dispute(ctx, result_id, challenger=SERVICE, lo=segment - 1, hi=segment,
-                         bond=ctx.settings.watcher_bond, now=utcnow())
-        except RefuteError as exc:  # e.g. already convicted by the first fault's dispute
-            print(f"watcher: no dispute on {result_id} step {segment}: {exc.reason}")
+def queue_spotcheck(result_id: str) -> None:
+    """Queue the spot-check task of a result (Celery)."""
+    app.send_task("refute.spotcheck", args=[result_id])
 
 
 @app.task(name="refute.watch", bind=True)
@@ -150,7 +141,7 @@ def watch(self: Any, result_id: str) -> str | None:
     try:
         return watch_result(ctx, result_id, utcnow())
     except RefuteError as exc:  # e.g. convicted meanwhile: nothing to do, and say so
-        print(f"watcher: no dispute on {result_id}: {exc.reason}")
+        log.info("watcher: no dispute on %s: %s", result_id, exc.reason)
         return None
 
 
@@ -190,5 +181,11 @@ def deliver_webhooks() -> int:
 
 @app.task(name="refute.finalize")
 def finalize() -> int:
-    """Finalize every result whose challenge window closed without an open dispute."""
-    return finalize_due(context(), utcnow())
+    """Sweep the checks results owe (queue lost ones again, challenge undisclosed states), then
+    finalize every result whose window closed with its checks recorded and no open dispute."""
+    from verifier.lifecycle import sweep
+
+    ctx = context()
+    now = utcnow()
+    sweep(ctx, now, queue_spotcheck)
+    return finalize_due(ctx, now)

@@ -1,0 +1,114 @@
+"""Disclosing selected committed states (``refute.states/1``), not the whole trace.
+
+A sampled provider that keeps its trace to itself is asked for exactly the states its
+spot-check needs (DESIGN.md "Spot-checks"); it answers with a *disclosure bundle*: an
+uncompressed ZIP archive holding
+
+* ``states.json`` — ``{"format": "refute.states/1", "manifest_sha256": …, "states": [k, …]}``;
+* ``states/<k>/<j>.f32`` — tensor j of state k, raw little-endian float32 in C order (the same
+  member layout as a trace bundle).
+
+Reading one trusts nothing in it: the manifest hash is compared first, member sizes are checked
+against the manifest's shapes before any tensor is read, every state must keep the range rule,
+and each state must reproduce its committed leaf. Any mismatch is a :class:`BundleError` naming
+the state at fault.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from refute.errors import BundleError, RefuteError
+from refute.manifest import Manifest, canonical_json
+from refute.safejson import loads
+from refute.trace import leaf_of_state
+
+FORMAT = "refute.states/1"
+_INDEX = "states.json"
+_MAX_INDEX_BYTES = 2**20
+
+
+def _member(k: int, j: int) -> str:
+    return f"states/{k}/{j}.f32"
+
+
+def write_states(manifest: Manifest, states: Mapping[int, Sequence[np.ndarray]]) -> bytes:
+    """The disclosure bundle of ``states`` (state index → its tensors, in manifest order)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(_INDEX, canonical_json({
+            "format": FORMAT, "manifest_sha256": manifest.sha256, "states": sorted(states)}))
+        for k in sorted(states):
+            for j, tensor in enumerate(states[k]):
+                archive.writestr(_member(k, j),
+                                 np.ascontiguousarray(tensor, dtype="<f4").tobytes())
+    return buffer.getvalue()
+
+
+def read_states(manifest: Manifest, data: bytes,
+                leaves: Sequence[str]) -> dict[int, tuple[np.ndarray, ...]]:
+    """Verify a disclosure bundle against ``manifest`` and the committed ``leaves`` (``0x`` hex,
+    one per state); return its states. Raises :class:`BundleError` on any inconsistency."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return _read(archive, manifest, leaves)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise BundleError(f"not a readable disclosure bundle: {exc}") from exc
+
+
+def _read(archive: zipfile.ZipFile, manifest: Manifest,
+          leaves: Sequence[str]) -> dict[int, tuple[np.ndarray, ...]]:
+    infos = {info.filename: info for info in archive.infolist()}
+    index = infos.get(_INDEX)
+    if index is None or index.file_size > _MAX_INDEX_BYTES:
+        raise BundleError(f"a disclosure bundle needs a {_INDEX} of at most {_MAX_INDEX_BYTES} "
+                          "bytes")
+    try:
+        doc = loads(archive.read(index), what=_INDEX)
+    except RefuteError as exc:
+        raise BundleError(exc.reason) from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise BundleError(f"{_INDEX} is not a {FORMAT} document")
+    if doc.get("manifest_sha256") != manifest.sha256:
+        raise BundleError("the states were disclosed under another manifest than the model's")
+    listed = doc.get("states")
+    n = len(manifest.states)
+    if (not isinstance(listed, list) or not listed
+            or not all(type(k) is int and 0 <= k < n for k in listed)
+            or len(set(listed)) != len(listed)):
+        raise BundleError(f"{_INDEX} must list distinct state indices in 0..{n - 1}")
+    expected = {_INDEX} | {_member(k, j) for k in listed for j in range(len(manifest.states[k]))}
+    if set(infos) != expected:
+        extra = sorted(set(infos) - expected)[:3]
+        missing = sorted(expected - set(infos))[:3]
+        raise BundleError(f"disclosure members differ: unexpected {extra}, missing {missing}")
+    for k in listed:  # every size before any tensor is read
+        for j, spec in enumerate(manifest.states[k]):
+            info = infos[_member(k, j)]
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != spec.size * 4:
+                raise BundleError(f"state {k} tensor {spec.name!r} has the wrong size")
+    states: dict[int, tuple[np.ndarray, ...]] = {}
+    for k in sorted(listed):
+        tensors = tuple(
+            np.frombuffer(archive.read(infos[_member(k, j)]), dtype="<f4")
+            .reshape(spec.shape).copy()
+            for j, spec in enumerate(manifest.states[k]))
+        _check_range(manifest, k, tensors)
+        if "0x" + leaf_of_state(manifest, tensors).hex() != leaves[k]:
+            raise BundleError(f"state {k} does not match its committed leaf")
+        states[k] = tensors
+    return states
+
+
+def _check_range(manifest: Manifest, k: int, tensors: Sequence[np.ndarray]) -> None:
+    bound = manifest.range
+    for spec, tensor in zip(manifest.states[k], tensors, strict=True):
+        if tensor.size and not np.isfinite(tensor).all():
+            raise BundleError(f"state {k} tensor {spec.name!r} holds a non-finite value")
+        if bound is not None and tensor.size and float(np.max(np.abs(tensor))) > bound:
+            raise BundleError(f"state {k} tensor {spec.name!r} breaks the declared range "
+                              f"R={bound}")
