@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -62,9 +62,11 @@ from verifier.models import (
     Challenge,
     Dispute,
     LedgerEntry,
+    Network,
     RegisteredModel,
     Result,
     ResultStatus,
+    SharedProof,
     SignedMessage,
     TranscriptEvent,
 )
@@ -207,11 +209,16 @@ def open_dispute(
     clocks: TimeControl | None = None,
     schedule_proof: ProofScheduler | None = None,
     signed: SignedClaim | None = None,
+    owed_check: bool = False,
 ) -> str:
     """Open a dispute over states (lo, hi] of a result; returns its id (idempotent).
 
     ``clocks`` default to the service's settings (``REFUTE_DISPUTE_*``); ``signed`` is the
-    challenger's signed message, recorded once (a retry returns the same dispute)."""
+    challenger's signed message, recorded once (a retry returns the same dispute). A challenge
+    is accepted only before the result's stored deadline, whatever the timers are doing, and
+    with at least the network's minimum bond; ``owed_check`` marks the service's own dispute of
+    a sampled spot-check the result still owes (a fault it found, or states never disclosed),
+    which the window does not bound: such a result cannot finalize before it is settled."""
     if clocks is None:
         clocks = configured_clocks(ctx)
     with _one_writer(), ctx.sessions() as session, session.begin():
@@ -230,6 +237,14 @@ def open_dispute(
         if result.status not in (ResultStatus.ACCEPTED, ResultStatus.DISPUTED):
             raise DisputeError(f"result {result_id} is {result.status.value}: it cannot be "
                                "challenged any more")
+        if not owed_check and now.timestamp() > _timestamp(result.challenge_deadline):
+            raise DisputeError(f"the challenge window of result {result_id} closed at "
+                               f"{_as_utc(result.challenge_deadline).isoformat()}")
+        network = session.get(Network, result.network_id)
+        assert network is not None
+        if challenger != SERVICE and bond < int(network.min_bond):
+            raise DisputeError(f"the bond {bond} is below this network's minimum bond "
+                               f"{network.min_bond}")
         n = len(result.leaves) - 1
         disclosed = result.trace_blob is not None
         state, effects = apply(None, Open(actor=Actor.CHALLENGER, at=now.timestamp(), n=n,
@@ -339,12 +354,13 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
             other.verdict = "CLOSED"
             other.timeout_at = None
     else:
+        # The challenger's claim was wrong, not the result proven right: the result stays open
+        # to every other challenger until its window closes (DESIGN.md "Result lifecycle").
         still_open = session.scalars(select(Dispute).where(
             Dispute.result_id == result.id, Dispute.status == "OPEN",
             Dispute.id != dispute.id)).first()
         if still_open is None:
-            result.status = (ResultStatus.UPHELD if at_fault is Actor.CHALLENGER
-                             else ResultStatus.ACCEPTED)
+            result.status = ResultStatus.ACCEPTED
     save_ledger(session, ledger, known)
     record(session, transcript, result.id, kind="verdict", at=now.timestamp(), body={
         "dispute_id": dispute.id, "verdict": verdict, "reason": effect.reason,
@@ -435,9 +451,14 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
             raise
 
 
+def _as_utc(moment: datetime) -> datetime:
+    """A stored time as an aware UTC datetime (SQLite returns naive UTC datetimes)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _timestamp(moment: datetime) -> float:
-    """Unix seconds of a stored time (SQLite returns naive UTC datetimes)."""
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    """Unix seconds of a stored time."""
+    return _as_utc(moment).timestamp()
 
 
 def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
@@ -531,64 +552,131 @@ def _prover() -> Any:
 
 def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> DisputeState | None:
     """Prove what a dispute waits for — the step, or the range of a revealed state — and apply
-    the outcome (idempotent: does nothing unless a proof is due)."""
+    the outcome (idempotent: does nothing unless a proof is due).
+
+    One proof per disputed step (or revealed state) of a result, shared by every dispute that
+    reaches it (DESIGN.md "Bonds"): the first task claims it, proves it, stores its outcome and
+    applies it to every dispute of the result waiting for it; a task that finds the proof being
+    made by another returns at once (the prover applies it to this dispute too), and a dispute
+    that arrives later reuses the stored outcome. Flooding a result with cheap disputes costs
+    their bonds, not the prover's time."""
     loaded = _load(ctx, dispute_id)
     state = state_from_json(loaded.dispute.state)
     if loaded.dispute.status != "OPEN":
         return None  # resolved, or closed by another dispute's conviction: nothing to prove
     if state.phase is Phase.RANGE_PROOF:
-        return _prove_range(ctx, loaded, state, now)
-    if state.phase is not Phase.STEP_PROOF:
+        if loaded.trace is None or state.pending is None:
+            raise DisputeError("the state to range-check was not revealed")
+        kind, index = "range", state.pending
+    elif state.phase is Phase.STEP_PROOF:
+        if loaded.trace is None:
+            raise DisputeError("the step's states were not revealed (no trace uploaded)")
+        kind, index = "step", state.hi
+    else:
         return None
-    if loaded.trace is None:
-        raise DisputeError("the step's states were not revealed (no trace uploaded)")
+    detail = _shared_proof(ctx, loaded, kind, index, now)
+    if detail is None:
+        return None  # being proven by another task, which applies it here too
+    return _apply_shared(ctx, loaded.result.id, kind, index, detail, now=now,
+                         asked_by=dispute_id)
+
+
+def _prove(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int) -> dict[str, Any]:
+    """Make the proof (step ``index``, or the range of state ``index``) and verify it; return
+    its transcript detail (what the proof established, the circuit and the proof itself)."""
+    assert loaded.trace is not None
     prepared = ctx.prepared(loaded.model)
     manifest: Manifest = prepared.manifest
-    step = state.hi
     prover = _prover()
+    if kind == "range":
+        proof = prover.prove_range(prepared, manifest, index, loaded.trace.states[index])
+        outcome = prover.verify_range(prepared, manifest, proof, loaded.trace.commitment)
+        return {"state": index, "max_abs_units": str(outcome.maxabs_units),
+                "bound": int(outcome.bound_units), "circuit": proof.circuit_key,
+                "vk_sha256": proof.vk_sha256, "proof": proof.proof,
+                # The artifacts the proof was made with, kept in the blob store by sha256.
+                "settings_sha256": ctx.blobs.put((circuit := prover.range_circuit(
+                    prepared, manifest, index)).settings_path.read_bytes()),
+                "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())}
+    step = index
     proof = prover.prove_step(prepared, manifest, step, loaded.trace.states[step - 1],
                               loaded.trace.states[step])
     outcome = prover.verify_step(prepared, manifest, proof, loaded.trace.commitment)
     assert manifest.tolerances is not None
-    game_move = ProofOutcome(actor=Actor.SERVICE, at=now.timestamp(), step=step,
-                             maxdiff_units=Fraction(outcome.maxdiff_units),
-                             tolerance=manifest.tolerances[step - 1], valid=True)
-    new_state, effects = move(ctx, dispute_id, game_move, now, {
-        "step": step, "maxdiff_units": str(outcome.maxdiff_units),
-        "tolerance": manifest.tolerances[step - 1], "circuit": proof.circuit_key,
-        "vk_sha256": proof.vk_sha256, "proof": proof.proof,
-        # The artifacts the proof was made with, kept in the blob store by sha256.
-        "settings_sha256": ctx.blobs.put((circuit := prover.step_circuit(
-            prepared, manifest, step)).settings_path.read_bytes()),
-        "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())})
-    drive(ctx, dispute_id, effects, now)
-    return new_state
+    return {"step": step, "maxdiff_units": str(outcome.maxdiff_units),
+            "tolerance": manifest.tolerances[step - 1], "circuit": proof.circuit_key,
+            "vk_sha256": proof.vk_sha256, "proof": proof.proof,
+            # The artifacts the proof was made with, kept in the blob store by sha256.
+            "settings_sha256": ctx.blobs.put((circuit := prover.step_circuit(
+                prepared, manifest, step)).settings_path.read_bytes()),
+            "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())}
 
 
-def _prove_range(ctx: ServiceContext, loaded: _Loaded, state: DisputeState,
-                 now: datetime) -> DisputeState:
-    """Settle a revealed state that breaks the range rule with the range circuit."""
-    if loaded.trace is None or state.pending is None:
-        raise DisputeError("the state to range-check was not revealed")
-    k = state.pending
-    prepared = ctx.prepared(loaded.model)
-    manifest = prepared.manifest
-    prover = _prover()
-    proof = prover.prove_range(prepared, manifest, k, loaded.trace.states[k])
-    outcome = prover.verify_range(prepared, manifest, proof, loaded.trace.commitment)
-    game_move = RangeOutcome(actor=Actor.SERVICE, at=now.timestamp(), state=k,
-                             max_abs_units=Fraction(outcome.maxabs_units),
-                             bound=int(outcome.bound_units), valid=True)
-    new_state, effects = move(ctx, loaded.dispute.id, game_move, now, {
-        "state": k, "max_abs_units": str(outcome.maxabs_units),
-        "bound": int(outcome.bound_units), "circuit": proof.circuit_key,
-        "vk_sha256": proof.vk_sha256, "proof": proof.proof,
-        # The artifacts the proof was made with, kept in the blob store by sha256.
-        "settings_sha256": ctx.blobs.put((circuit := prover.range_circuit(
-            prepared, manifest, k)).settings_path.read_bytes()),
-        "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())})
-    drive(ctx, loaded.dispute.id, effects, now)
-    return new_state
+def _shared_proof(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int,
+                  now: datetime) -> dict[str, Any] | None:
+    """The stored detail of the result's one proof of ``(kind, index)``, or this task's new
+    proof (claimed before proving); ``None`` while another live task is proving it. A claim
+    older than the task time limit belongs to a dead task and is taken over."""
+    key = (loaded.result.id, kind, index)
+    with _one_writer(), ctx.sessions() as session, session.begin():
+        row = session.get(SharedProof, key, with_for_update=True)
+        if row is not None and row.outcome is not None:
+            return dict(row.outcome)
+        if row is None:
+            session.add(SharedProof(result_id=key[0], kind=kind, index=index, claimed_at=now))
+        elif now.timestamp() - _timestamp(row.claimed_at) > ctx.settings.task_time_limit_s:
+            row.claimed_at = now
+        else:
+            return None
+    try:
+        detail = _prove(ctx, loaded, kind, index)
+    except BaseException:
+        with ctx.sessions() as session, session.begin():  # let the next task prove it at once
+            session.execute(delete(SharedProof).where(
+                SharedProof.result_id == key[0], SharedProof.kind == kind,
+                SharedProof.index == index, SharedProof.outcome.is_(None)))
+        raise
+    with ctx.sessions() as session, session.begin():
+        row = session.get(SharedProof, key, with_for_update=True)
+        if row is not None and row.outcome is not None:
+            return dict(row.outcome)  # a taken-over claim finished meanwhile: one outcome
+        if row is None:
+            session.add(SharedProof(result_id=key[0], kind=kind, index=index, claimed_at=now,
+                                    outcome=detail, done_at=now))
+        else:
+            row.outcome, row.done_at = detail, now
+    return detail
+
+
+def _apply_shared(ctx: ServiceContext, result_id: str, kind: str, index: int,
+                  detail: dict[str, Any], *, now: datetime,
+                  asked_by: str) -> DisputeState | None:
+    """Apply a proof's outcome to every open dispute of the result waiting for exactly that
+    proof; returns the new state of ``asked_by`` (None if it was not waiting any more)."""
+    with ctx.sessions() as session:
+        waiting = [(d.id, state_from_json(d.state)) for d in session.scalars(
+            select(Dispute).where(Dispute.result_id == result_id, Dispute.status == "OPEN"))]
+    mine: DisputeState | None = None
+    for dispute_id, state in waiting:
+        game_move: Move
+        if kind == "step" and state.phase is Phase.STEP_PROOF and state.hi == index:
+            game_move = ProofOutcome(actor=Actor.SERVICE, at=now.timestamp(), step=index,
+                                     maxdiff_units=Fraction(str(detail["maxdiff_units"])),
+                                     tolerance=int(detail["tolerance"]), valid=True)
+        elif kind == "range" and state.phase is Phase.RANGE_PROOF and state.pending == index:
+            game_move = RangeOutcome(actor=Actor.SERVICE, at=now.timestamp(), state=index,
+                                     max_abs_units=Fraction(str(detail["max_abs_units"])),
+                                     bound=int(detail["bound"]), valid=True)
+        else:
+            continue
+        try:
+            new_state, effects = move(ctx, dispute_id, game_move, now, detail)
+        except (IllegalMove, DisputeError):
+            continue  # moved or closed concurrently
+        drive(ctx, dispute_id, effects, now)
+        if dispute_id == asked_by:
+            mine = new_state
+    return mine
 
 
 def resume_stalled(ctx: ServiceContext, now: datetime, *,
@@ -637,9 +725,14 @@ def tick_due(ctx: ServiceContext, now: datetime) -> int:
     with ctx.sessions() as session:
         due = session.scalars(select(Dispute.id).where(
             Dispute.status == "OPEN", Dispute.timeout_at <= now.timestamp())).all()
+    moved = 0
     for dispute_id in due:
-        move(ctx, dispute_id, Tick(actor=Actor.SERVICE, at=now.timestamp()), now)
-    return len(due)
+        try:
+            move(ctx, dispute_id, Tick(actor=Actor.SERVICE, at=now.timestamp()), now)
+        except DisputeError:  # closed meanwhile by a conviction in another dispute it timed out
+            continue
+        moved += 1
+    return moved
 
 
 # --- export -----------------------------------------------------------------------------------

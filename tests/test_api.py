@@ -18,14 +18,10 @@ from eth_account import Account
 from fastapi.testclient import TestClient
 
 from refute import zoo
-from refute.manifest import Manifest
-from refute.provider import prepare_model, run_trace
-from refute.trace import Trace
 from tests.hostile_models import HOSTILE
 from tests.servers import postgres_server, redis_server
+from tests.signing import signed_result as _signed
 from verifier.api.app import MAX_BODY_BYTES, create_app
-from verifier.auth import Domain, network_word, sign_typed
-from verifier.auth import Result as SignedResult
 from verifier.db import migrate
 from verifier.service import ServiceContext
 from verifier.settings import ServiceSettings
@@ -33,7 +29,6 @@ from verifier.settings import ServiceSettings
 pytestmark = [pytest.mark.slow]
 
 ADMIN = "admin-secret"
-PROVIDER = Account.from_key(b"\x01" * 32)
 OTHER = Account.from_key(b"\x02" * 32)
 
 
@@ -80,33 +75,6 @@ def registered(api: Api) -> tuple[str, dict[str, str], dict[str, Any]]:
         "onnx_base64": base64.b64encode(model.onnx_bytes).decode(), "calibration_samples": 2})
     assert answer.status_code == 201, answer.text
     return network_id, headers, answer.json()
-
-
-def _signed(network_id: str, model_body: dict[str, Any], *, nonce: int, seed: int = 0,
-            key: Any = PROVIDER, chain_id: int = 31337, deadline: int | None = None,
-            provider: str | None = None) -> tuple[dict[str, Any], Trace]:
-    manifest = Manifest.from_json(model_body["manifest"])
-    model = zoo.mlp()
-    prepared = dataclasses.replace(prepare_model(model.onnx_bytes), manifest=manifest)
-    trace = run_trace(prepared, model.sample_input(seed))
-    claim = SignedResult(
-        network=network_word(network_id), model=bytes.fromhex(model_body["model_sha256"]),
-        input=b"\x11" * 32, output=b"\x22" * 32, trace_root=trace.commitment.root, stake=10,
-        nonce=nonce, deadline=deadline if deadline is not None else int(time.time()) + 600)
-    domain = Domain(chain_id=chain_id)
-    signature = sign_typed(claim, domain, key.key)
-    body = {
-        "model_id": model_body["id"], "provider": provider or PROVIDER.address,
-        "message": {"network": "0x" + claim.network.hex(), "model": "0x" + claim.model.hex(),
-                    "input": "0x" + claim.input.hex(), "output": "0x" + claim.output.hex(),
-                    "traceRoot": "0x" + claim.trace_root.hex(), "stake": claim.stake,
-                    "nonce": claim.nonce, "deadline": claim.deadline},
-        "domain": {"name": "refute", "version": "1", "chainId": chain_id,
-                   "verifyingContract": "0x" + "00" * 20},
-        "signature": "0x" + signature.hex(),
-        "leaves": ["0x" + leaf.hex() for leaf in trace.commitment.leaves],
-    }
-    return body, trace
 
 
 def _error(answer: Any, status: int) -> str:

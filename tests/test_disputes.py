@@ -572,7 +572,7 @@ def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
         row = s.get(Result, rid)
         assert row is not None
         deadline = row.challenge_deadline.replace(tzinfo=UTC)
-    with pytest.raises(RefuteError, match="challenge window .* closed"):
+    with pytest.raises(RefuteError, match=r"challenge window .* closed"):
         open_dispute(world.ctx, rid, challenger="0x" + "77" * 20, lo=0, hi=3, bond=5,
                      now=deadline + timedelta(seconds=5))
     with world.ctx.sessions() as s, s.begin():
