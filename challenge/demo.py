@@ -98,7 +98,7 @@ def run_demo(workdir: Path, console: Console) -> bool:
                                      bond=100, report=lambda m: console.print(f"  {m}"))
         time_b = time.monotonic() - start
         console.print("waiting for the spot-check, the watcher's dispute and its proof…")
-        final_a = watched.wait(cheat_a, until=frozenset({"PROVIDER_FAULT", "UPHELD"}),
+        final_a = watched.wait(cheat_a, until=frozenset({"PROVIDER_FAULT", "FINALIZED"}),
                                timeout=900, poll=1.0)
         final_honest = watched.wait(honest, timeout=300, poll=1.0)
         ctx = ServiceContext.create(ServiceSettings(

@@ -139,6 +139,8 @@ def _seed(stack: Stack, *, window: timedelta) -> tuple[list[str], int]:
                 signature="0x" + "00" * 65, status=ResultStatus.ACCEPTED, accepted_at=now,
                 challenge_deadline=now + window,
                 trace_blob=stack.ctx.blobs.put(path.read_bytes()),
+                # What acceptance writes for a network that samples every segment.
+                spot_segments=list(range(1, n + 1)), spot_pending=True,
             ))
     return ids, n
 
