@@ -69,6 +69,8 @@ def check_segment(
     executor: DeterministicExecutor, segmentation: Segmentation, trace: Trace, segment: int
 ) -> SegmentCheck:
     """Re-execute ``segment`` on the committed state i-1 and compare with committed state i."""
+    if not 1 <= segment <= segmentation.num_segments:
+        raise SpotCheckError(f"segment {segment} is outside 1..{segmentation.num_segments}")
     return check_states(executor, segmentation, trace.manifest, segment,
                         before=trace.states[segment - 1], after=trace.states[segment])
 
