@@ -25,7 +25,7 @@ from challenge.orchestrator import (
     open_dispute,
 )
 from verifier.api.app import NetworkDep, SessionDep
-from verifier.api.schemas import ADDRESS, HEX32, DomainIn
+from verifier.api.schemas import HEX32, Address, DomainIn
 from verifier.auth import AuthError, Domain, network_word, typed_data_hash, verify_signed
 from verifier.auth import Challenge as SignedChallenge
 from verifier.auth import Move as SignedMove
@@ -55,7 +55,7 @@ class ChallengeOpen(BaseModel):
     """A signed challenge against a result."""
 
     model_config = ConfigDict(extra="forbid")
-    challenger: str = Field(pattern=ADDRESS)
+    challenger: Address
     message: ChallengeMessage
     domain: DomainIn
     signature: str = Field(pattern=r"^(0x)?[0-9a-fA-F]{130}$")
@@ -78,7 +78,7 @@ class MoveSubmit(BaseModel):
     """A party's signed move."""
 
     model_config = ConfigDict(extra="forbid")
-    player: str = Field(pattern=ADDRESS)
+    player: Address
     message: MoveMessage
     domain: DomainIn
     signature: str = Field(pattern=r"^(0x)?[0-9a-fA-F]{130}$")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,32 +137,47 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
-        """Parse and validate the JSON form; raises :class:`BundleError` with the reason."""
+        """Parse and validate the JSON form; raises :class:`BundleError` with the reason.
+
+        Strict, because manifests also come from outside (a trace bundle's ``manifest.json``):
+        every count, index and dimension must be a JSON integer (not a float, a boolean, NaN or
+        an infinity), ``range`` a finite number, and no float anywhere in it may be NaN or
+        infinite.
+        """
         try:
+            if not isinstance(data, Mapping):
+                raise BundleError("malformed manifest: not a JSON object")
+            _check_finite(data)
             if data["format"] != FORMAT:
-                raise BundleError(f"unknown manifest format {data['format']!r}")
+                raise BundleError(f"unknown manifest format {str(data['format'])[:60]!r}")
             model = data["model"]
-            cuts = tuple(int(c) for c in data["cuts"])
+            cuts = tuple(_int(c, "cut") for c in data["cuts"])
             segments = tuple(
-                SegmentEntry(int(s["index"]), int(s["start"]), int(s["end"]), str(s["sha256"]),
+                SegmentEntry(_int(s["index"], "segment index"), _int(s["start"], "segment start"),
+                             _int(s["end"], "segment end"), str(s["sha256"]),
                              tuple(str(o) for o in s["ops"]))
                 for s in data["segments"]
             )
             states = tuple(tuple(_spec(t) for t in state) for state in data["states"])
             tolerances = data["tolerances"]
             circuits = data["circuits"]
+            limit = data["range"]
+            if limit is not None and (isinstance(limit, bool)
+                                      or not isinstance(limit, int | float)):
+                raise BundleError("malformed manifest: range must be a number or null")
             manifest = cls(
                 model_sha256=str(model["sha256"]),
-                opset=int(model["opset"]),
-                num_nodes=int(model["nodes"]),
+                opset=_int(model["opset"], "opset"),
+                num_nodes=_int(model["nodes"], "node count"),
                 cuts=cuts,
                 segments=segments,
                 states=states,
                 scale=check_scale(data["scale"]),
                 scale_source=str(data["scale_source"]),
                 pins=dict(model["pins"]),
-                tolerances=tuple(int(t) for t in tolerances) if tolerances is not None else None,
-                range=float(data["range"]) if data["range"] is not None else None,
+                tolerances=(tuple(_int(t, "tolerance") for t in tolerances)
+                            if tolerances is not None else None),
+                range=float(limit) if limit is not None else None,
                 circuits=tuple(dict(c) for c in circuits) if circuits is not None else None,
                 ezkl_version=str(data["versions"]["ezkl"]),
                 onnxruntime_version=str(data["versions"]["onnxruntime"]),
@@ -169,8 +185,9 @@ class Manifest:
             )
         except BundleError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, CommitmentError) as exc:
-            raise BundleError(f"malformed manifest: {type(exc).__name__}: {exc}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                CommitmentError) as exc:
+            raise BundleError(f"malformed manifest: {type(exc).__name__}: {exc}"[:300]) from exc
         manifest.validate()
         return manifest
 
@@ -190,12 +207,45 @@ class Manifest:
             raise BundleError(f"manifest uses an unknown hash {self.poseidon!r}")
 
 
+#: Largest integer a manifest may hold (counts, cuts, dimensions, tolerances).
+_MAX_INT = 2**63 - 1
+#: Most containers walked when checking a manifest's floats (bounds the walk).
+_MAX_WALK = 1_000_000
+
+
+def _int(value: Any, what: str) -> int:
+    """``value`` if it is a JSON integer within int64, else a :class:`BundleError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BundleError(f"malformed manifest: {what} must be an integer, got "
+                          f"{str(value)[:40]!r}")
+    if not -_MAX_INT <= value <= _MAX_INT:
+        raise BundleError(f"malformed manifest: {what} is out of range")
+    return value
+
+
+def _check_finite(data: Any) -> None:
+    """Refuse a NaN or an infinity anywhere in ``data`` (Python's JSON reader accepts
+    ``NaN``/``Infinity``; a manifest never holds them)."""
+    stack = [data]
+    for _ in range(_MAX_WALK):
+        if not stack:
+            return
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise BundleError(f"malformed manifest: non-finite number {item!r}")
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    raise BundleError("malformed manifest: too many values")
+
+
 def _spec(data: Mapping[str, Any]) -> TensorSpec:
     import numpy as np
     from onnx import helper
 
     dtype = np.dtype(str(data["dtype"]))
-    shape = tuple(int(d) for d in data["shape"])
+    shape = tuple(_int(d, "dimension") for d in data["shape"])
     if any(d <= 0 for d in shape):
         raise ValueError(f"tensor {data['name']!r} has a non-positive dimension")
     return TensorSpec(str(data["name"]), helper.np_dtype_to_tensor_dtype(dtype), shape)

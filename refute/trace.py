@@ -13,7 +13,10 @@ On disk and over the wire a trace is a *bundle*: an uncompressed ZIP archive hol
 Reading a bundle trusts nothing in it: member sizes are checked against the declared shapes
 before anything is read, every tensor is re-quantized and re-hashed, every leaf and the root are
 recomputed, and the states must match the manifest's. Any mismatch is a
-:class:`~refute.errors.BundleError` naming the state (and tensor) at fault.
+:class:`~refute.errors.BundleError` naming the state (and tensor) at fault. Cheap checks come
+first: a reader that knows which manifest and which leaves to expect (the service does) passes
+them to :meth:`Trace.read`, and a bundle made under another manifest, or claiming other leaves,
+is refused from its two small JSON members before a single state is read or hashed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from refute.commitment import TraceCommitment, hash_states, state_leaf
 from refute.errors import BundleError, CommitmentError, RefuteError
 from refute.manifest import Manifest, canonical_json
+from refute.safejson import check_depth
 
 FORMAT = "refute.trace/1"
 _MANIFEST = "manifest.json"
@@ -127,9 +131,16 @@ class Trace:
         *,
         workers: int | None = None,
         rehash: bool = True,
+        expect_manifest_sha256: str | None = None,
+        expect_leaves: Sequence[bytes] | None = None,
     ) -> Trace:
         """Read and fully verify a bundle (a path, or its bytes); raises :class:`BundleError`
         on any inconsistency.
+
+        ``expect_manifest_sha256`` and ``expect_leaves`` (the manifest and the commitment the
+        caller holds) are compared with the bundle's own claims right after its two JSON
+        members are parsed, before any state is read or hashed: a bundle made under another
+        manifest, or for another commitment, costs milliseconds, not a full re-hash.
 
         ``rehash=False`` skips re-quantizing and re-hashing the states (the dominant cost) and
         trusts the recorded hashes; every structural check still runs. Use it only for a bundle
@@ -137,22 +148,29 @@ class Trace:
         blob store, whose key is the sha256 of the bytes).
         """
         source = io.BytesIO(path) if isinstance(path, bytes) else path
+        wanted = _Expected(expect_manifest_sha256,
+                           None if expect_leaves is None else tuple(expect_leaves))
         try:
             with zipfile.ZipFile(source) as archive:
-                return cls._read_archive(archive, workers, rehash)
+                return cls._read_archive(archive, workers, rehash, wanted)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise BundleError(f"not a readable trace bundle: {exc}") from exc
 
     @classmethod
-    def _read_archive(cls, archive: zipfile.ZipFile, workers: int | None, rehash: bool) -> Trace:
+    def _read_archive(cls, archive: zipfile.ZipFile, workers: int | None, rehash: bool,
+                      wanted: _Expected) -> Trace:
         infos = {info.filename: info for info in archive.infolist()}
         manifest = Manifest.from_json(_read_json(archive, infos, _MANIFEST))
+        if wanted.manifest_sha256 is not None and manifest.sha256 != wanted.manifest_sha256:
+            raise BundleError("the trace was made under another manifest than the model's")
         doc = _read_json(archive, infos, _TRACE)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise BundleError("trace.json is not a refute.trace/1 document")
         if doc.get("manifest_sha256") != manifest.sha256:
             raise BundleError("trace.json names another manifest than the one in the bundle")
         claimed = TraceCommitment.from_json(doc.get("commitment"))
+        if wanted.leaves is not None and tuple(claimed.leaves) != wanted.leaves:
+            raise BundleError("the trace's leaves differ from the result's signed commitment")
         if claimed.scale != manifest.scale:
             raise BundleError("commitment scale differs from the manifest's")
         if claimed.num_states != len(manifest.states):
@@ -191,6 +209,14 @@ class Trace:
             raise BundleError(f"bundle states cannot be committed: {exc.reason}") from exc
         _compare(trace, claimed, doc)
         return trace
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """What the reader already holds and the bundle must claim (checked before any hashing)."""
+
+    manifest_sha256: str | None
+    leaves: tuple[bytes, ...] | None
 
 
 def _compare(trace: Trace, claimed: TraceCommitment, doc: dict[str, Any]) -> None:
@@ -247,10 +273,20 @@ def _read_json(
         raise BundleError(f"bundle has no {name}")
     if info.file_size > _MAX_JSON_BYTES:
         raise BundleError(f"{name} is too large")
+    raw = archive.read(info)
     try:
-        return json.loads(archive.read(info))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{name} is not valid JSON: {exc}") from exc
+        check_depth(raw, what=name)
+    except RefuteError as exc:
+        raise BundleError(exc.reason) from exc
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{name} is not valid JSON: {str(exc)[:200]}") from exc
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads`` hook: NaN and infinities are not JSON, and never in a bundle."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def leaf_of_state(manifest: Manifest, state: Sequence[np.ndarray]) -> bytes:

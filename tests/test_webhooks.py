@@ -397,7 +397,7 @@ def test_delivery_is_signed_and_verifiable(db: Db, receiver: Receiver,
     assert _enqueue(db, "result.finalized", "evt_fin_1", payload) == 1
 
     now = T0 + timedelta(seconds=5)
-    assert deliver_due(db.sessions, now, client=client) == 1
+    assert deliver_due(db.sessions, now, client=client, allow_private=True) == 1
     assert len(receiver.requests) == 1
     got = receiver.requests[0]
     assert got.path == "/hook"
@@ -437,7 +437,8 @@ def test_delivery_is_signed_and_verifiable(db: Db, receiver: Receiver,
     assert row.delivered_at is not None and utc(row.delivered_at) == now
     assert row.last_error is None
     # Nothing is due any more, now or later.
-    assert deliver_due(db.sessions, now + timedelta(days=1), client=client) == 0
+    assert deliver_due(db.sessions, now + timedelta(days=1), client=client,
+                       allow_private=True) == 0
     assert len(receiver.requests) == 1
 
 
@@ -459,7 +460,7 @@ def test_retries_back_off_then_fail(db: Db, receiver: Receiver, client: httpx.Cl
     _enqueue(db, "result.disputed", "evt_d", {"result_id": "res_1"})
     now = T0
     for attempt in range(1, 5):
-        assert deliver_due(db.sessions, now, client=client, max_attempts=4) == 1
+        assert deliver_due(db.sessions, now, client=client, allow_private=True, max_attempts=4) == 1
         [row] = _deliveries(db)
         assert row.attempts == attempt and row.last_error == "HTTP 500"
         if attempt == 4:
@@ -471,11 +472,12 @@ def test_retries_back_off_then_fail(db: Db, receiver: Receiver, client: httpx.Cl
         assert now + timedelta(seconds=2**attempt) <= due < now + timedelta(
             seconds=1.25 * 2**attempt)
         # Not before it is due.
-        assert deliver_due(db.sessions, now, client=client, max_attempts=4) == 0
+        assert deliver_due(db.sessions, now, client=client, allow_private=True, max_attempts=4) == 0
         assert deliver_due(db.sessions, due - timedelta(milliseconds=1), client=client,
-                           max_attempts=4) == 0
+                           allow_private=True, max_attempts=4) == 0
         now = due
-    assert deliver_due(db.sessions, now + timedelta(days=30), client=client, max_attempts=4) == 0
+    assert deliver_due(db.sessions, now + timedelta(days=30), client=client, allow_private=True,
+                       max_attempts=4) == 0
     assert len(receiver.requests) == 4
     assert {r.headers["X-Refute-Delivery"] for r in receiver.requests} == {"evt_d"}
     assert len({r.headers["X-Refute-Timestamp"] for r in receiver.requests}) == 4
@@ -488,7 +490,7 @@ def test_fails_n_times_then_delivered(sqlite_db: Db, receiver: Receiver,
     _enqueue(sqlite_db, "result.finalized", "evt_f", {"k": "v"})
     now = T0
     for _ in range(3):
-        assert deliver_due(sqlite_db.sessions, now, client=client) == 1
+        assert deliver_due(sqlite_db.sessions, now, client=client, allow_private=True) == 1
         now += timedelta(hours=2)
     [row] = _deliveries(sqlite_db)
     assert row.status == "DELIVERED" and row.attempts == 3
@@ -504,7 +506,8 @@ def test_timeouts_and_refused_connections_are_failed_attempts(
     _endpoint(sqlite_db, f"http://127.0.0.1:{free_port()}/closed", ["result.finalized"])
     _enqueue(sqlite_db, "result.finalized", "evt_t", {"k": "v"})
     started = time.monotonic()
-    assert deliver_due(sqlite_db.sessions, T0, client=client, timeout_s=0.3) == 2
+    assert deliver_due(sqlite_db.sessions, T0, client=client, allow_private=True,
+                       timeout_s=0.3) == 2
     assert time.monotonic() - started < 5
     errors = sorted(r.last_error or "" for r in _deliveries(sqlite_db))
     assert errors[0].startswith("ConnectError: ")
@@ -517,14 +520,14 @@ def test_batch_limits_one_call(sqlite_db: Db, receiver: Receiver, client: httpx.
     _endpoint(sqlite_db, receiver.url(), ["result.finalized"])
     for i in range(5):
         _enqueue(sqlite_db, "result.finalized", f"evt_{i}", {"i": i})
-    assert deliver_due(sqlite_db.sessions, T0, client=client, batch=3) == 3
-    assert deliver_due(sqlite_db.sessions, T0, client=client, batch=3) == 2
-    assert deliver_due(sqlite_db.sessions, T0, client=client, batch=3) == 0
+    assert deliver_due(sqlite_db.sessions, T0, client=client, allow_private=True, batch=3) == 3
+    assert deliver_due(sqlite_db.sessions, T0, client=client, allow_private=True, batch=3) == 2
+    assert deliver_due(sqlite_db.sessions, T0, client=client, allow_private=True, batch=3) == 0
     # Oldest first.
     assert [r.headers["X-Refute-Delivery"] for r in receiver.requests] == [
         f"evt_{i}" for i in range(5)]
     with pytest.raises(WebhookError):
-        deliver_due(sqlite_db.sessions, T0, client=client, batch=0)
+        deliver_due(sqlite_db.sessions, T0, client=client, allow_private=True, batch=0)
 
 
 # --- isolation -----------------------------------------------------------------------------
@@ -543,7 +546,7 @@ def test_deliveries_are_listed_per_network(db: Db, receiver: Receiver,
             WebhookDelivery.event_id == "evt_a0")).one()
         first.next_attempt_at = T0 - timedelta(minutes=1)  # due first
         session.commit()
-    assert deliver_due(db.sessions, T0, client=client, batch=1) == 1
+    assert deliver_due(db.sessions, T0, client=client, allow_private=True, batch=1) == 1
 
     with db.sessions() as session:
         mine = list_deliveries(session, "net_a")
@@ -584,7 +587,8 @@ def test_concurrent_workers_attempt_each_delivery_once_per_round(
                 try:
                     with httpx.Client() as http:
                         barrier.wait()
-                        counts.append(deliver_due(db.sessions, now, client=http, batch=1000))
+                        counts.append(deliver_due(db.sessions, now, client=http,
+                                                  allow_private=True, batch=1000))
                 except BaseException as exc:
                     errors.append(exc)
 
@@ -612,3 +616,117 @@ def test_concurrent_workers_attempt_each_delivery_once_per_round(
         assert {(r.status, r.attempts) for r in _deliveries(db)} == {("DELIVERED", 2)}
     finally:
         db.engine.dispose()
+
+
+# --- targets resolved and checked at delivery time -----------------------------------------
+
+
+class FixedResolver:
+    """A resolver with fixed answers, counting its calls (the system's is used elsewhere)."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append((host, port))
+        if host not in self.answers:
+            raise OSError(f"no such host {host}")
+        return self.answers[host]
+
+
+@pytest.mark.parametrize(("addresses", "kind"), [
+    (["127.0.0.1"], "loopback"),
+    (["93.184.216.34", "127.0.0.1"], "loopback"),  # one bad address refuses the name
+    (["::1"], "loopback"),
+    (["::ffff:10.0.0.7"], "private"),
+    (["192.168.0.2"], "private"),
+    (["169.254.169.254"], "link-local"),
+    (["224.0.0.1"], "multicast"),
+    (["0.0.0.0"], "unspecified"),
+])
+def test_a_name_resolving_to_a_non_public_address_is_refused_and_recorded(
+        sqlite_db: Db, receiver: Receiver, client: httpx.Client, addresses: list[str],
+        kind: str) -> None:
+    resolver = FixedResolver({"hooks.example.test": addresses})
+    url = f"http://hooks.example.test:{receiver.port}/hook"
+    with sqlite_db.sessions() as session:  # a name passes registration: it is not resolved there
+        register_endpoint(session, "net_a", url, ["result.finalized"], now=T0)
+        session.commit()
+    _enqueue(sqlite_db, "result.finalized", "evt_rebound", {"k": "v"})
+    assert deliver_due(sqlite_db.sessions, T0, client=client, allow_private=False,
+                       resolve=resolver) == 1
+    [row] = _deliveries(sqlite_db)
+    assert row.status == "PENDING" and row.attempts == 1
+    assert row.last_error is not None and row.last_error.startswith("refused target: ")
+    assert f"{kind} address" in row.last_error and "hooks.example.test" in row.last_error
+    assert receiver.requests == []  # nothing reached the loopback listener
+    assert resolver.calls == [("hooks.example.test", receiver.port)]
+
+
+def test_localhost_through_the_system_resolver_is_refused_at_delivery(
+        sqlite_db: Db, receiver: Receiver, client: httpx.Client) -> None:
+    """An endpoint registered while private targets were allowed is refused once they are
+    not: the name is resolved by the operating system at the attempt."""
+    _endpoint(sqlite_db, f"http://localhost:{receiver.port}/hook", ["result.finalized"])
+    _enqueue(sqlite_db, "result.finalized", "evt_local", {"k": "v"})
+    assert deliver_due(sqlite_db.sessions, T0, client=client, allow_private=False) == 1
+    [row] = _deliveries(sqlite_db)
+    assert row.last_error is not None and "loopback address" in row.last_error
+    assert receiver.requests == []
+    # The same delivery, with private targets allowed, reaches the listener.
+    assert deliver_due(sqlite_db.sessions, T0 + timedelta(hours=1), client=client,
+                       allow_private=True) == 1
+    assert len(receiver.requests) == 1
+    assert _deliveries(sqlite_db)[0].status == "DELIVERED"
+
+
+def test_delivery_connects_to_the_checked_address_with_the_original_host(
+        sqlite_db: Db, receiver: Receiver, client: httpx.Client) -> None:
+    """The name is resolved once per attempt and the connection goes to that address (no second
+    lookup a rebinding DNS server could answer differently); Host keeps the name. An address
+    that refuses the connection is followed by the next one."""
+    resolver = FixedResolver({"hooks.example.test": ["::1", "127.0.0.1"]})
+    if _listening("::1", receiver.port):
+        resolver.answers["hooks.example.test"] = ["127.0.0.2", "127.0.0.1"]
+    url = f"http://hooks.example.test:{receiver.port}/hook?x=1"
+    _endpoint(sqlite_db, url, ["result.finalized"])
+    _enqueue(sqlite_db, "result.finalized", "evt_pinned", {"k": "v"})
+    assert deliver_due(sqlite_db.sessions, T0, client=client, allow_private=True,
+                       resolve=resolver) == 1
+    [got] = receiver.requests
+    assert got.path == "/hook?x=1"
+    assert {k.lower(): v for k, v in got.headers.items()}["host"] == (
+        f"hooks.example.test:{receiver.port}")
+    assert resolver.calls == [("hooks.example.test", receiver.port)]
+    assert _deliveries(sqlite_db)[0].status == "DELIVERED"
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_resolve_target_pins_addresses_and_keeps_the_tls_name() -> None:
+    from verifier.webhooks import refused_address, resolve_target
+
+    resolver = FixedResolver({"hooks.example.com": ["93.184.216.34", "2606:2800:220:1::1"]})
+    first, second = resolve_target("https://hooks.example.com/in?a=b", allow_private=False,
+                                   resolve=resolver)
+    assert first.url == "https://93.184.216.34/in?a=b"
+    assert second.url == "https://[2606:2800:220:1::1]/in?a=b"
+    assert first.host_header == "hooks.example.com" and first.server_name == "hooks.example.com"
+    literal = resolve_target("http://93.184.216.34:8080/x", allow_private=False,
+                             resolve=resolver)
+    assert [t.url for t in literal] == ["http://93.184.216.34:8080/x"]
+    assert literal[0].server_name is None
+    assert len(resolver.calls) == 1  # literals are not resolved
+    with pytest.raises(WebhookError, match="cannot resolve"):
+        resolve_target("http://nowhere.example.test/", allow_private=False, resolve=resolver)
+    assert refused_address("93.184.216.34") is None
+    assert refused_address("fe80::1%eth0") == "link-local address fe80::1"

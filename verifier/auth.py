@@ -65,6 +65,7 @@ __all__ = [
     "RESULT_TYPE",
     "SECP256K1_N",
     "ZERO_ADDRESS",
+    "AddressError",
     "AuthError",
     "Challenge",
     "Domain",
@@ -72,6 +73,7 @@ __all__ = [
     "Result",
     "SignedObject",
     "api_key_matches",
+    "checksummed_address",
     "hash_api_key",
     "is_api_key",
     "network_word",
@@ -88,6 +90,13 @@ class AuthError(RefuteError):
     """A credential or signed message is refused; ``reason`` says why in one line."""
 
     code = "auth_error"
+
+
+class AddressError(AuthError, ValueError):
+    """An address is malformed or has a wrong EIP-55 checksum (also a ``ValueError``: passing
+    one where an address is expected is the caller's bug, and the API answers it with a 4xx)."""
+
+    code = "invalid_address"
 
 
 # --- API keys ------------------------------------------------------------------------------
@@ -182,6 +191,15 @@ def _checksummed(value: object) -> str | None:
     if digits not in (digits.lower(), digits.upper()) and value != checksummed:
         return None
     return str(checksummed)
+
+
+def checksummed_address(value: object) -> str | None:
+    """``value`` as an EIP-55 checksummed address, or None if it is not an address.
+
+    ``0x`` + 40 hex digits, all lowercase, all uppercase, or mixed case with a correct EIP-55
+    checksum (a mixed-case typo is refused, never silently accepted). Never raises.
+    """
+    return _checksummed(value)
 
 
 def network_word(network_id: str) -> bytes:
@@ -504,7 +522,8 @@ def verify_signed(
     if expected_signer is not None:
         want = _checksummed(expected_signer)
         if want is None:
-            raise ValueError(f"expected signer is not an address: {expected_signer!r}")
+            raise AddressError(f"signer {str(expected_signer)[:60]!r} is not an address with "
+                               "a valid EIP-55 checksum (send it all lowercase or checksummed)")
 
     obj.to_message()  # field ranges first: the clearest reason for a malformed message
     mismatch = _domain_mismatch(domain, expected_domain)

@@ -55,16 +55,24 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
     admin_token: Annotated[str | None, typer.Option(
         envvar="REFUTE_ADMIN_TOKEN", help="Token required to create networks.")] = None,
+    migrate_first: Annotated[bool, typer.Option(
+        "--migrate/--no-migrate", help="Create or upgrade the database schema before serving "
+        "(turn off when a deployment runs `refute db upgrade` once itself).")] = True,
 ) -> None:
-    """Run the HTTP API (the database must be migrated: `refute db upgrade`)."""
+    """Run the HTTP API; the database schema is created or upgraded first (as
+    `refute db upgrade` does), so a fresh home serves at once."""
     import uvicorn
 
     from verifier.api.app import create_app
+    from verifier.db import migrate
     from verifier.service import ServiceContext
     from verifier.settings import get_settings
 
     try:
-        api = create_app(ServiceContext.create(get_settings()), admin_token=admin_token)
+        settings = get_settings()
+        if migrate_first:
+            migrate(settings.database_url)
+        api = create_app(ServiceContext.create(settings), admin_token=admin_token)
     except RefuteError as exc:
         raise base._fail(exc) from exc
     uvicorn.run(api, host=host, port=port, log_level="warning")

@@ -14,6 +14,8 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -49,6 +51,19 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite database file (a fresh home has no ``~/.cache/refute``);
+    any other URL is left alone."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(str(parsed.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
 def migrate(url: str, revision: str = "head") -> None:
-    """Upgrade the database at ``url`` to ``revision`` (idempotent)."""
+    """Upgrade the database at ``url`` to ``revision`` (idempotent); a SQLite file's folder is
+    created first."""
+    ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)

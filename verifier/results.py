@@ -93,10 +93,14 @@ def submit_result(
 
 def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes,
                  now: datetime) -> str:
-    """Verify an uploaded trace bundle against the result's commitment and store it."""
+    """Verify an uploaded trace bundle against the result's commitment and store it.
+
+    The cheap checks come first: the bundle's manifest and claimed leaves are compared with the
+    model's manifest and the result's signed leaves before any state is read or hashed."""
     model = session.get(RegisteredModel, result.model_id)
     assert model is not None
-    trace = Trace.read(data, workers=1)
+    trace = Trace.read(data, workers=1, expect_manifest_sha256=model.manifest_sha256,
+                       expect_leaves=[_word(leaf) for leaf in result.leaves])
     if trace.manifest.sha256 != model.manifest_sha256:
         raise BundleError("the trace was made under another manifest than the model's")
     if ["0x" + leaf.hex() for leaf in trace.commitment.leaves] != list(result.leaves):

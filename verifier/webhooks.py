@@ -35,9 +35,14 @@ worker.
 
 Targets: endpoint URLs are validated at registration (http/https, a host, no credentials) and
 loopback, private, link-local and otherwise non-global IP literals (and ``localhost``) are refused
-unless ``allow_loopback=True`` (tests, local development). Host *names* are not resolved here; a
-production deployment should also send through an egress proxy that refuses private addresses
-(a name can resolve, or be rebound, to one).
+unless ``allow_loopback=True`` (tests, local development). A host *name* can resolve (or be
+rebound) to such an address, so every delivery resolves the name again (:func:`resolve_target`)
+and checks **every** address it gets: if any is loopback, private, link-local, multicast,
+unspecified or otherwise non-global, the attempt is refused and recorded on the delivery
+(``last_error`` starts with ``refused target:``) unless private targets are allowed. The request
+then connects to the checked address itself (the URL carries the IP; the ``Host`` header and, for
+https, the TLS server name carry the original name), so nothing is resolved twice and a DNS answer
+cannot change between the check and the connection.
 """
 
 from __future__ import annotations
@@ -48,11 +53,11 @@ import ipaddress
 import json
 import secrets
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import CursorResult, Table, insert, select, update
@@ -163,6 +168,100 @@ def validate_url(url: str, *, allow_loopback: bool = False) -> str:
             kind = "loopback" if address.is_loopback else "private or reserved"
             raise WebhookError(f"webhook url targets a {kind} address ({address})")
     return url
+
+
+#: Resolves ``(host, port)`` to the IP addresses (text) a connection may use.
+Resolver = Callable[[str, int], Sequence[str]]
+#: At most this many resolved addresses are tried per attempt.
+MAX_ADDRESSES = 4
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """The addresses the operating system's resolver gives for ``host`` (TCP), in its order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def refused_address(text: str) -> str | None:
+    """Why a delivery must not connect to the address ``text``, or None for a global one."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return f"{text!r} is not an IP address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for kind, hit in (("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
+                      ("link-local", address.is_link_local), ("multicast", address.is_multicast),
+                      ("private", address.is_private), ("reserved", address.is_reserved)):
+        if hit:
+            return f"{kind} address {address}"
+    if not address.is_global:
+        return f"non-global address {address}"
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one attempt connects: the URL with the checked IP in place of the name, and the
+    ``Host`` header and TLS server name of the original URL."""
+
+    url: str
+    host_header: str
+    server_name: str | None
+
+
+def resolve_target(url: str, *, allow_private: bool,
+                   resolve: Resolver = system_resolver) -> list[Target]:
+    """The checked addresses of ``url``'s host, as connection targets (at most
+    :data:`MAX_ADDRESSES`, in the resolver's order).
+
+    Raises :class:`WebhookError` when the URL is malformed, the name does not resolve, or
+    (unless ``allow_private``) **any** resolved address is not a public one: a name that
+    resolves to one public and one loopback address is refused as a whole.
+    """
+    validate_url(url, allow_loopback=True)
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    literal = _literal_ip(host)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        try:
+            addresses = [str(a) for a in resolve(host, port)]
+        except (OSError, UnicodeError, ValueError) as exc:
+            raise WebhookError(f"cannot resolve {host}: {exc}") from exc
+        if not addresses:
+            raise WebhookError(f"{host} resolves to no address")
+    if not allow_private:
+        for address in addresses:
+            reason = refused_address(address)
+            if reason is not None:
+                raise WebhookError(f"{host} resolves to a {reason}")
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    targets = []
+    for address in addresses[:MAX_ADDRESSES]:
+        bare = address.split("%", 1)[0]
+        shown = f"[{bare}]" if ":" in bare else bare
+        netloc = f"{shown}:{parts.port}" if parts.port is not None else shown
+        targets.append(Target(
+            url=urlunsplit((scheme, netloc, parts.path or "/", parts.query, "")),
+            host_header=host_header,
+            server_name=host if scheme == "https" and literal is None else None))
+    return targets
+
+
+def _literal_ip(host: str) -> str | None:
+    """``host`` as a canonical IP address if it is one (legacy IPv4 spellings included)."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    try:
+        return str(ipaddress.IPv4Address(socket.inet_aton(host)))
+    except (OSError, ValueError):
+        return None
 
 
 def _validate_events(events: Iterable[str]) -> list[str]:
@@ -396,20 +495,36 @@ def _one_line(text: str) -> str:
     return flat if len(flat) <= MAX_ERROR_LENGTH else flat[: MAX_ERROR_LENGTH - 1] + "…"
 
 
-def _attempt(client: httpx.Client, job: _Job, now: datetime, timeout_s: float) -> str | None:
-    """POST one delivery; None on a 2xx answer, else a one-line error."""
+def _attempt(client: httpx.Client, job: _Job, now: datetime, timeout_s: float, *,
+             allow_private: bool, resolve: Resolver) -> str | None:
+    """POST one delivery to its checked, pinned address; None on a 2xx answer, else a one-line
+    error (``refused target: …`` when the target's addresses are refused)."""
+    try:
+        targets = resolve_target(job.url, allow_private=allow_private, resolve=resolve)
+    except WebhookError as exc:
+        return _one_line(f"refused target: {exc.reason}")
     body = canonical_json(job.payload)
     headers = delivery_headers(job.secret, job.event, job.event_id, _unix(now), body)
-    try:
-        # Streamed so that the answer's body is never read (a receiver cannot make us buffer it).
-        with client.stream("POST", job.url, content=body, headers=headers, timeout=timeout_s,
-                           follow_redirects=False) as response:
-            status = response.status_code
-    except Exception as exc:  # any failure of one endpoint must not stop the others
-        return _one_line(f"{type(exc).__name__}: {exc}")
-    if 200 <= status < 300:
-        return None
-    return f"HTTP {status}"
+    error = "no address"
+    for target in targets:
+        extensions = {"sni_hostname": target.server_name} if target.server_name else {}
+        try:
+            # Streamed so that the answer's body is never read (a receiver cannot make us
+            # buffer it).
+            with client.stream("POST", target.url, content=body,
+                               headers={**headers, "Host": target.host_header},
+                               timeout=timeout_s, follow_redirects=False,
+                               extensions=extensions) as response:
+                status = response.status_code
+        except httpx.ConnectError as exc:
+            error = _one_line(f"{type(exc).__name__}: {exc}")
+            continue  # the next address of the name, if any
+        except Exception as exc:  # any failure of one endpoint must not stop the others
+            return _one_line(f"{type(exc).__name__}: {exc}")
+        if 200 <= status < 300:
+            return None
+        return f"HTTP {status}"
+    return error
 
 
 def _record(session: Session, job: _Job, error: str | None, now: datetime,
@@ -435,8 +550,14 @@ def _record(session: Session, job: _Job, error: str | None, now: datetime,
 
 
 def deliver_due(sessions: sessionmaker[Session], now: datetime, *, client: httpx.Client,
-                batch: int = 50, max_attempts: int = 8, timeout_s: float = 10.0) -> int:
+                batch: int = 50, max_attempts: int = 8, timeout_s: float = 10.0,
+                allow_private: bool | None = None, resolve: Resolver = system_resolver) -> int:
     """Attempt up to ``batch`` due PENDING deliveries; return how many were attempted.
+
+    Each target is resolved with ``resolve`` at the attempt and every address is checked
+    (:func:`resolve_target`); ``allow_private`` admits loopback and private addresses (None:
+    the ``webhooks_allow_private`` setting). A refused target is a failed attempt whose
+    ``last_error`` says why; nothing is sent to it.
 
     Each delivery is claimed, POSTed and its outcome committed in its own transaction, so a
     crash never loses a DELIVERED mark or counts an attempt twice (it may re-send: at least
@@ -447,6 +568,10 @@ def deliver_due(sessions: sessionmaker[Session], now: datetime, *, client: httpx
     """
     if batch < 1 or max_attempts < 1:
         raise WebhookError("batch and max_attempts must be at least 1")
+    if allow_private is None:
+        from verifier.settings import get_settings
+
+        allow_private = get_settings().webhooks_allow_private
     moment = _utc(now)
     attempted = 0
     while attempted < batch:
@@ -460,7 +585,8 @@ def deliver_due(sessions: sessionmaker[Session], now: datetime, *, client: httpx
                 # SQLite: end the read transaction, so no snapshot (or lock) is held during the
                 # POST and the outcome update cannot fail on a stale snapshot.
                 session.rollback()
-            error = _attempt(client, job, moment, timeout_s)
+            error = _attempt(client, job, moment, timeout_s, allow_private=allow_private,
+                             resolve=resolve)
             attempted += 1
             _record(session, job, error, moment, max_attempts)
             session.commit()

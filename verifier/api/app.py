@@ -1,26 +1,34 @@
 """The FastAPI application: thin routes over the service modules.
 
-Every refusal is a ``RefuteError`` mapped to a 4xx with ``{"error": {"code", "reason"}}``;
-bodies over the configured size are refused with 413 before they are read in full.
+Every refusal is a ``RefuteError`` mapped to a 4xx with ``{"error": {"code", "reason"}}``, and
+so is every other error answer: unknown routes (404), wrong methods (405), validation errors
+(422), and unexpected failures (500, with an error id that is logged with the traceback). The
+pure ASGI :class:`~verifier.api.middleware.Guard` counts the body bytes actually received
+(chunked or not) and answers 413 past :data:`MAX_BODY_BYTES`, and checks the nesting of every
+JSON body before a route decodes it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from refute.errors import BundleError, InputError, ModelRejected, RefuteError
 from refute.manifest import Manifest
 from verifier.accounts import add_api_key, authenticate, create_network
+from verifier.api.middleware import BodyTooLarge, Guard, LargeBody, scope_route
 from verifier.api.schemas import (
     DeliveryOut,
     ErrorBody,
@@ -35,7 +43,7 @@ from verifier.api.schemas import (
     WebhookCreate,
     WebhookCreated,
 )
-from verifier.auth import AuthError, Domain
+from verifier.auth import AuthError, Domain, is_api_key
 from verifier.blobs import BlobError
 from verifier.models import Network, RegisteredModel, Result, SpotCheck
 from verifier.registry import decode_model, register_in_subprocess, store_model
@@ -50,7 +58,16 @@ from verifier.results import (
 from verifier.service import NotFound, ServiceContext, utcnow
 from verifier.webhooks import WebhookError, list_deliveries, register_endpoint
 
+#: Largest body of the routes that take large ones (model registration, trace upload).
 MAX_BODY_BYTES = 64 * 2**20
+#: Largest body of every other route (a result with 4,097 leaves is ~0.3 MiB).
+MAX_SMALL_BODY_BYTES = 2**20
+#: The routes whose bodies may be large; registration needs a well-formed API key header before
+#: its body is read (its body is decoded before authentication runs).
+LARGE_BODIES = (
+    LargeBody("POST", re.compile(r"/v1/models"), MAX_BODY_BYTES, key_header="x-api-key"),
+    LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states)"), MAX_BODY_BYTES),
+)
 
 REQUESTS = Counter("refute_http_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram("refute_http_request_seconds", "HTTP request latency", ["route"])
@@ -64,10 +81,22 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "Replayed nonce"},
     413: {"model": ErrorBody, "description": "Body too large"},
     422: {"model": ErrorBody, "description": "Body does not match the schema"},
+    "4XX": {"model": ErrorBody, "description": "Any other refusal"},
+    "5XX": {"model": ErrorBody, "description": "Unexpected failure (the reason has an error id)"},
 }
+#: Error answers any route can give (no such path, wrong method, body limits, failures).
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: ERRORS[code] for code in (400, 413, 422, "4XX", "5XX")}
+
+#: Codes of the error schema for HTTP errors raised by the framework itself.
+_HTTP_CODES = {400: "bad_request", 401: "auth_error", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large",
+               415: "unsupported_media_type", 422: "invalid_request"}
 
 
 def _status(exc: RefuteError) -> int:
+    if isinstance(exc, BodyTooLarge):
+        return 413
     if isinstance(exc, AuthError):
         return 401 if "API key" in exc.reason else 403
     if isinstance(exc, NotFound):
@@ -79,8 +108,16 @@ def _status(exc: RefuteError) -> int:
     return 400
 
 
-def _error(status: int, code: str, reason: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "reason": reason}})
+def _error(status: int, code: str, reason: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "reason": reason}},
+                        headers=headers)
+
+
+def _observe(scope: MutableMapping[str, Any], status: int, seconds: float) -> None:
+    route = scope_route(scope)
+    LATENCY.labels(route).observe(seconds)
+    REQUESTS.labels(route, str(status)).inc()
 
 
 @contextmanager
@@ -125,6 +162,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         "Verification of ML inference run on untrusted hardware: optimistic acceptance, "
         "spot-checks, challenges settled by zero-knowledge proofs."))
     app.state.ctx = ctx
+    app.openapi = _openapi_builder(app)  # type: ignore[method-assign]
     domain = Domain(chain_id=ctx.settings.chain_id)
 
     def schedule(result_id: str) -> None:
@@ -135,18 +173,8 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
 
         celery_app.send_task("refute.spotcheck", args=[result_id])
 
-    @app.middleware("http")
-    async def limit_and_measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, "body_too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
-        route = request.url.path.split("/")[2] if request.url.path.startswith("/v1/") else "other"
-        with LATENCY.labels(route).time():
-            response = await call_next(request)
-        REQUESTS.labels(route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, max_body_bytes=MAX_SMALL_BODY_BYTES, large=LARGE_BODIES,
+                       key_ok=is_api_key, observe=_observe)
 
     @app.exception_handler(RefuteError)
     async def refute_error(_request: Request, exc: RefuteError) -> JSONResponse:
@@ -154,17 +182,25 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid body"}
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid body"}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}"[:300])
+        reason = " ".join(f"{where}: {first.get('msg', 'invalid')}".split())
+        return _error(422, "invalid_request", reason[:300])
 
-    @app.get("/v1/health", response_model=Health, tags=["operations"])
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = " ".join(str(exc.detail).split())[:300] or "request refused"
+        return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), reason,
+                      headers=dict(exc.headers) if exc.headers else None)
+
+    @app.get("/v1/health", response_model=Health, responses=COMMON_ERRORS, tags=["operations"])
     def health() -> Health:
         """Liveness: the process answers."""
         return Health(status="ok")
 
-    @app.get("/v1/ready", response_model=Health, responses={503: {"model": Health}},
-             tags=["operations"])
+    @app.get("/v1/ready", response_model=Health,
+             responses={**COMMON_ERRORS, 503: {"model": Health}}, tags=["operations"])
     def ready(response: Response) -> Health:
         """Readiness: the database and the broker answer."""
         checks: dict[str, str] = {}
@@ -185,7 +221,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         response.status_code = 200 if ok else 503
         return Health(status="ok" if ok else "unavailable", checks=checks)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    @app.get("/metrics", tags=["operations"], response_class=Response, responses=COMMON_ERRORS)
     def metrics() -> Response:
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -310,13 +346,79 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
     return app
 
 
+#: OpenAPI links (``operationId`` → status → link name → (path, method, parameters)): how the
+#: objects an answer creates are used by later calls (stateful testing follows them).
+_KEY = {"header.x-api-key": "$response.body#/api_key"}
+_LINKS: dict[tuple[str, str], dict[str, dict[str, tuple[str, str, dict[str, str]]]]] = {
+    ("/v1/networks", "post"): {"201": {
+        "IssueKey": ("/v1/networks/me/keys", "post", _KEY),
+        "ListResults": ("/v1/results", "get", _KEY),
+        "RegisterWebhook": ("/v1/webhooks", "post", _KEY),
+        "ListDeliveries": ("/v1/webhooks/deliveries", "get", _KEY),
+        "SubmitResult": ("/v1/results", "post", _KEY),
+        "RegisterModel": ("/v1/models", "post", _KEY),
+    }},
+    ("/v1/networks/me/keys", "post"): {"201": {
+        "ListResults": ("/v1/results", "get", _KEY),
+        "ListDeliveries": ("/v1/webhooks/deliveries", "get", _KEY),
+    }},
+    ("/v1/models", "post"): {"201": {
+        "GetModel": ("/v1/models/{model_id}", "get", {"path.model_id": "$response.body#/id"}),
+    }},
+    ("/v1/results", "post"): {"202": {
+        "GetResult": ("/v1/results/{result_id}", "get",
+                      {"path.result_id": "$response.body#/id"}),
+        "GetPublicResult": ("/v1/public/results/{result_id}", "get",
+                            {"path.result_id": "$response.body#/id"}),
+        "GetTranscript": ("/v1/results/{result_id}/transcript", "get",
+                          {"path.result_id": "$response.body#/id"}),
+    }},
+    ("/v1/results/{result_id}/challenges", "post"): {"201": {
+        "GetDispute": ("/v1/disputes/{dispute_id}", "get",
+                       {"path.dispute_id": "$response.body#/id"}),
+    }},
+}
+
+
+def _openapi_builder(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI document, with links between operations (:data:`_LINKS`) and every
+    error answer documented with the error schema."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+        paths: dict[str, dict[str, Any]] = schema.get("paths", {})
+        ids = {(path, method): op.get("operationId") for path, ops in paths.items()
+               for method, op in ops.items()}
+        for (path, method), by_status in _LINKS.items():
+            operation = paths.get(path, {}).get(method)
+            if operation is None:
+                continue
+            for status, links in by_status.items():
+                response = operation.get("responses", {}).get(status)
+                if response is None:
+                    continue
+                response["links"] = {
+                    name: {"operationId": ids[(to_path, to_method)], "parameters": params}
+                    for name, (to_path, to_method, params) in links.items()
+                    if (to_path, to_method) in ids}
+        app.openapi_schema = schema
+        return schema
+
+    return build
+
+
 async def _read_limited(request: Request) -> bytes:
+    """The request body, refused past :data:`MAX_BODY_BYTES` (the guard middleware answers 413
+    first; this is the route's own bound)."""
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise InputError(f"bodies are limited to {MAX_BODY_BYTES} bytes")
+            raise BodyTooLarge(f"bodies are limited to {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     if size == 0:
         raise InputError("the body is empty: send the trace bundle")

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from verifier.auth import checksummed_address
 
 HEX32 = r"^0x[0-9a-fA-F]{64}$"
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+def _eip55(value: str) -> str:
+    if checksummed_address(value) is None:
+        raise ValueError("address has a wrong EIP-55 checksum: send it all lowercase or in its "
+                         "exact checksummed form")
+    return value
+
+
+#: An Ethereum address: ``0x`` + 40 hex digits, all lowercase or uppercase, or mixed case with a
+#: correct EIP-55 checksum (a mixed-case typo is a 422, never a wrong signer).
+Address = Annotated[str, Field(pattern=ADDRESS,
+                               examples=["0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed"]),
+                    AfterValidator(_eip55)]
+#: A 32-byte word in hex (``0x`` + 64 hex digits).
+Hex32 = Annotated[str, Field(pattern=HEX32)]
 
 
 class ErrorDetail(BaseModel):
@@ -86,7 +104,7 @@ class DomainIn(BaseModel):
     name: str = "refute"
     version: str = "1"
     chainId: int = Field(ge=1, lt=2**256)  # noqa: N815
-    verifyingContract: str = Field(pattern=ADDRESS)  # noqa: N815
+    verifyingContract: Address  # noqa: N815
 
 
 class ResultSubmit(BaseModel):
@@ -94,11 +112,11 @@ class ResultSubmit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model_id: str = Field(min_length=1, max_length=40)
-    provider: str = Field(pattern=ADDRESS)
+    provider: Address
     message: SignedResultMessage
     domain: DomainIn
     signature: str = Field(pattern=r"^(0x)?[0-9a-fA-F]{130}$")
-    leaves: list[str] = Field(min_length=2, max_length=4097)
+    leaves: list[Hex32] = Field(min_length=2, max_length=4097)
 
 
 class ResultOut(BaseModel):

@@ -1,0 +1,235 @@
+"""The API's outermost guard, a pure ASGI middleware (no ``BaseHTTPMiddleware`` buffering).
+
+For every HTTP request it
+
+* counts the body bytes actually received, whatever ``Content-Length`` says (or whether there
+  is one: chunked bodies are counted the same way), and answers 413 with the error schema as soon
+  as the count passes the limit, without reading or keeping anything beyond it. The limit is
+  small (``max_body_bytes``) except on the few routes listed as :class:`LargeBody` (model
+  registration, trace upload), and a large body on a route that needs an API key is refused
+  with 401 before a byte of it is read when the request carries no well-formed key;
+* checks the nesting depth of every body FastAPI would decode as JSON (no content type,
+  ``application/json`` or ``application/*+json``) with :func:`refute.safejson.check_depth`
+  *before* the route sees it, so a deeply nested document is a 400, never a recursion crash;
+* turns an unexpected exception into a 500 with the error schema and a fresh error id, and logs
+  the traceback with that id (the body never carries a traceback);
+* reports each answer's status and latency to ``observe`` (metrics).
+"""
+
+from __future__ import annotations
+
+import email.message
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from refute.errors import InputError, RefuteError
+from refute.safejson import MAX_DEPTH, check_depth
+
+log = logging.getLogger("refute.api")
+
+
+class BodyTooLarge(RefuteError):
+    """The request body is longer than the configured limit."""
+
+    code = "body_too_large"
+
+
+def error_bytes(code: str, reason: str) -> bytes:
+    """The JSON error body ``{"error": {"code", "reason"}}``."""
+    return json.dumps({"error": {"code": code, "reason": reason}},
+                      separators=(",", ":")).encode()
+
+
+def decoded_as_json(content_type: str | None) -> bool:
+    """Whether FastAPI decodes a body of this content type as JSON (the same rule it applies:
+    no content type, or ``application/json`` or ``application/<anything>+json``)."""
+    if not content_type:
+        return True
+    message = email.message.Message()
+    message["content-type"] = content_type
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
+
+
+async def _answer(send: Send, status: int, code: str, reason: str,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = error_bytes(code, reason)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *(headers or [])]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+@dataclass(frozen=True)
+class LargeBody:
+    """A route that accepts bodies up to ``max_bytes`` (``path`` must match the whole path);
+    with ``key_header``, a request without a well-formed API key in that header is refused
+    before its body is read."""
+
+    method: str
+    path: re.Pattern[str]
+    max_bytes: int
+    key_header: str | None = None
+
+
+class Guard:
+    """Body limits, JSON depth check, error ids for unexpected failures, metrics (see module)."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int,
+                 large: Sequence[LargeBody] = (), max_json_depth: int = MAX_DEPTH,
+                 key_ok: Callable[[str], bool] | None = None,
+                 observe: Callable[[Scope, int, float], None] | None = None) -> None:
+        """Wrap ``app``; bodies are limited to ``max_body_bytes`` except on the ``large``
+        routes; ``key_ok`` says whether a header value has the shape of an API key;
+        ``observe(scope, status, seconds)`` is called once per answer."""
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.large = tuple(large)
+        self.max_json_depth = max_json_depth
+        self.key_ok = key_ok
+        self.observe = observe
+
+    def _route(self, scope: Scope) -> LargeBody | None:
+        method = str(scope.get("method", "")).upper()
+        path = str(scope.get("path", ""))
+        return next((r for r in self.large
+                     if r.method == method and r.path.fullmatch(path) is not None), None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection scope."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 0
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_tracked)
+        finally:
+            if self.observe is not None:
+                self.observe(scope, status or 500, time.perf_counter() - began)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        route = self._route(scope)
+        limit = route.max_bytes if route is not None else self.max_body_bytes
+        too_large = BodyTooLarge(f"bodies of {scope.get('method')} {scope.get('path')} are "
+                                 f"limited to {limit} bytes")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isascii() or not length.isdigit():
+                await _answer(send, 400, "bad_request", "Content-Length is not a number")
+                return
+            if int(length) > limit:
+                await _answer(send, 413, too_large.code, too_large.reason)
+                return
+        if route is not None and route.key_header is not None and self.key_ok is not None:
+            key = headers.get(route.key_header)
+            if key is None or not self.key_ok(key):
+                await _answer(send, 401, "auth_error", f"missing or malformed API key "
+                              f"({route.key_header})")
+                return
+        received = 0
+        started = False
+        answered = False  # the guard itself answered (413): the app's answer is dropped
+
+        async def send_marking(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        async def counting_receive() -> Message:
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Answer now and tell the app the client is gone: nothing past the limit
+                    # is read, and whatever the app does with the rest is dropped.
+                    if not started:
+                        await _answer(send, 413, too_large.code, too_large.reason,
+                                      [(b"connection", b"close")])
+                    answered = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        try:
+            downstream: Receive = counting_receive
+            if decoded_as_json(headers.get("content-type")):
+                downstream = await self._checked_json(counting_receive, limit)
+                if answered:
+                    return
+            await self.app(scope, downstream, send_marking)
+        except InputError as exc:
+            if started or answered:
+                raise
+            await _answer(send_marking, 400, exc.code, exc.reason)
+        except Exception:
+            if answered:
+                return  # the app failed on the disconnect we made up: already answered 413
+            error_id = secrets.token_hex(8)
+            log.exception("unexpected error %s on %s %s", error_id, scope.get("method"),
+                          scope.get("path"))
+            if started:
+                raise
+            await _answer(send_marking, 500, "internal_error",
+                          f"unexpected server error (error id {error_id})")
+
+    async def _checked_json(self, receive: Receive, limit: int) -> Receive:
+        """Read the whole (limited) body, check its nesting, and return a ``receive`` that
+        replays it. Raises :class:`InputError` if it nests too deep."""
+        chunks: list[bytes] = []
+        for _ in range(limit + 2):  # bounded: past the limit, receive reports a disconnect
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay(b"".join(chunks), receive, first=message)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body:
+            check_depth(body, what="the JSON body", max_depth=self.max_json_depth)
+        return _replay(body, receive)
+
+
+def _replay(body: bytes, receive: Receive, first: Message | None = None) -> Receive:
+    """A ``receive`` that yields ``body`` once (or ``first``, a disconnect), then defers to the
+    real one (which reports the disconnect when it comes)."""
+    pending: list[Message] = [first] if first is not None else [
+        {"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
+
+
+def scope_route(scope: MutableMapping[str, Any]) -> str:
+    """The metrics label of a request: the first path segment after ``/v1/``, else ``other``."""
+    path = str(scope.get("path", ""))
+    parts = path.split("/")
+    return parts[2] if path.startswith("/v1/") and len(parts) > 2 else "other"
