@@ -6,7 +6,7 @@
     model = client.register_model(onnx_bytes, dims={"batch_size": 1})
     result = client.submit_result(signed_body)
     client.upload_trace(result.id, trace_bundle_bytes)
-    final = client.wait(result.id, until={"FINALIZED", "PROVIDER_FAULT", "UPHELD"})
+    final = client.wait(result.id, until={"FINALIZED", "PROVIDER_FAULT"})
 
 Every refusal raises :class:`ApiError` with the server's ``code`` and one-line ``reason``.
 A provider signs results with :func:`sign_result` (EIP-712, see :mod:`verifier.auth`).
@@ -28,7 +28,7 @@ from refute.trace import Trace
 from verifier.auth import Domain, network_word, sign_typed
 from verifier.auth import Result as SignedResult
 
-TERMINAL = frozenset({"FINALIZED", "PROVIDER_FAULT", "UPHELD"})
+TERMINAL = frozenset({"FINALIZED", "PROVIDER_FAULT"})
 
 
 class ApiError(RefuteError):
@@ -38,6 +38,23 @@ class ApiError(RefuteError):
         super().__init__(reason)
         self.status = status
         self.code = code
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """The committed states a sampled result's owed spot-checks need from its provider (when
+    no trace is stored), and until when they may be disclosed."""
+
+    states: tuple[int, ...]
+    deadline: datetime
+
+    @classmethod
+    def of(cls, data: dict[str, Any] | None) -> Disclosure | None:
+        """Parse the API's JSON (``null`` when nothing is requested)."""
+        if not data:
+            return None
+        return cls(tuple(int(k) for k in data["states"]),
+                   datetime.fromisoformat(str(data["deadline"])))
 
 
 @dataclass(frozen=True)
@@ -51,13 +68,19 @@ class ResultView:
     challenge_deadline: datetime
     trace_uploaded: bool
     spot_checks: tuple[dict[str, Any], ...]
+    #: Sampled segments whose check is not recorded yet.
+    owed_checks: tuple[int, ...] = ()
+    #: What the provider is asked to disclose (``None``: nothing, or the trace is stored).
+    disclosure: Disclosure | None = None
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> ResultView:
         """Parse the API's JSON."""
         return cls(str(data["id"]), str(data["model_id"]), str(data["provider"]),
                    str(data["status"]), datetime.fromisoformat(data["challenge_deadline"]),
-                   bool(data["trace_uploaded"]), tuple(data.get("spot_checks", ())))
+                   bool(data["trace_uploaded"]), tuple(data.get("spot_checks", ())),
+                   tuple(int(i) for i in data.get("owed_checks", ())),
+                   Disclosure.of(data.get("disclosure")))
 
 
 def sign_result(
@@ -134,12 +157,18 @@ class RefuteClient:
 
     def create_network(self, name: str, *, admin_token: str | None = None,
                        spot_probability: float = 0.1, spot_count: int = 1,
-                       challenge_window_s: int = 3600) -> tuple[str, str]:
-        """Create a network; returns (network id, API key). Use the key for a new client."""
+                       challenge_window_s: int = 3600,
+                       disclosure_window_s: int | None = None) -> tuple[str, str]:
+        """Create a network; returns (network id, API key). Use the key for a new client.
+        ``disclosure_window_s`` (the service's default when None) is how long a sampled
+        provider without an uploaded trace has to disclose the states its checks need."""
         headers = {"X-Admin-Token": admin_token} if admin_token else {}
-        body = self._call("POST", "/v1/networks", headers=headers, json={
+        fields: dict[str, Any] = {
             "name": name, "spot_probability": spot_probability, "spot_count": spot_count,
-            "challenge_window_s": challenge_window_s})
+            "challenge_window_s": challenge_window_s}
+        if disclosure_window_s is not None:
+            fields["disclosure_window_s"] = disclosure_window_s
+        body = self._call("POST", "/v1/networks", headers=headers, json=fields)
         return str(body["id"]), str(body["api_key"])
 
     def register_model(self, onnx_bytes: bytes, *, dims: dict[str, int] | None = None,
@@ -160,6 +189,14 @@ class RefuteClient:
     def upload_trace(self, result_id: str, bundle: bytes) -> ResultView:
         """Upload the trace bundle of a result."""
         return ResultView.of(self._call("PUT", f"/v1/results/{result_id}/trace", content=bundle,
+                                        headers={"Content-Type": "application/zip"}))
+
+    def disclose_states(self, result_id: str, bundle: bytes) -> ResultView:
+        """Disclose committed states of a result (a ``refute.states/1`` bundle made by
+        :func:`refute.disclosure.write_states`): the alternative to uploading the whole trace
+        when the result's ``disclosure`` asks for them. Each must reproduce its leaf."""
+        return ResultView.of(self._call("PUT", f"/v1/results/{result_id}/states",
+                                        content=bundle,
                                         headers={"Content-Type": "application/zip"}))
 
     def result(self, result_id: str) -> ResultView:

@@ -49,6 +49,7 @@ class LocalStack:
         self.extra_env = dict(extra_env or {})
         self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._commands: dict[str, list[str]] = {}
+        self._envs: dict[str, dict[str, str]] = {}
         self._logs: list[IO[bytes]] = []
 
     @property
@@ -76,14 +77,34 @@ class LocalStack:
             path.write_text(secrets.token_hex(32))
         return path.read_text().strip()
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("ab")
         self._logs.append(log)
-        process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, cwd=self.workdir)
+        own_env = dict(env if env is not None else self._envs.get(name, {}))
+        process = subprocess.Popen(args, env={**self.env, **own_env}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=self.workdir)
         self._processes.append((name, process))
         self._commands[name] = args
+        self._envs[name] = own_env
         return process
+
+    def add_worker(self, name: str, queues: str, *, extra_env: dict[str, str] | None = None,
+                   concurrency: int = 1, beat: bool = False) -> subprocess.Popen[bytes]:
+        """Start one more ``refute worker`` on ``queues`` (comma-separated) with its own extra
+        environment on top of the stack's (kept for :meth:`restart`)."""
+        if name in self.names():
+            raise StackError(f"a process called {name!r} is already running")
+        args = [sys.executable, "-m", "refute", "worker", "--queues", queues,
+                "--concurrency", str(concurrency), "--loglevel", "WARNING"]
+        if beat:
+            args.append("--beat")
+        return self._spawn(name, args, dict(extra_env or {}))
+
+    def names(self) -> list[str]:
+        """The processes of this stack that are running now."""
+        return [name for name, process in self._processes if process.poll() is None]
 
     def process(self, name: str) -> subprocess.Popen[bytes]:
         """The running process called ``name`` (``api``, ``worker-prove``, …)."""
@@ -100,14 +121,37 @@ class LocalStack:
         process.wait()
         self._processes = [(n, p) for n, p in self._processes if p is not process]
 
-    def restart(self, name: str) -> None:
-        """Start a killed process again with its original command (and wait for the API)."""
+    def restart(self, name: str, *, timeout: float = 60.0) -> None:
+        """Start a killed process again with its original command and environment, and wait
+        until it serves: Redis until it answers a ping, anything else until the API is ready
+        (which needs Redis too)."""
         if any(known == name and p.poll() is None for known, p in self._processes):
             raise StackError(f"{name} is still running: kill it first")
         if name not in self._commands:
             raise StackError(f"no process called {name!r} in this stack")
         self._spawn(name, self._commands[name])
-        self._wait_ready()
+        if name == "redis":
+            self._wait_redis(timeout)
+        else:
+            self._wait_ready(timeout)
+
+    def _wait_redis(self, timeout: float) -> None:
+        """Wait until redis-server answers PING (RESP, no client library needed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process("redis").poll() is not None:
+                tail = (self.workdir / "redis.log").read_text(errors="replace")[-400:]
+                raise StackError(f"redis exited: {tail.strip()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.redis_port), timeout=2) as sock:
+                    sock.settimeout(2)
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise StackError(f"redis did not answer within {timeout:.0f} s")
 
     def start(self) -> Self:
         """Start Redis, migrate the database, start the API and the workers; wait for ready."""
