@@ -69,6 +69,7 @@ class Deployment:
     prepared: PreparedModel
     ctx: ServiceContext
     workdir: Path
+    api_key: str
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 spot_key=stack.env["REFUTE_SPOT_KEY"]))
             with httpx.Client(base_url=stack.api_url, timeout=60) as http:
                 yield Deployment(stack, client, http, network_id, registered, prepared, ctx,
-                                 workdir)
+                                 workdir, key)
             ctx.engine.dispose()
         finally:
             mp.undo()
@@ -385,3 +386,26 @@ def test_api_crash_after_a_committed_answer_does_not_time_out_an_honest_provider
                   proved=final["verdict"] == "CHALLENGER_FAULT")
     assert final["verdict"] == "CHALLENGER_FAULT", final  # not PROVIDER_TIMEOUT
     assert _status(d, rid) in {"ACCEPTED", "FINALIZED"}  # open until its window closes
+
+
+def test_a_lost_self_challenge_leaves_the_real_lie_open_to_challenge(
+        deployment: Deployment) -> None:
+    """Issue 9, finding 2, as the attacker ran it: the provider lies at step 2, challenges its
+    own honest step 1 with a second key and a bond of 1, and loses. The result is not upheld:
+    the watcher route still answers 202, and an honest whistleblower convicts the lie."""
+    d = deployment
+    rid = _submit(d, seed=40, lie_at=2)
+    accomplice = _whistleblower(d, 0x7A)
+    honest_model_input = zoo.mlp().sample_input(40)
+    decoy = accomplice.challenge(rid, d.prepared, honest_model_input, bond=1, lo=0, hi=1,
+                                 timeout=300)
+    assert decoy["verdict"] == "CHALLENGER_FAULT", decoy
+    assert _status(d, rid) == "ACCEPTED"
+    watch = d.http.post(f"/v1/results/{rid}/watch", headers={"X-API-Key": d.api_key})
+    assert watch.status_code == 202, watch.text  # was 409: "UPHELD"
+    blower = _whistleblower(d, 0x7B)
+    final = blower.challenge(rid, d.prepared, honest_model_input, bond=BOND, timeout=300)
+    # The watcher (queued above) and the whistleblower race to the same step: one convicts,
+    # the other dispute is closed by that conviction with its bond returned.
+    assert final["verdict"] in {"PROVIDER_FAULT", "CLOSED"}, final
+    assert _status(d, rid) == "PROVIDER_FAULT"
