@@ -151,8 +151,9 @@ def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[Se
 
 
 def owed_segments(session: Session, result: Result) -> list[int]:
-    """The result's sampled segments whose check is not recorded yet."""
-    if not result.spot_segments:
+    """The result's sampled segments whose check is not recorded yet (none once
+    ``spot_pending`` is cleared, which the last record does: no query then)."""
+    if not result.spot_segments or not result.spot_pending:
         return []
     done = set(session.scalars(select(SpotCheck.segment).where(
         SpotCheck.result_id == result.id)))
