@@ -41,7 +41,7 @@ MOVE_DISAGREE = 2
 class ChallengeMessage(BaseModel):
     """The EIP-712 ``Challenge`` message."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     network: str = Field(pattern=HEX32)
     result: str = Field(pattern=HEX32)
     lo: int = Field(ge=0, lt=2**32)
@@ -54,7 +54,7 @@ class ChallengeMessage(BaseModel):
 class ChallengeOpen(BaseModel):
     """A signed challenge against a result."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     challenger: Address
     message: ChallengeMessage
     domain: DomainIn
@@ -64,7 +64,7 @@ class ChallengeOpen(BaseModel):
 class MoveMessage(BaseModel):
     """The EIP-712 ``Move`` message: kind 1 = AGREE, 2 = DISAGREE with the revealed state."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     network: str = Field(pattern=HEX32)
     dispute: str = Field(pattern=HEX32)
     round: int = Field(ge=0, lt=2**32)
@@ -77,7 +77,7 @@ class MoveMessage(BaseModel):
 class MoveSubmit(BaseModel):
     """A party's signed move."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     player: Address
     message: MoveMessage
     domain: DomainIn

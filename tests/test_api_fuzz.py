@@ -1,45 +1,65 @@
-"""Schemathesis over the OpenAPI schema: no request, however malformed, gets a 5xx."""
+"""Schemathesis over the OpenAPI document of a real ``refute serve`` on a fresh home.
+
+All four phases run (examples, coverage, fuzzing, and stateful, which follows the document's
+links: ``POST /v1/networks`` hands its ``api_key`` to the calls that need one). Every check runs
+except ``positive_data_acceptance``: schema-valid data is routinely and rightly refused here (a
+random signature, an unknown id, a cursor of another network), with a 4xx. Among the checks
+that run: no 5xx (``not_a_server_error``), every answer's body matches its documented schema,
+and every error answer is documented with the error schema (``4XX``/``5XX`` on every operation),
+so every error body is validated (``response_schema_conformance``); wrong methods get 405 with a
+correct ``Allow`` header; schema-violating data is refused.
+"""
 
 from __future__ import annotations
 
-import tempfile
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
-import schemathesis
-from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, settings
 
-from verifier.api.app import create_app
-from verifier.db import migrate
-from verifier.service import ServiceContext
-from verifier.settings import ServiceSettings
+from tests.api_server import start_server
+from tests.servers import redis_server
 
-WORKDIR = Path(tempfile.mkdtemp(prefix="refute-fuzz-"))
-
-
-def _app() -> tuple[object, str]:
-    db = WORKDIR / "fuzz.db"
-    service = ServiceSettings(database_url=f"sqlite:///{db}", blob_dir=WORKDIR / "blobs",
-                              redis_url="redis://127.0.0.1:1/0", spot_key="cd" * 16)
-    migrate(service.database_url)
-    app = create_app(ServiceContext.create(service), enqueue=lambda _rid: None)
-    with TestClient(app) as client:
-        key = client.post("/v1/networks", json={"name": "fuzz"}).json()["api_key"]
-    return app, str(key)
-
-
-schemathesis.serializer.alias("application/zip", "application/octet-stream")
-APP, API_KEY = _app()
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+ROOT = Path(__file__).resolve().parents[1]
+#: Test cases per operation and phase: bounds the run (about two minutes on two cores).
+MAX_EXAMPLES = 8
 
 
 @pytest.mark.slow
-@schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case: schemathesis.Case) -> None:  # type: ignore[type-arg]
-    """Authenticated as a real network, every generated request answers below 500."""
-    response = case.call(headers={"X-API-Key": API_KEY})
-    if case.path == "/v1/ready" and response.status_code == 503:
-        return  # its documented answer without a broker (none runs here)
-    assert response.status_code < 500, (case.method, case.path, response.text[:300])
+def test_schemathesis_all_phases_no_server_error_and_documented_errors(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    with redis_server(tmp_path / "redis") as redis:
+        # A broker, so that /v1/ready answers 200 (its documented 503 means "no broker").
+        server = start_server(home, env={"REFUTE_REDIS_URL": redis.url,
+                                         "REFUTE_SPOT_KEY": "cd" * 16})
+        try:
+            created = httpx.post(f"{server.url}/v1/networks", json={"name": "fuzz"}, timeout=30)
+            assert created.status_code == 201, created.text
+            key = created.json()["api_key"]
+            report = tmp_path / "junit.xml"
+            env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks",
+                   "PYTHONPATH": str(ROOT)}
+            run = subprocess.run(
+                [str(Path(sys.executable).with_name("schemathesis")), "run",
+                 f"{server.url}/openapi.json",
+                 "--phases", "examples,coverage,fuzzing,stateful",
+                 "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+                 "--max-examples", str(MAX_EXAMPLES), "--workers", "1", "--seed", "20261203",
+                 "--request-timeout", "60", "--no-color",
+                 "--header", f"X-API-Key: {key}",
+                 "--report", "junit", "--report-junit-path", str(report)],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+            print(run.stdout[-2500:])  # the summary, for the log of the run
+            assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-3000:]
+            summary = run.stdout.rsplit("SUMMARY", 1)[-1]
+            for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):
+                assert f"✅ {phase}" in summary, summary  # ran, and passed
+            assert "Server error" not in run.stdout
+            assert server.alive()
+            assert "Traceback" not in server.log(), server.log()[-4000:]
+        finally:
+            server.stop()

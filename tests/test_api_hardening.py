@@ -9,15 +9,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import select
 import socket
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +29,7 @@ from refute.errors import BundleError
 from refute.loading import TensorSpec
 from refute.manifest import Manifest, SegmentEntry, canonical_json
 from refute.trace import Trace
-from tests.servers import free_port
+from tests.api_server import Server, start_server
 from verifier.accounts import create_network
 from verifier.api.app import MAX_SMALL_BODY_BYTES, create_app
 from verifier.auth import AuthError, Domain, verify_signed
@@ -53,64 +49,13 @@ TYPO = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAeD"
 # --- a real server on a fresh home ---------------------------------------------------------
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-    home: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def rss_kib(self) -> int:
-        """The server process's resident set (VmRSS, KiB) from /proc."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None and httpx.get(
-            f"{self.url}/v1/health", timeout=10).status_code == 200
-
-
-def start_server(home: Path) -> Server:
-    """``refute serve`` with HOME=``home`` and no REFUTE_* settings (the defaults)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFUTE_")}
-    env["HOME"] = str(home)
-    port = free_port()
-    refute = str(Path(sys.executable).with_name("refute"))
-    log = (home / "serve.log").open("wb")
-    process = subprocess.Popen([refute, "serve", "--port", str(port)], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, cwd=home)
-    server = Server(process, port, home)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited: {(home / 'serve.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{server.url}/v1/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("serve did not answer within 60 s")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(tmp_path_factory.mktemp("home"))
     try:
         yield running
     finally:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
-            running.process.wait()
+        running.stop()
 
 
 def assert_error(response: httpx.Response, status: int) -> str:
@@ -475,3 +420,29 @@ def test_serve_on_a_fresh_home_creates_the_schema_first(server: Server) -> None:
     assert listed.status_code == 200, listed.text
     assert listed.json() == {"items": [], "next_cursor": None}
     assert_error(httpx.get(f"{server.url}/v1/results", headers={"X-API-Key": "rk_nope"}), 401)
+
+
+# --- what schemathesis found ---------------------------------------------------------------
+
+
+def test_wrong_methods_name_every_allowed_method() -> None:
+    """Starlette's 405 named only the first route on the path (``Allow: POST`` on /v1/results,
+    which also serves GET)."""
+    with _app_client() as client:
+        answer = client.request("OPTIONS", "/v1/results")
+        assert "allowed: GET, POST" in assert_error(answer, 405)
+        assert answer.headers["allow"] == "GET, POST"
+        assert client.delete("/v1/networks").headers["allow"] == "POST"
+
+
+def test_request_bodies_are_strict() -> None:
+    """A boolean or a float where the schema says integer is refused, not coerced."""
+    with _app_client() as client:
+        for bad in ({"spot_count": False}, {"challenge_window_s": 60.0}, {"name": 7}):
+            answer = client.post("/v1/networks", json={"name": "n", **bad})
+            assert_error(answer, 422)
+        assert client.post("/v1/networks", json={"name": "n", "spot_probability": 1}
+                           ).status_code == 201
+        document = client.get("/openapi.json").json()
+    events = document["components"]["schemas"]["WebhookCreate"]["properties"]["events"]
+    assert "result.finalized" in events["items"]["enum"]

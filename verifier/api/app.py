@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from refute.errors import BundleError, InputError, ModelRejected, RefuteError
 from refute.manifest import Manifest
@@ -189,10 +190,17 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         return _error(422, "invalid_request", reason[:300])
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = " ".join(str(exc.detail).split())[:300] or "request refused"
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            allowed = _allowed_methods(app, request)
+            headers["Allow"] = ", ".join(allowed)
+            reason = f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"
+        elif exc.status_code == 404 and reason == "Not Found":
+            reason = f"no route {request.url.path[:200]}"
         return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), reason,
-                      headers=dict(exc.headers) if exc.headers else None)
+                      headers=headers or None)
 
     @app.get("/v1/health", response_model=Health, responses=COMMON_ERRORS, tags=["operations"])
     def health() -> Health:
@@ -378,6 +386,18 @@ _LINKS: dict[tuple[str, str], dict[str, dict[str, tuple[str, str, dict[str, str]
                        {"path.dispute_id": "$response.body#/id"}),
     }},
 }
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette's own 405 names only
+    the first route that matched the path)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _child = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
 
 
 def _openapi_builder(app: FastAPI) -> Callable[[], dict[str, Any]]:

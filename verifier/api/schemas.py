@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
 from verifier.auth import checksummed_address
+from verifier.webhooks import EVENTS
 
 HEX32 = r"^0x[0-9a-fA-F]{64}$"
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
@@ -45,7 +46,7 @@ class ErrorBody(BaseModel):
 class NetworkCreate(BaseModel):
     """A new network and its sampling policy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=200, examples=["acme-inference"])
     spot_probability: float = Field(default=0.1, ge=0.0, le=1.0)
     spot_count: int = Field(default=1, ge=0, le=64)
@@ -63,7 +64,7 @@ class NetworkCreated(BaseModel):
 class ModelRegister(BaseModel):
     """An ONNX model to register (base64), with optional shape pins and cut choices."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     onnx_base64: str = Field(min_length=4, max_length=96 * 2**20)
     dims: dict[str, int] = Field(default_factory=dict, examples=[{"batch_size": 1}])
     shapes: dict[str, list[int]] = Field(default_factory=dict)
@@ -86,7 +87,7 @@ class ModelOut(BaseModel):
 class SignedResultMessage(BaseModel):
     """The EIP-712 ``Result`` message the provider signed."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
     network: str = Field(pattern=HEX32)
     model: str = Field(pattern=HEX32)
     input: str = Field(pattern=HEX32)
@@ -100,7 +101,7 @@ class SignedResultMessage(BaseModel):
 class DomainIn(BaseModel):
     """The EIP-712 domain the provider signed under."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = "refute"
     version: str = "1"
     chainId: int = Field(ge=1, lt=2**256)  # noqa: N815
@@ -110,7 +111,7 @@ class DomainIn(BaseModel):
 class ResultSubmit(BaseModel):
     """A provider's signed result."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model_id: str = Field(min_length=1, max_length=40)
     provider: Address
     message: SignedResultMessage
@@ -148,13 +149,19 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
+#: The event names, for the schema of a subscription (documented, so clients and fuzzers know).
+_EVENT_NAMES = list[JsonValue](sorted(EVENTS))
+
+
 class WebhookCreate(BaseModel):
     """An endpoint to receive signed event deliveries."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     url: str = Field(min_length=8, max_length=2000, examples=["https://hooks.example.com/refute"])
-    events: list[str] = Field(min_length=1, max_length=3,
-                              examples=[["result.finalized", "result.disputed"]])
+    events: list[str] = Field(min_length=1, max_length=16,
+                              examples=[["result.finalized", "result.disputed"]],
+                              json_schema_extra={"items": {"type": "string",
+                                                           "enum": _EVENT_NAMES}})
 
 
 class WebhookCreated(BaseModel):
