@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from refute import cli as base
 from refute.errors import RefuteError
@@ -59,16 +60,27 @@ def challenge(
 
 def replay_bundle(
     bundle: Annotated[Path, typer.Argument(help="Dispute bundle (.rdispute).")],
-    trusted_key: Annotated[list[str], typer.Option("--key", help="Trusted BLS public key "
-                                                                 "(hex); repeat.")] = [],  # noqa: B006
+    trusted_key: Annotated[list[str], typer.Option("--key", help="A BLS public key (hex) you "
+                                                   "trust to sign transcripts; repeat. Keys "
+                                                   "named in the bundle are never trusted.")]
+    = [],  # noqa: B006
 ) -> None:
-    """Re-check a dispute bundle offline and print a report; exit 1 if any check fails."""
+    """Re-check a dispute bundle offline and print a report; exit 1 if any check fails.
+
+    The transcript's signature passes only against a key given with --key."""
     from challenge.replay import replay
 
-    report = replay(bundle, trusted_key or None)
-    for name, ok, detail in report.lines:
-        mark = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
-        base.out.print(f"{mark} {name:<11} {detail}", soft_wrap=True)
+    report = replay(bundle, trusted_key)
+    signers = ", ".join(report.signers) or "unknown (no valid signer found in the bundle)"
+    state = "trusted" if report.trusted else "NOT trusted"
+    base.out.print(f"signed by: {signers} ({state})", soft_wrap=True, highlight=False)
+    for line in report.checks:
+        mark = "[green]PASS[/green]" if line.ok else "[red]FAIL[/red]"
+        base.out.print(f"{mark} {line.name:<11} {escape(line.text())}", soft_wrap=True,
+                       highlight=False)
+    if not trusted_key and report.signers:
+        base.out.print(f"to trust the signer, run: refute replay {escape(str(bundle))} --key "
+                       f"{report.signers[0]}", soft_wrap=True, highlight=False)
     if not report.ok:
         raise typer.Exit(code=1)
 

@@ -410,6 +410,29 @@ def _verify_events(objs: Sequence[object]) -> list[Event]:
     return events
 
 
+def parse_events(objs: object) -> list[Event]:
+    """Each event of an untrusted ``events`` list, validated on its own (fields, types, body
+    limits), without checking the links between them (:func:`check_bundle` does that).
+
+    Raises :class:`TranscriptError` naming the first malformed event.
+    """
+    if type(objs) is not list:
+        raise TranscriptError("events must be a list", check="event")
+    return [_parse_event(obj, index) for index, obj in enumerate(objs)]
+
+
+def parse_public_key(value: object) -> bytes | None:
+    """A BLS12-381 G1 public key from bytes or hex (with or without ``0x``), or ``None`` if
+    ``value`` is not a valid one (never raises)."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+    try:
+        raw = _coerce_bytes(value, PUBLIC_KEY_BYTES, "public key")
+    except TranscriptError:
+        return None
+    return raw if _valid_public_key(raw) else None
+
+
 # --- signing keys and head signatures ----------------------------------------------------------
 
 
