@@ -6,9 +6,11 @@ process started on a fresh home (default settings, no ``refute db upgrade`` befo
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
+import random
 import select
 import socket
 import time
@@ -28,10 +30,12 @@ from sqlalchemy import select as sql_select
 from refute.errors import BundleError
 from refute.loading import TensorSpec
 from refute.manifest import Manifest, SegmentEntry, canonical_json
+from refute.safejson import MAX_DEPTH, nesting_depth
 from refute.trace import Trace
 from tests.api_server import Server, start_server
 from verifier.accounts import create_network
 from verifier.api.app import MAX_SMALL_BODY_BYTES, create_app
+from verifier.api.jsondepth import json_depth
 from verifier.auth import AuthError, Domain, verify_signed
 from verifier.auth import Result as SignedResult
 from verifier.blobs import LocalBlobStore
@@ -446,3 +450,67 @@ def test_request_bodies_are_strict() -> None:
         document = client.get("/openapi.json").json()
     events = document["components"]["schemas"]["WebhookCreate"]["properties"]["events"]
     assert "result.finalized" in events["items"]["enum"]
+
+
+# --- the depth check itself ----------------------------------------------------------------
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> Any:
+    text = '[]{}"\\ab,: \né'
+    roll = rng.random()
+    if depth > 12 or roll < 0.3:
+        return rng.choice([1, None, True, "".join(rng.choice(text)
+                                                  for _ in range(rng.randint(0, 8)))])
+    if roll < 0.65:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {"".join(rng.choice(text) for _ in range(rng.randint(0, 5))):
+            _random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+def test_json_depth_is_exact_on_json_with_brackets_and_escapes_in_strings() -> None:
+    """Whatever the window, the scan finds the parser's depth (strings with brackets, quotes
+    and backslashes ignored exactly as the parser does)."""
+    rng = random.Random(20261203)
+    for _ in range(500):
+        value = _random_json(rng)
+        text = json.dumps(value, ensure_ascii=rng.random() < 0.5).encode()
+        window = rng.choice([1, 2, 3, 5, 16, 2**20])
+        assert json_depth(text, limit=0, window=window) == _depth(value) == nesting_depth(text)
+    assert json_depth(b'"\\\\"[[', limit=0, window=2) == 2  # an escaped backslash ends no string
+    assert json_depth(b'"\\"[["', limit=0, window=3) == 0  # an escaped quote ends no string
+
+
+@pytest.mark.slow
+def test_json_depth_of_a_60_mib_body_takes_about_a_second() -> None:
+    """The regex-based check took 21 s on a 60 MiB registration body; the API must not."""
+    model = json.dumps({"onnx_base64": base64.b64encode(b"\x07" * 45 * 2**20).decode()}).encode()
+    started = time.perf_counter()
+    assert json_depth(model, limit=MAX_DEPTH) == 1
+    assert time.perf_counter() - started < 1.0
+    for body in (b'"' + b"[" * (60 * 2**20) + b'"', b"[" * (60 * 2**20)):
+        started = time.perf_counter()
+        depth = json_depth(body, limit=MAX_DEPTH)
+        assert depth in (0, 60 * 2**20)
+        assert time.perf_counter() - started < 8.0
+
+
+@pytest.mark.slow
+def test_a_large_registration_body_is_depth_checked_quickly(server: Server) -> None:
+    """A 60 MiB registration body (one long base64 string) is checked in about a second (the
+    regex-based check took 21 s of the event loop), then refused for its unknown key."""
+    body = json.dumps({"onnx_base64": base64.b64encode(b"\x07" * 45 * 2**20).decode()})
+    started = time.perf_counter()
+    answer = httpx.post(f"{server.url}/v1/models", content=body.encode(), timeout=120,
+                        headers={"X-API-Key": "rk_" + "A" * 43,
+                                 "Content-Type": "application/json"})
+    assert_error(answer, 401)
+    assert time.perf_counter() - started < 10.0
+    assert server.alive()
