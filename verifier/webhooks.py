@@ -508,11 +508,16 @@ def _attempt(client: httpx.Client, job: _Job, now: datetime, timeout_s: float, *
     error = "no address"
     for target in targets:
         extensions = {"sni_hostname": target.server_name} if target.server_name else {}
+        # A pooled TLS connection is keyed by the IP, not the name it was verified for: close
+        # it after the answer, so another endpoint on the same IP never rides on it.
+        pinned = {**headers, "Host": target.host_header}
+        if target.server_name:
+            pinned["Connection"] = "close"
         try:
             # Streamed so that the answer's body is never read (a receiver cannot make us
             # buffer it).
             with client.stream("POST", target.url, content=body,
-                               headers={**headers, "Host": target.host_header},
+                               headers=pinned,
                                timeout=timeout_s, follow_redirects=False,
                                extensions=extensions) as response:
                 status = response.status_code
