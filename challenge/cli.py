@@ -61,7 +61,8 @@ def challenge(
 def replay_bundle(
     bundle: Annotated[Path, typer.Argument(help="Dispute bundle (.rdispute).")],
     trusted_key: Annotated[list[str], typer.Option("--key", help="A BLS public key (hex) you "
-                                                   "trust to sign transcripts; repeat. Keys "
+                                                   "trust to sign transcripts; repeat for "
+                                                   "co-signers (each must have signed). Keys "
                                                    "named in the bundle are never trusted.")]
     = [],  # noqa: B006
 ) -> None:
