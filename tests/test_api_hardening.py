@@ -514,3 +514,12 @@ def test_a_large_registration_body_is_depth_checked_quickly(server: Server) -> N
     assert_error(answer, 401)
     assert time.perf_counter() - started < 10.0
     assert server.alive()
+
+
+def test_error_reasons_are_one_bounded_line() -> None:
+    """A reason that echoes the caller's input (an id of 5,000 characters) stays short."""
+    with _app_client() as client:
+        key = client.post("/v1/networks", json={"name": "n"}).json()["api_key"]
+        answer = client.get("/v1/results/" + "x" * 5000, headers={"X-API-Key": key})
+    reason = assert_error(answer, 404)
+    assert len(reason) <= 500 and reason.endswith("…")

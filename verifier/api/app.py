@@ -115,6 +115,12 @@ def _error(status: int, code: str, reason: str,
                         headers=headers)
 
 
+def _one_line(reason: str, limit: int = 500) -> str:
+    """``reason`` on one line, cut to ``limit`` characters (it may echo a caller's input)."""
+    flat = " ".join(str(reason).split()) or "request refused"
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _observe(scope: MutableMapping[str, Any], status: int, seconds: float) -> None:
     route = scope_route(scope)
     LATENCY.labels(route).observe(seconds)
@@ -179,7 +185,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
 
     @app.exception_handler(RefuteError)
     async def refute_error(_request: Request, exc: RefuteError) -> JSONResponse:
-        return _error(_status(exc), exc.code, exc.reason)
+        return _error(_status(exc), exc.code, _one_line(exc.reason))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
