@@ -21,12 +21,17 @@ from pathlib import Path
 
 from tests.drill import DrillReport, run_drill
 
+#: Without traces, the API stays down past the disclosure window of the honest provider whose
+#: disclosure it interrupts.
+DISCLOSURE_WINDOW_S = 15
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the drills and print their reports; 0 when no invariant was violated."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=int, default=200, help="results per variant")
-    parser.add_argument("--liars", type=float, default=0.1, help="fraction of lying results")
+    parser.add_argument("--liars", type=float, default=0.05,
+                        help="fraction of lying results (each liar costs a proof)")
     parser.add_argument("--clients", type=int, default=4, help="client threads")
     parser.add_argument("--only", choices=("traces", "no-traces"), default=None)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -42,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(run_drill(
                 workdir / name, results=args.results, liars=args.liars, upload_traces=upload,
                 clients=args.clients, home=workdir / "home", submit_span_s=60.0,
-                challenge_window_s=30, disclosure_window_s=15, dispute_clock_s=20.0,
-                spotcheck_delay_s=0.15, log=lambda line: print(line, flush=True)))
+                challenge_window_s=30, disclosure_window_s=DISCLOSURE_WINDOW_S,
+                dispute_clock_s=20.0, spotcheck_delay_s=0.15,
+                api_down_s=3.0 if upload else DISCLOSURE_WINDOW_S + 1.0,
+                log=lambda line: print(line, flush=True)))
     finally:
         if args.keep or any(not r.ok for r in reports):
             print(f"stacks kept in {workdir}")

@@ -14,7 +14,10 @@ is idempotent).
 With ``upload_traces`` the providers upload their whole trace after each submission. Without,
 they never do: an honest provider discloses exactly the states the service asks for
 (``disclosure`` in the submission's answer, or later by polling its result), a lying one either
-discloses its lying states (and is convicted) or stays silent (and loses by timeout).
+discloses its lying states (and is convicted) or stays silent (and loses by timeout). One honest
+provider without a trace is caught by the API outage: the API is killed right after its 202 and
+before its disclosure, which it retries until the API is back (a service outage must not run a
+provider's disclosure window out, as it must not run a dispute clock out).
 
 When every result is terminal (or the wait runs out), the drill reads the database (read-only)
 and the API and reports every violation of DESIGN.md "Result lifecycle" and "Spot-checks":
@@ -66,6 +69,8 @@ T = TypeVar("T")
 
 #: The kills of one drill, in order, spread over the submissions.
 DEFAULT_KILLS = ("worker-spotcheck", "redis", "api")
+#: How many violations a rendered report lists one by one.
+_SHOWN = 40
 
 
 class DrillError(RefuteError):
@@ -129,8 +134,13 @@ class DrillReport:
                                                    self.phases.items()),
             "  kills:",
             *(f"    {k}" for k in self.kills),
-            f"  violations: {len(self.violations)}",
-            *(f"    {v}" for v in self.violations),
+            f"  violations: {len(self.violations)}" + (" (" + ", ".join(
+                f"{kind}: {n}" for kind, n in Counter(
+                    v.split(":")[0] for v in self.violations).most_common()) + ")"
+                if self.violations else ""),
+            *(f"    {v}" for v in self.violations[:_SHOWN]),
+            *([f"    … {len(self.violations) - _SHOWN} more"]
+              if len(self.violations) > _SHOWN else []),
         ]
         if self.notes:
             lines += ["  notes:", *(f"    {n}" for n in self.notes)]
@@ -149,6 +159,9 @@ class _Job:
     trace: Trace
     body: dict[str, Any]
     bundle: bytes | None
+    #: An honest provider without a trace whose disclosure meets the API outage: the API is
+    #: killed right after its result's 202 and before its disclosure, which it retries.
+    caught: bool = False
     ids_seen: set[str] = dataclasses.field(default_factory=set)
     result_id: str | None = None
     disclosed: set[int] = dataclasses.field(default_factory=set)
@@ -177,6 +190,8 @@ class _Drill:
         self._local = threading.local()
         self.submitted = 0
         self.server_errors: list[str] = []
+        self.caught_accepted = threading.Event()
+        self.api_killed = threading.Event()
         self.engine = _read_only(Path(stack.workdir) / "refute.db")
 
     # -- clients ------------------------------------------------------------------------------
@@ -238,6 +253,11 @@ class _Drill:
                 self.call(f"PUT /v1/results/{view.id}/trace",
                           lambda: client.upload_trace(view.id, bundle))
             elif not job.silent:
+                if job.caught:  # the API dies between this 202 and the disclosure
+                    self.caught_accepted.set()
+                    self.api_killed.wait(timeout=120)
+                    self.log(f"t={self.elapsed():.1f}s #{job.index} ({view.id}) discloses "
+                             "while the API is down (retrying)")
                 self.disclose(job, view, wait_s=5.0)
         except ApiError as exc:
             job.errors.append(f"upload/disclosure refused: HTTP {exc.status} {exc.code}: {exc}")
@@ -289,10 +309,11 @@ class _Drill:
                 TaskDelivery.deliveries), 0)).where(
                 TaskDelivery.task_name == "refute.spotcheck")).scalar_one())
 
-    def chaos(self, kills: Sequence[str], total: int, *, check_s: float,
-              stop: threading.Event) -> None:
+    def chaos(self, kills: Sequence[str], total: int, *, check_s: float, api_down_s: float,
+              caught: _Job | None, stop: threading.Event) -> None:
         """Kill and restart the processes named in ``kills``, evenly spread over ``total``
-        submissions. The spot-check worker is killed just after it took a task (mid-check)."""
+        submissions. The spot-check worker is killed just after it took a task (mid-check);
+        the API (down ``api_down_s``) just after the 202 of ``caught``, if any."""
         for n, name in enumerate(kills):
             threshold = total * (n + 1) / (len(kills) + 1)
             while self.submitted < threshold and not stop.is_set():
@@ -310,9 +331,15 @@ class _Drill:
                 time.sleep(min(check_s / 2, 1.0))
                 detail = (" just after it took a task (mid-check)" if took
                           else " (no task taken within 20 s)")
+            if name == "api" and caught is not None:
+                took = self.caught_accepted.wait(timeout=60)
+                detail = (f" right after the 202 of #{caught.index}, before its disclosure"
+                          if took else f" (#{caught.index} was not accepted within 60 s)")
             at = self.elapsed()
             self.stack.kill(name)
-            down_s = {"redis": 3.0, "api": 1.0}.get(name, 1.0)
+            if name == "api":
+                self.api_killed.set()
+            down_s = {"redis": 3.0, "api": api_down_s}.get(name, 1.0)
             time.sleep(down_s)
             self.stack.restart(name)
             self.report.kills.append(
@@ -372,6 +399,8 @@ def run_drill(
     submit_span_s: float = 20.0,
     kills: Sequence[str] = DEFAULT_KILLS,
     lie_states: Sequence[int] | None = None,
+    api_down_s: float = 1.0,
+    outage_discloser: bool = True,
     settle_timeout_s: float | None = None,
     retry_for_s: float = 60.0,
     home: Path | None = None,
@@ -384,7 +413,10 @@ def run_drill(
     ``liars`` is the fraction of lying results, each lying at one of ``lie_states`` in turn
     (default: every interior state; fewer states mean fewer step circuits to set up). ``home``
     (REFUTE_HOME: circuits, SRS) may be shared between drills so the prove worker sets each
-    circuit up once; ``extra_env`` overrides any service setting. Raises :class:`DrillError`
+    circuit up once; ``extra_env`` overrides any service setting. ``api_down_s`` is how long the
+    API stays down (before its restart, which takes a few seconds more); without traces and with
+    ``outage_discloser``, the API is killed right after one honest provider's 202, before its
+    disclosure, which it retries until the API is back. Raises :class:`DrillError`
     only when the drill itself cannot run; what the service got wrong is in the report's
     ``violations``.
     """
@@ -470,6 +502,13 @@ def run_drill(
             bundle = (trace.write(workdir / "traces" / f"{i}.rtrace").read_bytes()
                       if upload_traces else None)
             jobs.append(_Job(i, provider, i in lying, lie_at, silent, trace, body, bundle))
+        caught: _Job | None = None
+        if not upload_traces and outage_discloser and "api" in kills:
+            # The first honest result at or after the API kill's turn in the submissions.
+            turn = results * (list(kills).index("api") + 1) / (len(kills) + 1)
+            caught = next((j for j in jobs[int(turn):] if not j.liar), None)
+            if caught is not None:
+                caught.caught = True
         phases["prepare"] = time.monotonic() - mark
 
         drill = _Drill(stack, report, network_id=network_id, api_key=api_key, model=registered,
@@ -483,7 +522,8 @@ def run_drill(
         stop = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(max_workers=clients + 1) as pool:
             chaos = pool.submit(drill.chaos, kills, results,
-                                check_s=spotcheck_delay_s * spot_count, stop=stop)
+                                check_s=spotcheck_delay_s * spot_count, api_down_s=api_down_s,
+                                caught=caught, stop=stop)
             submissions = [pool.submit(drill.submit, job, upload=upload_traces, pace_s=pace_s)
                            for job in jobs]
             try:
@@ -603,7 +643,8 @@ def _check(drill: _Drill, jobs: list[_Job], *, key: bytes, num_segments: int,
         recorded = Counter(int(c.segment) for c in by_result.get(rid, []))
         who = f"{rid} (#{job.index}, {'liar at state ' + str(job.lie_at) if job.liar else 'honest'}"
         who += ("" if job.bundle is not None else
-                ", silent" if job.silent else f", disclosed {sorted(job.disclosed)}") + ")"
+                ", silent" if job.silent else f", disclosed {sorted(job.disclosed)}")
+        who += (", its disclosure met the API outage" if job.caught else "") + ")"
         for segment, count in recorded.items():
             if segment not in sampled:
                 violations.append(f"unsampled check: {who} segment {segment} was checked "
