@@ -39,6 +39,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import http.server
+import json
 import random
 import secrets
 import statistics
@@ -46,7 +48,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +66,7 @@ from verifier.client import TERMINAL, ApiError, RefuteClient, ResultView, sign_r
 from verifier.models import DeadLetter, Dispute, Result, SpotCheck, TaskDelivery
 from verifier.spotcheck import Finding, check_segment, sample_segments
 from verifier.stack import LocalStack
+from verifier.webhooks import verify_signature
 
 T = TypeVar("T")
 
@@ -312,8 +315,9 @@ class _Drill:
     def chaos(self, kills: Sequence[str], total: int, *, check_s: float, api_down_s: float,
               caught: _Job | None, stop: threading.Event) -> None:
         """Kill and restart the processes named in ``kills``, evenly spread over ``total``
-        submissions. The spot-check worker is killed just after it took a task (mid-check);
-        the API (down ``api_down_s``) just after the 202 of ``caught``, if any."""
+        submissions. The spot-check worker and Redis are killed just after the worker took a
+        task (mid-check: its acknowledgement is lost with them); the API (down ``api_down_s``)
+        just after the 202 of ``caught``, if any."""
         for n, name in enumerate(kills):
             threshold = total * (n + 1) / (len(kills) + 1)
             while self.submitted < threshold and not stop.is_set():
@@ -322,7 +326,7 @@ class _Drill:
                 self.report.kills.append(f"{name}: not killed (the submissions ended first)")
                 continue
             detail = ""
-            if name.startswith("worker-spotcheck"):
+            if name.startswith("worker-spotcheck") or name == "redis":
                 before = self._spotcheck_deliveries()
                 deadline = time.monotonic() + 20
                 while self._spotcheck_deliveries() == before and time.monotonic() < deadline:
@@ -357,6 +361,57 @@ class _Drill:
         wanted = set(ids)
         return {rid: str(getattr(status, "value", status)) for rid, status in rows
                 if rid in wanted}
+
+
+class _Hooks:
+    """A loopback webhook endpoint that keeps every delivery it receives (signature checked)."""
+
+    def __init__(self) -> None:
+        self.secret = ""
+        self.received: list[tuple[str, dict[str, Any]]] = []
+        self.bad_signatures = 0
+        self._lock = threading.Lock()
+        hooks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                headers = {k: v for k, v in self.headers.items()}
+                with hooks._lock:
+                    if not verify_signature(hooks.secret, headers, body, datetime.now(UTC)):
+                        hooks.bad_signatures += 1
+                    hooks.received.append((headers.get("X-Refute-Event", ""),
+                                           json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                del format, args
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """Where the service delivers."""
+        return f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def events(self, name: str) -> dict[str, list[dict[str, Any]]]:
+        """The payloads of every delivery of event ``name``, by result id."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        with self._lock:
+            for event, payload in self.received:
+                if event == name:
+                    found.setdefault(str(payload.get("result_id")), []).append(payload)
+        return found
+
+    def __enter__(self) -> _Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _read_only(db: Path) -> Engine:
@@ -440,11 +495,12 @@ def run_drill(
         "REFUTE_DISPUTE_CHALLENGER_CLOCK_S": str(dispute_clock_s),
         "REFUTE_DISPUTE_PROOF_TIMEOUT_S": "600",
         "REFUTE_DISPUTE_RESUME_AFTER_S": "3",
+        "REFUTE_WEBHOOKS_ALLOW_PRIVATE": "1",
         **({"REFUTE_HOME": str(home)} if home is not None else {}),
         **(extra_env or {}),
     }
     started = time.monotonic()
-    with LocalStack(workdir / "stack", extra_env=env) as stack:
+    with _Hooks() as hooks, LocalStack(workdir / "stack", extra_env=env) as stack:
         phases["start"] = time.monotonic() - started
         mark = time.monotonic()
         admin = RefuteClient(stack.api_url)
@@ -468,6 +524,9 @@ def run_drill(
                                                        **policy)
         admin.close()
         with RefuteClient(stack.api_url, api_key) as owner:
+            hooks.secret = str(owner.register_webhook(hooks.url, [
+                "result.finalized", "result.disputed", "spotcheck.disclosure_requested"])[
+                    "secret"])
             registered = owner.register_model(model.onnx_bytes, calibration_samples=2)
         manifest = Manifest.from_json(registered["manifest"])
         prepared = dataclasses.replace(local, manifest=manifest)
@@ -560,6 +619,8 @@ def run_drill(
         mark = time.monotonic()
         _check(drill, jobs, key=bytes.fromhex(stack.env["REFUTE_SPOT_KEY"]),
                num_segments=manifest.num_segments, spot_count=spot_count)
+        _check_hooks(drill, jobs, hooks, key=bytes.fromhex(stack.env["REFUTE_SPOT_KEY"]),
+                     num_segments=manifest.num_segments, spot_count=spot_count)
         phases["check"] = time.monotonic() - mark
         drill.engine.dispose()
     phases["total"] = time.monotonic() - started
@@ -581,7 +642,7 @@ def _check(drill: _Drill, jobs: list[_Job], *, key: bytes, num_segments: int,
     with drill.engine.connect() as connection:
         rows = {r.id: r for r in connection.execute(select(
             Result.id, Result.provider, Result.nonce, Result.status, Result.finalized_at,
-            Result.trace_blob, Result.challenge_deadline).where(
+            Result.trace_blob, Result.challenge_deadline, Result.spot_segments).where(
             Result.network_id == drill.network_id)).all()}
         checks = connection.execute(select(
             SpotCheck.result_id, SpotCheck.segment, SpotCheck.outcome, SpotCheck.checked_at)
@@ -640,6 +701,9 @@ def _check(drill: _Drill, jobs: list[_Job], *, key: bytes, num_segments: int,
         sampled = sample_segments(key, rid, num_segments=num_segments, probability=1.0,
                                   count=spot_count)
         report.sampled_checks += len(sampled)
+        if sorted(int(i) for i in row.spot_segments or []) != sampled:
+            violations.append(f"sample: {rid} owes segments {row.spot_segments}, its sample is "
+                              f"{sampled}")
         recorded = Counter(int(c.segment) for c in by_result.get(rid, []))
         who = f"{rid} (#{job.index}, {'liar at state ' + str(job.lie_at) if job.liar else 'honest'}"
         who += ("" if job.bundle is not None else
@@ -724,3 +788,47 @@ def _check(drill: _Drill, jobs: list[_Job], *, key: bytes, num_segments: int,
 def _naive(moment: datetime) -> datetime:
     """Compare stored times whether or not the driver kept their time zone."""
     return moment.replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
+def _check_hooks(drill: _Drill, jobs: list[_Job], hooks: _Hooks, *, key: bytes,
+                 num_segments: int, spot_count: int, wait_s: float = 30.0) -> None:
+    """What the webhooks told the network agrees with the database: one ``result.finalized``
+    (at least once) for each finalized result and for no other; without traces, a
+    ``spotcheck.disclosure_requested`` naming exactly the states of each result's sample."""
+    report = drill.report
+    ids = [job.result_id for job in jobs if job.result_id is not None]
+    statuses = drill.statuses(ids)
+    finalized = {rid for rid, status in statuses.items() if status == "FINALIZED"}
+    asked = {job.result_id for job in jobs if job.result_id is not None and job.bundle is None}
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not (
+            finalized <= set(hooks.events("result.finalized"))
+            and asked <= set(hooks.events("spotcheck.disclosure_requested"))):
+        time.sleep(0.5)
+    told_final = hooks.events("result.finalized")
+    for rid in sorted(finalized - set(told_final)):
+        report.violations.append(f"webhook: no result.finalized for {rid} within {wait_s:.0f} "
+                                 "s of the end")
+    for rid in sorted(set(told_final) - finalized):
+        report.violations.append(f"webhook: result.finalized for {rid}, which is "
+                                 f"{statuses.get(rid)}")
+    if hooks.bad_signatures:
+        report.violations.append(f"webhook: {hooks.bad_signatures} deliveries with a bad "
+                                 "signature")
+    requests = hooks.events("spotcheck.disclosure_requested")
+    for rid in sorted(asked):
+        sampled = sample_segments(key, rid, num_segments=num_segments, probability=1.0,
+                                  count=spot_count)
+        needed = sorted({k for i in sampled for k in (i - 1, i)})
+        got = requests.get(rid, [])
+        if not got:
+            report.violations.append(f"webhook: no spotcheck.disclosure_requested for {rid} "
+                                     f"(needs states {needed})")
+        elif any(sorted(int(k) for k in payload.get("states", [])) != needed
+                 for payload in got):
+            report.violations.append(f"webhook: disclosure request for {rid} names "
+                                     f"{[p.get('states') for p in got]}, the sample needs "
+                                     f"{needed}")
+    report.notes.append(f"webhooks received: {len(hooks.received)} ("
+                        + ", ".join(f"{e}: {n}" for e, n in Counter(
+                            e for e, _ in hooks.received).most_common()) + ")")
