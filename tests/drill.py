@@ -57,6 +57,7 @@ from eth_account import Account
 from sqlalchemy import Engine, create_engine, func, select
 
 from refute import zoo
+from refute.disclosure import write_states
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
@@ -177,20 +178,19 @@ class _Drill:
     """One drill's moving parts (see :func:`run_drill`)."""
 
     def __init__(self, stack: LocalStack, report: DrillReport, *, network_id: str, api_key: str,
-                 model: dict[str, Any], prepared: PreparedModel, spot_count: int,
-                 retry_for_s: float, log: Callable[[str], None]) -> None:
+                 prepared: PreparedModel, retry_for_s: float,
+                 log: Callable[[str], None]) -> None:
         self.stack = stack
         self.report = report
         self.network_id = network_id
         self.api_key = api_key
-        self.model = model
         self.prepared = prepared
-        self.spot_count = spot_count
         self.retry_for_s = retry_for_s
         self.log = log
         self.t0 = time.monotonic()
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._clients: list[RefuteClient] = []
         self.submitted = 0
         self.server_errors: list[str] = []
         self.caught_accepted = threading.Event()
@@ -205,7 +205,15 @@ class _Drill:
         if client is None:
             client = RefuteClient(self.stack.api_url, self.api_key, timeout=30)
             self._local.client = client
+            with self._lock:
+                self._clients.append(client)
         return client
+
+    def close(self) -> None:
+        """Close every client and the database engine."""
+        for client in self._clients:
+            client.close()
+        self.engine.dispose()
 
     def elapsed(self) -> float:
         """Seconds since the drill started."""
@@ -275,8 +283,6 @@ class _Drill:
     def disclose(self, job: _Job, view: ResultView | None, *, wait_s: float) -> None:
         """As a provider that keeps its trace: disclose exactly the states the service asks
         for (from ``view``, else by polling the result for up to ``wait_s``)."""
-        from refute.disclosure import write_states  # the service side's format (issue 9)
-
         assert job.result_id is not None
         rid = job.result_id
         client = self.client()
@@ -570,9 +576,8 @@ def run_drill(
                 caught.caught = True
         phases["prepare"] = time.monotonic() - mark
 
-        drill = _Drill(stack, report, network_id=network_id, api_key=api_key, model=registered,
-                       prepared=prepared, spot_count=spot_count, retry_for_s=retry_for_s,
-                       log=log)
+        drill = _Drill(stack, report, network_id=network_id, api_key=api_key,
+                       prepared=prepared, retry_for_s=retry_for_s, log=log)
         log(f"drill ({variant}): {results} results, {n_liars} lying, {clients} clients, "
             f"{manifest.num_segments} segments, {spot_count} sampled each, window "
             f"{challenge_window_s} s; kills {', '.join(kills)}")
@@ -622,7 +627,7 @@ def run_drill(
         _check_hooks(drill, jobs, hooks, key=bytes.fromhex(stack.env["REFUTE_SPOT_KEY"]),
                      num_segments=manifest.num_segments, spot_count=spot_count)
         phases["check"] = time.monotonic() - mark
-        drill.engine.dispose()
+        drill.close()
     phases["total"] = time.monotonic() - started
     log(report.render())
     return report

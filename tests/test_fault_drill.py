@@ -21,7 +21,7 @@ from tests.drill import DEFAULT_KILLS, run_drill
 pytestmark = [pytest.mark.slow, pytest.mark.ezkl]
 
 RESULTS = 30
-LIARS = 0.1
+LIARS = 0.07  # 2 of 30: without traces, one discloses its lie and one stays silent
 DISCLOSURE_WINDOW_S = 6
 
 
