@@ -136,8 +136,8 @@ class Guard:
         headers = Headers(scope=scope)
         route = self._route(scope)
         limit = route.max_bytes if route is not None else self.max_body_bytes
-        too_large = BodyTooLarge(f"bodies of {scope.get('method')} {scope.get('path')} are "
-                                 f"limited to {limit} bytes")
+        too_large = BodyTooLarge(f"bodies of {scope.get('method')} {str(scope.get('path'))[:200]}"
+                                 f" are limited to {limit} bytes")
         length = headers.get("content-length")
         if length is not None:
             if not length.isascii() or not length.isdigit():
@@ -189,7 +189,9 @@ class Guard:
                     return
             await self.app(scope, downstream, send_marking)
         except InputError as exc:
-            if started or answered:
+            if answered:
+                return
+            if started:
                 raise
             await _answer(send_marking, 400, exc.code, exc.reason)
         except Exception:
