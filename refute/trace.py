@@ -34,8 +34,9 @@ import numpy as np
 
 from refute.commitment import TraceCommitment, hash_states, state_leaf
 from refute.errors import BundleError, CommitmentError, RefuteError
+from refute.jsondepth import json_depth
 from refute.manifest import Manifest, canonical_json
-from refute.safejson import check_depth
+from refute.safejson import MAX_DEPTH
 
 FORMAT = "refute.trace/1"
 _MANIFEST = "manifest.json"
@@ -274,10 +275,9 @@ def _read_json(
     if info.file_size > _MAX_JSON_BYTES:
         raise BundleError(f"{name} is too large")
     raw = archive.read(info)
-    try:
-        check_depth(raw, what=name)
-    except RefuteError as exc:
-        raise BundleError(exc.reason) from exc
+    depth = json_depth(raw, limit=MAX_DEPTH)
+    if depth > MAX_DEPTH:
+        raise BundleError(f"{name} nests {depth} levels deep; at most {MAX_DEPTH} are accepted")
     try:
         return json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

@@ -28,6 +28,7 @@ from onnx import TensorProto
 from sqlalchemy import select as sql_select
 
 from refute.errors import BundleError
+from refute.jsondepth import json_depth
 from refute.loading import TensorSpec
 from refute.manifest import Manifest, SegmentEntry, canonical_json
 from refute.safejson import MAX_DEPTH, nesting_depth
@@ -35,7 +36,6 @@ from refute.trace import Trace
 from tests.api_server import Server, start_server
 from verifier.accounts import create_network
 from verifier.api.app import MAX_SMALL_BODY_BYTES, create_app
-from verifier.api.jsondepth import json_depth
 from verifier.auth import AuthError, Domain, verify_signed
 from verifier.auth import Result as SignedResult
 from verifier.blobs import LocalBlobStore
@@ -346,6 +346,12 @@ def test_a_bundle_whose_manifest_holds_infinity_is_a_bundle_error() -> None:
         archive.writestr("trace.json", "{}")
     with pytest.raises(BundleError, match="Infinity"):
         Trace.read(buffer.getvalue())
+    deep = io.BytesIO()
+    with zipfile.ZipFile(deep, "w") as archive:
+        archive.writestr("manifest.json", b"[" * 100_000)
+        archive.writestr("trace.json", "{}")
+    with pytest.raises(BundleError, match="nests 100000 levels"):
+        Trace.read(deep.getvalue())
 
 
 # --- cheap checks before hashing -----------------------------------------------------------
