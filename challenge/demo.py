@@ -122,7 +122,11 @@ def run_demo(workdir: Path, console: Console) -> bool:
         for row in rows:
             console.print(f"bundle {row[-1]}", highlight=False, soft_wrap=True)
         console.print(f"whistleblower dispute took {time_b:.0f} s (bisection + proof)")
-        console.print("check any bundle offline with: refute replay <bundle>")
+        from challenge.orchestrator import service_signing_key
+
+        key = "0x" + service_signing_key(ctx).public_key.hex()
+        console.print(f"check any bundle offline with: refute replay <bundle> --key {key}",
+                      highlight=False, soft_wrap=True)
     return ok
 
 
@@ -130,7 +134,7 @@ def _settle_row(ctx: ServiceContext, label: str, rid: str, *, workdir: Path,
                 console: Console) -> tuple[list[str], bool]:
     from sqlalchemy import select
 
-    from challenge.orchestrator import export_dispute
+    from challenge.orchestrator import export_dispute, service_signing_key
     from verifier.models import Dispute
 
     with ctx.sessions() as session:
@@ -139,7 +143,7 @@ def _settle_row(ctx: ServiceContext, label: str, rid: str, *, workdir: Path,
     if dispute is None:
         return [rid[:16], label, "-", "-", "-", "NO VERDICT", "-", "-", "-"], False
     bundle = export_dispute(ctx, dispute.id, workdir / f"{dispute.id}.rdispute")
-    report = replay(bundle)
+    report = replay(bundle, ["0x" + service_signing_key(ctx).public_key.hex()])
     transcript = json.loads(_member(bundle, "transcript.json"))
     outcome = next(e for e in transcript["events"]
                    if e["kind"] == "proofoutcome" and e["body"]["dispute_id"] == dispute.id)

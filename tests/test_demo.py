@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ def test_demo(tmp_path: Path) -> None:
     assert done.stdout.count("verified on anvil") == 2
     bundles = sorted(tmp_path.glob("*.rdispute"))
     assert len(bundles) == 2
-    replay = subprocess.run([sys.executable, "-m", "refute", "replay", str(bundles[0])],
+    key = re.search(r"refute replay <bundle> --key (0x[0-9a-f]+)", done.stdout)
+    assert key is not None, done.stdout[-2000:]
+    replay = subprocess.run([sys.executable, "-m", "refute", "replay", str(bundles[0]),
+                             "--key", key.group(1)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert replay.returncode == 0 and "FAIL" not in replay.stdout
     assert _our_processes() <= before  # nothing left running

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from challenge import orchestrator
 from challenge.game import Actor, Answer, Choice, RequestReveal, TimeControl
 from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
-from challenge.replay import replay
+from challenge.replay import archive_bytes, replay
 from challenge.whistleblower import Whistleblower
 from prover import config as prover_config
 from prover.calibration import calibrate_model
@@ -185,6 +185,11 @@ def test_provider_that_never_discloses_its_trace_times_out(world: World) -> None
     assert _books_and_chain(world, rid)[-2:] == ["timeout", "verdict"]
 
 
+def _service_key(world: World) -> str:
+    """The service's BLS public key, which an auditor trusts explicitly."""
+    return "0x" + orchestrator.service_signing_key(world.ctx).public_key.hex()
+
+
 def _prove_now(world: World, dispute_id: str) -> None:
     prove_pending(world.ctx, dispute_id, datetime.now(UTC))
 
@@ -232,16 +237,20 @@ def test_exported_dispute_replays_and_tampering_is_pinpointed(world: World, tmp_
                               now=datetime.now(UTC),
                               schedule_proof=lambda d: _prove_now(world, d))
     bundle = orchestrator.export_dispute(world.ctx, dispute_id, tmp_path / "d.rdispute")
-    report = replay(bundle)
+    key = _service_key(world)
+    report = replay(bundle, [key])
     assert report.ok, report.lines
     assert [name for name, _ok, _d in report.lines] == [
-        "bundle", "transcript", "leaves", "moves", "proof", "binding", "verdict"]
-    # Tamper: one revealed state's bytes, then one transcript event.
+        "bundle", "transcript", "signature", "manifest", "artifacts", "leaves", "moves",
+        "proof", "binding", "verdict"]
+    # Tamper: one revealed state's bytes, then one transcript event (in the canonical encoding,
+    # so that only the edit itself is what replay finds).
     def rewrite(edit: Callable[[str, bytes], bytes], name: str) -> Path:
         out = tmp_path / name
-        with zipfile.ZipFile(bundle) as a, zipfile.ZipFile(out, "w") as b:
-            for info in a.infolist():
-                b.writestr(info.filename, edit(info.filename, a.read(info)))
+        with zipfile.ZipFile(bundle) as a:
+            members = {info.filename: edit(info.filename, a.read(info))
+                       for info in a.infolist()}
+        out.write_bytes(archive_bytes(members))
         return out
 
     def flip_state(member: str, data: bytes) -> bytes:
@@ -258,9 +267,9 @@ def test_exported_dispute_replays_and_tampering_is_pinpointed(world: World, tmp_
                 break
         return json.dumps(doc).encode()
 
-    broken = replay(rewrite(flip_state, "state.rdispute"))
-    assert [n for n, ok, _ in broken.lines if not ok] == ["leaves", "moves"]
-    forged = replay(rewrite(forge_answer, "answer.rdispute"))
+    broken = replay(rewrite(flip_state, "state.rdispute"), [key])
+    assert [n for n, ok, _ in broken.lines if not ok][:1] == ["leaves"]
+    forged = replay(rewrite(forge_answer, "answer.rdispute"), [key])
     failed = {n: d for n, ok, d in forged.lines if not ok}
     assert "transcript" in failed and "altered" in failed["transcript"]
     assert "moves" in failed  # the forged answer also breaks the game replay
@@ -368,7 +377,8 @@ def test_a_trace_uploaded_during_the_dispute_is_disclosed_and_the_cheat_convicte
     assert books_checked_after_every_move[0] == "Disclose"
     assert books_checked_after_every_move[-1] == "ProofOutcome"
     report = replay(orchestrator.export_dispute(world.ctx, dispute_id,
-                                                world.workdir / f"{dispute_id}.rdispute"))
+                                                world.workdir / f"{dispute_id}.rdispute"),
+                    [_service_key(world)])
     assert report.ok, report.lines
 
 
