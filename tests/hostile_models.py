@@ -994,8 +994,38 @@ def duplicate_input() -> bytes:
     return _serialize(model)
 
 
-# --- the table -----------------------------------------------------------------------------
+# --- registration hogs (they load; building them is what costs) ----------------------------
 
+
+def matmul_chain(length: int = 4096, width: int = 2) -> bytes:
+    """``length`` chained MatMuls by one tiny weight (≈ 109 KB for 4096): each is a segment, so
+    registration would calibrate 4096 circuits (the reported 180 s stall)."""
+    weight = numpy_helper.from_array(np.eye(width, dtype=np.float32), "W")
+    nodes = []
+    previous = INPUT_NAME
+    for i in range(length):
+        output = OUTPUT_NAME if i == length - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [previous, "W"], [output]))
+        previous = output
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, width])],
+                             [_vi(OUTPUT_NAME, [1, width])], [weight]))
+
+
+def padded_state_hog(side: int = 4096) -> bytes:
+    """Input [1, 1] padded to [side, side] (2**24 elements, within the tensor limit), then a
+    Mul and a Relu: it loads, but executing and calibrating it needs gigabytes."""
+    pads = numpy_helper.from_array(np.array([0, 0, side - 1, side - 1], np.int64), "pads")
+    scale = numpy_helper.from_array(np.ones((1,), np.float32), "k")
+    nodes = [
+        helper.make_node("Pad", [INPUT_NAME, "pads"], ["p"], name="pad"),
+        helper.make_node("Mul", ["p", "k"], ["q"], name="mul"),
+        helper.make_node("Relu", ["q"], [OUTPUT_NAME], name="relu"),
+    ]
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1])], [_vi(OUTPUT_NAME, [side, side])],
+                             [pads, scale]))
+
+
+# --- the table -----------------------------------------------------------------------------
 
 HOSTILE: list[Case] = [
     # external data

@@ -34,6 +34,9 @@ class ServiceSettings(BaseSettings):
     visibility_timeout_s: int = 3600
     #: Fault injection for tests and drills: sleep this long inside each spot-check.
     spotcheck_delay_s: float = 0.0
+    #: An owed spot-check whose states are held but which is still unrecorded this long after
+    #: it was queued is queued again by the timers (a task lost with Redis, or never queued).
+    spotcheck_requeue_after_s: float = Field(default=300.0, gt=0)
     #: How often the scheduler finalizes results and delivers due webhooks.
     finalize_every_s: float = 10.0
     #: Seed (hex, ≥ 32 bytes) of the service's BLS key that signs transcript heads; empty means
@@ -54,6 +57,15 @@ class ServiceSettings(BaseSettings):
     dispute_resume_after_s: float = Field(default=5.0, gt=0)
     #: Accept webhook endpoints on loopback/private addresses (development and tests only).
     webhooks_allow_private: bool = False
+    #: Model registration runs in its own child process per request, bounded in wall-clock time
+    #: and address space (RLIMIT_AS, the whole child's); past either it is stopped and refused.
+    registration_timeout_s: float = Field(default=600.0, gt=0)
+    registration_memory_mb: int = Field(default=4096, ge=256)
+    #: How many registrations run at once, how many of them one network may run, and how many
+    #: more may wait for a slot; beyond that a registration is refused (503, Retry-After).
+    registrations_concurrent: int = Field(default=2, ge=1)
+    registrations_per_network: int = Field(default=1, ge=1)
+    registrations_queued: int = Field(default=8, ge=0)
 
     def spot_key_bytes(self) -> bytes:
         """The sampling key; refuses to run with none configured."""

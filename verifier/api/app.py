@@ -263,14 +263,39 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
 
     @app.post("/v1/models", status_code=201, response_model=ModelOut, responses=ERRORS,
               tags=["models"])
-    async def register(body: ModelRegister, net: NetworkDep, s: SessionDep) -> ModelOut:
-        """Register a model: safe loading, segmentation, calibration; returns the manifest."""
+    async def register(body: ModelRegister, net: NetworkDep,
+                       s: SessionDep) -> ModelOut | JSONResponse:
+        """Register a model: safe loading, segmentation, calibration; returns the manifest.
+
+        Each registration runs in its own child process bounded in time and memory (422
+        ``registration_timeout``, ``registration_memory``, ``registration_crashed``); when every
+        slot and the bounded queue are taken the answer is 503 ``registration_busy`` with
+        ``Retry-After``.
+        """
+        from verifier.registry import (
+            RegistrationBusy,
+            RegistrationCrashed,
+            RegistrationLimits,
+            RegistrationMemoryExceeded,
+            RegistrationTimeout,
+        )
+
         data = decode_model(body.onnx_base64)
         options = body.model_dump(exclude={"onnx_base64"})
-        manifest_json = await asyncio.to_thread(register_in_subprocess, data, options)
+        limits = RegistrationLimits.from_settings(ctx.settings)
+        network_id = net.id
+        s.rollback()  # hold no database transaction while the model is built
+        try:
+            manifest_json = await asyncio.to_thread(
+                register_in_subprocess, data, options, limits=limits, network_id=network_id)
+        except RegistrationBusy as exc:
+            return _error(exc.http_status, exc.code, exc.reason,
+                          headers={"Retry-After": str(exc.retry_after_s)})
+        except (RegistrationTimeout, RegistrationMemoryExceeded, RegistrationCrashed) as exc:
+            return _error(exc.http_status, exc.code, exc.reason)
         manifest = Manifest.from_json(manifest_json)
         with _write(s):
-            row = store_model(s, ctx.blobs, network_id=net.id, data=data,
+            row = store_model(s, ctx.blobs, network_id=network_id, data=data,
                               manifest=manifest_json, manifest_sha256=manifest.sha256,
                               now=utcnow())
         return _model_out(row)
