@@ -52,7 +52,7 @@ def test_schemathesis_all_phases_no_server_error_and_documented_errors(tmp_path:
                  "--request-timeout", "60", "--no-color",
                  "--header", f"X-API-Key: {key}",
                  "--report", "junit", "--report-junit-path", str(report)],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, check=False)
             print(run.stdout[-2500:])  # the summary, for the log of the run
             assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-3000:]
             summary = run.stdout.rsplit("SUMMARY", 1)[-1]
