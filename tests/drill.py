@@ -318,12 +318,27 @@ class _Drill:
                 TaskDelivery.deliveries), 0)).where(
                 TaskDelivery.task_name == "refute.spotcheck")).scalar_one())
 
-    def chaos(self, kills: Sequence[str], total: int, *, check_s: float, api_down_s: float,
-              caught: _Job | None, stop: threading.Event) -> None:
-        """Kill and restart the processes named in ``kills``, evenly spread over ``total``
-        submissions. The spot-check worker and Redis are killed just after the worker took a
-        task (mid-check: its acknowledgement is lost with them); the API (down ``api_down_s``)
-        just after the 202 of ``caught``, if any."""
+    def _liar_mid_check(self, jobs: Sequence[_Job], spot_count: int) -> str | None:
+        """A lying result whose spot-check task is running: some, not all, of its sampled
+        checks are recorded (the watcher's dispute and its proof come at the task's end)."""
+        liars = [job.result_id for job in jobs if job.liar and job.result_id is not None]
+        if not liars:
+            return None
+        with self.engine.connect() as connection:
+            counts = connection.execute(select(SpotCheck.result_id, func.count()).where(
+                SpotCheck.result_id.in_(liars)).group_by(SpotCheck.result_id)).all()
+        return next((str(rid) for rid, n in counts if 0 < n < spot_count), None)
+
+    def chaos(self, kills: Sequence[str], jobs: Sequence[_Job], *, spot_count: int,
+              check_s: float, api_down_s: float, caught: _Job | None,
+              stop: threading.Event) -> None:
+        """Kill and restart the processes named in ``kills``, evenly spread over the
+        submissions of ``jobs``. The spot-check worker is killed just after it took a task
+        (mid-check: its acknowledgement dies with it); Redis while the spot-check of a liar is
+        running (so the watcher's dispute and proof are queued while it is down), else just
+        after a task was taken; the API (down ``api_down_s``) just after the 202 of ``caught``,
+        if any."""
+        total = len(jobs)
         for n, name in enumerate(kills):
             threshold = total * (n + 1) / (len(kills) + 1)
             while self.submitted < threshold and not stop.is_set():
@@ -332,7 +347,15 @@ class _Drill:
                 self.report.kills.append(f"{name}: not killed (the submissions ended first)")
                 continue
             detail = ""
-            if name.startswith("worker-spotcheck") or name == "redis":
+            liar: str | None = None
+            if name == "redis" and spot_count > 1:
+                deadline = time.monotonic() + 30
+                while (liar := self._liar_mid_check(jobs, spot_count)) is None \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if liar is not None:
+                    detail = f" while the spot-check of liar {liar} was running"
+            if name.startswith("worker-spotcheck") or (name == "redis" and liar is None):
                 before = self._spotcheck_deliveries()
                 deadline = time.monotonic() + 20
                 while self._spotcheck_deliveries() == before and time.monotonic() < deadline:
@@ -462,6 +485,7 @@ def run_drill(
     lie_states: Sequence[int] | None = None,
     api_down_s: float = 1.0,
     outage_discloser: bool = True,
+    proof_timeout_s: float = 600.0,
     settle_timeout_s: float | None = None,
     retry_for_s: float = 60.0,
     home: Path | None = None,
@@ -477,9 +501,10 @@ def run_drill(
     circuit up once; ``extra_env`` overrides any service setting. ``api_down_s`` is how long the
     API stays down (before its restart, which takes a few seconds more); without traces and with
     ``outage_discloser``, the API is killed right after one honest provider's 202, before its
-    disclosure, which it retries until the API is back. Raises :class:`DrillError`
-    only when the drill itself cannot run; what the service got wrong is in the report's
-    ``violations``.
+    disclosure, which it retries until the API is back. ``proof_timeout_s`` is how long the
+    service has for a dispute's proof (queue wait included) before the dispute is aborted.
+    Raises :class:`DrillError` only when the drill itself cannot run; what the service got wrong
+    is in the report's ``violations``.
     """
     if results < 1 or not 0.0 <= liars <= 1.0 or clients < 1:
         raise DrillError("a drill needs results >= 1, 0 <= liars <= 1 and clients >= 1")
@@ -499,7 +524,7 @@ def run_drill(
         "REFUTE_TASK_TIME_LIMIT_S": "540",
         "REFUTE_DISPUTE_PROVIDER_CLOCK_S": str(dispute_clock_s),
         "REFUTE_DISPUTE_CHALLENGER_CLOCK_S": str(dispute_clock_s),
-        "REFUTE_DISPUTE_PROOF_TIMEOUT_S": "600",
+        "REFUTE_DISPUTE_PROOF_TIMEOUT_S": str(proof_timeout_s),
         "REFUTE_DISPUTE_RESUME_AFTER_S": "3",
         "REFUTE_WEBHOOKS_ALLOW_PRIVATE": "1",
         **({"REFUTE_HOME": str(home)} if home is not None else {}),
@@ -585,7 +610,7 @@ def run_drill(
         pace_s = submit_span_s * clients / results
         stop = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(max_workers=clients + 1) as pool:
-            chaos = pool.submit(drill.chaos, kills, results,
+            chaos = pool.submit(drill.chaos, kills, jobs, spot_count=spot_count,
                                 check_s=spotcheck_delay_s * spot_count, api_down_s=api_down_s,
                                 caught=caught, stop=stop)
             submissions = [pool.submit(drill.submit, job, upload=upload_traces, pace_s=pace_s)

@@ -23,6 +23,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.ezkl]
 RESULTS = 30
 LIARS = 0.07  # 2 of 30: without traces, one discloses its lie and one stays silent
 DISCLOSURE_WINDOW_S = 6
+#: The service's time for a dispute's proof (queue wait included): room for two cold proofs on
+#: a loaded machine. Redis is killed while a liar's spot-check runs, so the watcher's dispute and
+#: proof are queued while it is down: the proof must still be made (and the liar convicted).
+PROOF_TIMEOUT_S = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,8 @@ def test_fault_drill(tmp_path: Path, home: Path, upload_traces: bool) -> None:
                        upload_traces=upload_traces, home=home, submit_span_s=12.0,
                        challenge_window_s=15, disclosure_window_s=DISCLOSURE_WINDOW_S,
                        dispute_clock_s=12.0, spotcheck_delay_s=0.25, lie_states=(2,),
-                       api_down_s=1.0 if upload_traces else DISCLOSURE_WINDOW_S + 1.0)
+                       api_down_s=1.0 if upload_traces else DISCLOSURE_WINDOW_S + 1.0,
+                       proof_timeout_s=PROOF_TIMEOUT_S)
     # Every kill landed while results were being submitted.
     assert len(report.kills) == len(DEFAULT_KILLS), report.kills
     assert not any("not killed" in k for k in report.kills), report.kills
