@@ -34,9 +34,8 @@ import numpy as np
 
 from refute.commitment import TraceCommitment, hash_states, state_leaf
 from refute.errors import BundleError, CommitmentError, RefuteError
-from refute.jsondepth import json_depth
 from refute.manifest import Manifest, canonical_json
-from refute.safejson import MAX_DEPTH
+from refute.safejson import MAX_DEPTH, json_depth
 
 FORMAT = "refute.trace/1"
 _MANIFEST = "manifest.json"

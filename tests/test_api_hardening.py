@@ -28,10 +28,9 @@ from onnx import TensorProto
 from sqlalchemy import select as sql_select
 
 from refute.errors import BundleError
-from refute.jsondepth import json_depth
 from refute.loading import TensorSpec
 from refute.manifest import Manifest, SegmentEntry, canonical_json
-from refute.safejson import MAX_DEPTH, nesting_depth
+from refute.safejson import MAX_DEPTH, json_depth, nesting_depth
 from refute.trace import Trace
 from tests.api_server import Server, start_server
 from verifier.accounts import create_network

@@ -176,7 +176,9 @@ def deliver_webhooks() -> int:
     from verifier.webhooks import deliver_due
 
     with httpx.Client() as client:
-        return deliver_due(context().sessions, utcnow(), client=client)
+        ctx = context()
+        return deliver_due(ctx.sessions, utcnow(), client=client,
+                           allow_private=ctx.settings.webhooks_allow_private)
 
 
 @app.task(name="refute.finalize")

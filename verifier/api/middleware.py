@@ -10,7 +10,7 @@ For every HTTP request it
   with 401 before a byte of it is read when the request carries no well-formed key;
 * checks the nesting depth of every body FastAPI would decode as JSON (no content type,
   ``application/json`` or ``application/*+json``) *before* the route sees it, against
-  :data:`refute.safejson.MAX_DEPTH` (with :func:`refute.jsondepth.json_depth`, the same
+  :data:`refute.safejson.MAX_DEPTH` (with :func:`refute.safejson.json_depth`, the same
   bound as :func:`refute.safejson.nesting_depth` in linear time, off the event loop for large
   bodies), so a deeply nested document is a 400, never a recursion crash;
 * turns an unexpected exception into a 500 with the error schema and a fresh error id, and logs
@@ -35,8 +35,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from refute.errors import InputError, RefuteError
-from refute.jsondepth import json_depth
-from refute.safejson import MAX_DEPTH
+from refute.safejson import MAX_DEPTH, json_depth
 
 log = logging.getLogger("refute.api")
 #: Bodies up to this size have their JSON depth measured on the event loop (< 5 ms).
