@@ -17,6 +17,8 @@ from verifier.auth import Result as SignedResult
 from verifier.blobs import BlobStore
 from verifier.models import Network, RegisteredModel, Result, ResultStatus
 from verifier.service import NotFound, new_id
+from verifier.spotcheck import sample_segments
+from verifier.webhooks import enqueue
 
 
 class Conflict(InputError):
@@ -46,9 +48,15 @@ def owned_result(session: Session, network: Network, result_id: str) -> Result:
 
 
 def submit_result(
-    session: Session, network: Network, body: ResultSubmit, *, domain: Domain, now: datetime
+    session: Session, network: Network, body: ResultSubmit, *, domain: Domain, now: datetime,
+    spot_key: bytes,
 ) -> tuple[Result, bool]:
-    """Accept a signed result at once; returns (result, created). Idempotent per message."""
+    """Accept a signed result at once; returns (result, created). Idempotent per message.
+
+    The spot-checks the result owes are decided here (keyed by ``spot_key`` and the new id) and
+    written with it, so a lost task is found and run again and the result cannot finalize with
+    one missing; when sampled, the provider is asked (webhook ``spotcheck.disclosure_requested``)
+    for exactly the states those checks need, unless it uploads them first."""
     model = owned_model(session, network, body.model_id)
     m = body.message
     claim = SignedResult(network=_word(m.network), model=_word(m.model), input=_word(m.input),
@@ -79,16 +87,31 @@ def submit_result(
                                                   Result.nonce == str(m.nonce))).first()
     if replay is not None:
         raise Conflict(f"nonce {m.nonce} of provider {signer} was already used")
+    result_id = new_id("res")
+    picks = sample_segments(spot_key, result_id, num_segments=manifest.num_segments,
+                            probability=network.spot_probability, count=network.spot_count)
+    disclosure = now + timedelta(seconds=network.disclosure_window_s) if picks else None
     result = Result(
-        id=new_id("res"), network_id=network.id, model_id=model.id, message_hash=digest,
+        id=result_id, network_id=network.id, model_id=model.id, message_hash=digest,
         provider=signer, nonce=str(m.nonce), deadline=m.deadline, stake=str(m.stake),
         input_hash=m.input, output_hash=m.output, trace_root=m.traceRoot,
         leaves=["0x" + leaf.hex() for leaf in leaves], signature=body.signature,
         status=ResultStatus.ACCEPTED, accepted_at=now,
         challenge_deadline=now + timedelta(seconds=network.challenge_window_s),
+        spot_segments=picks, spot_pending=bool(picks), disclosure_deadline=disclosure,
     )
     session.add(result)
+    if disclosure is not None:
+        enqueue(session, network.id, "spotcheck.disclosure_requested", f"disclose:{result_id}",
+                {"result_id": result_id, "states": needed_states(picks),
+                 "deadline": disclosure.isoformat(),
+                 "how": f"PUT /v1/results/{result_id}/states (or the whole trace)"}, now)
     return result, True
+
+
+def needed_states(segments: list[int]) -> list[int]:
+    """The committed states that checking ``segments`` needs: i-1 and i for each."""
+    return sorted({k for i in segments for k in (i - 1, i)})
 
 
 def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes,

@@ -71,7 +71,8 @@ from verifier.models import Network, WebhookDelivery, WebhookEndpoint
 
 #: Every event a network can subscribe to.
 EVENTS: frozenset[str] = frozenset({"result.finalized", "result.disputed", "dispute.verdict",
-                                    "dispute.disclosure_requested"})
+                                    "dispute.disclosure_requested",
+                                    "spotcheck.disclosure_requested"})
 
 #: Delivery states.
 PENDING = "PENDING"

@@ -11,6 +11,7 @@ JSON body before a route decodes it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
@@ -32,6 +33,7 @@ from verifier.accounts import add_api_key, authenticate, create_network
 from verifier.api.middleware import BodyTooLarge, Guard, LargeBody, scope_route
 from verifier.api.schemas import (
     DeliveryOut,
+    DisclosureRequest,
     ErrorBody,
     Health,
     ModelOut,
@@ -46,6 +48,7 @@ from verifier.api.schemas import (
 )
 from verifier.auth import AuthError, Domain, is_api_key
 from verifier.blobs import BlobError
+from verifier.lifecycle import attach_states, disclosure_needed
 from verifier.models import Network, RegisteredModel, Result, SpotCheck
 from verifier.registry import decode_model, register_in_subprocess, store_model
 from verifier.results import (
@@ -56,7 +59,7 @@ from verifier.results import (
     owned_result,
     submit_result,
 )
-from verifier.service import NotFound, ServiceContext, utcnow
+from verifier.service import NotFound, ServiceContext, owed_segments, utcnow
 from verifier.webhooks import WebhookError, list_deliveries, register_endpoint
 
 #: Largest body of the routes that take large ones (model registration, trace upload).
@@ -69,6 +72,8 @@ LARGE_BODIES = (
     LargeBody("POST", re.compile(r"/v1/models"), MAX_BODY_BYTES, key_header="x-api-key"),
     LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states)"), MAX_BODY_BYTES),
 )
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter("refute_http_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram("refute_http_request_seconds", "HTTP request latency", ["route"])
@@ -173,12 +178,21 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
     domain = Domain(chain_id=ctx.settings.chain_id)
 
     def schedule(result_id: str) -> None:
-        if enqueue is not None:
-            enqueue(result_id)
-            return
-        from verifier.worker import app as celery_app
+        """Queue the result's owed spot-checks. What was committed stays committed when the
+        broker is down: the timers' sweep queues the check again (never a 500 after a write)."""
+        try:
+            if enqueue is not None:
+                enqueue(result_id)
+            else:
+                from verifier.worker import queue_spotcheck
 
-        celery_app.send_task("refute.spotcheck", args=[result_id])
+                queue_spotcheck(result_id)
+        except Exception:
+            log.exception("cannot queue the spot-check of %s: the sweep will", result_id)
+            return
+        with ctx.sessions() as session, session.begin():
+            session.execute(update(Result).where(Result.id == result_id)
+                            .values(spot_queued_at=utcnow()))
 
     app.add_middleware(Guard, max_body_bytes=MAX_SMALL_BODY_BYTES, large=LARGE_BODIES,
                        key_ok=is_api_key, observe=_observe)
@@ -250,7 +264,9 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         with _write(s):
             net, token = create_network(s, name=body.name, spot_probability=body.spot_probability,
                                         spot_count=body.spot_count,
-                                        challenge_window_s=body.challenge_window_s, now=utcnow())
+                                        challenge_window_s=body.challenge_window_s, now=utcnow(),
+                                        min_bond=body.min_bond,
+                                        disclosure_window_s=body.disclosure_window_s)
         return NetworkCreated(id=net.id, name=net.name, api_key=token)
 
     @app.post("/v1/networks/me/keys", status_code=201, response_model=NetworkCreated,
@@ -313,7 +329,8 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
                response: Response) -> ResultOut:
         """Accept a signed result at once (202) with its challenge deadline."""
         with _write(s):
-            row, created = submit_result(s, net, body, domain=domain, now=utcnow())
+            row, created = submit_result(s, net, body, domain=domain, now=utcnow(),
+                                         spot_key=ctx.settings.spot_key_bytes())
         if created:
             RESULTS.inc()
         else:
@@ -354,6 +371,22 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         if await asyncio.to_thread(disclose, ctx, row.id, utcnow(),
                                    schedule_proof=schedule_proof):
             s.expire_all()
+        return _result_out(s, row)
+
+    @app.put("/v1/results/{result_id}/states", response_model=ResultOut, responses=ERRORS,
+             tags=["results"], openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def disclose_states(result_id: str, request: Request, net: NetworkDep,
+                              s: SessionDep) -> ResultOut:
+        """Disclose committed states (``refute.states/1``) a sampled result's spot-checks need
+        (``disclosure`` in the result); each must reproduce its leaf. The alternative to
+        uploading the whole trace: only the states a check needs travel."""
+        data = await _read_limited(request)
+        with _write(s):
+            row = owned_result(s, net, result_id)
+            await asyncio.to_thread(attach_states, s, ctx.blobs, row, data, utcnow())
+        schedule(row.id)
+        s.expire_all()
         return _result_out(s, row)
 
     @app.post("/v1/webhooks", status_code=201, response_model=WebhookCreated, responses=ERRORS,
@@ -493,4 +526,8 @@ def _result_out(s: Session, row: Result) -> ResultOut:
         spot_checks=[{"segment": c.segment, "outcome": c.outcome.value,
                       "maxdiff_units": c.maxdiff_units, "tolerance": c.tolerance}
                      for c in checks],
+        owed_checks=owed_segments(s, row),
+        disclosure=DisclosureRequest(states=needed, deadline=row.disclosure_deadline)
+        if (needed := disclosure_needed(s, row)) and row.disclosure_deadline is not None
+        else None,
     )

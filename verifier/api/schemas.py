@@ -51,6 +51,11 @@ class NetworkCreate(BaseModel):
     spot_probability: float = Field(default=0.1, ge=0.0, le=1.0)
     spot_count: int = Field(default=1, ge=0, le=64)
     challenge_window_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+    #: The smallest bond a challenger may post: it covers the proof a dispute can cause.
+    min_bond: int = Field(default=1, ge=1, lt=2**256)
+    #: How long a sampled provider without an uploaded trace has to disclose the states its
+    #: spot-check needs before the service challenges that step.
+    disclosure_window_s: int = Field(default=600, ge=1, le=7 * 24 * 3600)
 
 
 class NetworkCreated(BaseModel):
@@ -120,6 +125,13 @@ class ResultSubmit(BaseModel):
     leaves: list[Hex32] = Field(min_length=2, max_length=4097)
 
 
+class DisclosureRequest(BaseModel):
+    """States a sampled provider must disclose (``PUT /v1/results/{id}/states``)."""
+
+    states: list[int]
+    deadline: datetime
+
+
 class ResultOut(BaseModel):
     """A result as the service holds it."""
 
@@ -133,6 +145,10 @@ class ResultOut(BaseModel):
     finalized_at: datetime | None
     trace_uploaded: bool
     spot_checks: list[dict[str, Any]] = Field(default_factory=list)
+    #: Sampled segments whose check is not recorded yet (the result cannot finalize before).
+    owed_checks: list[int] = Field(default_factory=list)
+    #: The states the service needs disclosed for its owed checks, and until when.
+    disclosure: DisclosureRequest | None = None
 
 
 class ResultPage(BaseModel):
