@@ -14,7 +14,15 @@ cannot commit to:
    sparse tensors; the default-domain opset must lie in ``[min_opset, max_opset]``;
 5. the graph must be well formed (every name produced once, no dangling inputs, acyclic);
 6. input shapes must be static, or pinned by the caller (``shapes`` by input, ``dims`` by
-   symbolic dimension name); shapes are then inferred for every tensor and bounded.
+   symbolic dimension name); shapes are then inferred for every tensor and bounded;
+7. every float constant is finite and small enough for a circuit
+   (:attr:`LoadLimits.max_abs_value`);
+8. constant folding is bounded before it runs: each folded tensor's size comes from the inferred
+   shapes and counts against :attr:`LoadLimits.max_folded_bytes`, and the folding work against
+   :attr:`LoadLimits.max_fold_work`; nothing is materialized before its size is checked.
+
+Cheap checks come first: sizes before parsing, declared sizes before decoding, values before
+shape inference, inferred sizes before folding.
 
 The result is a *canonical* model: nodes in a stable topological order, ``Constant`` nodes turned
 into initializers, nodes whose inputs are all constant folded, every tensor's shape recorded.
@@ -47,6 +55,7 @@ from refute.errors import (
     UnsupportedOperator,
     UnsupportedOpset,
 )
+from refute.quantize import MAX_QUANTIZED, MAX_SCALE
 
 #: Operators of the default ONNX domain that refuse accepts. Each is run deterministically by
 #: ONNX Runtime's CPU provider and is expressible in an EZKL circuit.
@@ -92,6 +101,16 @@ class LoadLimits:
     max_tensor_elements: int = 2**24
     min_opset: int = 9
     max_opset: int = 18
+    #: Largest magnitude of a float constant (weights, constants, folded values). A value
+    #: must stay representable in the circuit at every supported scale: its fixed-point form
+    #: ``round(v · 2^MAX_SCALE)`` must stay below :data:`~refute.quantize.MAX_QUANTIZED`, so
+    #: ``|v| < 2^62 / 2^30 = 2^32`` (≈ 4.3e9). NaN and infinities are always refused.
+    max_abs_value: float = float(MAX_QUANTIZED / 2**MAX_SCALE)
+    #: Sum of the sizes (from the inferred shapes) of all tensors produced by constant folding.
+    max_folded_bytes: int = 64 * 2**20
+    #: Work of constant folding: multiply-accumulates of MatMul/Gemm/Conv, output elements of
+    #: other operators, summed over every folded node.
+    max_fold_work: int = 2**25
 
 
 @dataclass(frozen=True)
@@ -183,9 +202,10 @@ def load_model(
     _topological_sort(model)
     _pin_input_shapes(model, shapes or {}, dims or {}, limits)
     _constants_to_initializers(model)
+    _check_values(model, limits)
     # Bound every tensor (the folded ones included) before computing anything.
-    _infer_shapes(model, limits)
-    _fold_constants(model, limits)
+    inferred = _infer_shapes(model, limits)
+    _fold_constants(model, limits, inferred)
     _drop_unused_initializers(model)
     tensors = _infer_shapes(model, limits)
     try:
@@ -294,12 +314,17 @@ def _default_opset(model: ModelProto) -> int:
     return int(versions[0])
 
 
+def _node_name(node: NodeProto) -> str:
+    """How a node is named in reasons: its name, else its first output, else ``'?'``."""
+    return repr(node.name or (node.output[0] if node.output else "?"))[:80]
+
+
 def _attribute_tensors(node: NodeProto) -> Iterable[tuple[str, TensorProto]]:
     for attr in node.attribute:
         if attr.type == AttributeProto.TENSOR:
-            yield f"{node.op_type} node {node.name or node.output[0]!r}", attr.t
+            yield f"{node.op_type} node {_node_name(node)}", attr.t
         for tensor in attr.tensors:
-            yield f"{node.op_type} node {node.name or node.output[0]!r}", tensor
+            yield f"{node.op_type} node {_node_name(node)}", tensor
 
 
 def _check_tensors(model: ModelProto, limits: LoadLimits) -> None:
@@ -354,7 +379,9 @@ def _check_tensor_payload(where: str, tensor: TensorProto, limits: LoadLimits) -
 def _check_nodes(model: ModelProto, limits: LoadLimits) -> None:
     graph = model.graph
     for node in graph.node:
-        label = f"node {node.name or (node.output[0] if node.output else '?')!r}"
+        label = f"node {_node_name(node)}"
+        if not any(node.output):
+            raise InvalidGraph(f"{label} ({node.op_type}) has no outputs")
         if node.domain not in _DEFAULT_DOMAINS:
             raise UnsupportedOperator(f"{label} uses operator {node.op_type!r} of domain "
                                       f"{node.domain!r}; only the default ONNX domain is accepted")
@@ -462,7 +489,9 @@ def _pin_input_shapes(
                 )
             if any(not isinstance(d, int) or d <= 0 for d in pin):
                 raise ShapeError(f"pinned shape {pin} of input {value.name!r} must be positive")
-            for d, old in zip(pin, current, strict=True):
+            if not value.type.tensor_type.HasField("shape"):
+                current = []  # no declared shape: the pin is the whole shape
+            for d, old in zip(pin, current, strict=False):
                 if old.HasField("dim_value") and old.dim_value != d:
                     raise ShapeError(
                         f"input {value.name!r} has dimension {old.dim_value} where {pin} "
@@ -572,43 +601,158 @@ def _constant_value(attr: AttributeProto) -> np.ndarray:
     raise ValueError(f"value attribute {attr.name!r} is not supported")
 
 
-def _fold_constants(model: ModelProto, limits: LoadLimits) -> None:
-    """Replace nodes whose inputs are all constant by the initializers they compute."""
+def _check_values(model: ModelProto, limits: LoadLimits) -> None:
+    """Refuse float constants that are NaN, infinite or beyond ``limits.max_abs_value``."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE):
+            _check_finite(f"initializer {tensor.name!r}"[:100], numpy_helper.to_array(tensor),
+                          limits)
+
+
+def _check_finite(where: str, array: np.ndarray, limits: LoadLimits) -> None:
+    if array.dtype.kind != "f" or array.size == 0:
+        return
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array[~finite]
+        what = "NaN" if np.isnan(bad).any() else "an infinite value"
+        raise ModelRejected(f"{where} holds {what}: weights must be finite")
+    peak = float(np.max(np.abs(array)))
+    if peak > limits.max_abs_value:
+        raise ModelRejected(
+            f"{where} holds {peak:.3g}, beyond the largest magnitude {limits.max_abs_value:.3g} "
+            "a circuit can represent"
+        )
+
+
+def _fold_work(node: NodeProto, inputs: Sequence[tuple[int, ...]],
+               outputs: Sequence[TensorSpec]) -> int:
+    """Work of folding ``node`` (input shapes given): multiply-accumulates of contractions,
+    else output plus input elements."""
+    out_elements = sum(spec.size for spec in outputs)
+    if node.op_type in ("MatMul", "Gemm") and inputs and inputs[0]:
+        trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+        first = inputs[0]
+        inner = first[-2] if trans_a and len(first) >= 2 else first[-1]
+        return out_elements * max(1, inner)
+    if node.op_type == "Conv" and len(inputs) > 1:
+        return out_elements * max(1, math.prod(inputs[1][1:]))
+    if node.op_type in ("AveragePool", "MaxPool"):
+        kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [])
+        return out_elements * max(1, int(math.prod(kernel)))
+    return out_elements + sum(math.prod(shape) for shape in inputs)
+
+
+def _fold_plan(
+    model: ModelProto, limits: LoadLimits, shapes: Mapping[str, TensorSpec]
+) -> list[tuple[NodeProto, list[TensorSpec]]]:
+    """The nodes constant folding would evaluate, with their results' specs; refuse (before
+    anything is computed) if their results or the work exceed the limits."""
+    known: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    plan: list[tuple[NodeProto, list[TensorSpec]]] = []
+    folded_bytes = 0
+    work = 0
+    for node in model.graph.node:
+        inputs = [x for x in node.input if x]
+        if not inputs or any(x not in known for x in inputs):
+            continue
+        label = f"{node.op_type} node {_node_name(node)}"
+        specs = []
+        for name in (o for o in node.output if o):
+            spec = shapes.get(name)
+            if spec is None:
+                raise ShapeError(f"folded constant {name!r} has no inferred shape")
+            folded_bytes += spec.size * spec.dtype.itemsize
+            if spec.size > limits.max_tensor_elements or folded_bytes > limits.max_folded_bytes:
+                raise ModelTooLarge(
+                    f"folding {label} would exceed {limits.max_folded_bytes} bytes of constants "
+                    f"(its result {name!r} has shape {list(spec.shape)})"
+                )
+            known[name] = spec.shape
+            specs.append(spec)
+        work += _fold_work(node, [known[x] for x in inputs], specs)
+        if work > limits.max_fold_work:
+            raise ModelTooLarge(
+                f"folding constants would take over {limits.max_fold_work} operations "
+                f"(at {label})"
+            )
+        plan.append((node, specs))
+    return plan
+
+
+def _fold_constants(
+    model: ModelProto, limits: LoadLimits, shapes: Mapping[str, TensorSpec]
+) -> None:
+    """Replace nodes whose inputs are all constant by the initializers they compute.
+
+    The whole plan is bounded first (:func:`_fold_plan`: each result's size from the inferred
+    ``shapes``, per tensor and in total, and the work); each result must then have exactly the
+    inferred shape and be finite and within :attr:`LoadLimits.max_abs_value`.
+    """
+    plan = _fold_plan(model, limits, shapes)
+    if not plan:
+        _refuse_constant_outputs(model, set())
+        return
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
-    constants = {t.name: t for t in graph.initializer}
-    kept: list[NodeProto] = []
-    for node in graph.node:
+    stored = {t.name: t for t in graph.initializer}
+    values: dict[str, np.ndarray] = {}
+
+    def value(name: str) -> np.ndarray:
+        if name not in values:
+            values[name] = numpy_helper.to_array(stored[name])
+        return values[name]
+
+    folded_nodes = {id(node) for node, _specs in plan}
+    folded: list[str] = []
+    for node, specs in plan:
         inputs = [x for x in node.input if x]
-        if not inputs or any(x not in constants for x in inputs):
-            kept.append(node)
-            continue
+        outputs = [o for o in node.output if o]
+        arrays = [value(x) for x in inputs]
         sub = helper.make_model(
             helper.make_graph(
                 [node],
                 "fold",
-                [],
-                [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None)
-                 for o in node.output if o],
-                initializer=[constants[x] for x in inputs],
+                [helper.make_tensor_value_info(x, helper.np_dtype_to_tensor_dtype(a.dtype),
+                                               a.shape)
+                 for x, a in zip(inputs, arrays, strict=True)],
+                [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs],
             ),
             opset_imports=list(model.opset_import),
             ir_version=model.ir_version,
         )
+        label = f"{node.op_type} node {_node_name(node)}"
         try:
-            results = ReferenceEvaluator(sub).run(None, {})
+            results = ReferenceEvaluator(sub).run(None, dict(zip(inputs, arrays, strict=True)))
         except Exception as exc:  # the reference evaluator raises many exception types
-            raise InvalidGraph(f"cannot fold constant node {node.output[0]!r}: {exc}") from exc
-        for name, value in zip([o for o in node.output if o], results, strict=True):
-            array = np.asarray(value)
-            if array.size > limits.max_tensor_elements:
-                raise ModelTooLarge(f"folded constant {name!r} is over the element limit")
-            tensor = numpy_helper.from_array(array, name)
-            constants[name] = tensor
-            graph.initializer.append(tensor)
+            raise InvalidGraph(f"cannot fold constant {label}: {_first_line(exc)}") from exc
+        for name, spec, result in zip(outputs, specs, results, strict=True):
+            array = np.asarray(result)
+            if array.shape != spec.shape or array.dtype != spec.dtype:
+                raise ShapeError(
+                    f"folded constant {name!r} has shape {list(array.shape)} ({array.dtype}), "
+                    f"inferred {list(spec.shape)} ({spec.dtype})"
+                )
+            _check_finite(f"folded constant {name!r}"[:100], array, limits)
+            values[name] = array
+            folded.append(name)
+    kept = [node for node in graph.node if id(node) not in folded_nodes]
+    for name in folded:
+        graph.initializer.append(numpy_helper.from_array(values[name], name))
     del graph.node[:]
     graph.node.extend(kept)
+    _refuse_constant_outputs(model, set(folded))
+
+
+def _refuse_constant_outputs(model: ModelProto, folded: set[str]) -> None:
+    constants = {t.name for t in model.graph.initializer} | folded
+    for output in model.graph.output:
+        if output.name in constants:
+            raise InvalidGraph(
+                f"graph output {output.name!r} is computed from constants only, not from the "
+                "inputs"
+            )
 
 
 def _drop_unused_initializers(model: ModelProto) -> None:

@@ -994,6 +994,138 @@ def duplicate_input() -> bytes:
     return _serialize(model)
 
 
+# --- weights and folding (issue 9: findings 7 and 9) -------------------------------------
+
+
+def _with_weight_value(value: float, *, index: int = 5) -> bytes:
+    """The valid model with one element of ``W`` replaced by ``value``."""
+    weights = _weights()
+    weights.flat[index] = np.float32(value)
+    return _serialize(_gemm_relu(w=numpy_helper.from_array(weights, "W")))
+
+
+def nan_weight() -> bytes:
+    """``W`` holds a NaN: calibration would see NaN states (and register τ = 0)."""
+    return _with_weight_value(float("nan"))
+
+
+def inf_weight() -> bytes:
+    """``W`` holds +inf."""
+    return _with_weight_value(float("inf"))
+
+
+def neg_inf_bias() -> bytes:
+    """``B`` holds -inf (typed ``float_data``, not ``raw_data``)."""
+    bias = helper.make_tensor("B", FLOAT, [4], [0.0, float("-inf"), 0.2, 0.3])
+    return _serialize(_gemm_relu(b=bias))
+
+
+def huge_weight() -> bytes:
+    """``W`` holds 3e38: finite, but no fixed-point circuit can represent it."""
+    return _with_weight_value(3e38)
+
+
+def weight_below_circuit_bound() -> bytes:
+    """``W`` holds 2**32 * 0.99: large, yet representable at every scale (a control)."""
+    return _with_weight_value(2.0**32 * 0.99)
+
+
+def weight_just_over_circuit_bound() -> bytes:
+    """``W`` holds 2**32 * 1.01: just beyond ``LoadLimits.max_abs_value`` (2**32)."""
+    return _with_weight_value(2.0**32 * 1.01)
+
+
+def nan_in_constant_node() -> bytes:
+    """The Gemm weight comes from a Constant node holding a NaN."""
+    weights = _weights()
+    weights[0, 0] = np.nan
+    return _serialize(_constant_model(numpy_helper.from_array(weights, "Wc")))
+
+
+def folded_inf() -> bytes:
+    """``W = Div(W0, zeros)`` folds to infinities: refused after folding, naming the result."""
+    nodes = [
+        helper.make_node("Div", ["W0", "zeros"], ["W"], name="div"),
+        helper.make_node("Gemm", [INPUT_NAME, "W", "B"], ["h"], name="gemm", transB=1),
+        helper.make_node("Relu", ["h"], [OUTPUT_NAME], name="relu"),
+    ]
+    w0 = numpy_helper.from_array(_weights() + 1.0, "W0")
+    zeros = numpy_helper.from_array(np.zeros((4, 3), np.float32), "zeros")
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 3])], [_vi(OUTPUT_NAME, [1, 4])],
+                             [w0, zeros, _b()]))
+
+
+def constant_pads_chain(length: int = 8) -> bytes:
+    """A constant [1, 1] padded to [4096, 4096] (64 MiB, within the per-tensor limit), then
+    padded again by zero ``length - 1`` times: every result is a new 64 MiB constant (the
+    reported 278-byte model that folded to 2.1 GB). ``output = Add(input, c)`` ignores them."""
+    c = numpy_helper.from_array(np.ones((1, 1), np.float32), "c")
+    grow = numpy_helper.from_array(np.array([0, 0, 4095, 4095], np.int64), "p")
+    zero = numpy_helper.from_array(np.zeros(4, np.int64), "z")
+    nodes = [helper.make_node("Pad", ["c", "p"], ["t0"])]
+    nodes += [helper.make_node("Pad", [f"t{i - 1}", "z"], [f"t{i}"]) for i in range(1, length)]
+    nodes.append(helper.make_node("Add", [INPUT_NAME, "c"], [OUTPUT_NAME]))
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1])], [_vi(OUTPUT_NAME, [1, 1])],
+                             [c, grow, zero]))
+
+
+def fold_matmul_bomb() -> bytes:
+    """Two constant Pads to [4096, 4096] multiplied together: 2**36 multiply-accumulates (and
+    gigabytes) of folding from a few hundred bytes."""
+    c = numpy_helper.from_array(np.ones((1, 1), np.float32), "c")
+    grow = numpy_helper.from_array(np.array([0, 0, 4095, 4095], np.int64), "p")
+    nodes = [
+        helper.make_node("Pad", ["c", "p"], ["a"], name="pad"),
+        helper.make_node("MatMul", ["a", "a"], ["b"], name="square"),
+        helper.make_node("ReduceSum", ["b"], ["r"], name="sum", keepdims=1),
+        helper.make_node("Add", [INPUT_NAME, "r"], [OUTPUT_NAME], name="add"),
+    ]
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1])], [_vi(OUTPUT_NAME, [1, 1])],
+                             [c, grow]))
+
+
+def fold_conv_bomb() -> bytes:
+    """A constant Conv of a [256, 256] image by a [128, 128] kernel (both constant Pads, a
+    few hundred bytes): 2**28 multiply-accumulates, and the reference evaluator's im2col takes
+    gigabytes and tens of seconds."""
+    c = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "c")
+    image = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 255, 255], np.int64), "pi")
+    kernel = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 127, 127], np.int64), "pk")
+    nodes = [
+        helper.make_node("Pad", ["c", "pi"], ["x"], name="image"),
+        helper.make_node("Pad", ["c", "pk"], ["k"], name="kernel"),
+        helper.make_node("Conv", ["x", "k"], ["y"], name="conv"),
+        helper.make_node("ReduceSum", ["y"], ["r"], name="sum", keepdims=1),
+        helper.make_node("Add", [INPUT_NAME, "r"], [OUTPUT_NAME], name="add"),
+    ]
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1, 1, 1])],
+                             [_vi(OUTPUT_NAME, [1, 1, 1, 1])], [c, image, kernel]))
+
+
+def node_without_outputs() -> bytes:
+    """A Constant node with a tensor attribute and no outputs at all."""
+    model = valid_model_proto()
+    stray = helper.make_node("Constant", [], [], value=numpy_helper.from_array(_bias(), "v"))
+    model.graph.node.append(stray)
+    return _serialize(model)
+
+
+def outputs_from_constants_only() -> bytes:
+    """The graph output is ``Add(B, B)``: computed from weights only, never from the input."""
+    nodes = [
+        helper.make_node("Relu", [INPUT_NAME], ["unused"], name="relu"),
+        helper.make_node("Add", ["B", "B"], [OUTPUT_NAME], name="add"),
+    ]
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 3])], [_vi(OUTPUT_NAME, [4])], [_b()]))
+
+
+def shapeless_input() -> bytes:
+    """The valid model whose input declares no shape at all (pinning one must work)."""
+    model = valid_model_proto()
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    return _serialize(model)
+
+
 # --- registration hogs (they load; building them is what costs) ----------------------------
 
 
@@ -1144,7 +1276,28 @@ HOSTILE: list[Case] = [
     ("node_overwrites_initializer", node_overwrites_initializer, InvalidGraph, {}),
     ("duplicate_initializer", duplicate_initializer, InvalidGraph, {}),
     ("duplicate_input", duplicate_input, InvalidGraph, {}),
+    ("node_without_outputs", node_without_outputs, InvalidGraph, {}),
+    ("outputs_from_constants_only", outputs_from_constants_only, InvalidGraph, {}),
+    ("shapeless_input_pinned_wrong", shapeless_input, ShapeError, {"shapes": {"input": [1, 5]}}),
+    # values (finite, representable in a circuit)
+    ("nan_weight", nan_weight, ModelRejected, {}),
+    ("inf_weight", inf_weight, ModelRejected, {}),
+    ("neg_inf_bias", neg_inf_bias, ModelRejected, {}),
+    ("huge_weight", huge_weight, ModelRejected, {}),
+    ("weight_just_over_circuit_bound", weight_just_over_circuit_bound, ModelRejected, {}),
+    ("nan_in_constant_node", nan_in_constant_node, ModelRejected, {}),
+    ("folded_inf", folded_inf, ModelRejected, {}),
+    # folding bombs
+    ("constant_pads_chain", constant_pads_chain, ModelTooLarge, {}),
+    ("fold_matmul_bomb", fold_matmul_bomb, ModelTooLarge, {}),
+    ("fold_conv_bomb", fold_conv_bomb, ModelTooLarge, {}),
 ]  # fmt: skip
+
+#: Cases refused for a value, with the tensor their reason must name.
+VALUE_CASES: dict[str, str] = {
+    "nan_weight": "'W'", "inf_weight": "'W'", "neg_inf_bias": "'B'", "huge_weight": "'W'",
+    "weight_just_over_circuit_bound": "'W'", "nan_in_constant_node": "'Wc'", "folded_inf": "'W'",
+}
 
 #: Other classes the contract accepts for some cases (beyond the one listed in HOSTILE).
 ALSO_ACCEPTED: dict[str, tuple[type[ModelRejected], ...]] = {

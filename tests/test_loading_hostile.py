@@ -40,6 +40,7 @@ from tests.hostile_models import (
     INPUT_NAME,
     OUTPUT_NAME,
     SECRET_ABS,
+    VALUE_CASES,
     Builder,
     accepted_errors,
     constant_weight_model,
@@ -47,9 +48,12 @@ from tests.hostile_models import (
     five_nodes,
     intermediate_broadcast,
     many_nodes,
+    node_without_outputs,
     second_symbolic_dim,
+    shapeless_input,
     valid_model_bytes,
     valid_model_proto,
+    weight_below_circuit_bound,
 )
 
 #: protobuf's DecodeError (looked up dynamically: protobuf ships without type stubs).
@@ -543,6 +547,8 @@ CONTROLS: list[tuple[str, Builder, dict[str, Any]]] = [
     ("initializer_bytes_exact", valid_model_bytes,
      {"limits": LoadLimits(max_initializer_bytes=64)}),
     ("tensor_elements_exact", valid_model_bytes, {"limits": LoadLimits(max_tensor_elements=12)}),
+    ("weight_below_circuit_bound", weight_below_circuit_bound, {}),
+    ("shapeless_input_pinned", shapeless_input, {"shapes": {INPUT_NAME: [1, 3]}}),
 ]  # fmt: skip
 
 
@@ -641,3 +647,94 @@ def test_random_corruptions_are_loaded_or_rejected(data: st.DataObject) -> None:
 @given(st.integers(0, len(_VALID)), st.binary(min_size=1, max_size=64))
 def test_random_insertions_are_loaded_or_rejected(position: int, junk: bytes) -> None:
     _load_or_reject(_VALID[:position] + junk + _VALID[position:], limits=_SMALL_LIMITS)
+
+
+# --- values, folding bombs, one-line refusals (issue 9: findings 7 and 9) ------------------
+
+
+@pytest.mark.parametrize("case_id", sorted(VALUE_CASES))
+def test_non_finite_or_unrepresentable_values_name_the_tensor(case_id: str) -> None:
+    builder = {cid: b for cid, b, _e, _k in HOSTILE}[case_id]
+    with pytest.raises(ModelRejected) as info:
+        load_model(builder())
+    _check_rejection(info.value, (ModelRejected,))
+    assert VALUE_CASES[case_id] in info.value.reason, info.value.reason
+
+
+def test_value_bound_is_the_circuit_bound() -> None:
+    """The default bound is where round(v · 2^MAX_SCALE) stops fitting below MAX_QUANTIZED."""
+    from refute.quantize import MAX_QUANTIZED, MAX_SCALE
+
+    assert LoadLimits().max_abs_value * 2**MAX_SCALE == MAX_QUANTIZED
+    loaded = load_model(weight_below_circuit_bound())
+    weights = {t.name: t for t in loaded.model.graph.initializer}
+    assert float(abs(onnx.numpy_helper.to_array(weights["W"])).max()) > 4e9
+
+
+#: Bombs measured in a fresh process: time of the load and the process's peak RSS.
+BOMBS = ["constant_pads_chain", "fold_matmul_bomb", "fold_conv_bomb", "intermediate_pad",
+         "constant_fold_bomb_huge", "huge_weight"]
+_MEASURE = """
+import json, resource, sys, time
+from refute.errors import RefuteError
+from refute.loading import load_model
+from tests.hostile_models import HOSTILE
+builder, kwargs = next((b, k) for c, b, _e, k in HOSTILE if c == sys.argv[1])
+data = builder()
+started = time.monotonic()
+try:
+    load_model(data, **kwargs)
+    error = None
+except RefuteError as exc:
+    error = type(exc).__name__
+seconds = time.monotonic() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"error": error, "seconds": seconds, "peak": peak, "size": len(data)}))
+"""
+#: Peak RSS of a process that imported the loader and refused a bomb (the imports take ~80 MB).
+MAX_BOMB_RSS = 300 * 2**20
+
+
+@pytest.mark.parametrize("case_id", BOMBS)
+def test_bombs_refused_fast_with_bounded_memory(case_id: str) -> None:
+    """Before the fix, constant_pads_chain (365 bytes) took 2.1 GB, fold_conv_bomb 5.3 GB and
+    8 s, fold_matmul_bomb 0.7 GB and 4 s; each is now refused from the inferred shapes alone."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _MEASURE, case_id], cwd=root, timeout=120,
+                          capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["error"] is not None, f"{case_id} loaded"
+    assert report["seconds"] < 2.0, report
+    assert report["peak"] < MAX_BOMB_RSS, f"{case_id}: peak RSS {report['peak'] / 2**20:.0f} MiB"
+    assert report["size"] < 2048
+
+
+def test_cli_pins_a_shapeless_input_and_refuses_in_one_line(tmp_path: Path) -> None:
+    """``--shape`` on an input without a shape pins it (was: a ValueError traceback); a wrong
+    pin and a broken model are one-line errors."""
+    from typer.testing import CliRunner
+
+    from refute.cli import app
+
+    model = tmp_path / "shapeless.onnx"
+    model.write_bytes(shapeless_input())
+    broken = tmp_path / "no_outputs.onnx"
+    broken.write_bytes(node_without_outputs())
+    runner = CliRunner()
+    good = runner.invoke(app, ["segment", str(model), "--shape", f"{INPUT_NAME}=1,3", "--json"])
+    assert good.exit_code == 0, good.output
+    assert '"segments"' in good.output or '"cuts"' in good.output
+    for args in (["segment", str(model), "--shape", f"{INPUT_NAME}=1,5"],
+                 ["segment", str(model)],
+                 ["segment", str(broken)]):
+        failed = runner.invoke(app, args)
+        assert failed.exit_code == 2, (args, failed.output)
+        assert failed.exception is None or isinstance(failed.exception, SystemExit)
+        text = failed.output
+        assert "Traceback" not in text
+        lines = [line for line in text.splitlines() if line.strip() and "error" in line]
+        assert len(lines) == 1, text
