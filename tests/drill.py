@@ -582,8 +582,8 @@ def run_drill(
                 # Without traces, liars alternate: disclose, stay silent; each kind lies at
                 # every lie state in turn.
                 silent = not upload_traces and liar_ordinal % 2 == 1
-                turn = liar_ordinal if upload_traces else liar_ordinal // 2
-                lie_at = interior[turn % len(interior)]
+                nth = liar_ordinal if upload_traces else liar_ordinal // 2
+                lie_at = interior[nth % len(interior)]
                 liar_ordinal += 1
                 trace = _lying_trace(prepared, executor, trace, lie_at, spot_count)
             body = sign_result(
