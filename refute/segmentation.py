@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper
 
-from refute.errors import SegmentationError
+from refute.errors import ModelTooLarge, SegmentationError
 from refute.executor import DeterministicExecutor
 from refute.loading import LoadedModel, TensorSpec, serialize
 
@@ -41,6 +41,11 @@ from refute.loading import LoadedModel, TensorSpec, serialize
 HEAVY_OPS: frozenset[str] = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"})
 
 PASS_SUFFIX = "::pass"
+
+#: Bound on the weights all segments hold together. Each segment is a standalone model with a
+#: copy of every weight it uses, so one weight shared by many segments is copied many times
+#: (a 16 MiB weight used by 4,096 MatMuls would be 64 GiB); checked before any segment is built.
+MAX_SEGMENT_WEIGHT_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -241,9 +246,12 @@ def segment_model(
     *,
     cuts: Sequence[int] | None = None,
     max_segments: int | None = None,
+    max_weight_bytes: int = MAX_SEGMENT_WEIGHT_BYTES,
 ) -> Segmentation:
     """Split ``loaded`` at ``cuts`` (explicit), or by the default policy capped at
-    ``max_segments``. Raises :class:`SegmentationError` on invalid cuts or non-float states."""
+    ``max_segments``. Raises :class:`SegmentationError` on invalid cuts or non-float states,
+    and :class:`~refute.errors.ModelTooLarge` if the segments would hold more than
+    ``max_weight_bytes`` of weights in total (weights shared by segments are copied)."""
     if cuts is not None and max_segments is not None:
         raise SegmentationError("give either explicit cuts or a maximum segment count, not both")
     if cuts is not None:
@@ -262,6 +270,7 @@ def segment_model(
         if not specs:
             raise SegmentationError(f"state {k} would be empty")
         states.append(specs)
+    _check_segment_weights(loaded, full, max_weight_bytes)
     segments = tuple(
         _build_segment(
             loaded, index=i, start=full[i - 1], end=full[i], inputs=states[i - 1],
@@ -270,6 +279,22 @@ def segment_model(
         for i in range(1, len(full))
     )
     return Segmentation(loaded, full, tuple(states), segments)
+
+
+def _check_segment_weights(loaded: LoadedModel, cuts: Sequence[int], limit: int) -> None:
+    """Refuse, from the declared sizes only, segments that would copy too many weight bytes."""
+    sizes = {t.name: math.prod(t.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+             .itemsize for t in loaded.model.graph.initializer}
+    nodes = loaded.nodes
+    total = 0
+    for start, end in itertools.pairwise(cuts):
+        used = {x for n in nodes[start:end] for x in n.input if x in sizes}
+        total += sum(sizes[x] for x in used)
+        if total > limit:
+            raise ModelTooLarge(
+                f"the segments would hold over {limit} bytes of weights (each segment copies the "
+                f"weights it uses; segment ending at node {end} passes the limit)"
+            )
 
 
 def _build_segment(

@@ -1157,6 +1157,20 @@ def padded_state_hog(side: int = 4096) -> bytes:
                              [pads, scale]))
 
 
+def shared_weight_chain(length: int = 128, width: int = 2048) -> bytes:
+    """One [width, width] weight (16 MiB) used by ``length`` chained MatMuls: it loads, but each
+    segment is a standalone model with its own copy of the weight (2 GiB for 128)."""
+    weight = numpy_helper.from_array(np.eye(width, dtype=np.float32), "W")
+    nodes = []
+    previous = INPUT_NAME
+    for i in range(length):
+        output = OUTPUT_NAME if i == length - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [previous, "W"], [output]))
+        previous = output
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, width])],
+                             [_vi(OUTPUT_NAME, [1, width])], [weight]))
+
+
 # --- the table -----------------------------------------------------------------------------
 
 HOSTILE: list[Case] = [

@@ -51,6 +51,7 @@ from tests.hostile_models import (
     node_without_outputs,
     second_symbolic_dim,
     shapeless_input,
+    shared_weight_chain,
     valid_model_bytes,
     valid_model_proto,
     weight_below_circuit_bound,
@@ -738,3 +739,22 @@ def test_cli_pins_a_shapeless_input_and_refuses_in_one_line(tmp_path: Path) -> N
         assert "Traceback" not in text
         lines = [line for line in text.splitlines() if line.strip() and "error" in line]
         assert len(lines) == 1, text
+
+
+def test_segments_sharing_a_weight_are_bounded_before_they_are_built() -> None:
+    """A 16 MiB weight used by 128 MatMuls would be copied into 128 segments (2 GiB); the
+    segmentation refuses from the declared sizes, before building any segment."""
+    import time
+
+    from refute.segmentation import MAX_SEGMENT_WEIGHT_BYTES, segment_model
+
+    loaded = load_model(shared_weight_chain())
+    started = time.monotonic()
+    with _memory_guard() as peak, pytest.raises(ModelTooLarge) as info:
+        segment_model(loaded)
+    _check_rejection(info.value, (ModelTooLarge,))
+    assert str(MAX_SEGMENT_WEIGHT_BYTES) in info.value.reason
+    assert time.monotonic() - started < 2.0
+    assert peak[0] < MAX_REFUSAL_MEMORY
+    few = segment_model(loaded, max_segments=4)  # the same weights in 4 segments: 64 MiB
+    assert few.num_segments == 4
