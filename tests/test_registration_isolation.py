@@ -25,10 +25,9 @@ from fastapi.testclient import TestClient
 from tests.hostile_models import matmul_chain, padded_state_hog, valid_model_bytes
 from verifier.api.app import create_app
 from verifier.db import migrate
+from verifier.registry import RegistrationBusy, RegistrationLimits, _Gate
 from verifier.service import ServiceContext
 from verifier.settings import ServiceSettings
-
-pytestmark = [pytest.mark.slow]
 
 ADMIN = "admin-secret"
 
@@ -124,6 +123,7 @@ def _wait_for_child(deadline_s: float) -> int:
     raise AssertionError("no registration child appeared")
 
 
+@pytest.mark.slow
 def test_slow_model_is_stopped_while_another_network_registers(tmp_path: Path) -> None:
     """The 4,096-MatMul model runs into the time bound; a small model of another network,
     submitted while it runs, registers meanwhile (it does not wait for the slow one)."""
@@ -145,6 +145,7 @@ def test_slow_model_is_stopped_while_another_network_registers(tmp_path: Path) -
     assert _registration_children() == []
 
 
+@pytest.mark.slow
 def test_killed_child_fails_its_request_only(tmp_path: Path) -> None:
     """A registration whose child is SIGKILLed (as the OOM killer would) answers a clear error;
     meanwhile the same network's second registration is refused as busy (503, Retry-After); the
@@ -171,6 +172,7 @@ def test_killed_child_fails_its_request_only(tmp_path: Path) -> None:
     assert _registration_children() == []
 
 
+@pytest.mark.slow
 def test_memory_hog_is_refused_by_the_memory_bound(tmp_path: Path) -> None:
     with _api(tmp_path, registration_timeout_s=120.0, registration_memory_mb=1200) as api:
         answer, seconds = _register(api, _network(api, "hog"), padded_state_hog())
@@ -178,3 +180,44 @@ def test_memory_hog_is_refused_by_the_memory_bound(tmp_path: Path) -> None:
     assert "1200 MB" in reason
     assert seconds < 120.0
     assert _registration_children() == []
+
+
+def test_admission_is_bounded() -> None:
+    """One slot, one queue place, one registration per network: a second network waits for the
+    slot, a third is refused at once (Retry-After), and the waiter runs when the slot frees."""
+    gate = _Gate(RegistrationLimits(timeout_s=10.0, concurrent=1, queued=1, per_network=1))
+    order: list[str] = []
+    holding = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with gate.slot("a"):
+            order.append("a")
+            holding.set()
+            release.wait(10.0)
+
+    def second() -> None:
+        with gate.slot("b"):
+            order.append("b")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert holding.wait(5.0)
+    threads[1].start()
+    end = time.monotonic() + 5.0
+    while gate._waiting == 0 and time.monotonic() < end:
+        time.sleep(0.01)
+    assert gate._waiting == 1
+    with pytest.raises(RegistrationBusy) as busy, gate.slot("c"):
+        pass
+    assert busy.value.retry_after_s >= 1 and "waiting" in busy.value.reason
+    with pytest.raises(RegistrationBusy) as same, gate.slot("a"):
+        pass
+    assert "already has 1" in same.value.reason
+    release.set()
+    for thread in threads:
+        thread.join(5.0)
+    assert order == ["a", "b"]
+    with gate.slot("c"):
+        assert gate._running == {"c": 1}
+    assert gate._running == {}

@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import json
 import multiprocessing
+import os
 import resource
 import signal
 import tempfile
@@ -125,13 +126,21 @@ def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
 
 # --- the child process ---------------------------------------------------------------------
 
+#: The child's own deadline runs this long after the parent's (which normally kills it first).
+_CHILD_GRACE_S = 30.0
+#: Exit status of a child ended by its own watchdog.
+_EXIT_OVERTIME = 70
+
 #: What a child sends back: ("ok", manifest) | ("refused", code, reason) | ("memory",) |
 #: ("failed", reason).
 _Outcome = tuple[Any, ...]
 
 
-def _child_main(conn: Connection, workdir: str, memory_bytes: int) -> None:
+def _child_main(conn: Connection, workdir: str, memory_bytes: int, lifetime_s: float) -> None:
     """Entry point of a registration child: cap memory, build, send one outcome, exit.
+
+    The parent kills the child at its deadline; ``lifetime_s`` is the child's own backstop (a
+    watchdog thread ends it) should the parent die first.
 
     The model and the options are read from ``workdir`` (written by the parent), not passed as
     arguments: ``Process.start`` writes its arguments down a pipe and blocks until the child has
@@ -139,6 +148,9 @@ def _child_main(conn: Connection, workdir: str, memory_bytes: int) -> None:
     """
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    watchdog = threading.Timer(lifetime_s, os._exit, args=(_EXIT_OVERTIME,))
+    watchdog.daemon = True
+    watchdog.start()
     outcome: _Outcome
     try:
         from refute import safejson
@@ -207,7 +219,8 @@ def _run_child(workdir: str, limits: RegistrationLimits,
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_child_main,
-                            args=(sender, workdir, limits.memory_mb * 2**20),
+                            args=(sender, workdir, limits.memory_mb * 2**20,
+                                  limits.timeout_s + _CHILD_GRACE_S),
                             name="refute-registration", daemon=True)
     outcome: _Outcome | None = None
     timed_out = False
