@@ -1171,6 +1171,16 @@ def shared_weight_chain(length: int = 128, width: int = 2048) -> bytes:
                              [_vi(OUTPUT_NAME, [1, width])], [weight]))
 
 
+def overflowing_model() -> bytes:
+    """``output = Exp(input · 1e9)``: finite weights, infinite states on inputs in (-1, 1)."""
+    k = numpy_helper.from_array(np.full((1,), 1e9, np.float32), "k")
+    nodes = [
+        helper.make_node("Mul", [INPUT_NAME, "k"], ["h"], name="mul"),
+        helper.make_node("Exp", ["h"], [OUTPUT_NAME], name="exp"),
+    ]
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 3])], [_vi(OUTPUT_NAME, [1, 3])], [k]))
+
+
 # --- the table -----------------------------------------------------------------------------
 
 HOSTILE: list[Case] = [

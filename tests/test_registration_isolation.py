@@ -22,10 +22,16 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.hostile_models import matmul_chain, padded_state_hog, valid_model_bytes
+from refute.errors import ModelRejected
+from tests.hostile_models import (
+    matmul_chain,
+    overflowing_model,
+    padded_state_hog,
+    valid_model_bytes,
+)
 from verifier.api.app import create_app
 from verifier.db import migrate
-from verifier.registry import RegistrationBusy, RegistrationLimits, _Gate
+from verifier.registry import RegistrationBusy, RegistrationLimits, _Gate, build_manifest
 from verifier.service import ServiceContext
 from verifier.settings import ServiceSettings
 
@@ -221,3 +227,12 @@ def test_admission_is_bounded() -> None:
     with gate.slot("c"):
         assert gate._running == {"c": 1}
     assert gate._running == {}
+
+
+@pytest.mark.slow
+def test_overflowing_model_is_refused_not_crashed() -> None:
+    """Finite weights, but Exp(1e9 · x) is infinite on ordinary inputs: refused with a reason
+    (was: an OverflowError inside calibration)."""
+    with pytest.raises(ModelRejected) as info:
+        build_manifest(overflowing_model(), {"calibration_samples": 1})
+    assert "infinite" in info.value.reason and "\n" not in info.value.reason

@@ -111,16 +111,28 @@ def decode_model(onnx_base64: str) -> bytes:
 
 def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
     """Load, segment and calibrate; return the calibrated manifest's JSON (or raise)."""
-    from prover.calibration import calibrate_model
-    from refute.provider import prepare_model, random_inputs
+    import numpy as np
 
+    from prover.calibration import calibrate_model
+    from refute.executor import DeterministicExecutor
+    from refute.provider import prepare_model, random_inputs
+    from refute.segmentation import run_segments
+
+    executor = DeterministicExecutor()
     prepared = prepare_model(data, dims=options.get("dims") or None,
                              shapes=options.get("shapes") or None, cuts=options.get("cuts"),
                              max_segments=options.get("max_segments"),
-                             scale=int(options.get("scale", 7)))
+                             scale=int(options.get("scale", 7)), executor=executor)
     samples = [random_inputs(prepared.loaded, seed=s)
                for s in range(int(options.get("calibration_samples", 4)))]
-    manifest, _report = calibrate_model(prepared, samples)
+    # Calibration needs finite states: a model that overflows float32 on ordinary inputs would
+    # otherwise get a meaningless range and tolerances (or crash the calibration).
+    for n, sample in enumerate(samples):
+        for k, state in enumerate(run_segments(executor, prepared.segmentation, sample)):
+            if not all(bool(np.isfinite(t).all()) for t in state):
+                raise ModelRejected(f"state {k} is NaN or infinite on calibration input {n}: "
+                                    "the model overflows float32 on ordinary inputs")
+    manifest, _report = calibrate_model(prepared, samples, executor=executor)
     return manifest.to_json()
 
 
