@@ -141,6 +141,7 @@ def test_slow_model_is_stopped_while_another_network_registers(tmp_path: Path) -
         honest, honest_s = _register(api, _network(api, "honest"), valid_model_bytes())
         honest_done = time.monotonic()
         slow, slow_s = hostile.join(timeout_s + 30.0)
+    print(f"small model registered in {honest_s:.1f} s; slow model answered after {slow_s:.1f} s")
     assert honest.status_code == 201, honest.text
     assert honest.json()["manifest"]["model"]["sha256"]
     assert honest_s < timeout_s, f"the small model took {honest_s:.1f} s"
