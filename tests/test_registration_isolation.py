@@ -119,14 +119,19 @@ def _registration_children() -> list[int]:
     return found
 
 
-def _wait_for_child(deadline_s: float) -> int:
+def _wait_for_child(deadline_s: float, before: set[int]) -> int:
+    """The first spawned child of this process not in ``before`` (other tests' pools)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        children = _registration_children()
+        children = [pid for pid in _registration_children() if pid not in before]
         if children:
             return children[0]
         time.sleep(0.05)
     raise AssertionError("no registration child appeared")
+
+
+def _new_children(before: set[int]) -> set[int]:
+    return set(_registration_children()) - before
 
 
 @pytest.mark.slow
@@ -136,8 +141,9 @@ def test_slow_model_is_stopped_while_another_network_registers(tmp_path: Path) -
     timeout_s = 20.0
     with _api(tmp_path, registration_timeout_s=timeout_s, registrations_concurrent=2,
               registration_memory_mb=16384) as api:
+        before = set(_registration_children())
         hostile = _InThread(api, _network(api, "hostile"), matmul_chain())
-        _wait_for_child(10.0)
+        _wait_for_child(10.0, before)
         honest, honest_s = _register(api, _network(api, "honest"), valid_model_bytes())
         honest_done = time.monotonic()
         slow, slow_s = hostile.join(timeout_s + 30.0)
@@ -149,7 +155,7 @@ def test_slow_model_is_stopped_while_another_network_registers(tmp_path: Path) -
     reason = _error(slow, 422, "registration_timeout")
     assert "20 s" in reason
     assert timeout_s <= slow_s < timeout_s + 15.0, f"stopped after {slow_s:.1f} s"
-    assert _registration_children() == []
+    assert _new_children(before) == set()
 
 
 @pytest.mark.slow
@@ -161,8 +167,9 @@ def test_killed_child_fails_its_request_only(tmp_path: Path) -> None:
               registrations_concurrent=1,
               registrations_queued=0) as api:
         headers = _network(api, "victim")
+        before = set(_registration_children())
         running = _InThread(api, headers, matmul_chain())
-        child = _wait_for_child(10.0)
+        child = _wait_for_child(10.0, before)
         busy, _ = _register(api, headers, valid_model_bytes())
         reason = _error(busy, 503, "registration_busy")
         assert "running" in reason
@@ -176,17 +183,18 @@ def test_killed_child_fails_its_request_only(tmp_path: Path) -> None:
         assert killed_s < 30.0
         after, _ = _register(api, headers, valid_model_bytes())
     assert after.status_code == 201, after.text
-    assert _registration_children() == []
+    assert _new_children(before) == set()
 
 
 @pytest.mark.slow
 def test_memory_hog_is_refused_by_the_memory_bound(tmp_path: Path) -> None:
+    before = set(_registration_children())
     with _api(tmp_path, registration_timeout_s=120.0, registration_memory_mb=1200) as api:
         answer, seconds = _register(api, _network(api, "hog"), padded_state_hog())
     reason = _error(answer, 422, "registration_memory")
     assert "1200 MB" in reason
     assert seconds < 120.0
-    assert _registration_children() == []
+    assert _new_children(before) == set()
 
 
 def test_admission_is_bounded() -> None:
