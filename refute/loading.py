@@ -19,7 +19,9 @@ cannot commit to:
    (:attr:`LoadLimits.max_abs_value`);
 8. constant folding is bounded before it runs: each folded tensor's size comes from the inferred
    shapes and counts against :attr:`LoadLimits.max_folded_bytes`, and the folding work against
-   :attr:`LoadLimits.max_fold_work`; nothing is materialized before its size is checked.
+   :attr:`LoadLimits.max_fold_work`; nothing is materialized before its size is checked;
+9. the work of one run of the model (multiply-accumulates, from the shapes) is bounded by
+   :attr:`LoadLimits.max_model_work`, before anything executes it.
 
 Cheap checks come first: sizes before parsing, declared sizes before decoding, values before
 shape inference, inferred sizes before folding.
@@ -111,6 +113,10 @@ class LoadLimits:
     #: Work of constant folding: multiply-accumulates of MatMul/Gemm/Conv, output elements of
     #: other operators, summed over every folded node.
     max_fold_work: int = 2**25
+    #: Work of one run of the whole model, counted the same way from the inferred shapes. The
+    #: service runs every model many times at registration (reproduction checks, calibration)
+    #: and in every spot-check; 2**32 is thousands of times the largest reference model.
+    max_model_work: int = 2**32
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,7 @@ def load_model(
     _fold_constants(model, limits, inferred)
     _drop_unused_initializers(model)
     tensors = _infer_shapes(model, limits)
+    _check_model_work(model, tensors, limits)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -641,6 +648,23 @@ def _fold_work(node: NodeProto, inputs: Sequence[tuple[int, ...]],
         kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [])
         return out_elements * max(1, int(math.prod(kernel)))
     return out_elements + sum(math.prod(shape) for shape in inputs)
+
+
+def _check_model_work(
+    model: ModelProto, tensors: Mapping[str, TensorSpec], limits: LoadLimits
+) -> None:
+    """Refuse a model whose one run would take more than ``limits.max_model_work``."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    shapes.update({name: spec.shape for name, spec in tensors.items()})
+    work = 0
+    for node in model.graph.node:
+        outputs = [tensors[o] for o in node.output if o in tensors]
+        work += _fold_work(node, [shapes.get(x, ()) for x in node.input if x], outputs)
+        if work > limits.max_model_work:
+            raise ModelTooLarge(
+                f"one run of the model would take over {limits.max_model_work} operations "
+                f"(reached at {node.op_type} node {_node_name(node)})"
+            )
 
 
 def _fold_plan(

@@ -1102,6 +1102,19 @@ def fold_conv_bomb() -> bytes:
                              [_vi(OUTPUT_NAME, [1, 1, 1, 1])], [c, image, kernel]))
 
 
+def conv_compute_bomb() -> bytes:
+    """Input [1, 1, 2048, 2048] convolved by a [512, 512] kernel padded from one constant (folding
+    it is cheap): one run is ~6e11 multiply-accumulates, hours for the executor."""
+    c = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "c")
+    kernel = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 511, 511], np.int64), "pk")
+    nodes = [
+        helper.make_node("Pad", ["c", "pk"], ["k"], name="kernel"),
+        helper.make_node("Conv", [INPUT_NAME, "k"], [OUTPUT_NAME], name="conv"),
+    ]
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1, 2048, 2048])],
+                             [_vi(OUTPUT_NAME, [1, 1, 1537, 1537])], [c, kernel]))
+
+
 def node_without_outputs() -> bytes:
     """A Constant node with a tensor attribute and no outputs at all."""
     model = valid_model_proto()
@@ -1315,6 +1328,7 @@ HOSTILE: list[Case] = [
     ("constant_pads_chain", constant_pads_chain, ModelTooLarge, {}),
     ("fold_matmul_bomb", fold_matmul_bomb, ModelTooLarge, {}),
     ("fold_conv_bomb", fold_conv_bomb, ModelTooLarge, {}),
+    ("conv_compute_bomb", conv_compute_bomb, ModelTooLarge, {}),
 ]  # fmt: skip
 
 #: Cases refused for a value, with the tensor their reason must name.

@@ -673,8 +673,8 @@ def test_value_bound_is_the_circuit_bound() -> None:
 
 
 #: Bombs measured in a fresh process: time of the load and the process's peak RSS.
-BOMBS = ["constant_pads_chain", "fold_matmul_bomb", "fold_conv_bomb", "intermediate_pad",
-         "constant_fold_bomb_huge", "huge_weight"]
+BOMBS = ["constant_pads_chain", "fold_matmul_bomb", "fold_conv_bomb", "conv_compute_bomb",
+         "intermediate_pad", "constant_fold_bomb_huge", "huge_weight"]
 _MEASURE = """
 import json, resource, sys, time
 from refute.errors import RefuteError
