@@ -238,8 +238,8 @@ def _run_child(workdir: str, limits: RegistrationLimits,
     timed_out = False
     deadline = time.monotonic() + limits.timeout_s
     try:
-        # start() returns once the child has read its arguments (after its imports): the bound
-        # runs from here, so it covers the child's whole life.
+        # The bound runs from before start(), so it covers the child's whole life (its imports
+        # included); its arguments are small, so start() does not wait on the child.
         child.start()
         sender.close()
         if on_start is not None and child.pid is not None:
@@ -249,8 +249,9 @@ def _run_child(workdir: str, limits: RegistrationLimits,
                 outcome = receiver.recv()
         else:
             timed_out = True
-        # The child exits right after answering; a child that does not is stopped.
-        child.join(5.0 if outcome is not None else 1.0)
+        if not timed_out:
+            # The child exits right after answering (or has died); one that lingers is stopped.
+            child.join(5.0)
     finally:
         if child.is_alive():
             child.kill()
