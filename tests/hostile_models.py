@@ -1194,6 +1194,19 @@ def overflowing_model() -> bytes:
     return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 3])], [_vi(OUTPUT_NAME, [1, 3])], [k]))
 
 
+def unprovable_conv() -> bytes:
+    """A 3x3 Conv without strides then Relu: it loads and runs, but EZKL cannot build the
+    segment's circuit (calibration used to record it with a tolerance of 0)."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.uniform(-0.5, 0.5, (2, 1, 3, 3)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", [INPUT_NAME, "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], [OUTPUT_NAME], name="relu"),
+    ]
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1, 6, 6])],
+                             [_vi(OUTPUT_NAME, [1, 2, 4, 4])], [weight]))
+
+
 # --- the table -----------------------------------------------------------------------------
 
 HOSTILE: list[Case] = [

@@ -27,6 +27,7 @@ from tests.hostile_models import (
     matmul_chain,
     overflowing_model,
     padded_state_hog,
+    unprovable_conv,
     valid_model_bytes,
 )
 from verifier.api.app import create_app
@@ -245,3 +246,15 @@ def test_overflowing_model_is_refused_not_crashed() -> None:
     with pytest.raises(ModelRejected) as info:
         build_manifest(overflowing_model(), {"calibration_samples": 1})
     assert "infinite" in info.value.reason and "\n" not in info.value.reason
+
+
+@pytest.mark.slow
+def test_unprovable_segment_is_refused_not_registered_with_zero_tolerance() -> None:
+    """DESIGN, registration step 4: a segment EZKL cannot prove is refused at registration with
+    EZKL's reason (was: registered, its tolerance 0)."""
+    from prover.errors import CircuitUnsupported
+
+    with pytest.raises(CircuitUnsupported) as info:
+        build_manifest(unprovable_conv(), {"calibration_samples": 1})
+    assert info.value.reason.startswith("segment 1 cannot be proven: ")
+    assert "EZKL" in info.value.reason and "\n" not in info.value.reason

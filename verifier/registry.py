@@ -114,6 +114,7 @@ def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from prover.calibration import calibrate_model
+    from prover.errors import CircuitUnsupported
     from refute.executor import DeterministicExecutor
     from refute.provider import prepare_model, random_inputs
     from refute.segmentation import run_segments
@@ -132,7 +133,12 @@ def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
             if not all(bool(np.isfinite(t).all()) for t in state):
                 raise ModelRejected(f"state {k} is NaN or infinite on calibration input {n}: "
                                     "the model overflows float32 on ordinary inputs")
-    manifest, _report = calibrate_model(prepared, samples, executor=executor)
+    manifest, report = calibrate_model(prepared, samples, executor=executor)
+    if report.unsupported:
+        # DESIGN, registration step 4: a segment that cannot be proven is refused now, never
+        # discovered in a dispute (and never registered with a tolerance of 0).
+        first = report.unsupported[0]
+        raise CircuitUnsupported(f"segment {first.index} cannot be proven: {first.reason}"[:300])
     return manifest.to_json()
 
 
