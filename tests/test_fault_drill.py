@@ -40,9 +40,9 @@ def test_fault_drill(tmp_path: Path, home: Path, upload_traces: bool) -> None:
     # Without traces, the API stays down past the disclosure window of the honest provider
     # whose disclosure it interrupts.
     report = run_drill(tmp_path / "drill", results=RESULTS, liars=LIARS,
-                       upload_traces=upload_traces, home=home, submit_span_s=12.0,
+                       upload_traces=upload_traces, home=home, submit_span_s=20.0,
                        challenge_window_s=15, disclosure_window_s=DISCLOSURE_WINDOW_S,
-                       dispute_clock_s=12.0, spotcheck_delay_s=0.25, lie_states=(2,),
+                       dispute_clock_s=12.0, spotcheck_delay_s=0.2, lie_states=(2,),
                        api_down_s=1.0 if upload_traces else DISCLOSURE_WINDOW_S + 1.0,
                        proof_timeout_s=PROOF_TIMEOUT_S)
     # Every kill landed (while results were being submitted, unless a wait for the right
