@@ -113,8 +113,6 @@ def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
     """Load, segment and calibrate; return the calibrated manifest's JSON (or raise)."""
     import numpy as np
 
-    from prover.calibration import calibrate_model
-    from prover.errors import CircuitUnsupported
     from refute.executor import DeterministicExecutor
     from refute.provider import prepare_model, random_inputs
     from refute.segmentation import run_segments
@@ -133,6 +131,10 @@ def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
             if not all(bool(np.isfinite(t).all()) for t in state):
                 raise ModelRejected(f"state {k} is NaN or infinite on calibration input {n}: "
                                     "the model overflows float32 on ordinary inputs")
+    # Cheap checks first: EZKL is only imported once the model has loaded and segmented.
+    from prover.calibration import calibrate_model
+    from prover.errors import CircuitUnsupported
+
     manifest, report = calibrate_model(prepared, samples, executor=executor)
     if report.unsupported:
         # DESIGN, registration step 4: a segment that cannot be proven is refused now, never
