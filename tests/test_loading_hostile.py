@@ -702,7 +702,9 @@ try:
 except RefuteError as exc:
     error = type(exc).__name__
 seconds = cpu() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process image's own peak (ru_maxrss keeps the forking parent's across exec).
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 print(json.dumps({"error": error, "seconds": seconds, "peak": peak, "size": len(data)}))
 """
 #: Peak RSS of a process that imported the loader and refused a bomb (the imports take ~80 MB).
