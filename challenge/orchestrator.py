@@ -12,15 +12,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,6 +48,7 @@ from challenge.game import (
     Reveal,
     Tick,
     TimeControl,
+    Verdict,
     apply,
     timeout_at,
 )
@@ -54,12 +56,15 @@ from challenge.ledger import Ledger
 from challenge.replay import write_bundle
 from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
 from challenge.transcript import SigningKey, Transcript, sign_head
+from refute.commitment import TraceCommitment
 from refute.errors import RefuteError
 from refute.manifest import Manifest
+from refute.merkle import merkle_root
 from refute.segmentation import run_segments
 from refute.trace import Trace, leaf_of_state
 from verifier.models import (
     Challenge,
+    DisclosedState,
     Dispute,
     LedgerEntry,
     Network,
@@ -71,10 +76,12 @@ from verifier.models import (
     TranscriptEvent,
 )
 from verifier.results import Conflict
-from verifier.service import ServiceContext, load_trace, new_id
+from verifier.service import ServiceContext, held_states, load_trace, new_id
 from verifier.webhooks import enqueue
 
 SERVICE = "service"
+
+log = logging.getLogger(__name__)
 #: Shares of a slashed stake / bond that go to the winner (basis points).
 CHALLENGER_SHARE_BPS = 5000
 PROVIDER_SHARE_BPS = 5000
@@ -339,11 +346,19 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
     dispute.verdict = verdict
     dispute.resolved_at = now
     dispute.timeout_at = None
+    at_fault = effect.verdict.at_fault()
+    settled = effect.verdict is not Verdict.ABORTED
+    unsettled_fault = False
     for filed in session.scalars(select(Challenge).where(
             Challenge.result_id == dispute.result_id, Challenge.lo == dispute.lo,
             Challenge.hi == dispute.hi, Challenge.status == "OPEN")):
-        filed.status = "RESOLVED"  # the spot-check's record of this fault
-    at_fault = effect.verdict.at_fault()
+        if settled:
+            filed.status = "RESOLVED"  # the spot-check's record of this fault
+        else:  # the service's own proof never came: its fault finding stands, unsettled
+            unsettled_fault = True
+            log.error("dispute %s of result %s was aborted (no proof in time): its spot-check "
+                      "fault at step %s stays open and holds the result", dispute.id,
+                      result.id, dispute.hi)
     if at_fault is Actor.PROVIDER:
         result.status = ResultStatus.PROVIDER_FAULT
         ledger.close_others(result.id)
@@ -356,10 +371,12 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
     else:
         # The challenger's claim was wrong, not the result proven right: the result stays open
         # to every other challenger until its window closes (DESIGN.md "Result lifecycle").
+        # A recorded spot-check fault whose dispute was aborted keeps the result DISPUTED: the
+        # service found it faulty and never finalizes it unsettled.
         still_open = session.scalars(select(Dispute).where(
             Dispute.result_id == result.id, Dispute.status == "OPEN",
             Dispute.id != dispute.id)).first()
-        if still_open is None:
+        if still_open is None and not unsettled_fault:
             result.status = ResultStatus.ACCEPTED
     save_ledger(session, ledger, known)
     record(session, transcript, result.id, kind="verdict", at=now.timestamp(), body={
@@ -379,13 +396,36 @@ class _Loaded:
     model: RegisteredModel
     dispute: Dispute
     trace: Trace | None
+    disclosed: dict[int, tuple[np.ndarray, ...]] = dataclasses.field(default_factory=dict)
+    """States disclosed on request (``PUT …/states``), each verified against its leaf when it
+    arrived; used when no trace was uploaded."""
+    disclosed_at: float | None = None
+    """When the latest of them arrived (unix seconds)."""
     own_states: list[list[np.ndarray]] | None = None
     """The watcher's own execution of the job, once computed (see :func:`_own_leaf`)."""
 
+    def state(self, k: int) -> tuple[np.ndarray, ...] | None:
+        """Committed state k as the service holds it (uploaded trace, else disclosure)."""
+        if self.trace is not None:
+            return self.trace.states[k]
+        return self.disclosed.get(k)
+
+    def holds(self, states: Iterable[int]) -> bool:
+        """Whether the service holds every one of ``states``."""
+        return self.trace is not None or all(k in self.disclosed for k in states)
+
+    def commitment(self, scale: int) -> TraceCommitment:
+        """The result's signed commitment (its leaves), which a proof is bound to."""
+        if self.trace is not None:
+            return self.trace.commitment
+        leaves = tuple(bytes.fromhex(leaf.removeprefix("0x")) for leaf in self.result.leaves)
+        return TraceCommitment(scale=scale, leaves=leaves, root=merkle_root(leaves))
+
 
 def _load(ctx: ServiceContext, dispute_id: str, reuse: _Loaded | None = None) -> _Loaded:
-    """The dispute's rows, read afresh; the trace (immutable once uploaded) and the watcher's
-    execution are taken from ``reuse`` when it has them, not read or computed again."""
+    """The dispute's rows, read afresh; the trace or the disclosed states (immutable once
+    stored) and the watcher's execution are taken from ``reuse`` when it has them, not read or
+    computed again."""
     with ctx.sessions() as session:
         dispute = session.get(Dispute, dispute_id)
         if dispute is None:
@@ -394,10 +434,25 @@ def _load(ctx: ServiceContext, dispute_id: str, reuse: _Loaded | None = None) ->
         assert result is not None
         model = session.get(RegisteredModel, result.model_id)
         assert model is not None
+        rows = [] if result.trace_blob else list(session.execute(
+            select(DisclosedState.state, DisclosedState.blob, DisclosedState.disclosed_at)
+            .where(DisclosedState.result_id == result.id)).all())
     if reuse is not None and reuse.trace is not None:
-        return _Loaded(result, model, dispute, reuse.trace, reuse.own_states)
-    trace = load_trace(ctx, result.trace_blob) if result.trace_blob else None
-    return _Loaded(result, model, dispute, trace)
+        return _Loaded(result, model, dispute, reuse.trace, own_states=reuse.own_states)
+    if result.trace_blob:
+        return _Loaded(result, model, dispute, load_trace(ctx, result.trace_blob))
+    disclosed_at = max((_timestamp(r.disclosed_at) for r in rows), default=None)
+    if reuse is not None and set(reuse.disclosed) == {r.state for r in rows}:
+        return _Loaded(result, model, dispute, None, reuse.disclosed, disclosed_at,
+                       reuse.own_states)
+    states = held_states(ctx, ctx.prepared(model).manifest, result, {r.state for r in rows},
+                         {r.state: r.blob for r in rows}) if rows else {}
+    return _Loaded(result, model, dispute, None, states, disclosed_at)
+
+
+def _needed(state: DisputeState) -> range:
+    """The states a dispute may need from the provider: every state of its range."""
+    return range(state.lo, state.hi + 1)
 
 
 def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: datetime, *,
@@ -421,17 +476,22 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
         detail: dict[str, Any]
         if isinstance(effect, RequestDisclosure):
             uploaded = loaded.result.trace_uploaded_at
-            if loaded.trace is None or uploaded is None:
-                continue  # requested by webhook at open; the upload route calls disclose()
-            game_move = Disclose(actor=Actor.PROVIDER,
-                                 at=max(state.turn_started, _timestamp(uploaded)),
+            if loaded.trace is not None and uploaded is not None:
+                at = _timestamp(uploaded)
+                detail = {"trace_blob": loaded.result.trace_blob}
+            elif loaded.disclosed_at is not None and loaded.holds(_needed(state)):
+                at = loaded.disclosed_at  # the states this dispute needs, disclosed one by one
+                detail = {"disclosed_states": sorted(loaded.disclosed)}
+            else:
+                continue  # requested by webhook at open; the upload routes call disclose()
+            game_move = Disclose(actor=Actor.PROVIDER, at=max(state.turn_started, at),
                                  matches_commitment=True)
-            detail = {"trace_blob": loaded.result.trace_blob}
         elif isinstance(effect, RequestReveal):
-            if loaded.trace is None:  # excluded by the game: DISCLOSE comes first
+            if not loaded.holds([effect.state]):  # excluded by the game: DISCLOSE comes first
                 raise DisputeError(f"dispute {dispute_id}: state {effect.state} is due but the "
-                                   "trace is not available")
-            game_move = _serve_reveal(loaded, effect.state, state.turn_started)
+                                   "service does not hold it")
+            game_move = _serve_reveal(loaded, effect.state, state.turn_started,
+                                      ctx.prepared(loaded.model).manifest)
             detail = {"state": effect.state}
         elif isinstance(effect, RequestAnswer) and loaded.dispute.challenger == SERVICE:
             choice = _watcher_answer(ctx, loaded, effect.state)
@@ -439,7 +499,7 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
                                state=effect.state, choice=choice)
             detail = {"state": effect.state, "choice": choice.value}
         elif isinstance(effect, RequestStepProof | RequestRangeProof):
-            (schedule_proof or _celery_prove)(dispute_id)
+            queue_proof(ctx, dispute_id, now, schedule_proof)
             continue
         else:
             continue  # the challenger's answer: it comes through the API
@@ -463,8 +523,10 @@ def _timestamp(moment: datetime) -> float:
 
 def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
              schedule_proof: ProofScheduler | None = None) -> list[str]:
-    """The provider's trace was uploaded (and checked against its commitment): move every open
-    dispute of the result that waits for it out of DISCLOSE. Returns their ids (idempotent)."""
+    """The provider's trace was uploaded, or some of its states were disclosed (and checked
+    against its commitment): move every open dispute of the result that waits for them out of
+    DISCLOSE (a dispute whose states are not all held yet keeps waiting). Returns the ids of the
+    disputes that were waiting (idempotent)."""
     with ctx.sessions() as session:
         waiting = [d.id for d in session.scalars(select(Dispute).where(
             Dispute.result_id == result_id, Dispute.status == "OPEN"))
@@ -474,12 +536,13 @@ def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
     return waiting
 
 
-def _serve_reveal(loaded: _Loaded, k: int, at: float) -> Reveal:
-    """Reveal state k from the provider's uploaded (committed) trace."""
-    assert loaded.trace is not None
-    manifest = loaded.trace.manifest
-    state = loaded.trace.states[k]
-    matches = "0x" + loaded.trace.commitment.leaves[k].hex() == loaded.result.leaves[k]
+def _serve_reveal(loaded: _Loaded, k: int, at: float, manifest: Manifest) -> Reveal:
+    """Reveal state k from the provider's uploaded trace or its disclosure (both committed: a
+    disclosed state was checked against its leaf on arrival)."""
+    state = loaded.state(k)
+    assert state is not None
+    matches = loaded.trace is None or (
+        "0x" + loaded.trace.commitment.leaves[k].hex() == loaded.result.leaves[k])
     bound = manifest.range
     in_range = bound is None or all(
         bool(np.isfinite(t).all()) and float(np.max(np.abs(t))) <= bound for t in state)
@@ -565,11 +628,11 @@ def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> Disput
     if loaded.dispute.status != "OPEN":
         return None  # resolved, or closed by another dispute's conviction: nothing to prove
     if state.phase is Phase.RANGE_PROOF:
-        if loaded.trace is None or state.pending is None:
+        if state.pending is None or not loaded.holds([state.pending]):
             raise DisputeError("the state to range-check was not revealed")
         kind, index = "range", state.pending
     elif state.phase is Phase.STEP_PROOF:
-        if loaded.trace is None:
+        if not loaded.holds([state.hi - 1, state.hi]):
             raise DisputeError("the step's states were not revealed (no trace uploaded)")
         kind, index = "step", state.hi
     else:
@@ -584,13 +647,19 @@ def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> Disput
 def _prove(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int) -> dict[str, Any]:
     """Make the proof (step ``index``, or the range of state ``index``) and verify it; return
     its transcript detail (what the proof established, the circuit and the proof itself)."""
-    assert loaded.trace is not None
     prepared = ctx.prepared(loaded.model)
     manifest: Manifest = prepared.manifest
+    commitment = loaded.commitment(manifest.scale)
     prover = _prover()
+
+    def held(k: int) -> tuple[np.ndarray, ...]:
+        state = loaded.state(k)
+        assert state is not None  # checked by prove_pending
+        return state
+
     if kind == "range":
-        proof = prover.prove_range(prepared, manifest, index, loaded.trace.states[index])
-        outcome = prover.verify_range(prepared, manifest, proof, loaded.trace.commitment)
+        proof = prover.prove_range(prepared, manifest, index, held(index))
+        outcome = prover.verify_range(prepared, manifest, proof, commitment)
         return {"state": index, "max_abs_units": str(outcome.maxabs_units),
                 "bound": int(outcome.bound_units), "circuit": proof.circuit_key,
                 "vk_sha256": proof.vk_sha256, "proof": proof.proof,
@@ -599,9 +668,8 @@ def _prove(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int) -> dict[
                     prepared, manifest, index)).settings_path.read_bytes()),
                 "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())}
     step = index
-    proof = prover.prove_step(prepared, manifest, step, loaded.trace.states[step - 1],
-                              loaded.trace.states[step])
-    outcome = prover.verify_step(prepared, manifest, proof, loaded.trace.commitment)
+    proof = prover.prove_step(prepared, manifest, step, held(step - 1), held(step))
+    outcome = prover.verify_step(prepared, manifest, proof, commitment)
     assert manifest.tolerances is not None
     return {"step": step, "maxdiff_units": str(outcome.maxdiff_units),
             "tolerance": manifest.tolerances[step - 1], "circuit": proof.circuit_key,
@@ -692,7 +760,7 @@ def resume_stalled(ctx: ServiceContext, now: datetime, *,
     t = now.timestamp()
     owed: list[str] = []
     proofs: list[str] = []
-    with ctx.sessions() as session, session.begin():
+    with ctx.sessions() as session:
         rows = session.execute(select(Dispute, Result.trace_blob).join(
             Result, Result.id == Dispute.result_id).where(Dispute.status == "OPEN")).all()
         for dispute, trace_blob in rows:
@@ -700,24 +768,55 @@ def resume_stalled(ctx: ServiceContext, now: datetime, *,
             deadline = timeout_at(state)
             late = t - state.turn_started >= grace or (deadline is not None and t >= deadline)
             service_owes = (
-                (state.phase in (Phase.DISCLOSE, Phase.REVEAL) and trace_blob is not None)
+                (state.phase in (Phase.DISCLOSE, Phase.REVEAL)
+                 and _holds(session, dispute.result_id, trace_blob, state))
                 or (state.phase is Phase.ANSWER and dispute.challenger == SERVICE))
             if service_owes:
                 if late:
                     owed.append(dispute.id)
             elif state.phase in (Phase.STEP_PROOF, Phase.RANGE_PROOF):
-                since = dispute.proof_requeued_at or state.turn_started
-                if t - since >= requeue_every:
-                    dispute.proof_requeued_at = t
+                # Never queued (the broker was down when it was due): at once; queued: only
+                # once the broker's own redelivery of a lost task would have run it.
+                since = dispute.proof_requeued_at
+                if (t - state.turn_started >= grace if since is None
+                        else t - since >= requeue_every):
                     proofs.append(dispute.id)
     for dispute_id in owed:
         try:
             resume(ctx, dispute_id, now, schedule_proof=schedule_proof)
         except RefuteError as exc:  # one broken dispute must not stop the others' recovery
-            print(f"recovery: dispute {dispute_id}: {exc.reason}")
+            log.warning("recovery: dispute %s: %s", dispute_id, exc.reason)
     for dispute_id in proofs:
-        (schedule_proof or _celery_prove)(dispute_id)
+        queue_proof(ctx, dispute_id, now, schedule_proof)
     return owed + proofs
+
+
+def _holds(session: Session, result_id: str, trace_blob: str | None,
+           state: DisputeState) -> bool:
+    """Whether the service holds what a dispute in DISCLOSE or REVEAL waits for from the
+    provider: the uploaded trace, or the disclosed states it needs."""
+    if trace_blob is not None:
+        return True
+    needed = set(_needed(state)) if state.phase is Phase.DISCLOSE else {state.pending}
+    held = set(session.scalars(select(DisclosedState.state).where(
+        DisclosedState.result_id == result_id)))
+    return needed <= held
+
+
+def queue_proof(ctx: ServiceContext, dispute_id: str, now: datetime,
+                schedule_proof: ProofScheduler | None = None) -> bool:
+    """Queue the proof a dispute waits for, and note when it was queued. A broker outage is
+    logged, not raised: the move that made the proof due is committed, and the timers' recovery
+    (:func:`resume_stalled`) queues a proof that was never queued at its next beat."""
+    try:
+        (schedule_proof or _celery_prove)(dispute_id)
+    except Exception:
+        log.exception("cannot queue the proof of dispute %s: recovery will", dispute_id)
+        return False
+    with ctx.sessions() as session, session.begin():
+        session.execute(update(Dispute).where(Dispute.id == dispute_id)
+                        .values(proof_requeued_at=now.timestamp()))
+    return True
 
 
 def tick_due(ctx: ServiceContext, now: datetime) -> int:
@@ -788,8 +887,7 @@ def export_dispute(ctx: ServiceContext, dispute_id: str, path: Path) -> Path:
                 files[f"artifacts/{digest}"] = ctx.blobs.get(digest)
             elif digest:
                 files[f"artifacts/{digest}"] = fallback.read_bytes()
-    trace = loaded.trace
-    states = {k: trace.states[k] for k in sorted(wanted)} if trace is not None else {}
+    states = {k: held for k in sorted(wanted) if (held := loaded.state(k)) is not None}
     return write_bundle(path, transcript=transcript.to_json(), manifest=manifest,
                         dispute_id=dispute_id, states=states, circuit_files=files)
 

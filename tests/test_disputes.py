@@ -600,3 +600,36 @@ def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
             network = s.get(Network, "net_d")
             assert network is not None
             network.min_bond = "1"
+
+
+def test_a_cheat_that_discloses_only_the_step_states_is_proven_wrong(world: World) -> None:
+    """A provider that never uploads its trace is challenged at a step; the two states it
+    discloses (``refute.states/1``, not the whole trace) are enough for the proof, which
+    convicts the lie, and the exported dispute replays."""
+    from refute.disclosure import write_states
+    from verifier.lifecycle import attach_states
+
+    rid = _result(world, lie_at=2, upload=False, seed=43)
+    trace = Trace.read((world.workdir / f"{rid}.rtrace").read_bytes())
+    queued: list[str] = []
+    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=1, hi=2, bond=10,
+                              now=datetime.now(UTC), schedule_proof=queued.append)
+    assert queued == []  # waiting for the provider's states
+    with world.ctx.sessions() as s, s.begin():
+        row = s.get(Result, rid)
+        assert row is not None
+        attach_states(s, world.ctx.blobs, row, write_states(world.prepared.manifest,
+                                                           {1: trace.states[1],
+                                                            2: trace.states[2]}),
+                      datetime.now(UTC))
+    assert orchestrator.disclose(world.ctx, rid, datetime.now(UTC),
+                                 schedule_proof=queued.append) == [dispute_id]
+    assert queued == [dispute_id]
+    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    assert state is not None and state.verdict is not None
+    assert state.verdict.value == "provider_fault"
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    report = replay(orchestrator.export_dispute(world.ctx, dispute_id,
+                                                world.workdir / f"{dispute_id}.rdispute"),
+                    [_service_key(world)])
+    assert report.ok, report.lines

@@ -246,3 +246,87 @@ def test_withholding_the_trace_gets_the_step_challenged_and_the_provider_times_o
         verdict = s.scalars(select(Dispute.verdict).where(Dispute.result_id == rid)).one()
         assert verdict == "PROVIDER_TIMEOUT"
         assert s.scalars(select(SpotCheck).where(SpotCheck.result_id == rid)).first() is None
+
+
+def test_states_disclosed_after_the_window_move_the_dispute_on(service: Service) -> None:
+    """The drill's finding: an honest provider kept from the API past its disclosure window is
+    challenged at the step; the states it then discloses (not a whole trace) satisfy the
+    dispute's DISCLOSE phase on its clock, and the step goes to its proof."""
+    network_id, headers = _network(service, spot_probability=1.0, spot_count=1,
+                                   challenge_window_s=60, disclosure_window_s=10)
+    rid, trace = _submit(service, network_id, headers)
+    [dispute_id] = sweep(service.ctx, _later(11), lambda _r: None).challenged
+    wanted = service.client.get(f"/v1/results/{rid}", headers=headers).json()["disclosure"]
+    assert wanted is None  # challenged: the dispute asks now, on the provider's clock
+    with service.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None
+        lo, hi = dispute.lo, dispute.hi
+    answer = service.client.put(f"/v1/results/{rid}/states", headers=headers,
+                                content=write_states(service.manifest,
+                                                     {k: trace.states[k] for k in (lo, hi)}))
+    assert answer.status_code == 200, answer.text
+    with service.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.state["phase"] == "step_proof"
+        assert dispute.proof_requeued_at is not None  # queued (schedule_proof of the app)
+    assert tick_due(service.ctx, _later(11 + 31)) >= 0
+    assert _row(service, rid).status.value == "DISPUTED"  # no timeout: it disclosed in time
+
+
+def test_a_proof_never_queued_is_queued_at_the_next_beat(service: Service) -> None:
+    """The drill's finding: Redis was down when a dispute reached its proof; the proof must be
+    queued as soon as the broker is back, not after the visibility timeout (by which time the
+    dispute had aborted and the liar finalized)."""
+    from challenge.orchestrator import open_dispute, resume_stalled
+
+    network_id, headers = _network(service, spot_probability=0.0, challenge_window_s=60)
+    rid, trace = _submit(service, network_id, headers, lie_at=2)
+    assert service.client.put(f"/v1/results/{rid}/trace", headers=headers,
+                              content=trace.write(Path(service.ctx.settings.blob_dir).parent
+                                                  / f"{rid}.rtrace").read_bytes()
+                              ).status_code == 200
+
+    def broker_down(_dispute_id: str) -> None:
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    dispute_id = open_dispute(service.ctx, rid, challenger="service", lo=1, hi=2, bond=1,
+                              now=datetime.now(UTC), schedule_proof=broker_down)
+    with service.ctx.sessions() as s:
+        dispute = s.get(Dispute, dispute_id)
+        assert dispute is not None and dispute.state["phase"] == "step_proof"
+        assert dispute.proof_requeued_at is None  # committed, never queued
+    queued: list[str] = []
+    grace = service.ctx.settings.dispute_resume_after_s
+    assert dispute_id in resume_stalled(service.ctx, _later(grace + 1),
+                                        schedule_proof=queued.append)
+    assert queued == [dispute_id]
+    queued.clear()
+    resume_stalled(service.ctx, _later(grace + 2), schedule_proof=queued.append)
+    assert queued == []  # queued now: the broker's redelivery takes over
+
+
+def test_an_aborted_dispute_of_a_spot_check_fault_never_finalizes_the_result(
+        service: Service) -> None:
+    """A dispute the service opened on its own spot-check fault aborts (its proof never came):
+    the fault stays on record, and the result is held, never finalized."""
+    network_id, headers = _network(service, spot_probability=1.0, spot_count=3,
+                                   challenge_window_s=60)
+    rid, trace = _submit(service, network_id, headers, lie_at=2)
+    assert service.client.put(f"/v1/results/{rid}/trace", headers=headers,
+                              content=trace.write(Path(service.ctx.settings.blob_dir).parent
+                                                  / f"{rid}.rtrace").read_bytes()
+                              ).status_code == 200
+    run_spotcheck(service.ctx, rid, datetime.now(UTC))
+    from verifier.lifecycle import watch_faults
+
+    disputes = watch_faults(service.ctx, rid, datetime.now(UTC))
+    assert disputes
+    timeout = service.ctx.settings.dispute_proof_timeout_s
+    tick_due(service.ctx, _later(timeout + 1))
+    with service.ctx.sessions() as s:
+        verdicts = set(s.scalars(select(Dispute.verdict).where(Dispute.result_id == rid)))
+    assert verdicts == {"ABORTED"}
+    assert _row(service, rid).status.value == "DISPUTED"
+    finalize_due(service.ctx, _later(timeout + 120))
+    assert _row(service, rid).status.value == "DISPUTED"

@@ -282,7 +282,8 @@ class Dispute(Base):
     timeout_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    #: When crash recovery last queued this dispute's proof again (unix seconds), if ever.
+    #: When this dispute's proof was last queued (unix seconds); None: never successfully (the
+    #: broker was down when it was due), which the timers' recovery queues at its next beat.
     proof_requeued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 

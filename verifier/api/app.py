@@ -386,6 +386,10 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
             row = owned_result(s, net, result_id)
             await asyncio.to_thread(attach_states, s, ctx.blobs, row, data, utcnow())
         schedule(row.id)
+        from challenge.orchestrator import disclose
+
+        # Disputes waiting for these states (the disclosure window passed) continue now.
+        await asyncio.to_thread(disclose, ctx, row.id, utcnow(), schedule_proof=schedule_proof)
         s.expire_all()
         return _result_out(s, row)
 
