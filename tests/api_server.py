@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 
 @dataclass
@@ -45,12 +45,7 @@ class Server:
 
     def stop(self) -> None:
         """Terminate the process (kill it if it does not stop within 20 s)."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def start_server(home: Path, env: dict[str, str] | None = None) -> Server:

@@ -18,7 +18,7 @@ import random
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,9 @@ from challenge import orchestrator
 from challenge.orchestrator import open_dispute, prove_pending, service_signing_key
 from challenge.replay import archive_bytes
 from challenge.transcript import SigningKey, Transcript, sign_head
-from prover.calibration import calibrate_model
-from refute import zoo
 from refute.manifest import canonical_json
-from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
-from refute.trace import Trace
-from verifier.db import migrate
-from verifier.models import Network, RegisteredModel, Result, ResultStatus
-from verifier.service import ServiceContext, new_id
-from verifier.settings import ServiceSettings
+from tests.dispute_world import add_result, make_world
+from verifier.service import ServiceContext
 
 #: A key nobody trusts (a forger's).
 FOREIGN = SigningKey.generate(b"a forger's own BLS key, 32+ bytes of seed")
@@ -62,26 +56,13 @@ def build_bundles(workdir: Path) -> Bundles:
     ``REFUTE_HOME`` must point into ``workdir`` (the caller sets it, and clears the prover's
     cached settings) so circuits and the development SRS are built there.
     """
-    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'd.db'}",
-                               blob_dir=workdir / "blobs", spot_key="ab" * 16)
-    migrate(settings.database_url)
-    ctx = ServiceContext.create(settings)
-    model = zoo.mlp()
-    prepared = prepare_model(model.onnx_bytes)
-    manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
-                                             for s in range(3)])
-    prepared = dataclasses.replace(prepared, manifest=manifest)
-    now = datetime.now(UTC)
-    with ctx.sessions() as s, s.begin():
-        s.add(Network(id="net_t", name="t", created_at=now))
-        s.add(RegisteredModel(id="mdl_t", network_id="net_t", model_sha256=manifest.model_sha256,
-                              manifest_sha256=manifest.sha256, manifest=manifest.to_json(),
-                              model_blob=ctx.blobs.put(model.onnx_bytes), created_at=now))
-    step_rid = _result(ctx, prepared, workdir, seed=8, lie_at=3)
+    world = make_world(workdir, network_id="net_t", model_id="mdl_t")
+    ctx = world.ctx
+    step_rid = add_result(world, seed=8, lie_at=3)
     step_dispute = open_dispute(ctx, step_rid, challenger="service", lo=0, hi=3, bond=10,
                                 now=datetime.now(UTC),
                                 schedule_proof=lambda d: _prove_now(ctx, d))
-    range_rid = _result(ctx, prepared, workdir, seed=11, out_of_range_at=1)
+    range_rid = add_result(world, seed=11, out_of_range_at=1)
     queued: list[str] = []
     range_dispute = open_dispute(ctx, range_rid, challenger="service", lo=0, hi=3, bond=4,
                                  now=datetime.now(UTC), schedule_proof=queued.append)
@@ -94,31 +75,6 @@ def build_bundles(workdir: Path) -> Bundles:
 
 def _prove_now(ctx: ServiceContext, dispute_id: str) -> None:
     prove_pending(ctx, dispute_id, datetime.now(UTC))
-
-
-def _result(ctx: ServiceContext, prepared: PreparedModel, workdir: Path, *, seed: int,
-            lie_at: int | None = None, out_of_range_at: int | None = None) -> str:
-    trace = run_trace(prepared, zoo.mlp().sample_input(seed))
-    states = [list(x) for x in trace.states]
-    if lie_at is not None:
-        states[lie_at][0] = states[lie_at][0] + 0.5
-    if out_of_range_at is not None:
-        assert prepared.manifest.range is not None
-        states[out_of_range_at][0] = states[out_of_range_at][0].copy()
-        states[out_of_range_at][0].flat[0] = 3 * prepared.manifest.range
-    trace = Trace.from_states(prepared.manifest, states, check_range=False)
-    rid = new_id("res")
-    now = datetime.now(UTC)
-    blob = ctx.blobs.put(trace.write(workdir / f"{rid}.rtrace").read_bytes())
-    with ctx.sessions() as s, s.begin():
-        s.add(Result(id=rid, network_id="net_t", model_id="mdl_t", message_hash=rid.ljust(64, "0"),
-                     provider="0x" + "aa" * 20, nonce=rid, deadline=0, stake="1000",
-                     input_hash="0x" + "00" * 32, output_hash="0x" + "00" * 32,
-                     trace_root="0x" + trace.commitment.root.hex(),
-                     leaves=["0x" + x.hex() for x in trace.commitment.leaves],
-                     signature="0x", status=ResultStatus.ACCEPTED, accepted_at=now,
-                     challenge_deadline=now + timedelta(hours=1), trace_blob=blob))
-    return rid
 
 
 # --- editing bundles ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ never reveals times out. The ledger balances and the transcript verifies after e
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import zipfile
 from collections.abc import Callable, Iterator
@@ -23,26 +22,16 @@ from challenge.orchestrator import load_ledger, load_transcript, open_dispute, p
 from challenge.replay import archive_bytes, replay
 from challenge.whistleblower import Whistleblower
 from prover import config as prover_config
-from prover.calibration import calibrate_model
 from refute import zoo
 from refute.errors import RefuteError
-from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
 from refute.trace import Trace
+from tests.dispute_world import World, add_result, make_world
 from verifier.accounts import add_api_key
 from verifier.api.app import create_app
-from verifier.db import migrate
-from verifier.models import Dispute, Network, RegisteredModel, Result, ResultStatus
-from verifier.service import ServiceContext, new_id
-from verifier.settings import ServiceSettings
+from verifier.models import Dispute, Network, Result, ResultStatus
+from verifier.service import ServiceContext
 
 pytestmark = [pytest.mark.slow, pytest.mark.ezkl]
-
-
-@dataclasses.dataclass
-class World:
-    ctx: ServiceContext
-    prepared: PreparedModel
-    workdir: Path
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +41,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     mp.setenv("REFUTE_HOME", str(workdir / "home"))
     prover_config.get_settings.cache_clear()
     orchestrator._prover.cache_clear()
-    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'd.db'}",
-                               blob_dir=workdir / "blobs", spot_key="ab" * 16)
-    migrate(settings.database_url)
-    ctx = ServiceContext.create(settings)
-    model = zoo.mlp()
-    prepared = prepare_model(model.onnx_bytes)
-    manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
-                                             for s in range(3)])
-    prepared = dataclasses.replace(prepared, manifest=manifest)
-    now = datetime.now(UTC)
-    with ctx.sessions() as s, s.begin():
-        s.add(Network(id="net_d", name="d", created_at=now))
-        s.add(RegisteredModel(id="mdl_d", network_id="net_d", model_sha256=manifest.model_sha256,
-                              manifest_sha256=manifest.sha256, manifest=manifest.to_json(),
-                              model_blob=ctx.blobs.put(model.onnx_bytes), created_at=now))
-    yield World(ctx, prepared, workdir)
+    yield make_world(workdir, network_id="net_d", model_id="mdl_d")
     mp.undo()
     prover_config.get_settings.cache_clear()
     orchestrator._prover.cache_clear()
@@ -75,30 +49,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def _result(world: World, *, lie_at: int | None, upload: bool = True, seed: int = 0,
             out_of_range_at: int | None = None) -> str:
-    trace = run_trace(world.prepared, zoo.mlp().sample_input(seed))
-    if lie_at is not None:
-        states = [list(x) for x in trace.states]
-        states[lie_at][0] = states[lie_at][0] + 0.5
-        trace = Trace.from_states(world.prepared.manifest, states)
-    if out_of_range_at is not None:  # committed, but it would be refused at upload
-        assert world.prepared.manifest.range is not None
-        states = [list(x) for x in trace.states]
-        states[out_of_range_at][0] = states[out_of_range_at][0].copy()
-        states[out_of_range_at][0].flat[0] = 3 * world.prepared.manifest.range
-        trace = Trace.from_states(world.prepared.manifest, states, check_range=False)
-    rid = new_id("res")
-    now = datetime.now(UTC)
-    blob = world.ctx.blobs.put(trace.write(world.workdir / f"{rid}.rtrace").read_bytes())
-    with world.ctx.sessions() as s, s.begin():
-        s.add(Result(id=rid, network_id="net_d", model_id="mdl_d", message_hash=rid.ljust(64, "0"),
-                     provider="0x" + "aa" * 20, nonce=rid, deadline=0, stake="1000",
-                     input_hash="0x" + "00" * 32, output_hash="0x" + "00" * 32,
-                     trace_root="0x" + trace.commitment.root.hex(),
-                     leaves=["0x" + x.hex() for x in trace.commitment.leaves],
-                     signature="0x", status=ResultStatus.ACCEPTED, accepted_at=now,
-                     challenge_deadline=now + timedelta(hours=1),
-                     trace_blob=blob if upload else None))
-    return rid
+    return add_result(world, seed=seed, lie_at=lie_at, out_of_range_at=out_of_range_at,
+                      upload=upload)
 
 
 @pytest.fixture(autouse=True)
