@@ -18,7 +18,9 @@ from typing import Any
 from prover.circuit import Circuit
 from prover.errors import ProofRejected
 from prover.step import StepProof
+from refute import safejson
 from refute.commitment import TraceCommitment
+from refute.errors import InputError
 from refute.manifest import Manifest, canonical_json
 
 FORMAT = "refute.proof/1"
@@ -75,9 +77,11 @@ class ProofBundle:
         except (zipfile.BadZipFile, OSError) as exc:
             raise ProofRejected(f"not a readable proof bundle: {exc}") from exc
         try:
-            manifest = Manifest.from_json(json.loads(data["manifest.json"]))
-            commitment = TraceCommitment.from_json(json.loads(data["commitment.json"]))
-            step_doc = json.loads(data["step.json"])
+            manifest = Manifest.from_json(safejson.loads(data["manifest.json"],
+                                                         what="manifest.json"))
+            commitment = TraceCommitment.from_json(safejson.loads(data["commitment.json"],
+                                                                  what="commitment.json"))
+            step_doc = safejson.loads(data["step.json"], what="step.json")
             kind = str(step_doc["kind"])
             if step_doc.get("bundle") != FORMAT or kind not in ("step", "range"):
                 raise ProofRejected("step.json is not a refute.proof/1 step or range")
@@ -89,7 +93,9 @@ class ProofBundle:
                 raise ProofRejected(f"state {index} is outside the manifest")
             n_inputs = len(specs[index - 1] if kind == "step" else specs[index])
             step = StepProof.from_json(step_doc, n_inputs=n_inputs)
-            settings = json.loads(data["settings.json"])
+            settings = safejson.loads(data["settings.json"], what="settings.json")
+        except InputError as exc:
+            raise ProofRejected(f"malformed proof bundle: {exc.reason}") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ProofRejected(f"malformed proof bundle: {exc}") from exc
         return cls(kind, manifest, commitment, step, settings, data["vk.key"])

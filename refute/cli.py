@@ -24,7 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from refute.errors import BundleError, RefuteError
+from refute import safejson
+from refute.errors import BundleError, InputError, RefuteError
 from refute.manifest import Manifest
 from refute.provider import ProgressFn, prepare_model, read_inputs_json, run_trace
 from refute.quantize import DEFAULT_SCALE
@@ -220,11 +221,11 @@ def inspect(
 
 def _read_manifest(path: Path) -> Manifest:
     try:
-        data = json.loads(path.read_text())
+        data = safejson.loads(path.read_bytes(), what=f"manifest {path}")
     except OSError as exc:
         raise BundleError(f"cannot read manifest {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise BundleError(f"manifest {path} is not valid JSON: {exc}") from exc
+    except InputError as exc:
+        raise BundleError(exc.reason) from exc
     return Manifest.from_json(data)
 
 

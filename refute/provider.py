@@ -13,7 +13,6 @@ front ends (the CLI, later the API) can show where long work stands.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from refute import safejson
 from refute.errors import InputError
 from refute.executor import DeterministicExecutor
 from refute.loading import LoadedModel, LoadLimits, load_model
@@ -155,11 +155,9 @@ def read_inputs_json(source: str | os.PathLike[str] | Mapping[str, Any],
         doc: Any = source
     else:
         try:
-            doc = json.loads(Path(source).read_text())
+            doc = safejson.loads(Path(source).read_bytes(), what=f"input file {source}")
         except OSError as exc:
             raise InputError(f"cannot read input file {source}: {exc.strerror}") from exc
-        except ValueError as exc:
-            raise InputError(f"input file {source} is not valid JSON: {exc}") from exc
     data = doc.get("input_data") if isinstance(doc, Mapping) else None
     if not isinstance(data, list) or len(data) != len(loaded.input_names):
         raise InputError(

@@ -1,23 +1,19 @@
-"""JSON from untrusted bytes, with bounded nesting, and the interpreter's recursion limit kept.
+"""JSON from untrusted bytes, with bounded nesting.
 
-CPython's JSON decoder recurses once per nested array or object, on the C stack. The recursion
-limit is what stops it, and importing py_ecc (through eth-account, or our BLS transcript) raises
-that limit process-wide to 100,000: a 200 KB body of nested brackets then overflows the C stack
-and the process dies with a segmentation fault. Two defences, both here:
-
-* :func:`loads` measures the nesting depth *before* decoding (:func:`json_depth`: linear time,
-  bounded memory, brackets inside strings not counted) and refuses anything deeper than
-  :data:`MAX_DEPTH` with a :class:`~refute.errors.InputError`;
-* :func:`keep_recursion_limit` undoes any change a third-party import makes to the limit; every
-  import of py_ecc and eth-account in refute goes through it (see :func:`import_py_ecc_safely`).
+CPython's JSON decoder recurses once per nested array or object, on the C stack, and only the
+interpreter's recursion limit stops it; importing py_ecc (through eth-account, or our BLS
+transcript) raises that limit process-wide to 100,000, so a 200 KB body of nested brackets
+overflowed the C stack and killed the process. The defence is a bound on the input, not on the
+stack: :func:`loads` (and :func:`check_depth`, for decoders refute does not call itself, such
+as FastAPI's) measures the nesting depth *before* anything decodes it (:func:`json_depth`:
+linear time, bounded memory, brackets inside strings not counted) and refuses anything deeper
+than :data:`MAX_DEPTH` with a :class:`~refute.errors.InputError`. Every JSON document refute
+reads from outside goes through it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -69,9 +65,6 @@ def json_depth(data: bytes, *, limit: int, window: int = _WINDOW) -> int:
     return deepest
 
 
-#: The recursion limit the interpreter started with (before any import could raise it).
-_STARTUP_LIMIT = min(sys.getrecursionlimit(), 10_000)
-
 
 def nesting_depth(data: bytes | str) -> int:
     """The exact deepest nesting of ``[``/``{`` in a JSON text (brackets in strings ignored)."""
@@ -97,23 +90,3 @@ def loads(data: bytes | str, *, what: str = "the JSON document",
         return json.loads(data)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise InputError(f"{what} is not valid JSON: {str(exc)[:200]}") from exc
-
-
-@contextlib.contextmanager
-def keep_recursion_limit() -> Iterator[None]:
-    """Restore the interpreter's recursion limit after the block (a third-party import that
-    raises it process-wide, as py_ecc does, must not lower our guard against deep recursion)."""
-    before = sys.getrecursionlimit()
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(min(before, max(_STARTUP_LIMIT, 1000)))
-
-
-def import_py_ecc_safely() -> None:
-    """Import py_ecc's package (31 ms) with the recursion limit kept: its ``__init__`` raises the
-    limit to 100,000 on first import, and only then. Called from ``refute/__init__.py``, so that
-    eth-account, eth-keys and our BLS transcript find it loaded and the limit stays unchanged.
-    """
-    with keep_recursion_limit():
-        import py_ecc  # noqa: F401
