@@ -25,12 +25,12 @@ from rich.console import Console
 from rich.table import Table
 
 from challenge import orchestrator
+from challenge.records import Network, RegisteredModel, Result, ResultStatus
 from prover.calibration import calibrate_model
 from refute import zoo
 from refute.provider import prepare_model, random_inputs, run_trace
 from refute.trace import Trace
 from verifier.db import migrate
-from verifier.models import Network, RegisteredModel, Result, ResultStatus
 from verifier.service import ServiceContext, new_id
 from verifier.settings import ServiceSettings
 

@@ -52,7 +52,7 @@ def api_process(database_url: str, workdir: Path) -> Iterator[str]:
     env = {**os.environ, "REFUTE_DATABASE_URL": database_url,
            "REFUTE_BLOB_DIR": str(workdir / "blobs"), "REFUTE_SPOT_KEY": "ee" * 16,
            "REFUTE_REDIS_URL": "redis://127.0.0.1:1/0"}
-    process = subprocess.Popen([sys.executable, "-m", "refute", "serve", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "verifier", "serve", "--port", str(port)],
                                env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -1,4 +1,4 @@
-"""``refute demo``, ``refute challenge`` and ``refute replay``."""
+"""``refute challenge`` (a whistleblower's dispute) and ``refute replay`` (an auditor's check)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from refute import cli as base
+from refute import console
 from refute.errors import RefuteError
-
-
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the stack, traces and bundles.")]
-    = Path("out/demo"),
-) -> None:
-    """Run a real end-to-end dispute demo (starts and stops its own local stack)."""
-    from challenge.demo import run_demo
-
-    try:
-        ok = run_demo(workdir, base.out)
-    except RefuteError as exc:
-        raise base._fail(exc) from exc
-    if not ok:
-        base.err.print("[red]error:[/red] the demo did not reach the expected verdicts")
-        raise typer.Exit(code=1)
 
 
 def challenge(
@@ -36,7 +20,7 @@ def challenge(
     key: Annotated[str, typer.Option(envvar="REFUTE_CHALLENGER_KEY",
                                      help="Challenger's private key (hex).")] = "",
     bond: Annotated[int, typer.Option(min=1, help="Bond to post.")] = 100,
-    dim: base.DimOpt = [],  # noqa: B006
+    dim: console.DimOpt = [],  # noqa: B006
 ) -> None:
     """Challenge RESULT as a whistleblower: open a dispute and bisect it to a verdict."""
     from eth_account import Account
@@ -48,14 +32,14 @@ def challenge(
         if not key:
             raise RefuteError("a challenger key is needed (--key or REFUTE_CHALLENGER_KEY)")
         account = Account.from_key(key)
-        prepared = prepare_model(model, dims=base._parse_dims(dim))
+        prepared = prepare_model(model, dims=console.parse_dims(dim))
         feeds = read_inputs_json(inputs, prepared.loaded)
         final = Whistleblower(api, account.key, account.address).challenge(
             result_id, prepared, feeds, bond=bond,
-            report=lambda m: base.out.print(m, highlight=False))
+            report=lambda m: console.out.print(m, highlight=False))
     except (RefuteError, ValueError) as exc:
-        raise base._fail(exc if isinstance(exc, RefuteError) else RefuteError(str(exc))) from exc
-    base.out.print(f"dispute {final['id']}: {final['verdict']}", highlight=False)
+        raise console.fail(exc if isinstance(exc, RefuteError) else RefuteError(str(exc))) from exc
+    console.out.print(f"dispute {final['id']}: {final['verdict']}", highlight=False)
 
 
 def replay_bundle(
@@ -74,13 +58,13 @@ def replay_bundle(
     report = replay(bundle, trusted_key)
     signers = ", ".join(report.signers) or "unknown (no valid signer found in the bundle)"
     state = "trusted" if report.trusted else "NOT trusted"
-    base.out.print(f"signed by: {signers} ({state})", soft_wrap=True, highlight=False)
+    console.out.print(f"signed by: {signers} ({state})", soft_wrap=True, highlight=False)
     for line in report.checks:
         mark = "[green]PASS[/green]" if line.ok else "[red]FAIL[/red]"
-        base.out.print(f"{mark} {line.name:<11} {escape(line.text())}", soft_wrap=True,
+        console.out.print(f"{mark} {line.name:<11} {escape(line.text())}", soft_wrap=True,
                        highlight=False)
     if not trusted_key and report.signers:
-        base.out.print(f"to trust the signer, run: refute replay {escape(str(bundle))} --key "
+        console.out.print(f"to trust the signer, run: refute replay {escape(str(bundle))} --key "
                        f"{report.signers[0]}", soft_wrap=True, highlight=False)
     if not report.ok:
         raise typer.Exit(code=1)
@@ -88,6 +72,5 @@ def replay_bundle(
 
 def register(app: typer.Typer) -> None:
     """Add the dispute commands to the ``refute`` app."""
-    app.command()(demo)
     app.command()(challenge)
     app.command("replay")(replay_bundle)

@@ -53,16 +53,8 @@ from challenge.game import (
     timeout_at,
 )
 from challenge.ledger import Ledger
-from challenge.replay import write_bundle
-from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
-from challenge.transcript import SigningKey, Transcript, sign_head
-from refute.commitment import TraceCommitment
-from refute.errors import RefuteError
-from refute.manifest import Manifest
-from refute.merkle import merkle_root
-from refute.segmentation import run_segments
-from refute.trace import Trace, leaf_of_state
-from verifier.models import (
+from challenge.outbox import enqueue
+from challenge.records import (
     Challenge,
     DisclosedState,
     Dispute,
@@ -75,9 +67,16 @@ from verifier.models import (
     SignedMessage,
     TranscriptEvent,
 )
-from verifier.results import Conflict
+from challenge.replay import write_bundle
+from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
+from challenge.transcript import SigningKey, Transcript, sign_head
+from refute.commitment import TraceCommitment
+from refute.errors import Conflict, RefuteError
+from refute.manifest import Manifest
+from refute.merkle import merkle_root
+from refute.segmentation import run_segments
+from refute.trace import Trace, leaf_of_state
 from verifier.service import ServiceContext, held_states, load_trace, new_id
-from verifier.webhooks import enqueue
 
 SERVICE = "service"
 

@@ -14,13 +14,13 @@ from typing import Any
 import httpx
 import numpy as np
 
-from challenge.api import MOVE_AGREE, MOVE_DISAGREE
+from challenge.messages import Challenge, Domain, Move, network_word, sign_typed
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.provider import PreparedModel, validate_inputs
 from refute.segmentation import run_segments
 from refute.trace import leaf_of_state
-from verifier.auth import Challenge, Domain, Move, network_word, sign_typed
+from verifier.api.disputes import MOVE_AGREE, MOVE_DISAGREE
 
 Report = Callable[[str], None]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -12,31 +11,25 @@ from prover.calibration import calibrate_model
 from prover.config import get_settings
 from prover.offline import BundleOutcome, check_bundle, check_on_chain
 from prover.proof_bundle import ProofBundle
-from refute import cli as base
+from refute import console
 from refute.errors import BundleError, RefuteError
-from refute.manifest import Manifest, canonical_json
-from refute.provider import PreparedModel, prepare_model, random_inputs, read_inputs_json
+from refute.manifest import canonical_json
+from refute.provider import (
+    prepare_for_manifest,
+    prepare_model,
+    random_inputs,
+    read_inputs_json,
+)
 from refute.trace import Trace
-
-
-def prepare_for(model: Path, manifest: Manifest) -> PreparedModel:
-    """Prepare ``model`` exactly as ``manifest`` describes it (pins, cuts), and check it."""
-    pins = manifest.pins
-    prepared = prepare_model(
-        model, dims=pins.get("dims"), shapes=pins.get("shapes"), cuts=manifest.cuts,
-        scale=manifest.scale,
-    )
-    manifest.check_segmentation(prepared.segmentation)
-    return dataclasses.replace(prepared, manifest=manifest)
 
 
 def calibrate(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     output: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write.")],
-    dim: base.DimOpt = [],  # noqa: B006
-    shape: base.ShapeOpt = [],  # noqa: B006
-    cuts: base.CutsOpt = None,
-    max_segments: base.MaxSegOpt = None,
+    dim: console.DimOpt = [],  # noqa: B006
+    shape: console.ShapeOpt = [],  # noqa: B006
+    cuts: console.CutsOpt = None,
+    max_segments: console.MaxSegOpt = None,
     inputs: Annotated[
         list[Path], typer.Option("--input", help="Calibration input (input.json); repeat.")
     ] = [],  # noqa: B006
@@ -46,10 +39,10 @@ def calibrate(
 ) -> None:
     """Calibrate MODEL: range R, circuit settings and τ per segment; write the manifest."""
     try:
-        with base._progress() as report:
+        with console.progress() as report:
             prepared = prepare_model(
-                model, dims=base._parse_dims(dim), shapes=base._parse_shapes(shape),
-                cuts=base._parse_cuts(cuts), max_segments=max_segments, scale=scale,
+                model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
+                cuts=console.parse_cuts(cuts), max_segments=max_segments, scale=scale,
                 progress=report,
             )
             data = [read_inputs_json(p, prepared.loaded) for p in inputs]
@@ -59,12 +52,12 @@ def calibrate(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_bytes(canonical_json(manifest.to_json()))
     except RefuteError as exc:
-        raise base._fail(exc) from exc
+        raise console.fail(exc) from exc
     for seg in result.segments:
         status = f"τ={seg.tolerance}" if seg.reason is None else f"UNPROVABLE: {seg.reason}"
-        base.out.print(f"step {seg.index:<3} {status}", highlight=False)
-    base.out.print(f"range R={result.range}  scale={result.scale}", highlight=False)
-    base.out.print(f"manifest {output}  ({manifest.sha256})", highlight=False)
+        console.out.print(f"step {seg.index:<3} {status}", highlight=False)
+    console.out.print(f"range R={result.range}  scale={result.scale}", highlight=False)
+    console.out.print(f"manifest {output}  ({manifest.sha256})", highlight=False)
 
 def prove(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
@@ -81,11 +74,11 @@ def prove(
     settings = get_settings()
     prover = settings.prover()
     try:
-        with base._progress() as report:
+        with console.progress() as report:
             report("verify", 0, 1)
             result = Trace.read(trace)
             report("verify", 1, 1)
-            prepared = prepare_for(model, result.manifest)
+            prepared = prepare_for_manifest(model, result.manifest)
             stages = ["compile", "setup", "prove"]
 
             def stage(name: str) -> None:
@@ -110,9 +103,9 @@ def prove(
             bundle.write(target)
             outcome = check_bundle(bundle, settings.srs_store())
     except RefuteError as exc:
-        raise base._fail(exc) from exc
+        raise console.fail(exc) from exc
     _report(outcome)
-    base.out.print(f"proof    {target}", highlight=False)
+    console.out.print(f"proof    {target}", highlight=False)
 
 def verify(
     proof: Annotated[Path, typer.Argument(help="Proof bundle (.rproof).")],
@@ -126,11 +119,11 @@ def verify(
         outcome = check_bundle(bundle, settings.srs_store())
         _report(outcome)
         if chain:
-            with base._progress() as report:
+            with console.progress() as report:
                 report("chain", 0, 1)
                 onchain = check_on_chain(bundle, settings.srs_store())
                 report("chain", 1, 1)
-            base.out.print(
+            console.out.print(
                 f"on chain eth_call={'valid' if onchain.call_ok else 'INVALID'}  "
                 f"tx={'ok' if onchain.tx_ok else 'REVERTED'}  gas={onchain.gas_used:,}  "
                 f"verifier={onchain.deployed_size:,} bytes", highlight=False,
@@ -138,7 +131,7 @@ def verify(
             if not (onchain.call_ok and onchain.tx_ok):
                 raise typer.Exit(code=1)
     except RefuteError as exc:
-        raise base._fail(exc) from exc
+        raise console.fail(exc) from exc
 
 
 def register(app: typer.Typer) -> None:
@@ -150,12 +143,12 @@ def register(app: typer.Typer) -> None:
 def _report(outcome: BundleOutcome) -> None:
     what = "maxdiff" if outcome.kind == "step" else "max|v|"
     limit = "τ" if outcome.kind == "step" else "R·2^s"
-    base.out.print(
+    console.out.print(
         f"{outcome.kind} {outcome.index}: proof valid, bound to the commitment; "
         f"{what}={float(outcome.value_units):.4g} units, {limit}={float(outcome.threshold):.4g}",
         highlight=False,
     )
-    base.out.print(f"verdict  {outcome.verdict.value}", highlight=False)
+    console.out.print(f"verdict  {outcome.verdict.value}", highlight=False)
     if outcome.unsafe_srs:
-        base.out.print("warning  verified with an UNSAFE development SRS (not for production)",
+        console.out.print("warning  verified with an UNSAFE development SRS (not for production)",
                        highlight=False)

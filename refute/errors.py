@@ -108,3 +108,15 @@ class BundleError(RefuteError):
     """A trace bundle or manifest is malformed or inconsistent with its own commitment."""
 
     code = "bundle_error"
+
+
+class Conflict(InputError):
+    """The request contradicts an existing object (a replayed nonce, a lost race on a write)."""
+
+    code = "conflict"
+
+
+class NotFound(RefuteError):
+    """The object does not exist (or belongs to another network)."""
+
+    code = "not_found"

@@ -13,6 +13,7 @@ front ends (the CLI, later the API) can show where long work stands.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,17 @@ def prepare_model(
     manifest = Manifest.build(segmentation, scale=scale, pins=pins)
     return PreparedModel(loaded, segmentation, manifest)
 
+
+
+def prepare_for_manifest(source: bytes | str | os.PathLike[str],
+                         manifest: Manifest) -> PreparedModel:
+    """Prepare ``source`` exactly as ``manifest`` describes it (pins, cuts, scale), check the
+    segmentation against it, and carry the manifest."""
+    pins = manifest.pins
+    prepared = prepare_model(source, dims=pins.get("dims"), shapes=pins.get("shapes"),
+                             cuts=manifest.cuts, scale=manifest.scale)
+    manifest.check_segmentation(prepared.segmentation)
+    return dataclasses.replace(prepared, manifest=manifest)
 
 def run_trace(
     prepared: PreparedModel,

@@ -56,6 +56,7 @@ import numpy as np
 from eth_account import Account
 from sqlalchemy import Engine, create_engine, func, select
 
+from challenge.records import DeadLetter, Dispute, Result, SpotCheck, TaskDelivery
 from refute import zoo
 from refute.disclosure import write_states
 from refute.errors import RefuteError
@@ -64,7 +65,6 @@ from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, run_trace
 from refute.trace import Trace
 from verifier.client import TERMINAL, ApiError, RefuteClient, ResultView, sign_result
-from verifier.models import DeadLetter, Dispute, Result, SpotCheck, TaskDelivery
 from verifier.spotcheck import Finding, check_segment, sample_segments
 from verifier.stack import LocalStack
 from verifier.webhooks import verify_signature

@@ -8,12 +8,12 @@ from typing import Any
 
 from eth_account import Account
 
+from challenge.messages import Domain, network_word, sign_typed
+from challenge.messages import Result as SignedResult
 from refute import zoo
 from refute.manifest import Manifest
 from refute.provider import prepare_model, run_trace
 from refute.trace import Trace
-from verifier.auth import Domain, network_word, sign_typed
-from verifier.auth import Result as SignedResult
 
 PROVIDER = Account.from_key(b"\x01" * 32)
 

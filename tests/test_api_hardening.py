@@ -27,6 +27,9 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto
 from sqlalchemy import select as sql_select
 
+from challenge.messages import AuthError, Domain, verify_signed
+from challenge.messages import Result as SignedResult
+from challenge.records import Network, RegisteredModel, Result, ResultStatus
 from refute.errors import BundleError
 from refute.loading import TensorSpec
 from refute.manifest import Manifest, SegmentEntry, canonical_json
@@ -35,11 +38,8 @@ from refute.trace import Trace
 from tests.api_server import Server, start_server
 from verifier.accounts import create_network
 from verifier.api.app import MAX_SMALL_BODY_BYTES, create_app
-from verifier.auth import AuthError, Domain, verify_signed
-from verifier.auth import Result as SignedResult
 from verifier.blobs import LocalBlobStore
 from verifier.db import make_engine, migrate, session_factory
-from verifier.models import Network, RegisteredModel, Result, ResultStatus
 from verifier.results import attach_trace
 from verifier.service import ServiceContext
 from verifier.settings import ServiceSettings

@@ -16,8 +16,7 @@ from eth_utils.crypto import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refute.errors import RefuteError
-from verifier.auth import (
+from challenge.messages import (
     MAX_DEADLINE_AHEAD,
     SECP256K1_N,
     ZERO_ADDRESS,
@@ -27,16 +26,14 @@ from verifier.auth import (
     Move,
     Result,
     SignedObject,
-    api_key_matches,
-    hash_api_key,
-    is_api_key,
     network_word,
-    new_api_key,
     recover_signer,
     sign_typed,
     typed_data_hash,
     verify_signed,
 )
+from refute.errors import RefuteError
+from verifier.auth import api_key_matches, hash_api_key, is_api_key, new_api_key
 
 NOW = 1_760_000_000
 CONTRACT = "0x5FbDB2315678afecb367f032d93F642f64180aa3"

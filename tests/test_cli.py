@@ -17,7 +17,7 @@ SHARED = {m.name: m for m in shared_models()}
 
 def _refute(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "refute", *map(str, args)],
+        [sys.executable, "-m", "verifier", *map(str, args)],
         capture_output=True, text=True, timeout=300, check=False,
     )
 

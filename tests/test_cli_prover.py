@@ -18,7 +18,7 @@ MODEL = next(m for m in shared_models() if m.name == "1l_mlp")
 
 def _refute(home: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "REFUTE_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "refute", *map(str, args)], env=env,
+    return subprocess.run([sys.executable, "-m", "verifier", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=900, check=False)
 
 

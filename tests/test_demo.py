@@ -21,7 +21,7 @@ def _our_processes() -> set[int]:
 
 def test_demo(tmp_path: Path) -> None:
     before = _our_processes()
-    done = subprocess.run([sys.executable, "-m", "refute", "demo", "--workdir", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "verifier", "demo", "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "refute demo: summary" in done.stdout and "FINALIZED" in done.stdout
@@ -31,7 +31,7 @@ def test_demo(tmp_path: Path) -> None:
     assert len(bundles) == 2
     key = re.search(r"refute replay <bundle> --key (0x[0-9a-f]+)", done.stdout)
     assert key is not None, done.stdout[-2000:]
-    replay = subprocess.run([sys.executable, "-m", "refute", "replay", str(bundles[0]),
+    replay = subprocess.run([sys.executable, "-m", "verifier", "replay", str(bundles[0]),
                              "--key", key.group(1)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert replay.returncode == 0 and "FAIL" not in replay.stdout

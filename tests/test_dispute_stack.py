@@ -30,6 +30,7 @@ from challenge.game import Actor, Answer, Choice
 from challenge.ledger import available_account
 from challenge.onchain import verify_outcome_on_chain
 from challenge.orchestrator import load_ledger, load_transcript, move
+from challenge.records import Dispute, TaskDelivery
 from challenge.whistleblower import Whistleblower
 from prover import config as prover_config
 from refute import zoo
@@ -37,7 +38,6 @@ from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, run_trace
 from refute.trace import Trace
 from verifier.client import RefuteClient, sign_result
-from verifier.models import Dispute, TaskDelivery
 from verifier.service import ServiceContext
 from verifier.settings import ServiceSettings
 from verifier.stack import LocalStack

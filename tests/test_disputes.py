@@ -19,6 +19,7 @@ from sqlalchemy import select
 from challenge import orchestrator
 from challenge.game import Actor, Answer, Choice, RequestReveal, TimeControl
 from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
+from challenge.records import Dispute, Network, Result, ResultStatus
 from challenge.replay import archive_bytes, replay
 from challenge.whistleblower import Whistleblower
 from prover import config as prover_config
@@ -28,7 +29,6 @@ from refute.trace import Trace
 from tests.dispute_world import World, add_result, make_world
 from verifier.accounts import add_api_key
 from verifier.api.app import create_app
-from verifier.models import Dispute, Network, Result, ResultStatus
 from verifier.service import ServiceContext
 
 pytestmark = [pytest.mark.slow, pytest.mark.ezkl]

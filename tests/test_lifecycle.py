@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from challenge.orchestrator import tick_due
+from challenge.records import Dispute, Result, SpotCheck, WebhookDelivery
 from prover.calibration import calibrate_model
 from refute import zoo
 from refute.disclosure import write_states
@@ -31,7 +32,6 @@ from tests.signing import signed_result
 from verifier.api.app import create_app
 from verifier.db import migrate
 from verifier.lifecycle import sweep
-from verifier.models import Dispute, Result, SpotCheck, WebhookDelivery
 from verifier.registry import store_model
 from verifier.service import ServiceContext, finalize_due, run_spotcheck
 from verifier.settings import ServiceSettings

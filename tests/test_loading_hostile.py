@@ -734,7 +734,7 @@ def test_cli_pins_a_shapeless_input_and_refuses_in_one_line(tmp_path: Path) -> N
     pin and a broken model are one-line errors."""
     from typer.testing import CliRunner
 
-    from refute.cli import app
+    from verifier.main import app
 
     model = tmp_path / "shapeless.onnx"
     model.write_bytes(shapeless_input())

@@ -10,10 +10,7 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 
-from tests.servers import postgres_server
-from verifier.blobs import BlobError, LocalBlobStore, MemoryBlobStore, blob_key
-from verifier.db import make_engine, migrate, session_factory
-from verifier.models import (
+from challenge.records import (
     Base,
     CheckOutcome,
     Network,
@@ -22,6 +19,9 @@ from verifier.models import (
     ResultStatus,
     SpotCheck,
 )
+from tests.servers import postgres_server
+from verifier.blobs import BlobError, LocalBlobStore, MemoryBlobStore, blob_key
+from verifier.db import make_engine, migrate, session_factory
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

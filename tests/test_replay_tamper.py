@@ -209,7 +209,7 @@ def test_seeded_tamperings_are_failed_checks_with_a_place(bundles: Bundles,
 @pytest.mark.ezkl
 def test_the_cli_exits_1_with_a_readable_message(bundles: Bundles, tmp_path: Path) -> None:
     def cli(path: Path, *keys: str) -> subprocess.CompletedProcess[str]:
-        args = [sys.executable, "-m", "refute", "replay", str(path)]
+        args = [sys.executable, "-m", "verifier", "replay", str(path)]
         for key in keys:
             args += ["--key", key]
         return subprocess.run(args, capture_output=True, text=True, timeout=300, check=False,

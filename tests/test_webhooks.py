@@ -18,17 +18,13 @@ import pytest
 from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from challenge.outbox import EVENTS, WebhookError, _insert_once, canonical_json, enqueue
+from challenge.records import Network, WebhookDelivery, WebhookEndpoint
 from tests.servers import free_port, postgres_server
 from verifier.db import make_engine, migrate, session_factory
-from verifier.models import Network, WebhookDelivery, WebhookEndpoint
 from verifier.webhooks import (
-    EVENTS,
-    WebhookError,
-    _insert_once,
     backoff,
-    canonical_json,
     deliver_due,
-    enqueue,
     list_deliveries,
     register_endpoint,
     sign,

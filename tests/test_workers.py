@@ -22,13 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from prover.calibration import calibrate_model
-from refute import zoo
-from refute.provider import prepare_model, random_inputs, run_trace
-from refute.trace import Trace
-from tests.servers import RedisServer, redis_server
-from verifier.db import migrate
-from verifier.models import (
+from challenge.records import (
     Challenge,
     DeadLetter,
     Network,
@@ -37,6 +31,12 @@ from verifier.models import (
     ResultStatus,
     SpotCheck,
 )
+from prover.calibration import calibrate_model
+from refute import zoo
+from refute.provider import prepare_model, random_inputs, run_trace
+from refute.trace import Trace
+from tests.servers import RedisServer, redis_server
+from verifier.db import migrate
 from verifier.service import ServiceContext, new_id, utcnow
 from verifier.settings import ServiceSettings
 from verifier.worker import make_celery
@@ -74,7 +74,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 def _start_worker(stack: Stack, queues: str, *, beat: bool = False) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "refute", "worker", "--queues", queues, "--loglevel",
+    args = [sys.executable, "-m", "verifier", "worker", "--queues", queues, "--loglevel",
             "WARNING"]
     if beat:
         args.append("--beat")

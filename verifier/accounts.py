@@ -7,8 +7,9 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from verifier.auth import AuthError, api_key_matches, hash_api_key, is_api_key, new_api_key
-from verifier.models import ApiKey, Network
+from challenge.messages import AuthError
+from challenge.records import ApiKey, Network
+from verifier.auth import api_key_matches, hash_api_key, is_api_key, new_api_key
 from verifier.service import new_id
 
 

@@ -1,4 +1,4 @@
-"""``refute worker`` and ``refute db upgrade``: the service's command line."""
+"""The service's commands: ``refute demo``, ``stack``, ``serve``, ``worker``, ``db upgrade``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from refute import cli as base
+from refute import console
 from refute.errors import RefuteError
 
 db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
@@ -24,8 +24,8 @@ def db_upgrade() -> None:
         url = get_settings().database_url
         migrate(url)
     except RefuteError as exc:
-        raise base._fail(exc) from exc
-    base.out.print(f"database at {url.split('@')[-1]} is up to date", highlight=False)
+        raise console.fail(exc) from exc
+    console.out.print(f"database at {url.split('@')[-1]} is up to date", highlight=False)
 
 
 def worker(
@@ -42,7 +42,7 @@ def worker(
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(wanted) - set(QUEUES))
     if unknown or not wanted:
-        raise base._fail(RefuteError(f"unknown queues {unknown}; choose from {list(QUEUES)}"))
+        raise console.fail(RefuteError(f"unknown queues {unknown}; choose from {list(QUEUES)}"))
     argv = ["worker", "-Q", ",".join(wanted), "-c", str(concurrency), "-l", loglevel,
             "--without-gossip", "--without-mingle", "-n", f"refute-{'-'.join(wanted)}@%h"]
     if beat:
@@ -74,7 +74,7 @@ def serve(
             migrate(settings.database_url)
         api = create_app(ServiceContext.create(settings), admin_token=admin_token)
     except RefuteError as exc:
-        raise base._fail(exc) from exc
+        raise console.fail(exc) from exc
     uvicorn.run(api, host=host, port=port, log_level="warning")
 
 
@@ -87,21 +87,38 @@ def stack(
 
     try:
         with LocalStack(workdir) as running:
-            base.out.print(f"API      {running.api_url}  (admin token {running.admin_token})",
+            console.out.print(f"API      {running.api_url}  (admin token {running.admin_token})",
                            highlight=False)
-            base.out.print(f"redis    127.0.0.1:{running.redis_port}", highlight=False)
-            base.out.print(f"logs     {running.workdir}/*.log   — Ctrl-C stops everything",
+            console.out.print(f"redis    127.0.0.1:{running.redis_port}", highlight=False)
+            console.out.print(f"logs     {running.workdir}/*.log   — Ctrl-C stops everything",
                            highlight=False)
             while True:
                 time.sleep(1)
     except KeyboardInterrupt:
-        base.out.print("stopped", highlight=False)
+        console.out.print("stopped", highlight=False)
     except RefuteError as exc:
-        raise base._fail(exc) from exc
+        raise console.fail(exc) from exc
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the stack, traces and bundles.")]
+    = Path("out/demo"),
+) -> None:
+    """Run a real end-to-end dispute demo (starts and stops its own local stack)."""
+    from verifier.demo import run_demo
+
+    try:
+        ok = run_demo(workdir, console.out)
+    except RefuteError as exc:
+        raise console.fail(exc) from exc
+    if not ok:
+        console.err.print("[red]error:[/red] the demo did not reach the expected verdicts")
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
     """Add the service's commands to the ``refute`` app."""
+    app.command()(demo)
     app.command()(stack)
     app.command()(serve)
     app.command()(worker)

@@ -23,10 +23,10 @@ from typing import Any
 
 import httpx
 
+from challenge.messages import Domain, network_word, sign_typed
+from challenge.messages import Result as SignedResult
 from refute.errors import RefuteError
 from refute.trace import Trace
-from verifier.auth import Domain, network_word, sign_typed
-from verifier.auth import Result as SignedResult
 
 TERMINAL = frozenset({"FINALIZED", "PROVIDER_FAULT"})
 

@@ -24,11 +24,7 @@ from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from challenge.orchestrator import SERVICE, open_dispute
-from refute.disclosure import read_states
-from refute.errors import BundleError, RefuteError
-from refute.manifest import Manifest
-from verifier.blobs import BlobStore
-from verifier.models import (
+from challenge.records import (
     Challenge,
     DisclosedState,
     Dispute,
@@ -36,6 +32,10 @@ from verifier.models import (
     Result,
     ResultStatus,
 )
+from refute.disclosure import read_states
+from refute.errors import BundleError, RefuteError
+from refute.manifest import Manifest
+from verifier.blobs import BlobStore
 from verifier.results import needed_states
 from verifier.service import ServiceContext, owed_segments
 

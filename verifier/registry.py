@@ -42,9 +42,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from challenge.records import RegisteredModel
 from refute.errors import InputError, ModelRejected, RefuteError
 from verifier.blobs import BlobStore
-from verifier.models import RegisteredModel
 from verifier.service import new_id
 from verifier.settings import ServiceSettings
 

@@ -7,24 +7,18 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from refute.errors import BundleError, InputError
+from challenge.messages import AuthError, Domain, network_word, typed_data_hash, verify_signed
+from challenge.messages import Result as SignedResult
+from challenge.outbox import enqueue
+from challenge.records import Network, RegisteredModel, Result, ResultStatus
+from refute.errors import BundleError, Conflict, InputError, NotFound
 from refute.manifest import Manifest
 from refute.merkle import merkle_root
 from refute.trace import Trace
 from verifier.api.schemas import ResultSubmit
-from verifier.auth import AuthError, Domain, network_word, typed_data_hash, verify_signed
-from verifier.auth import Result as SignedResult
 from verifier.blobs import BlobStore
-from verifier.models import Network, RegisteredModel, Result, ResultStatus
-from verifier.service import NotFound, new_id
+from verifier.service import new_id
 from verifier.spotcheck import sample_segments
-from verifier.webhooks import enqueue
-
-
-class Conflict(InputError):
-    """The request contradicts an existing object (a replayed nonce)."""
-
-    code = "conflict"
 
 
 def _word(hex_text: str) -> bytes:

@@ -20,15 +20,8 @@ from sqlalchemy import CursorResult, Engine, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from refute.disclosure import read_states
-from refute.errors import RefuteError
-from refute.executor import DeterministicExecutor
-from refute.manifest import Manifest
-from refute.provider import PreparedModel, prepare_model
-from refute.trace import Trace
-from verifier.blobs import BlobStore, LocalBlobStore
-from verifier.db import make_engine, session_factory
-from verifier.models import (
+from challenge.outbox import enqueue
+from challenge.records import (
     Challenge,
     CheckOutcome,
     DisclosedState,
@@ -38,17 +31,19 @@ from verifier.models import (
     ResultStatus,
     SpotCheck,
 )
+from refute.disclosure import read_states
+from refute.errors import NotFound
+from refute.executor import DeterministicExecutor
+from refute.manifest import Manifest
+from refute.provider import PreparedModel, prepare_model
+from refute.trace import Trace
+from verifier.blobs import BlobStore, LocalBlobStore
+from verifier.db import make_engine, session_factory
 from verifier.settings import ServiceSettings
 from verifier.spotcheck import Finding, SegmentCheck, check_states
-from verifier.webhooks import enqueue
 
 SERVICE_CHALLENGER = "service"
 
-
-class NotFound(RefuteError):
-    """The object does not exist (or belongs to another network)."""
-
-    code = "not_found"
 
 
 @dataclass

@@ -96,7 +96,7 @@ class LocalStack:
         environment on top of the stack's (kept for :meth:`restart`)."""
         if name in self.names():
             raise StackError(f"a process called {name!r} is already running")
-        args = [sys.executable, "-m", "refute", "worker", "--queues", queues,
+        args = [sys.executable, "-m", "verifier", "worker", "--queues", queues,
                 "--concurrency", str(concurrency), "--loglevel", "WARNING"]
         if beat:
             args.append("--beat")
@@ -164,7 +164,7 @@ class LocalStack:
                                   "--dir", str(self.workdir), "--appendonly", "yes",
                                   "--appendfsync", "everysec", "--save", ""])
             migrate(self.env["REFUTE_DATABASE_URL"])
-            refute = [sys.executable, "-m", "refute"]
+            refute = [sys.executable, "-m", "verifier"]
             self._spawn("api", [*refute, "serve", "--port", str(self.api_port)])
             self._spawn("worker-spotcheck", [*refute, "worker", "--queues", "spotcheck",
                                              "--loglevel", "WARNING"])

@@ -2,7 +2,7 @@
 
 Events (``result.finalized``, ``result.disputed``, ``dispute.verdict``,
 ``dispute.disclosure_requested``) are written as
-:class:`~verifier.models.WebhookDelivery` rows by :func:`enqueue` *in the caller's transaction*:
+:class:`~challenge.records.WebhookDelivery` rows by :func:`enqueue` *in the caller's transaction*:
 the row commits (or rolls back) together with the state change that caused it (the outbox
 pattern), so an event is never announced for a change that did not happen and never lost for one
 that did. :func:`deliver_due` later POSTs the due rows, one transaction per delivery, and retries
@@ -50,7 +50,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import json
 import secrets
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -60,25 +59,20 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from sqlalchemy import CursorResult, Table, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from refute.errors import RefuteError
-from verifier.models import Network, WebhookDelivery, WebhookEndpoint
-
-#: Every event a network can subscribe to.
-EVENTS: frozenset[str] = frozenset({"result.finalized", "result.disputed", "dispute.verdict",
-                                    "dispute.disclosure_requested",
-                                    "spotcheck.disclosure_requested"})
-
-#: Delivery states.
-PENDING = "PENDING"
-DELIVERED = "DELIVERED"
-FAILED = "FAILED"
-STATUSES: frozenset[str] = frozenset({PENDING, DELIVERED, FAILED})
+from challenge.outbox import (
+    DELIVERED,
+    EVENTS,
+    FAILED,
+    PENDING,
+    STATUSES,
+    WebhookError,
+    canonical_json,
+    utc,
+)
+from challenge.records import Network, WebhookDelivery, WebhookEndpoint
 
 #: Request headers (see the module docstring).
 HEADER_EVENT = "X-Refute-Event"
@@ -92,29 +86,15 @@ BACKOFF_CAP_S = 3600
 JITTER_FRACTION = 0.25
 
 MAX_URL_LENGTH = 2000
-MAX_EVENT_ID_LENGTH = 80
 MAX_ERROR_LENGTH = 500
 USER_AGENT = "refute-webhooks/1"
-
-
-class WebhookError(RefuteError):
-    """A webhook request is invalid (bad URL, unknown event, unknown network, bad payload)."""
-
-    code = "webhook_error"
 
 
 # --- time ------------------------------------------------------------------------------------
 
 
-def _utc(moment: datetime) -> datetime:
-    """``moment`` as an aware UTC datetime (naive values, as SQLite returns them, are UTC)."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
-
-
 def _unix(moment: datetime) -> int:
-    return int(_utc(moment).timestamp())
+    return int(utc(moment).timestamp())
 
 
 # --- endpoints -------------------------------------------------------------------------------
@@ -303,7 +283,7 @@ def register_endpoint(
         url=checked_url,
         secret=secret,
         events=chosen,
-        created_at=_utc(now) if now is not None else datetime.now(UTC),
+        created_at=utc(now) if now is not None else datetime.now(UTC),
     )
     session.add(endpoint)
     session.flush()
@@ -311,16 +291,6 @@ def register_endpoint(
 
 
 # --- payloads and signatures -----------------------------------------------------------------
-
-
-def canonical_json(payload: Mapping[str, object]) -> bytes:
-    """The exact bytes POSTed for ``payload``: UTF-8 JSON, sorted keys, no whitespace."""
-    try:
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise WebhookError(f"webhook payload is not JSON-serializable: {exc}") from exc
-    return text.encode("utf-8")
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -370,78 +340,6 @@ def verify_signature(secret: str, headers: Mapping[str, str], body: bytes, now: 
 
 
 # --- the outbox ------------------------------------------------------------------------------
-
-
-def enqueue(  # noqa: PLR0917 - the outbox call mirrors the event's fields, positionally
-    session: Session, network_id: str, event: str, event_id: str,
-    payload: Mapping[str, object], now: datetime,
-) -> int:
-    """Add one PENDING delivery per endpoint of ``network_id`` subscribed to ``event``.
-
-    Runs in the caller's transaction (nothing is committed here), so the deliveries are written
-    atomically with the state change they announce. Idempotent: an (endpoint, ``event_id``) pair
-    that already has a delivery is skipped. It is checked first (so a repeated event takes no
-    write lock), and the insert itself cannot duplicate: ``INSERT … ON CONFLICT DO NOTHING`` on
-    the unique constraint (SQLite and PostgreSQL), so a concurrent transaction enqueuing the same
-    event leaves one row and neither transaction fails. Returns how many rows were added.
-    """
-    if event not in EVENTS:
-        raise WebhookError(f"unknown webhook event {event!r} (choose from {sorted(EVENTS)})")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH:
-        raise WebhookError(f"webhook event id must be 1..{MAX_EVENT_ID_LENGTH} characters")
-    # Store exactly what will be sent (a JSON round trip normalises tuples, key types, ...).
-    stored = cast("dict[str, object]", json.loads(canonical_json(payload)))
-    moment = _utc(now)
-    dialect = session.get_bind().dialect.name
-    endpoints = session.scalars(
-        select(WebhookEndpoint).where(WebhookEndpoint.network_id == network_id)
-        .order_by(WebhookEndpoint.id)
-    ).all()
-    added = 0
-    for endpoint in endpoints:
-        if event not in endpoint.events:
-            continue
-        exists = session.scalar(
-            select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == endpoint.id,
-                                             WebhookDelivery.event_id == event_id))
-        if exists is not None:
-            continue
-        row = {"endpoint_id": endpoint.id, "event_id": event_id, "event": event,
-               "payload": stored, "status": PENDING, "attempts": 0,
-               "next_attempt_at": moment, "last_error": None, "delivered_at": None}
-        if _insert_once(session, dialect, row):
-            added += 1
-    return added
-
-
-def _insert_once(session: Session, dialect: str, row: dict[str, Any]) -> bool:
-    """Insert one delivery unless its (endpoint, event id) exists; whether it was inserted.
-
-    SQLite and PostgreSQL use ``ON CONFLICT DO NOTHING``. Any other database gets a SAVEPOINT
-    around the insert and the unique violation is swallowed. (The savepoint is not used on
-    SQLite: with the stdlib driver a SAVEPOINT that opens the transaction commits it when
-    released, which would break the outbox's atomicity.)
-    """
-    # Plain Core on the session's connection (same transaction). Whether a row was inserted is
-    # read from an explicit RETURNING where the database has it: with the implicit RETURNING
-    # SQLAlchemy adds for the primary key, psycopg reports rowcount -1 either way.
-    table = cast("Table", WebhookDelivery.__table__)
-    connection = session.connection()
-    conflict = ["endpoint_id", "event_id"]
-    if dialect in {"sqlite", "postgresql"}:
-        statement = (sqlite_insert(table) if dialect == "sqlite" else pg_insert(table))
-        statement = statement.values(**row).on_conflict_do_nothing(index_elements=conflict)
-        if connection.dialect.insert_returning:
-            return connection.execute(statement.returning(table.c.id)).first() is not None
-        return cast("CursorResult[Any]", connection.execute(statement)).rowcount == 1
-    try:
-        with session.begin_nested():
-            # Ask the session again: the SAVEPOINT is emitted when the nested transaction
-            # first hands out its connection (using ``connection`` here would skip it).
-            session.connection().execute(insert(table).values(**row))
-    except IntegrityError:
-        return False  # a concurrent transaction enqueued the same event first
-    return True
 
 
 def backoff(attempts: int, delivery_id: int) -> timedelta:
@@ -578,7 +476,7 @@ def deliver_due(sessions: sessionmaker[Session], now: datetime, *, client: httpx
         from verifier.settings import get_settings
 
         allow_private = get_settings().webhooks_allow_private
-    moment = _utc(now)
+    moment = utc(now)
     attempted = 0
     while attempted < batch:
         with sessions() as session:

@@ -18,8 +18,8 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.exc import IntegrityError
 
+from challenge.records import DeadLetter, TaskDelivery
 from refute.errors import RefuteError
-from verifier.models import DeadLetter, TaskDelivery
 from verifier.service import ServiceContext, finalize_due, run_spotcheck, utcnow
 from verifier.settings import ServiceSettings, get_settings
 

@@ -27,7 +27,10 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from refute.errors import BundleError, InputError, ModelRejected, RefuteError
+from challenge.messages import AuthError, Domain
+from challenge.outbox import WebhookError
+from challenge.records import Network, RegisteredModel, Result, SpotCheck
+from refute.errors import BundleError, Conflict, InputError, ModelRejected, NotFound, RefuteError
 from refute.manifest import Manifest
 from verifier.accounts import add_api_key, authenticate, create_network
 from verifier.api.middleware import BodyTooLarge, Guard, LargeBody, scope_route
@@ -46,21 +49,13 @@ from verifier.api.schemas import (
     WebhookCreate,
     WebhookCreated,
 )
-from verifier.auth import AuthError, Domain, is_api_key
+from verifier.auth import is_api_key
 from verifier.blobs import BlobError
 from verifier.lifecycle import attach_states, disclosure_needed
-from verifier.models import Network, RegisteredModel, Result, SpotCheck
 from verifier.registry import decode_model, register_in_subprocess, store_model
-from verifier.results import (
-    Conflict,
-    attach_trace,
-    list_results,
-    owned_model,
-    owned_result,
-    submit_result,
-)
-from verifier.service import NotFound, ServiceContext, owed_segments, utcnow
-from verifier.webhooks import WebhookError, list_deliveries, register_endpoint
+from verifier.results import attach_trace, list_results, owned_model, owned_result, submit_result
+from verifier.service import ServiceContext, owed_segments, utcnow
+from verifier.webhooks import list_deliveries, register_endpoint
 
 #: Largest body of the routes that take large ones (model registration, trace upload).
 MAX_BODY_BYTES = 64 * 2**20
@@ -416,7 +411,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
                             delivered_at=d.delivered_at)
                 for d in list_deliveries(s, net.id, status=status, limit=limit)]
 
-    from challenge.api import router as dispute_router
+    from verifier.api.disputes import router as dispute_router
 
     app.include_router(dispute_router(ctx, ERRORS, schedule_proof, schedule_watch))
     return app

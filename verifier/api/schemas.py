@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
-from verifier.auth import checksummed_address
-from verifier.webhooks import EVENTS
+from challenge.messages import checksummed_address
+from challenge.outbox import EVENTS
 
 HEX32 = r"^0x[0-9a-fA-F]{64}$"
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"

@@ -135,7 +135,7 @@ def _settle_row(ctx: ServiceContext, label: str, rid: str, *, workdir: Path,
     from sqlalchemy import select
 
     from challenge.orchestrator import export_dispute, service_signing_key
-    from verifier.models import Dispute
+    from challenge.records import Dispute
 
     with ctx.sessions() as session:
         dispute = session.scalars(select(Dispute).where(

@@ -16,6 +16,9 @@ from sqlalchemy.orm import Session
 
 from challenge.codec import state_from_json
 from challenge.game import Actor, Answer, Choice, Phase
+from challenge.messages import AuthError, Domain, network_word, typed_data_hash, verify_signed
+from challenge.messages import Challenge as SignedChallenge
+from challenge.messages import Move as SignedMove
 from challenge.orchestrator import (
     ProofScheduler,
     SignedClaim,
@@ -24,14 +27,12 @@ from challenge.orchestrator import (
     move,
     open_dispute,
 )
+from challenge.records import Dispute, Result, ResultStatus, SignedMessage
+from refute.errors import Conflict, NotFound
 from verifier.api.app import NetworkDep, SessionDep
 from verifier.api.schemas import HEX32, Address, DomainIn
-from verifier.auth import AuthError, Domain, network_word, typed_data_hash, verify_signed
-from verifier.auth import Challenge as SignedChallenge
-from verifier.auth import Move as SignedMove
-from verifier.models import Dispute, Result, ResultStatus, SignedMessage
-from verifier.results import Conflict, owned_result
-from verifier.service import NotFound, ServiceContext, utcnow
+from verifier.results import owned_result
+from verifier.service import ServiceContext, utcnow
 
 #: ``Move.kind`` values of the signed message.
 MOVE_AGREE = 1

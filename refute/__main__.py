@@ -1,5 +1,0 @@
-"""``python -m refute`` runs the command line."""
-
-from refute.cli import main
-
-main()

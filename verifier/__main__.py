@@ -1,0 +1,5 @@
+"""``python -m verifier`` runs the ``refute`` command line."""
+
+from verifier.main import main
+
+main()
