@@ -25,6 +25,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from challenge.books import load_ledger, save_ledger
 from challenge.codec import state_from_json, state_to_json
 from challenge.game import (
     Actor,
@@ -52,13 +53,11 @@ from challenge.game import (
     apply,
     timeout_at,
 )
-from challenge.ledger import Ledger
 from challenge.outbox import enqueue
 from challenge.records import (
     Challenge,
     DisclosedState,
     Dispute,
-    LedgerEntry,
     Network,
     RegisteredModel,
     Result,
@@ -96,21 +95,6 @@ class DisputeError(RefuteError):
 
 
 # --- persistence helpers ----------------------------------------------------------------------
-
-
-def load_ledger(session: Session) -> Ledger:
-    """The bonds ledger, replayed from its journal."""
-    rows = session.scalars(select(LedgerEntry).order_by(LedgerEntry.seq)).all()
-    return Ledger.from_json({"format": "refute-ledger/1", "entries": [r.entry for r in rows]})
-
-
-def save_ledger(session: Session, ledger: Ledger, known: int) -> None:
-    """Append the ledger's entries past the first ``known`` ones, once the books are checked
-    (a :class:`~challenge.ledger.LedgerError` aborts the caller's transaction: nothing moves)."""
-    ledger.check()
-    for entry in ledger.entries()[known:]:
-        data = entry.to_json()
-        session.add(LedgerEntry(seq=int(str(data["seq"])), entry=data))
 
 
 def load_transcript(session: Session, result_id: str) -> Transcript:
@@ -256,7 +240,7 @@ def open_dispute(
         state, effects = apply(None, Open(actor=Actor.CHALLENGER, at=now.timestamp(), n=n,
                                           lo=lo, hi=hi, clocks=clocks, disclosed=disclosed))
         dispute_id = new_id("dsp")
-        ledger = load_ledger(session)
+        ledger = load_ledger(session, result_id)
         known = len(ledger.entries())
         stake = int(result.stake)
         if stake > 0 and ledger.stake(result_id) is None:
@@ -264,7 +248,7 @@ def open_dispute(
             ledger.lock_stake(result_id, result.provider, stake)
         ledger.deposit(challenger, bond)
         ledger.post_bond(dispute_id, challenger, bond, result_id=result_id)
-        save_ledger(session, ledger, known)
+        save_ledger(session, result_id, ledger, known)
         transcript = load_transcript(session, result_id)
         _ensure_submission(session, transcript, result)
         record(session, transcript, result_id, kind="challenge", at=now.timestamp(), body={
@@ -336,7 +320,7 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
     result = session.get(Result, dispute.result_id, with_for_update=True)
     assert result is not None
     verdict = effect.verdict.value.upper()
-    ledger = load_ledger(session)
+    ledger = load_ledger(session, result.id)
     known = len(ledger.entries())
     ledger.settle(dispute.id, verdict, network_id=result.network_id,
                   challenger_share_bps=CHALLENGER_SHARE_BPS,
@@ -377,7 +361,7 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
             Dispute.id != dispute.id)).first()
         if still_open is None and not unsettled_fault:
             result.status = ResultStatus.ACCEPTED
-    save_ledger(session, ledger, known)
+    save_ledger(session, result.id, ledger, known)
     record(session, transcript, result.id, kind="verdict", at=now.timestamp(), body={
         "dispute_id": dispute.id, "verdict": verdict, "reason": effect.reason,
         "result_status": result.status.value})

@@ -29,7 +29,8 @@ from sqlalchemy import select
 from challenge.game import Actor, Answer, Choice
 from challenge.ledger import available_account
 from challenge.onchain import verify_outcome_on_chain
-from challenge.orchestrator import load_ledger, load_transcript, move
+from challenge.books import load_ledger
+from challenge.orchestrator import load_transcript, move
 from challenge.records import Dispute, TaskDelivery
 from challenge.whistleblower import Whistleblower
 from prover import config as prover_config

@@ -18,7 +18,8 @@ from sqlalchemy import select
 
 from challenge import orchestrator
 from challenge.game import Actor, Answer, Choice, RequestReveal, TimeControl
-from challenge.orchestrator import load_ledger, load_transcript, open_dispute, prove_pending
+from challenge.books import load_ledger
+from challenge.orchestrator import load_transcript, open_dispute, prove_pending
 from challenge.records import Dispute, Network, Result, ResultStatus
 from challenge.replay import archive_bytes, replay
 from challenge.whistleblower import Whistleblower
