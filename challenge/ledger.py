@@ -34,6 +34,15 @@ and changes nothing. Verdict rules (DESIGN.md, "Bonds"):
 
 The ledger is pure (no I/O, no clock) and not thread-safe: the service serializes calls and
 persists :meth:`Ledger.to_json` (or the entries one by one).
+
+Books per result. Every stake, bond and settlement belongs to exactly one result, so the service
+keeps one ledger per result (``Ledger(result_id=...)``, stored by :mod:`challenge.books`): its
+journal is numbered from 0, and it refuses stakes and bonds on any other result. A deposit names
+no result; it goes into the books of the result whose stake or bond it pays for, in the same
+transaction. Every invariant of :meth:`Ledger.check` holds per result (each entry balances, so
+each result's books sum to zero; the ``external:`` accounts, the only ones allowed to go
+negative, carry the deposits). A party's balance across results is the sum of its balances in
+each result's books (:func:`challenge.books.combined_balances`).
 """
 
 from __future__ import annotations
@@ -376,7 +385,9 @@ def _merge(*legs: tuple[str, int]) -> tuple[Posting, ...]:
 class Ledger:
     """An append-only double-entry journal of stakes and bonds, with derived balances."""
 
-    def __init__(self) -> None:
+    def __init__(self, result_id: str | None = None) -> None:
+        """An empty ledger; with ``result_id``, the books of that one result only."""
+        self._result_id = None if result_id is None else _ident(result_id, "result id")
         self._entries: list[JournalEntry] = []
         self._balances: dict[str, int] = {}
         self._stakes: dict[str, StakeRecord] = {}
@@ -384,6 +395,19 @@ class Ledger:
         self._disputes: dict[str, DisputeRecord] = {}
         self._bond_entries: dict[str, JournalEntry] = {}
         self._disputes_by_result: dict[str, list[str]] = {}
+
+    @property
+    def result_id(self) -> str | None:
+        """The result whose books these are, or None for books of any number of results."""
+        return self._result_id
+
+    def _own(self, result_id: str) -> None:
+        """Refuse a stake or bond on a result these books do not keep."""
+        if self._result_id is not None and result_id != self._result_id:
+            raise LedgerError(
+                f"these are the books of result {self._result_id}: result {result_id} keeps "
+                "its own"
+            )
 
     # -- appending ---------------------------------------------------------------------
 
@@ -449,6 +473,7 @@ class Ledger:
         nothing; a different call for a result already staked is refused.
         """
         account = stake_account(result_id, provider)
+        self._own(result_id)
         amount = _amount(amount, "stake")
         existing = self._stakes.get(result_id)
         if existing is not None:
@@ -483,6 +508,7 @@ class Ledger:
         """
         account = bond_account(dispute_id, challenger)
         _ident(result_id, "result id")
+        self._own(result_id)
         amount = _amount(amount, "bond")
         existing = self._disputes.get(dispute_id)
         if existing is not None:
@@ -722,7 +748,8 @@ class Ledger:
         ``derived balances`` (the cached balances equal the sums of the postings),
         ``total is zero`` (over all accounts), ``no negative balance`` (outside ``external:``),
         ``locked or zero`` (a stake or bond account holds its full amount while locked or
-        open, and zero once released, slashed, settled or closed; no other such account moves).
+        open, and zero once released, slashed, settled or closed; no other such account moves),
+        ``one result`` (the books of one result hold no stake or bond of another).
         """
         derived: dict[str, int] = {}
         for i, entry in enumerate(self._entries):
@@ -779,6 +806,16 @@ class Ledger:
                 raise LedgerError(
                     f"invariant 'locked or zero' broken: {account} holds {have}, expected {want}"
                 )
+        if self._result_id is not None:
+            # 'locked or zero' above: no stake or bond account moves without its record.
+            held = {s.result_id for s in self._stakes.values()}
+            held |= {d.result_id for d in self._disputes.values()}
+            others = sorted(held - {self._result_id})
+            if others:
+                raise LedgerError(
+                    f"invariant 'one result' broken: the books of result {self._result_id} "
+                    f"hold stakes or bonds of {others}"
+                )
 
     # -- snapshot and restore ----------------------------------------------------------
 
@@ -787,11 +824,12 @@ class Ledger:
         return {"format": LEDGER_FORMAT, "entries": [e.to_json() for e in self._entries]}
 
     @classmethod
-    def from_json(cls, data: object) -> Ledger:
+    def from_json(cls, data: object, *, result_id: str | None = None) -> Ledger:
         """Rebuild a ledger by replaying a journal through the same validation.
 
         Every entry must be exactly what its operation produces when replayed in order (same
         seq, postings, memo and parameters); the rebuilt ledger is then :meth:`check`-ed.
+        With ``result_id``, the journal is that result's books (see the module docstring).
         Raises LedgerError naming the first entry that does not replay.
         """
         obj = _object(data, "ledger", {"format", "entries"})
@@ -800,7 +838,7 @@ class Ledger:
         raw_entries = obj["entries"]
         if not isinstance(raw_entries, list):
             raise LedgerError("ledger entries must be a list")
-        ledger = cls()
+        ledger = cls(result_id)
         for i, raw in enumerate(raw_entries):
             try:
                 entry = JournalEntry.from_json(raw)
