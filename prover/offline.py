@@ -12,18 +12,26 @@ from prover.circuit import META, SETTINGS, VK, Circuit
 from prover.errors import ProofRejected
 from prover.proof_bundle import ProofBundle
 from prover.srs import SrsStore
-from prover.step import Verdict, maxdiff_units, verify_proof_file
+from prover.step import maxdiff_units, verify_proof_file
 from refute.commitment import state_leaf
+from refute.verdict import (
+    Verdict,
+    VerdictError,
+    range_bound_units,
+    range_verdict,
+    step_verdict,
+)
 
 
 @dataclass(frozen=True)
 class BundleOutcome:
-    """The result of checking a proof bundle."""
+    """The result of checking a proof bundle: the proven value and its threshold (τ, or R in
+    units), both in quantized units, and the verdict :mod:`refute.verdict` gives them."""
 
     kind: str
     index: int
     value_units: Fraction
-    threshold: Fraction
+    threshold: int
     verdict: Verdict
     unsafe_srs: bool
 
@@ -75,16 +83,21 @@ def check_bundle(bundle: ProofBundle, srs: SrsStore) -> BundleOutcome:
     leaves = bundle.commitment.leaves
     units = maxdiff_units(step.maxdiff_raw, output_scale=circuit.output_scale,
                           scale=manifest.scale)
+    i = step.segment
     if bundle.kind == "step":
-        i = step.segment
         if state_leaf(step.x_hashes) != leaves[i - 1] or state_leaf(step.y_hashes) != leaves[i]:
             raise ProofRejected(f"proof's hashes do not match leaves {i - 1} and {i}")
-        threshold = Fraction(manifest.tolerances[i - 1])
-    else:
-        if state_leaf(step.x_hashes + step.y_hashes) != leaves[step.segment]:
-            raise ProofRejected(f"range proof's hashes do not match leaf {step.segment}")
-        threshold = Fraction(manifest.range) * 2**manifest.scale
-    verdict = Verdict.PROVIDER_FAULT if units > threshold else Verdict.CHALLENGER_FAULT
+    elif state_leaf(step.x_hashes + step.y_hashes) != leaves[i]:
+        raise ProofRejected(f"range proof's hashes do not match leaf {i}")
+    try:
+        if bundle.kind == "step":
+            threshold = manifest.tolerances[i - 1]
+            verdict = step_verdict(units, threshold)
+        else:
+            threshold = range_bound_units(manifest.range, manifest.scale)
+            verdict = range_verdict(units, threshold)
+    except VerdictError as exc:
+        raise ProofRejected(f"the bundle's numbers: {exc.reason}") from exc
     return BundleOutcome(bundle.kind, step.segment, units, threshold, verdict, circuit.unsafe_srs)
 
 

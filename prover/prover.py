@@ -23,7 +23,6 @@ from prover.errors import CircuitUnsupported, ProofRejected
 from prover.step import (
     StepOutcome,
     StepProof,
-    Verdict,
     maxdiff_units,
     prove_step,
     verify_proof_file,
@@ -32,6 +31,7 @@ from prover.step import (
 from refute.commitment import TraceCommitment, state_leaf
 from refute.manifest import Manifest
 from refute.provider import PreparedModel
+from refute.verdict import Verdict, VerdictError, range_bound_units, range_verdict
 
 StageFn = Callable[[str], None]
 
@@ -54,11 +54,12 @@ def _entry(manifest: Manifest, kind: str, field: str, index: int) -> dict[str, A
 
 @dataclass(frozen=True)
 class RangeOutcome:
-    """A verified range proof: the state's max |v| in quantized units, and the verdict."""
+    """A verified range proof: the state's max |v| and R (``⌊R·2^s⌋``), in quantized units, and
+    the verdict of :func:`refute.verdict.range_verdict` (CHALLENGER_FAULT: in range)."""
 
     state: int
     maxabs_units: Fraction
-    bound_units: Fraction
+    bound_units: int
     verdict: Verdict
 
 
@@ -151,6 +152,9 @@ class Prover:
         assert manifest.range is not None
         units = maxdiff_units(proof.maxdiff_raw, output_scale=circuit.output_scale,
                               scale=manifest.scale)
-        bound = Fraction(manifest.range) * 2**manifest.scale
-        verdict = Verdict.PROVIDER_FAULT if units > bound else Verdict.CHALLENGER_FAULT
+        try:
+            bound = range_bound_units(manifest.range, manifest.scale)
+            verdict = range_verdict(units, bound)
+        except VerdictError as exc:
+            raise ProofRejected(f"range proof of state {k}: {exc.reason}") from exc
         return RangeOutcome(k, units, bound, verdict)

@@ -4,15 +4,16 @@ The proof of segment i's adjudication circuit on (state i-1, claimed state i) ha
 instances ``Poseidon(x_1) … Poseidon(x_m), Poseidon(y_1) … Poseidon(y_n), maxdiff``.
 :func:`verify_step` accepts a proof only if EZKL verifies it with the circuit's verifying key
 **and** the hash instances rebuild leaves i-1 and i of the provider's commitment; it then applies
-the verdict rule: ``maxdiff > τ_i`` → ``PROVIDER_FAULT``, else ``CHALLENGER_FAULT``.
+the verdict rule of :mod:`refute.verdict`: ``maxdiff > τ_i`` → ``PROVIDER_FAULT``, else
+``CHALLENGER_FAULT``.
 
 ``maxdiff`` is read exactly: the instance is an integer at the circuit's output scale o, so in
-quantized units of the model scale s it is ``raw · 2^s / 2^o`` (a fraction, compared exactly).
+quantized units of the model scale s it is ``raw · 2^s / 2^o`` (a fraction, compared exactly;
+:func:`refute.verdict.proven_units`).
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import tempfile
 from collections.abc import Sequence
@@ -28,25 +29,27 @@ from prover.circuit import Circuit, felt_to_int, witness
 from prover.errors import ProofRejected, ProverError
 from refute.commitment import state_leaf
 from refute.manifest import EZKL_VERSION
+from refute.verdict import Verdict, VerdictError, proven_units, step_verdict
 
-
-class Verdict(enum.StrEnum):
-    """Outcome of an adjudicated step."""
-
-    PROVIDER_FAULT = "PROVIDER_FAULT"
-    CHALLENGER_FAULT = "CHALLENGER_FAULT"
-
-
-def verdict_for(maxdiff_units: Fraction, tolerance: int) -> Verdict:
-    """The verdict rule: the provider is at fault iff maxdiff exceeds τ."""
-    return Verdict.PROVIDER_FAULT if maxdiff_units > tolerance else Verdict.CHALLENGER_FAULT
+__all__ = [
+    "StepOutcome",
+    "StepProof",
+    "Verdict",
+    "maxdiff_units",
+    "prove_step",
+    "split_instances",
+    "verify_proof_file",
+    "verify_step",
+]
 
 
 def maxdiff_units(raw: int, *, output_scale: int, scale: int) -> Fraction:
-    """A maxdiff instance at ``output_scale`` expressed in quantized units at ``scale``."""
-    if raw < 0:
-        raise ProofRejected("maxdiff instance is negative")
-    return Fraction(raw * 2**scale, 2**output_scale)
+    """A maxdiff instance at ``output_scale`` expressed in quantized units at ``scale``
+    (:func:`refute.verdict.proven_units`); a malformed one is a :class:`ProofRejected`."""
+    try:
+        return proven_units(raw, output_scale=output_scale, scale=scale)
+    except VerdictError as exc:
+        raise ProofRejected(f"maxdiff instance: {exc.reason}") from exc
 
 
 @dataclass(frozen=True)
@@ -166,4 +169,8 @@ def verify_step(
     if state_leaf(step.y_hashes) != leaf_claimed:
         raise ProofRejected(f"proof's claimed-state hashes do not match leaf {step.segment}")
     units = maxdiff_units(step.maxdiff_raw, output_scale=circuit.output_scale, scale=scale)
-    return StepOutcome(step.segment, units, tolerance, verdict_for(units, tolerance))
+    try:
+        verdict = step_verdict(units, tolerance)
+    except VerdictError as exc:
+        raise ProofRejected(f"step {step.segment}: {exc.reason}") from exc
+    return StepOutcome(step.segment, units, tolerance, verdict)
