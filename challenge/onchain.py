@@ -18,8 +18,8 @@ def verify_outcome_on_chain(outcome: dict[str, Any], folder: Path) -> TxResult:
     transaction, whose result (success, gas) is returned.
     """
     from prover.circuit import Circuit
-    from prover.config import get_settings
     from prover.evm import Anvil, compile_solidity, deploy, verify_transaction, write_verifier_sol
+    from refute.settings import get_settings
 
     folder.mkdir(parents=True, exist_ok=True)
     circuit = Circuit.load(get_settings().home / "circuits" / str(outcome["circuit"]))

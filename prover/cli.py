@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prover.calibration import calibrate_model
-from prover.config import get_settings
+from prover.config import make_prover, srs_store
 from prover.offline import BundleOutcome, check_bundle, check_on_chain
 from prover.proof_bundle import ProofBundle
 from refute import console
@@ -20,6 +20,7 @@ from refute.provider import (
     random_inputs,
     read_inputs_json,
 )
+from refute.settings import get_settings
 from refute.trace import Trace
 
 
@@ -72,7 +73,7 @@ def prove(
 ) -> None:
     """Prove step STEP of TRACE (state i-1 → claimed state i) and write the proof bundle."""
     settings = get_settings()
-    prover = settings.prover()
+    prover = make_prover(settings)
     try:
         with console.progress() as report:
             report("verify", 0, 1)
@@ -101,7 +102,7 @@ def prove(
             bundle = ProofBundle.of(kind, result.manifest, result.commitment, proof, circuit)
             target = output or trace.with_suffix(f".{kind}{step}.rproof")
             bundle.write(target)
-            outcome = check_bundle(bundle, settings.srs_store())
+            outcome = check_bundle(bundle, srs_store(settings))
     except RefuteError as exc:
         raise console.fail(exc) from exc
     _report(outcome)
@@ -116,12 +117,12 @@ def verify(
     settings = get_settings()
     try:
         bundle = ProofBundle.read(proof)
-        outcome = check_bundle(bundle, settings.srs_store())
+        outcome = check_bundle(bundle, srs_store(settings))
         _report(outcome)
         if chain:
             with console.progress() as report:
                 report("chain", 0, 1)
-                onchain = check_on_chain(bundle, settings.srs_store())
+                onchain = check_on_chain(bundle, srs_store(settings))
                 report("chain", 1, 1)
             console.out.print(
                 f"on chain eth_call={'valid' if onchain.call_ok else 'INVALID'}  "

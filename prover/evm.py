@@ -42,6 +42,7 @@ from web3.exceptions import ContractLogicError, Web3Exception
 from web3.types import TxParams, TxReceipt, Wei
 
 from refute.errors import RefuteError
+from refute.settings import get_settings
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 NODE_MODULES: Final = REPO_ROOT / "node_modules"
@@ -180,7 +181,8 @@ class CompiledContract:
 
 def _node() -> str:
     """The node executable (``REFUTE_NODE`` or the one on PATH)."""
-    node = os.environ.get("REFUTE_NODE") or shutil.which("node")
+    configured = get_settings().node
+    node = str(configured) if configured is not None else shutil.which("node")
     if node is None:
         raise ChainError("node is not installed: it is needed to run the pinned solc (npm ci)")
     return node
@@ -293,8 +295,8 @@ def compile_solidity(sol_path: Path, contract_name: str | None = None) -> Compil
 
 def anvil_binary() -> Path:
     """The anvil executable: ``REFUTE_ANVIL`` if set, else the pinned one in node_modules."""
-    override = os.environ.get("REFUTE_ANVIL")
-    path = Path(override) if override else NODE_MODULES / ANVIL_RELATIVE
+    override = get_settings().anvil
+    path = override if override is not None else NODE_MODULES / ANVIL_RELATIVE
     if not path.is_file() or not os.access(path, os.X_OK):
         hint = "check REFUTE_ANVIL" if override else "run `npm ci` in the repository root"
         raise ChainError(f"anvil not found at {path}: {hint}")

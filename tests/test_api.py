@@ -18,13 +18,13 @@ from eth_account import Account
 from fastapi.testclient import TestClient
 
 from refute import zoo
+from refute.settings import Settings
 from tests.hostile_models import HOSTILE
 from tests.servers import postgres_server, redis_server
 from tests.signing import signed_result as _signed
 from verifier.api.app import MAX_BODY_BYTES, create_app
 from verifier.db import migrate
 from verifier.service import ServiceContext
-from verifier.settings import ServiceSettings
 
 pytestmark = [pytest.mark.slow]
 
@@ -37,7 +37,7 @@ class Api:
     client: TestClient
     scheduled: list[str]
     workdir: Path
-    settings: ServiceSettings
+    settings: Settings
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -48,8 +48,8 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             url = f"sqlite:///{workdir / 'api.db'}"
         else:
             url = stack.enter_context(postgres_server())
-        settings = ServiceSettings(database_url=url, blob_dir=workdir / "blobs",
-                                   spot_key="ab" * 16, redis_url="redis://127.0.0.1:1/0")
+        settings = Settings(database_url=url, blob_dir=workdir / "blobs",
+                            spot_key="ab" * 16, redis_url="redis://127.0.0.1:1/0")
         migrate(settings.database_url)
         scheduled: list[str] = []
         context = ServiceContext.create(settings)
@@ -99,8 +99,8 @@ def test_health_metrics_and_openapi(api: Api) -> None:
 
 def test_ready_with_a_real_broker(tmp_path: Path) -> None:
     with redis_server(tmp_path / "redis") as redis:
-        settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'r.db'}",
-                                   blob_dir=tmp_path / "b", redis_url=redis.url)
+        settings = Settings(database_url=f"sqlite:///{tmp_path / 'r.db'}",
+                            blob_dir=tmp_path / "b", redis_url=redis.url)
         migrate(settings.database_url)
         app = create_app(ServiceContext.create(settings), enqueue=lambda _r: None)
         with TestClient(app) as client:

@@ -21,6 +21,15 @@ from onnx import TensorProto, helper, numpy_helper
 from prover import evm
 from prover.circuit import run_args
 from refute.errors import RefuteError
+from refute.settings import get_settings
+
+
+@pytest.fixture(autouse=True)
+def _settings_read_per_test() -> Iterator[None]:
+    """REFUTE_ANVIL is set per test: read the settings again in each."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 # --- units (no EZKL circuit) -------------------------------------------------------------------
 

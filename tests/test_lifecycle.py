@@ -27,6 +27,7 @@ from refute import zoo
 from refute.disclosure import write_states
 from refute.manifest import Manifest
 from refute.provider import prepare_model, random_inputs
+from refute.settings import Settings
 from refute.trace import Trace
 from tests.signing import signed_result
 from verifier.api.app import create_app
@@ -34,7 +35,6 @@ from verifier.db import migrate
 from verifier.lifecycle import sweep
 from verifier.registry import store_model
 from verifier.service import ServiceContext, finalize_due, run_spotcheck
-from verifier.settings import ServiceSettings
 
 ADMIN = "admin"
 
@@ -52,10 +52,10 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     workdir = tmp_path_factory.mktemp("lifecycle")
-    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'l.db'}",
-                               blob_dir=workdir / "blobs", spot_key="ab" * 16,
-                               redis_url="redis://127.0.0.1:1/0",
-                               dispute_provider_clock_s=30.0)
+    settings = Settings(database_url=f"sqlite:///{workdir / 'l.db'}",
+                        blob_dir=workdir / "blobs", spot_key="ab" * 16,
+                        redis_url="redis://127.0.0.1:1/0",
+                        dispute_provider_clock_s=30.0)
     migrate(settings.database_url)
     ctx = ServiceContext.create(settings)
     scheduled: list[str] = []

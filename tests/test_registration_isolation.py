@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from refute.errors import ModelRejected
+from refute.settings import Settings
 from tests.hostile_models import (
     matmul_chain,
     overflowing_model,
@@ -34,7 +35,6 @@ from verifier.api.app import create_app
 from verifier.db import migrate
 from verifier.registry import RegistrationBusy, RegistrationLimits, _Gate, build_manifest
 from verifier.service import ServiceContext
-from verifier.settings import ServiceSettings
 
 ADMIN = "admin-secret"
 
@@ -42,14 +42,14 @@ ADMIN = "admin-secret"
 @dataclass
 class Api:
     client: TestClient
-    settings: ServiceSettings
+    settings: Settings
 
 
 @contextmanager
 def _api(tmp_path: Path, **limits: Any) -> Iterator[Api]:
-    settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'api.db'}",
-                               blob_dir=tmp_path / "blobs", spot_key="ab" * 16,
-                               redis_url="redis://127.0.0.1:1/0", **limits)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'api.db'}",
+                        blob_dir=tmp_path / "blobs", spot_key="ab" * 16,
+                        redis_url="redis://127.0.0.1:1/0", **limits)
     migrate(settings.database_url)
     context = ServiceContext.create(settings)
     with ExitStack() as stack:

@@ -21,7 +21,7 @@ import pytest
 
 from challenge import orchestrator
 from challenge.replay import ReplayReport, replay
-from prover import config as prover_config
+from refute import settings as refute_settings
 from tests.tamper import (
     FOREIGN,
     Bundles,
@@ -43,11 +43,11 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bundles]:
     mp = pytest.MonkeyPatch()
     mp.setenv("REFUTE_HOME", str(workdir / "home"))
     mp.setenv("REFUTE_BLS_SEED", "5e" * 32)
-    prover_config.get_settings.cache_clear()
+    refute_settings.get_settings.cache_clear()
     orchestrator._prover.cache_clear()
     yield build_bundles(workdir)
     mp.undo()
-    prover_config.get_settings.cache_clear()
+    refute_settings.get_settings.cache_clear()
     orchestrator._prover.cache_clear()
 
 

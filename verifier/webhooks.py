@@ -473,7 +473,7 @@ def deliver_due(sessions: sessionmaker[Session], now: datetime, *, client: httpx
     if batch < 1 or max_attempts < 1:
         raise WebhookError("batch and max_attempts must be at least 1")
     if allow_private is None:
-        from verifier.settings import get_settings
+        from refute.settings import get_settings
 
         allow_private = get_settings().webhooks_allow_private
     moment = utc(now)

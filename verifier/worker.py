@@ -7,6 +7,10 @@ the work starts; past ``max_deliveries`` the message is recorded as a dead lette
 so a poison message cannot crash workers forever and is never lost silently.
 
 Run with ``refute worker --queues spotcheck`` (or ``celery -A verifier.worker worker``).
+
+Importing this module reads no settings and connects nowhere: the Celery application is built
+on first use by :func:`celery_app` (from :func:`refute.settings.get_settings`), which also
+registers the tasks; ``verifier.worker.app`` is that application, built on first access.
 """
 
 from __future__ import annotations
@@ -16,20 +20,23 @@ import logging
 from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging
 from sqlalchemy.exc import IntegrityError
 
 from challenge.records import DeadLetter, TaskDelivery
 from refute.errors import RefuteError
+from refute.logs import configure_logging
+from refute.settings import Settings, get_settings
 from verifier.service import ServiceContext, finalize_due, run_spotcheck, utcnow
-from verifier.settings import ServiceSettings, get_settings
 
 QUEUES = ("spotcheck", "prove", "timers")
 
 log = logging.getLogger(__name__)
 
 
-def make_celery(settings: ServiceSettings) -> Celery:
-    """The Celery application configured for at-least-once, idempotent work."""
+def make_celery(settings: Settings) -> Celery:
+    """The Celery application configured for at-least-once, idempotent work, with the tasks
+    registered (a client that only sends tasks may build one too)."""
     app = Celery("refute", broker=settings.redis_url)
     app.conf.update(
         task_acks_late=True,
@@ -66,10 +73,30 @@ def make_celery(settings: ServiceSettings) -> Celery:
             "disputes": {"task": "refute.disputes", "schedule": settings.finalize_every_s},
         },
     )
+    for task, options in _TASKS:
+        app.task(**options)(task)
     return app
 
 
-app = make_celery(get_settings())
+@functools.cache
+def celery_app() -> Celery:
+    """This process's Celery application, from the process-wide settings (built once)."""
+    setup_logging.connect(_setup_logging, weak=False)
+    return make_celery(get_settings())
+
+
+def __getattr__(name: str) -> Any:
+    """``verifier.worker.app`` (what ``celery -A verifier.worker`` looks for), built on first
+    access rather than at import."""
+    if name == "app":
+        return celery_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _setup_logging(loglevel: str | int | None = None, **_: Any) -> None:
+    """Celery's ``setup_logging`` signal: the worker logs like the rest of the service (and
+    Celery leaves the root logger alone because a receiver is connected)."""
+    configure_logging(get_settings(), level=loglevel or None)
 
 
 @functools.cache
@@ -108,7 +135,6 @@ def admit_delivery(ctx: ServiceContext, task_id: str, name: str, args: list[Any]
     return False
 
 
-@app.task(name="refute.spotcheck", bind=True)
 def spotcheck(self: Any, result_id: str) -> int:
     """Run the sampled spot-checks of a result; returns how many this delivery recorded."""
     from verifier.lifecycle import watch_faults
@@ -127,10 +153,9 @@ def spotcheck(self: Any, result_id: str) -> int:
 
 def queue_spotcheck(result_id: str) -> None:
     """Queue the spot-check task of a result (Celery)."""
-    app.send_task("refute.spotcheck", args=[result_id])
+    celery_app().send_task("refute.spotcheck", args=[result_id])
 
 
-@app.task(name="refute.watch", bind=True)
 def watch(self: Any, result_id: str) -> str | None:
     """The watcher checks a whole result and disputes it if its own output differs."""
     from challenge.orchestrator import watch as watch_result
@@ -139,13 +164,12 @@ def watch(self: Any, result_id: str) -> str | None:
     if not admit_delivery(ctx, str(self.request.id), self.name, [result_id]):
         return None
     try:
-        return watch_result(ctx, result_id, utcnow())
+        return watch_result(ctx.disputes, result_id, utcnow())
     except RefuteError as exc:  # e.g. convicted meanwhile: nothing to do, and say so
         log.info("watcher: no dispute on %s: %s", result_id, exc.reason)
         return None
 
 
-@app.task(name="refute.prove", bind=True)
 def prove(self: Any, dispute_id: str) -> bool:
     """Prove the step a dispute reached and apply the verdict (idempotent)."""
     from challenge.orchestrator import prove_pending
@@ -153,10 +177,9 @@ def prove(self: Any, dispute_id: str) -> bool:
     ctx = context()
     if not admit_delivery(ctx, str(self.request.id), self.name, [dispute_id]):
         return False
-    return prove_pending(ctx, dispute_id, utcnow()) is not None
+    return prove_pending(ctx.disputes, dispute_id, utcnow()) is not None
 
 
-@app.task(name="refute.disputes")
 def dispute_timers() -> int:
     """Carry out what the service owes but lost in a crash, then apply timeouts to disputes
     whose clock ran out (in that order: a party never times out because of the service)."""
@@ -164,11 +187,10 @@ def dispute_timers() -> int:
 
     ctx = context()
     now = utcnow()
-    resume_stalled(ctx, now)
-    return tick_due(ctx, now)
+    resume_stalled(ctx.disputes, now)
+    return tick_due(ctx.disputes, now)
 
 
-@app.task(name="refute.webhooks")
 def deliver_webhooks() -> int:
     """Attempt every due webhook delivery of the outbox."""
     import httpx
@@ -181,7 +203,6 @@ def deliver_webhooks() -> int:
                            allow_private=ctx.settings.webhooks_allow_private)
 
 
-@app.task(name="refute.finalize")
 def finalize() -> int:
     """Sweep the checks results owe (queue lost ones again, challenge undisclosed states), then
     finalize every result whose window closed with its checks recorded and no open dispute."""
@@ -191,3 +212,14 @@ def finalize() -> int:
     now = utcnow()
     sweep(ctx, now, queue_spotcheck)
     return finalize_due(ctx, now)
+
+
+#: Every task and its options (the queue each goes to is in ``task_routes``).
+_TASKS: tuple[tuple[Any, dict[str, Any]], ...] = (
+    (spotcheck, {"name": "refute.spotcheck", "bind": True}),
+    (watch, {"name": "refute.watch", "bind": True}),
+    (prove, {"name": "refute.prove", "bind": True}),
+    (dispute_timers, {"name": "refute.disputes"}),
+    (deliver_webhooks, {"name": "refute.webhooks"}),
+    (finalize, {"name": "refute.finalize"}),
+)
