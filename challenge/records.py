@@ -300,10 +300,14 @@ class TranscriptEvent(Base):
 
 
 class LedgerEntry(Base):
-    """One journal entry of the bonds ledger (challenge.ledger), in order."""
+    """One journal entry of the bonds ledger (challenge.ledger). Each result keeps its own
+    journal (challenge.books), numbered from 0: disputes on different results never write the
+    same rows, and opening or resolving one reads its result's entries only (migration 0005
+    split the one global journal)."""
 
     __tablename__ = "ledger_entries"
 
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     entry: Mapped[dict[str, object]] = mapped_column(JSON)
 
