@@ -29,7 +29,7 @@ from sqlalchemy import select
 from challenge.game import Actor, Answer, Choice
 from challenge.ledger import available_account
 from challenge.onchain import verify_outcome_on_chain
-from challenge.books import load_ledger
+from challenge.books import all_books, combined_balances, load_ledger
 from challenge.orchestrator import load_transcript, move
 from challenge.records import Dispute, TaskDelivery
 from challenge.whistleblower import Whistleblower
@@ -195,7 +195,7 @@ def _settled_once(d: Deployment, result_id: str, dispute_id: str, verdict: str, 
     assert kinds.count("proofoutcome") == (1 if proved else 0), kinds
     assert events[-1]["body"]["verdict"] == verdict
     with d.ctx.sessions() as session:
-        ledger = load_ledger(session)
+        ledger = load_ledger(session, result_id)
         ledger.check()
         record = ledger.dispute(dispute_id)
         assert record is not None and record.verdict is not None
@@ -207,10 +207,9 @@ def _settled_once(d: Deployment, result_id: str, dispute_id: str, verdict: str, 
 
 def _challenger_balance(d: Deployment, dispute_id: str) -> int:
     with d.ctx.sessions() as session:
-        ledger = load_ledger(session)
-        record = ledger.dispute(dispute_id)
-        assert record is not None
-        return ledger.balance(available_account(record.challenger))
+        books = all_books(session)  # the challenger's balance across every result
+        record = next(r for b in books.values() if (r := b.dispute(dispute_id)) is not None)
+        return combined_balances(books.values()).get(available_account(record.challenger), 0)
 
 
 def _proof_outcome(events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from challenge import orchestrator
 from challenge.game import Actor, Answer, Choice, RequestReveal, TimeControl
-from challenge.books import load_ledger
+from challenge.books import all_books, load_ledger
 from challenge.orchestrator import load_transcript, open_dispute, prove_pending
 from challenge.records import Dispute, Network, Result, ResultStatus
 from challenge.replay import archive_bytes, replay
@@ -65,7 +65,8 @@ def books_checked_after_every_move(world: World, monkeypatch: pytest.MonkeyPatch
     def checked(*args: Any, **kwargs: Any) -> Any:
         outcome = original(*args, **kwargs)
         with world.ctx.sessions() as s:
-            load_ledger(s).check()
+            for books in all_books(s).values():
+                books.check()
         applied.append(type(args[2]).__name__)
         return outcome
 
@@ -82,7 +83,7 @@ def _status(world: World, rid: str) -> ResultStatus:
 
 def _books_and_chain(world: World, rid: str) -> list[str]:
     with world.ctx.sessions() as s:
-        load_ledger(s).check()
+        load_ledger(s, rid).check()
         transcript = load_transcript(s, rid)
     transcript.verify_chain()
     return [e.kind for e in transcript.events]
@@ -103,7 +104,7 @@ def test_watcher_bisects_and_convicts_a_cheat(world: World, lie_at: int) -> None
     assert kinds[:2] == ["submission", "challenge"] and kinds[-2:] == ["proofoutcome", "verdict"]
     assert prove_pending(world.ctx, dispute_id, datetime.now(UTC)) is None  # exactly once
     with world.ctx.sessions() as s:
-        ledger = load_ledger(s)
+        ledger = load_ledger(s, rid)
         assert ledger.balance("treasury:net_d") > 0
 
 
@@ -238,12 +239,12 @@ def test_challenger_that_stops_answering_times_out(world: World) -> None:
     with world.ctx.sessions() as s:  # the trace was uploaded: state 1 revealed at once
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.state["phase"] == "answer"
-        load_ledger(s).check()
+        load_ledger(s, rid).check()
     assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=6)) == 1
     with world.ctx.sessions() as s:
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.verdict == "CHALLENGER_TIMEOUT"
-        ledger = load_ledger(s)
+        ledger = load_ledger(s, rid)
         ledger.check()
         assert ledger.balance("available:0x" + "ee" * 20) == 0  # the bond is gone
     assert _status(world, rid) is ResultStatus.ACCEPTED  # open to other challengers
@@ -413,7 +414,7 @@ def test_a_conviction_closes_the_other_disputes_and_returns_their_bonds(world: W
     with world.ctx.sessions() as s:
         other = s.get(Dispute, second)
         assert other is not None and (other.status, other.verdict) == ("RESOLVED", "CLOSED")
-        ledger = load_ledger(s)
+        ledger = load_ledger(s, rid)
         ledger.check()
         assert ledger.balance("available:" + second_challenger) == 40  # the bond came back
     client = TestClient(create_app(world.ctx, enqueue=lambda _r: None))
