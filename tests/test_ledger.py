@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -762,6 +762,106 @@ def test_replay_reports_the_failing_entry() -> None:
     doc["entries"][3]["memo"] = "tampered"
     with pytest.raises(LedgerError, match="journal entry 3 does not replay"):
         Ledger.from_json(doc)
+
+
+# --- the books of one result ---------------------------------------------------------------
+
+
+def test_the_books_of_one_result_refuse_other_results() -> None:
+    ledger = Ledger("r1")
+    assert ledger.result_id == "r1" and Ledger().result_id is None
+    ledger.deposit("p", 100)
+    ledger.lock_stake("r1", "p", 60)
+    ledger.deposit("c", 10)
+    with refused(ledger, "the books of result r1: result r2 keeps its own"):
+        ledger.lock_stake("r2", "p", 40)
+    with refused(ledger, "the books of result r1: result r2 keeps its own"):
+        ledger.post_bond("d1", "c", 10, result_id="r2")
+    with refused(ledger, "unknown dispute d9"):
+        _settle(ledger, "d9", DisputeVerdict.ABORTED)
+    with pytest.raises(LedgerError, match="invalid result id"):
+        Ledger("r:1")
+
+
+def test_a_journal_of_two_results_is_not_the_books_of_one() -> None:
+    ledger = Ledger()
+    ledger.deposit("p", 100)
+    ledger.lock_stake("r1", "p", 60)
+    ledger.lock_stake("r2", "p", 40)
+    doc = ledger.to_json()
+    assert Ledger.from_json(doc).balances() == ledger.balances()
+    with pytest.raises(LedgerError, match=r"journal entry 2 does not replay: .*result r2 keeps"):
+        Ledger.from_json(doc, result_id="r1")
+    books = Ledger.from_json({"format": LEDGER_FORMAT, "entries": doc["entries"][:2]},  # type: ignore[index]
+                             result_id="r1")
+    assert books.result_id == "r1" and books.stake("r1") is not None
+
+
+def test_check_names_the_one_result_invariant() -> None:
+    ledger = Ledger("r1")
+    ledger.deposit("p", 100)
+    ledger.lock_stake("r1", "p", 60)
+    ledger._result_id = "r2"  # the books relabelled as another result's
+    with pytest.raises(LedgerError, match=r"'one result'.*books of result r2 hold .*\['r1'\]"):
+        ledger.check()
+
+
+_book_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["open", "settle"]),
+        st.sampled_from(["r1", "r2", "r3"]),
+        st.sampled_from(["c1", "c2", "p1"]),
+        st.integers(min_value=1, max_value=500),
+        st.sampled_from(list(DisputeVerdict)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_book_ops)
+def test_books_per_result_add_up_to_one_global_journal(
+    ops: list[tuple[str, str, str, int, DisputeVerdict]],
+) -> None:
+    """What the service writes (a deposit right before the stake or bond it pays for; a
+    settlement, and the other bonds returned after a conviction), kept in one global journal
+    and in one journal per result: each result's books pass every check on their own, and
+    their balances add up to the global journal's, account by account."""
+    whole = Ledger()
+    books: dict[str, Ledger] = {}
+    providers = {"r1": "p1", "r2": "p2", "r3": "p3"}
+    for n, (op, result, challenger, amount, verdict) in enumerate(ops):
+        if challenger == providers[result]:  # a provider may challenge others' results only
+            continue
+        book = books.setdefault(result, Ledger(result))
+        for ledger in (whole, book):
+            if op == "open":
+                if ledger.stake(result) is None:
+                    ledger.deposit(providers[result], 1000)
+                    ledger.lock_stake(result, providers[result], 1000)
+                stake = ledger.stake(result)
+                if stake is None or stake.status is not StakeStatus.LOCKED:
+                    continue
+                ledger.deposit(challenger, amount)
+                ledger.post_bond(f"d{n}", challenger, amount, result_id=result)
+            elif ledger.open_disputes(result):
+                stake = ledger.stake(result)
+                if stake is None or stake.status is not StakeStatus.LOCKED:
+                    continue
+                _settle(ledger, ledger.open_disputes(result)[0], verdict, 5000, 3000)
+                if verdict.provider_at_fault:
+                    ledger.close_others(result)
+    total: dict[str, int] = {}
+    for result, book in books.items():
+        book.check()
+        assert sum(book.balances().values()) == 0
+        assert all(e.seq == i for i, e in enumerate(book.entries()))
+        assert Ledger.from_json(book.to_json(), result_id=result).balances() == book.balances()
+        for account, value in book.balances().items():
+            total[account] = total.get(account, 0) + value
+    whole.check()
+    assert total == whole.balances()
+    assert len(whole.entries()) == sum(len(b.entries()) for b in books.values())
 
 
 # --- the state machine --------------------------------------------------------------------
