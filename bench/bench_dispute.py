@@ -25,14 +25,15 @@ from rich.console import Console
 from rich.table import Table
 
 from challenge import orchestrator
-from challenge.records import Network, RegisteredModel, Result, ResultStatus
+from challenge.fakes import FakeTasks
+from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
 from prover.calibration import calibrate_model
 from refute import zoo
 from refute.provider import prepare_model, random_inputs, run_trace
+from refute.settings import Settings
 from refute.trace import Trace
 from verifier.db import migrate
-from verifier.service import ServiceContext, new_id
-from verifier.settings import ServiceSettings
+from verifier.service import ServiceContext
 
 
 def _one(model_name: str, work: Path, ctx: ServiceContext,
@@ -68,13 +69,11 @@ def _one(model_name: str, work: Path, ctx: ServiceContext,
                          leaves=["0x" + x.hex() for x in trace.commitment.leaves],
                          signature="0x", status=ResultStatus.ACCEPTED, accepted_at=now,
                          challenge_deadline=now + timedelta(hours=1), trace_blob=blob))
-        queued: list[str] = []
         t0 = time.perf_counter()
-        dispute_id = orchestrator.open_dispute(ctx, rid, challenger="service", lo=0, hi=n,
-                                               bond=1, now=datetime.now(UTC),
-                                               schedule_proof=queued.append)
+        dispute_id = orchestrator.open_dispute(ctx.disputes, rid, challenger="service", lo=0,
+                                               hi=n, bond=1, now=datetime.now(UTC))
         t1 = time.perf_counter()
-        state = orchestrator.prove_pending(ctx, dispute_id, datetime.now(UTC))
+        state = orchestrator.prove_pending(ctx.disputes, dispute_id, datetime.now(UTC))
         t2 = time.perf_counter()
         assert state is not None and state.verdict is not None
         times += [t1 - t0, t2 - t1]
@@ -96,10 +95,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="refute-bench-") as tmp:
         work = Path(tmp)
         os.environ["REFUTE_HOME"] = str(work / "home")
-        settings = ServiceSettings(database_url=f"sqlite:///{work / 'b.db'}",
-                                   blob_dir=work / "blobs", spot_key="ab" * 16)
+        settings = Settings(database_url=f"sqlite:///{work / 'b.db'}",
+                            blob_dir=work / "blobs", spot_key="ab" * 16)
         migrate(settings.database_url)
-        ctx = ServiceContext.create(settings)
+        ctx = ServiceContext.create(settings, tasks=FakeTasks())  # proofs run here, timed
         for name in args.models.split(","):
             console.print(f"[dim]{name}…[/dim]")
             n, (b1, p1, b2, p2) = _one(name, work, ctx, None)

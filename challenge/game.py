@@ -8,7 +8,8 @@ move carries; the orchestrator stamps moves and turns timers into :class:`Tick` 
 
 Every legal step is one entry of :data:`TRANSITIONS`, keyed by (phase, move type); anything else
 is refused with :class:`IllegalMove`. ``docs/GAME.md`` is the written form of the table, with the
-clock and verdict rules and the honest-actor rules.
+clock and verdict rules and the honest-actor rules. The verdict rule itself (which proven
+number convicts whom) is :mod:`refute.verdict`, shared with the prover and ``replay``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from types import MappingProxyType
 from typing import TypeAlias, TypeVar
 
 from refute.errors import RefuteError
+from refute.verdict import VerdictError, range_fault, step_fault
 
 __all__ = [
     "TRANSITIONS",
     "Actor",
     "Answer",
     "Choice",
+    "Close",
     "Disclose",
     "DisputeState",
     "Effect",
@@ -125,6 +128,9 @@ class Verdict(enum.Enum):
     CHALLENGER_TIMEOUT = "challenger_timeout"
     ABORTED = "aborted"
     """The service missed a proof deadline: nobody is at fault, bonds are returned."""
+    CLOSED = "closed"
+    """The provider was convicted in another dispute of the same result: this one closes with
+    nobody at fault here, and its bond is returned (the stake was already slashed)."""
 
     def at_fault(self) -> Actor | None:
         """The party that loses its bond or stake, or ``None`` when the dispute was aborted."""
@@ -234,7 +240,8 @@ class RangeOutcome:
     """The verified outcome of the range proof of state ``state``.
 
     ``max_abs_units``: the proven max |v| over the state, in quantized units; ``bound``: R in the
-    same units; ``valid``: the proof verified and its hashed input reproduces the state's leaf.
+    same units (:func:`refute.verdict.range_bound_units`); ``valid``: the proof verified and its
+    hashed input reproduces the state's leaf. Judged by :func:`refute.verdict.range_fault`.
     """
 
     actor: Actor
@@ -251,6 +258,7 @@ class ProofOutcome:
 
     ``maxdiff_units``: the proven max |f(state lo) - state hi|, in quantized units; ``tolerance``:
     the segment's τ; ``valid``: the proof verified and its hashed inputs reproduce both leaves.
+    Judged by :func:`refute.verdict.step_fault`.
     """
 
     actor: Actor
@@ -269,7 +277,17 @@ class Tick:
     at: float
 
 
-Move: TypeAlias = Open | Disclose | Reveal | Answer | RangeOutcome | ProofOutcome | Tick
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Close:
+    """The service closes a running dispute because the provider was convicted in another
+    dispute of the same result (``by`` names that dispute): verdict ``CLOSED``."""
+
+    actor: Actor
+    at: float
+    by: str
+
+
+Move: TypeAlias = Open | Disclose | Reveal | Answer | RangeOutcome | ProofOutcome | Tick | Close
 
 
 # --- effects -------------------------------------------------------------------------------
@@ -438,11 +456,6 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _exact(x: object) -> bool:
-    """An exact number (a Fraction or an int): proof outcomes are compared without rounding."""
-    return isinstance(x, Fraction) or _is_int(x)
-
-
 def _finite_nonneg(x: float) -> bool:
     return math.isfinite(x) and x >= 0
 
@@ -478,7 +491,7 @@ def timeout_at(state: DisputeState | None) -> float | None:
 
 Transition: TypeAlias = tuple[DisputeState, list[Effect]]
 _Handler: TypeAlias = Callable[[DisputeState | None, Move], Transition]
-_M = TypeVar("_M", Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick)
+_M = TypeVar("_M", Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick, Close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -657,11 +670,11 @@ def _range_outcome(state: DisputeState, move: RangeOutcome) -> Transition:
         raise IllegalMove(f"range proof: state {m} is under proof, not state {move.state}")
     if not move.valid:
         raise IllegalMove(f"range proof: the proof for state {m} is invalid")
-    if not (_exact(move.max_abs_units) and _is_int(move.bound)):
-        raise IllegalMove("range proof: max |v| must be a Fraction and the bound R an integer")
-    if move.max_abs_units < 0 or move.bound < 0:
-        raise IllegalMove("range proof: max |v| and the bound R must be non-negative")
-    if move.max_abs_units > move.bound:
+    try:
+        convicted = range_fault(move.max_abs_units, move.bound)
+    except VerdictError as exc:
+        raise IllegalMove(f"range proof: {exc.reason}") from exc
+    if convicted:
         return _resolve(
             state,
             move.at,
@@ -677,11 +690,11 @@ def _proof_outcome(state: DisputeState, move: ProofOutcome) -> Transition:
         raise IllegalMove(f"step proof: step {state.hi} is under proof, not step {move.step}")
     if not move.valid:
         raise IllegalMove(f"step proof: the proof for step {state.hi} is invalid")
-    if not (_exact(move.maxdiff_units) and _is_int(move.tolerance)):
-        raise IllegalMove("step proof: maxdiff must be a Fraction and the tolerance an integer")
-    if move.maxdiff_units < 0 or move.tolerance < 0:
-        raise IllegalMove("step proof: maxdiff and the tolerance must be non-negative")
-    if move.maxdiff_units > move.tolerance:
+    try:
+        convicted = step_fault(move.maxdiff_units, move.tolerance)
+    except VerdictError as exc:
+        raise IllegalMove(f"step proof: {exc.reason}") from exc
+    if convicted:
         verdict, rel = Verdict.PROVIDER_FAULT, ">"
     else:
         verdict, rel = Verdict.CHALLENGER_FAULT, "<="
@@ -726,6 +739,14 @@ def _tick(state: DisputeState, move: Tick) -> Transition:
     )
 
 
+def _close(state: DisputeState, move: Close) -> Transition:
+    if not move.by:
+        raise IllegalMove("Close must name the dispute whose conviction closes this one")
+    return _resolve(state, move.at, Verdict.CLOSED,
+                    f"the provider was convicted in dispute {move.by} of the same result; "
+                    "this dispute closes and its bond is returned")
+
+
 def _charge(state: DisputeState, actor: Actor, at: float) -> DisputeState:
     """Deduct the time ``actor`` spent on its turn (the caller checked the deadline)."""
     spent = at - state.turn_started
@@ -764,6 +785,9 @@ TRANSITIONS: Mapping[tuple[Phase | None, type[Move]], Rule] = MappingProxyType(
             Actor.SERVICE, _in_game(ProofOutcome, _proof_outcome)
         ),
         (Phase.STEP_PROOF, Tick): Rule(Actor.SERVICE, _in_game(Tick, _tick)),
+        # A conviction in another dispute of the result closes every running one.
+        **{(phase, Close): Rule(Actor.SERVICE, _in_game(Close, _close))
+           for phase in Phase if phase is not Phase.RESOLVED},
         # Phase.RESOLVED has no entry: once resolved, every move is illegal.
     }
 )

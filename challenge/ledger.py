@@ -71,6 +71,8 @@ class LedgerError(RefuteError):
     """A ledger operation was refused, a journal does not replay, or an invariant is broken."""
 
     code = "ledger_error"
+    #: The service's books are wrong or were misused by the service itself: a server fault.
+    http_status = 500
 
 
 class AccountType(enum.StrEnum):

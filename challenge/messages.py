@@ -54,6 +54,8 @@ __all__ = [
     "DOMAIN_TYPE",
     "DOMAIN_VERSION",
     "MAX_DEADLINE_AHEAD",
+    "MOVE_AGREE",
+    "MOVE_DISAGREE",
     "MOVE_TYPE",
     "RESULT_TYPE",
     "SECP256K1_N",
@@ -79,6 +81,7 @@ class AuthError(RefuteError):
     """A credential or signed message is refused; ``reason`` says why in one line."""
 
     code = "auth_error"
+    http_status = 403
 
 
 class AddressError(AuthError, ValueError):
@@ -285,7 +288,8 @@ class Challenge(_TypedStruct):
 
 @dataclass(frozen=True)
 class Move(_TypedStruct):
-    """One signed move of a dispute game; ``kind`` values (uint8) are the caller's."""
+    """One signed move of a dispute game; ``kind`` is :data:`MOVE_AGREE` or
+    :data:`MOVE_DISAGREE` (uint8)."""
 
     PRIMARY_TYPE: ClassVar[str] = "Move"
     FIELDS: ClassVar[tuple[tuple[str, str, str], ...]] = (
@@ -306,6 +310,10 @@ class Move(_TypedStruct):
     nonce: int
     deadline: int
 
+
+#: ``Move.kind`` values: the challenger agrees, or disagrees, with the revealed state.
+MOVE_AGREE = 1
+MOVE_DISAGREE = 2
 
 #: Any message the service signs or verifies.
 SignedObject = Result | Challenge | Move

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import hashlib
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
@@ -27,10 +27,12 @@ from sqlalchemy.orm import Session
 
 from challenge.books import load_ledger, save_ledger
 from challenge.codec import state_from_json, state_to_json
+from challenge.context import DisputeContext, ProofKind
 from challenge.game import (
     Actor,
     Answer,
     Choice,
+    Close,
     Disclose,
     DisputeState,
     Effect,
@@ -65,17 +67,17 @@ from challenge.records import (
     SharedProof,
     SignedMessage,
     TranscriptEvent,
+    new_id,
 )
 from challenge.replay import write_bundle
+from challenge.result_lifecycle import ResultEvent, advance
 from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
 from challenge.transcript import SigningKey, Transcript, sign_head
 from refute.commitment import TraceCommitment
 from refute.errors import Conflict, RefuteError
 from refute.manifest import Manifest
 from refute.merkle import merkle_root
-from refute.segmentation import run_segments
 from refute.trace import Trace, leaf_of_state
-from verifier.service import ServiceContext, held_states, load_trace, new_id
 
 SERVICE = "service"
 
@@ -83,9 +85,6 @@ log = logging.getLogger(__name__)
 #: Shares of a slashed stake / bond that go to the winner (basis points).
 CHALLENGER_SHARE_BPS = 5000
 PROVIDER_SHARE_BPS = 5000
-
-#: ``schedule_proof(dispute_id)``: queue the proof of a dispute's step (Celery by default).
-ProofScheduler = Callable[[str], None]
 
 
 class DisputeError(RefuteError):
@@ -180,15 +179,13 @@ def _one_writer() -> Iterator[None]:
                        ) from exc
 
 
-def configured_clocks(ctx: ServiceContext) -> TimeControl:
+def configured_clocks(ctx: DisputeContext) -> TimeControl:
     """The time control new disputes get, from the service's settings."""
-    return TimeControl(provider=ctx.settings.dispute_provider_clock_s,
-                       challenger=ctx.settings.dispute_challenger_clock_s,
-                       proof_timeout=ctx.settings.dispute_proof_timeout_s)
+    return ctx.config.clocks
 
 
 def open_dispute(
-    ctx: ServiceContext,
+    ctx: DisputeContext,
     result_id: str,
     *,
     challenger: str,
@@ -197,7 +194,6 @@ def open_dispute(
     bond: int,
     now: datetime,
     clocks: TimeControl | None = None,
-    schedule_proof: ProofScheduler | None = None,
     signed: SignedClaim | None = None,
     owed_check: bool = False,
 ) -> str:
@@ -260,22 +256,20 @@ def open_dispute(
                             hi=hi, bond=str(bond), state=state_to_json(state), status="OPEN",
                             timeout_at=timeout_at(state), opened_at=now))
         _remember(session, signed, dispute_id, now)
-        if result.status is ResultStatus.ACCEPTED:
-            enqueue(session, result.network_id, "result.disputed", f"disputed:{result_id}",
-                    {"result_id": result_id, "dispute_id": dispute_id, "lo": lo, "hi": hi,
-                     "filed_by": challenger}, now)
-        result.status = ResultStatus.DISPUTED
+        advance(session, result, ResultEvent.DISPUTE_OPENED, now, announce={
+            "result_id": result_id, "dispute_id": dispute_id, "lo": lo, "hi": hi,
+            "filed_by": challenger})
         if not disclosed:  # the provider must upload its committed trace within its clock
             enqueue(session, result.network_id, "dispute.disclosure_requested",
                     f"disclose:{dispute_id}",
                     {"result_id": result_id, "dispute_id": dispute_id,
                      "deadline": timeout_at(state),
                      "how": f"PUT /v1/results/{result_id}/trace"}, now)
-    drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)
+    drive(ctx, dispute_id, effects, now)
     return dispute_id
 
 
-def move(ctx: ServiceContext, dispute_id: str, game_move: Move, now: datetime,
+def move(ctx: DisputeContext, dispute_id: str, game_move: Move, now: datetime,
          detail: dict[str, Any] | None = None, *,
          signed: SignedClaim | None = None) -> tuple[DisputeState, list[Effect]]:
     """Apply one move in one transaction (state, transcript, ledger on resolution).
@@ -317,19 +311,22 @@ def move(ctx: ServiceContext, dispute_id: str, game_move: Move, now: datetime,
 
 def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect: Resolved,
              now: datetime) -> None:
+    """Settle a resolved dispute: its bond (and the stake, on a conviction) in the result's
+    journal, the result's lifecycle, and — on a conviction — every other running dispute of the
+    result, closed by the game's :class:`~challenge.game.Close` move."""
     result = session.get(Result, dispute.result_id, with_for_update=True)
     assert result is not None
     verdict = effect.verdict.value.upper()
     ledger = load_ledger(session, result.id)
     known = len(ledger.entries())
-    ledger.settle(dispute.id, verdict, network_id=result.network_id,
-                  challenger_share_bps=CHALLENGER_SHARE_BPS,
-                  provider_share_bps=PROVIDER_SHARE_BPS)
+    if effect.verdict is not Verdict.CLOSED:  # a closed dispute's bond is returned below
+        ledger.settle(dispute.id, verdict, network_id=result.network_id,
+                      challenger_share_bps=CHALLENGER_SHARE_BPS,
+                      provider_share_bps=PROVIDER_SHARE_BPS)
     dispute.status = "RESOLVED"
     dispute.verdict = verdict
     dispute.resolved_at = now
     dispute.timeout_at = None
-    at_fault = effect.verdict.at_fault()
     settled = effect.verdict is not Verdict.ABORTED
     unsettled_fault = False
     for filed in session.scalars(select(Challenge).where(
@@ -342,26 +339,54 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
             log.error("dispute %s of result %s was aborted (no proof in time): its spot-check "
                       "fault at step %s stays open and holds the result", dispute.id,
                       result.id, dispute.hi)
-    if at_fault is Actor.PROVIDER:
-        result.status = ResultStatus.PROVIDER_FAULT
+    if effect.verdict.at_fault() is Actor.PROVIDER:
+        advance(session, result, ResultEvent.PROVIDER_CONVICTED, now)
         ledger.close_others(result.id)
+        save_ledger(session, result.id, ledger, known)
+        _record_verdict(session, transcript, dispute, effect, result=result, now=now)
         for other in session.scalars(select(Dispute).where(
                 Dispute.result_id == result.id, Dispute.status == "OPEN",
-                Dispute.id != dispute.id)):
-            other.status = "RESOLVED"
-            other.verdict = "CLOSED"
-            other.timeout_at = None
-    else:
-        # The challenger's claim was wrong, not the result proven right: the result stays open
-        # to every other challenger until its window closes (DESIGN.md "Result lifecycle").
-        # A recorded spot-check fault whose dispute was aborted keeps the result DISPUTED: the
-        # service found it faulty and never finalizes it unsettled.
-        still_open = session.scalars(select(Dispute).where(
-            Dispute.result_id == result.id, Dispute.status == "OPEN",
-            Dispute.id != dispute.id)).first()
-        if still_open is None and not unsettled_fault:
-            result.status = ResultStatus.ACCEPTED
+                Dispute.id != dispute.id).with_for_update()):
+            _close(session, transcript, other, by=dispute.id, now=now)
+        return
     save_ledger(session, result.id, ledger, known)
+    # The challenger's claim was wrong, not the result proven right: the result stays open
+    # to every other challenger until its window closes (DESIGN.md "Result lifecycle").
+    # A recorded spot-check fault whose dispute was aborted keeps the result DISPUTED: the
+    # service found it faulty and never finalizes it unsettled.
+    still_open = session.scalars(select(Dispute.id).where(
+        Dispute.result_id == result.id, Dispute.status == "OPEN",
+        Dispute.id != dispute.id)).first()
+    if (still_open is None and not unsettled_fault
+            and result.status is ResultStatus.DISPUTED):
+        advance(session, result, ResultEvent.DISPUTES_SETTLED, now)
+    _record_verdict(session, transcript, dispute, effect, result=result, now=now)
+
+
+def _close(session: Session, transcript: Transcript, dispute: Dispute, *, by: str,
+           now: datetime) -> None:
+    """Close a running dispute by the game's Close move (its bond was returned by the
+    conviction's ``close_others``), and record it like any other move and verdict."""
+    state, effects = apply(state_from_json(dispute.state),
+                           Close(actor=Actor.SERVICE, at=now.timestamp(), by=by))
+    record(session, transcript, dispute.result_id, kind="close", at=now.timestamp(),
+           body={"dispute_id": dispute.id, "actor": Actor.SERVICE.value,
+                 "phase": state.phase.value, "move_at": now.timestamp(), "by": by})
+    dispute.state = state_to_json(state)
+    dispute.status = "RESOLVED"
+    dispute.verdict = Verdict.CLOSED.value.upper()
+    dispute.resolved_at = now
+    dispute.timeout_at = None
+    result = session.get(Result, dispute.result_id)
+    assert result is not None
+    for effect in effects:
+        if isinstance(effect, Resolved):
+            _record_verdict(session, transcript, dispute, effect, result=result, now=now)
+
+
+def _record_verdict(session: Session, transcript: Transcript, dispute: Dispute,
+                    effect: Resolved, *, result: Result, now: datetime) -> None:
+    verdict = effect.verdict.value.upper()
     record(session, transcript, result.id, kind="verdict", at=now.timestamp(), body={
         "dispute_id": dispute.id, "verdict": verdict, "reason": effect.reason,
         "result_status": result.status.value})
@@ -405,7 +430,7 @@ class _Loaded:
         return TraceCommitment(scale=scale, leaves=leaves, root=merkle_root(leaves))
 
 
-def _load(ctx: ServiceContext, dispute_id: str, reuse: _Loaded | None = None) -> _Loaded:
+def _load(ctx: DisputeContext, dispute_id: str, reuse: _Loaded | None = None) -> _Loaded:
     """The dispute's rows, read afresh; the trace or the disclosed states (immutable once
     stored) and the watcher's execution are taken from ``reuse`` when it has them, not read or
     computed again."""
@@ -423,12 +448,12 @@ def _load(ctx: ServiceContext, dispute_id: str, reuse: _Loaded | None = None) ->
     if reuse is not None and reuse.trace is not None:
         return _Loaded(result, model, dispute, reuse.trace, own_states=reuse.own_states)
     if result.trace_blob:
-        return _Loaded(result, model, dispute, load_trace(ctx, result.trace_blob))
+        return _Loaded(result, model, dispute, ctx.states.trace(result.trace_blob))
     disclosed_at = max((_timestamp(r.disclosed_at) for r in rows), default=None)
     if reuse is not None and set(reuse.disclosed) == {r.state for r in rows}:
         return _Loaded(result, model, dispute, None, reuse.disclosed, disclosed_at,
                        reuse.own_states)
-    states = held_states(ctx, ctx.prepared(model).manifest, result, {r.state for r in rows},
+    states = ctx.held_states(ctx.prepared(model).manifest, result, {r.state for r in rows},
                          {r.state: r.blob for r in rows}) if rows else {}
     return _Loaded(result, model, dispute, None, states, disclosed_at)
 
@@ -438,8 +463,7 @@ def _needed(state: DisputeState) -> range:
     return range(state.lo, state.hi + 1)
 
 
-def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: datetime, *,
-          schedule_proof: ProofScheduler | None = None) -> None:
+def drive(ctx: DisputeContext, dispute_id: str, effects: Sequence[Effect], now: datetime) -> None:
     """Carry out effects until the dispute waits on someone outside the service.
 
     What the service does on a party's behalf is stamped with the moment the party had done it,
@@ -482,7 +506,7 @@ def drive(ctx: ServiceContext, dispute_id: str, effects: Sequence[Effect], now: 
                                state=effect.state, choice=choice)
             detail = {"state": effect.state, "choice": choice.value}
         elif isinstance(effect, RequestStepProof | RequestRangeProof):
-            queue_proof(ctx, dispute_id, now, schedule_proof)
+            queue_proof(ctx, dispute_id, now)
             continue
         else:
             continue  # the challenger's answer: it comes through the API
@@ -504,8 +528,7 @@ def _timestamp(moment: datetime) -> float:
     return _as_utc(moment).timestamp()
 
 
-def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
-             schedule_proof: ProofScheduler | None = None) -> list[str]:
+def disclose(ctx: DisputeContext, result_id: str, now: datetime) -> list[str]:
     """The provider's trace was uploaded, or some of its states were disclosed (and checked
     against its commitment): move every open dispute of the result that waits for them out of
     DISCLOSE (a dispute whose states are not all held yet keeps waiting). Returns the ids of the
@@ -515,7 +538,7 @@ def disclose(ctx: ServiceContext, result_id: str, now: datetime, *,
             Dispute.result_id == result_id, Dispute.status == "OPEN"))
             if d.state.get("phase") == Phase.DISCLOSE.value]
     for dispute_id in waiting:
-        resume(ctx, dispute_id, now, schedule_proof=schedule_proof)
+        resume(ctx, dispute_id, now)
     return waiting
 
 
@@ -533,7 +556,7 @@ def _serve_reveal(loaded: _Loaded, k: int, at: float, manifest: Manifest) -> Rev
                   in_range=in_range)
 
 
-def _execute(ctx: ServiceContext, model: RegisteredModel,
+def _execute(ctx: DisputeContext, model: RegisteredModel,
              trace: Trace | None) -> list[list[np.ndarray]]:
     """The watcher's own execution of the job: every state, from the trace's state 0 (input)."""
     if trace is None:
@@ -541,14 +564,14 @@ def _execute(ctx: ServiceContext, model: RegisteredModel,
     prepared = ctx.prepared(model)
     inputs = {spec.name: t for spec, t in zip(prepared.manifest.states[0], trace.states[0],
                                                strict=True)}
-    return run_segments(ctx.executor, prepared.segmentation, inputs)
+    return ctx.states.execute(prepared, inputs)
 
 
-def _leaf(ctx: ServiceContext, model: RegisteredModel, state: Sequence[np.ndarray]) -> str:
+def _leaf(ctx: DisputeContext, model: RegisteredModel, state: Sequence[np.ndarray]) -> str:
     return "0x" + leaf_of_state(ctx.prepared(model).manifest, state).hex()
 
 
-def _watcher_answer(ctx: ServiceContext, loaded: _Loaded, k: int) -> Choice:
+def _watcher_answer(ctx: DisputeContext, loaded: _Loaded, k: int) -> Choice:
     """The service's honest answer: does state k equal its own execution of the model? The job
     is executed once per drive (kept on ``loaded``); only the states asked about are hashed."""
     if loaded.own_states is None:
@@ -557,8 +580,7 @@ def _watcher_answer(ctx: ServiceContext, loaded: _Loaded, k: int) -> Choice:
     return Choice.AGREE if agree else Choice.DISAGREE
 
 
-def watch(ctx: ServiceContext, result_id: str, now: datetime, *,
-          schedule_proof: ProofScheduler | None = None) -> str | None:
+def watch(ctx: DisputeContext, result_id: str, now: datetime) -> str | None:
     """The watcher checks a whole result itself: it executes the model on the job's input and,
     when its output differs from the committed one, opens a whole-trace dispute and plays the
     bisection with its own execution (rule HC-OPEN). Returns the dispute's id, or ``None`` when
@@ -573,30 +595,17 @@ def watch(ctx: ServiceContext, result_id: str, now: datetime, *,
         model = session.get(RegisteredModel, result.model_id)
         assert model is not None
     n = len(result.leaves) - 1
-    output = _execute(ctx, model, load_trace(ctx, result.trace_blob))[n]
+    output = _execute(ctx, model, ctx.states.trace(result.trace_blob))[n]
     if _leaf(ctx, model, output) == result.leaves[n]:
         return None
     return open_dispute(ctx, result_id, challenger=SERVICE, lo=0, hi=n,
-                        bond=ctx.settings.watcher_bond, now=now, schedule_proof=schedule_proof)
-
-
-def _celery_prove(dispute_id: str) -> None:
-    from verifier.worker import app
-
-    app.send_task("refute.prove", args=[dispute_id])
+                        bond=ctx.config.watcher_bond, now=now)
 
 
 # --- proving ----------------------------------------------------------------------------------
 
 
-@functools.cache
-def _prover() -> Any:
-    from prover.config import get_settings
-
-    return get_settings().prover()
-
-
-def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> DisputeState | None:
+def prove_pending(ctx: DisputeContext, dispute_id: str, now: datetime) -> DisputeState | None:
     """Prove what a dispute waits for — the step, or the range of a revealed state — and apply
     the outcome (idempotent: does nothing unless a proof is due).
 
@@ -613,11 +622,11 @@ def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> Disput
     if state.phase is Phase.RANGE_PROOF:
         if state.pending is None or not loaded.holds([state.pending]):
             raise DisputeError("the state to range-check was not revealed")
-        kind, index = "range", state.pending
+        kind, index = ProofKind.RANGE, state.pending
     elif state.phase is Phase.STEP_PROOF:
         if not loaded.holds([state.hi - 1, state.hi]):
             raise DisputeError("the step's states were not revealed (no trace uploaded)")
-        kind, index = "step", state.hi
+        kind, index = ProofKind.STEP, state.hi
     else:
         return None
     detail = _shared_proof(ctx, loaded, kind, index, now)
@@ -627,43 +636,27 @@ def prove_pending(ctx: ServiceContext, dispute_id: str, now: datetime) -> Disput
                          asked_by=dispute_id)
 
 
-def _prove(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int) -> dict[str, Any]:
-    """Make the proof (step ``index``, or the range of state ``index``) and verify it; return
-    its transcript detail (what the proof established, the circuit and the proof itself)."""
+def _prove(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: int) -> dict[str, Any]:
+    """Make the proof (step ``index``, or the range of state ``index``), verified by the prover
+    port (and on chain when the context has one); keep its artifacts in the blob store and
+    return its transcript detail (what the proof established, the circuit and the proof)."""
     prepared = ctx.prepared(loaded.model)
-    manifest: Manifest = prepared.manifest
-    commitment = loaded.commitment(manifest.scale)
-    prover = _prover()
-
-    def held(k: int) -> tuple[np.ndarray, ...]:
-        state = loaded.state(k)
-        assert state is not None  # checked by prove_pending
-        return state
-
-    if kind == "range":
-        proof = prover.prove_range(prepared, manifest, index, held(index))
-        outcome = prover.verify_range(prepared, manifest, proof, commitment)
-        return {"state": index, "max_abs_units": str(outcome.maxabs_units),
-                "bound": int(outcome.bound_units), "circuit": proof.circuit_key,
-                "vk_sha256": proof.vk_sha256, "proof": proof.proof,
-                # The artifacts the proof was made with, kept in the blob store by sha256.
-                "settings_sha256": ctx.blobs.put((circuit := prover.range_circuit(
-                    prepared, manifest, index)).settings_path.read_bytes()),
-                "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())}
-    step = index
-    proof = prover.prove_step(prepared, manifest, step, held(step - 1), held(step))
-    outcome = prover.verify_step(prepared, manifest, proof, commitment)
-    assert manifest.tolerances is not None
-    return {"step": step, "maxdiff_units": str(outcome.maxdiff_units),
-            "tolerance": manifest.tolerances[step - 1], "circuit": proof.circuit_key,
-            "vk_sha256": proof.vk_sha256, "proof": proof.proof,
-            # The artifacts the proof was made with, kept in the blob store by sha256.
-            "settings_sha256": ctx.blobs.put((circuit := prover.step_circuit(
-                prepared, manifest, step)).settings_path.read_bytes()),
-            "srs_sha256": ctx.blobs.put(circuit.srs_path.read_bytes())}
+    needed = (index - 1, index) if kind is ProofKind.STEP else (index,)
+    states = {k: held for k in needed if (held := loaded.state(k)) is not None}
+    assert len(states) == len(needed)  # checked by prove_pending
+    made = ctx.prover.prove(prepared, kind, index, states,
+                            loaded.commitment(prepared.manifest.scale))
+    for data in made.files:
+        ctx.blobs.put(data)
+    detail = dict(made.detail)
+    if ctx.chain is not None:
+        vk, settings, srs = (ctx.blobs.get(str(detail[f"{what}_sha256"]))
+                             for what in ("vk", "settings", "srs"))
+        detail["chain"] = ctx.chain.verify(vk, settings, srs, detail["proof"])
+    return detail
 
 
-def _shared_proof(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int,
+def _shared_proof(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: int,
                   now: datetime) -> dict[str, Any] | None:
     """The stored detail of the result's one proof of ``(kind, index)``, or this task's new
     proof (claimed before proving); ``None`` while another live task is proving it. A claim
@@ -675,7 +668,7 @@ def _shared_proof(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int,
             return dict(row.outcome)
         if row is None:
             session.add(SharedProof(result_id=key[0], kind=kind, index=index, claimed_at=now))
-        elif now.timestamp() - _timestamp(row.claimed_at) > ctx.settings.task_time_limit_s:
+        elif now.timestamp() - _timestamp(row.claimed_at) > ctx.config.claim_expiry_s:
             row.claimed_at = now
         else:
             return None
@@ -699,7 +692,7 @@ def _shared_proof(ctx: ServiceContext, loaded: _Loaded, kind: str, index: int,
     return detail
 
 
-def _apply_shared(ctx: ServiceContext, result_id: str, kind: str, index: int,
+def _apply_shared(ctx: DisputeContext, result_id: str, kind: ProofKind, index: int,
                   detail: dict[str, Any], *, now: datetime,
                   asked_by: str) -> DisputeState | None:
     """Apply a proof's outcome to every open dispute of the result waiting for exactly that
@@ -710,11 +703,12 @@ def _apply_shared(ctx: ServiceContext, result_id: str, kind: str, index: int,
     mine: DisputeState | None = None
     for dispute_id, state in waiting:
         game_move: Move
-        if kind == "step" and state.phase is Phase.STEP_PROOF and state.hi == index:
+        if kind is ProofKind.STEP and state.phase is Phase.STEP_PROOF and state.hi == index:
             game_move = ProofOutcome(actor=Actor.SERVICE, at=now.timestamp(), step=index,
                                      maxdiff_units=Fraction(str(detail["maxdiff_units"])),
                                      tolerance=int(detail["tolerance"]), valid=True)
-        elif kind == "range" and state.phase is Phase.RANGE_PROOF and state.pending == index:
+        elif (kind is ProofKind.RANGE and state.phase is Phase.RANGE_PROOF
+              and state.pending == index):
             game_move = RangeOutcome(actor=Actor.SERVICE, at=now.timestamp(), state=index,
                                      max_abs_units=Fraction(str(detail["max_abs_units"])),
                                      bound=int(detail["bound"]), valid=True)
@@ -730,16 +724,15 @@ def _apply_shared(ctx: ServiceContext, result_id: str, kind: str, index: int,
     return mine
 
 
-def resume_stalled(ctx: ServiceContext, now: datetime, *,
-                   schedule_proof: ProofScheduler | None = None) -> list[str]:
+def resume_stalled(ctx: DisputeContext, now: datetime) -> list[str]:
     """Crash recovery for every open dispute: carry out again what the service owes but lost
     between a committed move and its effect (a reveal from the uploaded trace, a disclosure
     already uploaded, the watcher's answer, a proof that was never queued or whose task was
     lost). Runs on the timers beat before timeouts are applied, so a party can never time out
     because of the service. Returns the ids it acted on."""
-    grace = ctx.settings.dispute_resume_after_s
+    grace = ctx.config.resume_after_s
     # Past the broker's own redelivery of a lost task, and the time that task may run.
-    requeue_every = float(ctx.settings.visibility_timeout_s + ctx.settings.task_time_limit_s)
+    requeue_every = ctx.config.requeue_every_s
     t = now.timestamp()
     owed: list[str] = []
     proofs: list[str] = []
@@ -766,11 +759,11 @@ def resume_stalled(ctx: ServiceContext, now: datetime, *,
                     proofs.append(dispute.id)
     for dispute_id in owed:
         try:
-            resume(ctx, dispute_id, now, schedule_proof=schedule_proof)
+            resume(ctx, dispute_id, now)
         except RefuteError as exc:  # one broken dispute must not stop the others' recovery
             log.warning("recovery: dispute %s: %s", dispute_id, exc.reason)
     for dispute_id in proofs:
-        queue_proof(ctx, dispute_id, now, schedule_proof)
+        queue_proof(ctx, dispute_id, now)
     return owed + proofs
 
 
@@ -786,13 +779,12 @@ def _holds(session: Session, result_id: str, trace_blob: str | None,
     return needed <= held
 
 
-def queue_proof(ctx: ServiceContext, dispute_id: str, now: datetime,
-                schedule_proof: ProofScheduler | None = None) -> bool:
+def queue_proof(ctx: DisputeContext, dispute_id: str, now: datetime) -> bool:
     """Queue the proof a dispute waits for, and note when it was queued. A broker outage is
     logged, not raised: the move that made the proof due is committed, and the timers' recovery
     (:func:`resume_stalled`) queues a proof that was never queued at its next beat."""
     try:
-        (schedule_proof or _celery_prove)(dispute_id)
+        ctx.tasks.schedule_proof(dispute_id)
     except Exception:
         log.exception("cannot queue the proof of dispute %s: recovery will", dispute_id)
         return False
@@ -802,7 +794,7 @@ def queue_proof(ctx: ServiceContext, dispute_id: str, now: datetime,
     return True
 
 
-def tick_due(ctx: ServiceContext, now: datetime) -> int:
+def tick_due(ctx: DisputeContext, now: datetime) -> int:
     """Apply timeouts to every open dispute whose clock ran out; returns how many moved."""
     with ctx.sessions() as session:
         due = session.scalars(select(Dispute.id).where(
@@ -820,19 +812,19 @@ def tick_due(ctx: ServiceContext, now: datetime) -> int:
 # --- export -----------------------------------------------------------------------------------
 
 
-def service_signing_key(ctx: ServiceContext) -> SigningKey:
+def service_signing_key(ctx: DisputeContext) -> SigningKey:
     """The service's BLS key: from ``REFUTE_BLS_SEED`` (hex), else a development seed kept
     beside the blob store (generated once; not for production)."""
-    if ctx.settings.bls_seed:
-        return SigningKey.generate(bytes.fromhex(ctx.settings.bls_seed))
-    path = ctx.settings.blob_dir.parent / "bls-dev.seed"
+    if ctx.config.bls_seed:
+        return SigningKey.generate(bytes.fromhex(ctx.config.bls_seed))
+    path = ctx.config.dev_seed_path
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(32))
     return SigningKey.generate(bytes.fromhex(path.read_text().strip()))
 
 
-def export_dispute(ctx: ServiceContext, dispute_id: str, path: Path) -> Path:
+def export_dispute(ctx: DisputeContext, dispute_id: str, path: Path) -> Path:
     """Write the dispute's bundle for ``refute replay`` (transcript head signed by the service).
 
     It holds the states the dispute revealed or proved on and, under ``artifacts/<sha256>``,
@@ -855,28 +847,30 @@ def export_dispute(ctx: ServiceContext, dispute_id: str, path: Path) -> Path:
             wanted.add(int(str(body["state"])))
             continue
         if event.kind == "proofoutcome":
-            step = int(str(body["step"]))
-            wanted |= {step - 1, step}
-            circuit = _prover().step_circuit(prepared, manifest, step)
+            index = int(str(body["step"]))
+            wanted |= {index - 1, index}
+            kind = ProofKind.STEP
         elif event.kind == "rangeoutcome":
-            wanted.add(int(str(body["state"])))
-            circuit = _prover().range_circuit(prepared, manifest, int(str(body["state"])))
+            index = int(str(body["state"]))
+            wanted.add(index)
+            kind = ProofKind.RANGE
         else:
             continue
-        for field, fallback in (("settings_sha256", circuit.settings_path),
-                                ("vk_sha256", circuit.vk_path), ("srs_sha256", circuit.srs_path)):
-            digest = str(body.get(field, ""))
-            if digest and ctx.blobs.exists(digest):
-                files[f"artifacts/{digest}"] = ctx.blobs.get(digest)
-            elif digest:
-                files[f"artifacts/{digest}"] = fallback.read_bytes()
+        digests = {str(body[f]) for f in ("settings_sha256", "vk_sha256", "srs_sha256")
+                   if body.get(f)}
+        for digest in sorted(d for d in digests if ctx.blobs.exists(d)):
+            files[f"artifacts/{digest}"] = ctx.blobs.get(digest)
+        if any(not ctx.blobs.exists(d) for d in digests):  # from the prover's circuit cache
+            for data in ctx.prover.artifacts(prepared, kind, index):
+                digest = hashlib.sha256(data).hexdigest()
+                if digest in digests:
+                    files[f"artifacts/{digest}"] = data
     states = {k: held for k in sorted(wanted) if (held := loaded.state(k)) is not None}
     return write_bundle(path, transcript=transcript.to_json(), manifest=manifest,
                         dispute_id=dispute_id, states=states, circuit_files=files)
 
 
-def resume(ctx: ServiceContext, dispute_id: str, now: datetime, *,
-           schedule_proof: ProofScheduler | None = None) -> None:
+def resume(ctx: DisputeContext, dispute_id: str, now: datetime) -> None:
     """Carry out a dispute's pending effect again from its stored phase (after a crash between
     a committed move and its effects, or a lost task). Idempotent."""
     loaded = _load(ctx, dispute_id)
@@ -894,4 +888,4 @@ def resume(ctx: ServiceContext, dispute_id: str, now: datetime, *,
         effects = [RequestStepProof(step=state.hi)]
     elif state.phase is Phase.RANGE_PROOF and state.pending is not None:
         effects = [RequestRangeProof(state=state.pending)]
-    drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)
+    drive(ctx, dispute_id, effects, now)

@@ -9,6 +9,7 @@ segment of one result is recorded once). Migrations live in ``verifier/migration
 from __future__ import annotations
 
 import enum
+import secrets
 from datetime import datetime
 
 from sqlalchemy import (
@@ -26,6 +27,11 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random identifier such as ``res_4f1c…``."""
+    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 class Base(DeclarativeBase):

@@ -25,13 +25,16 @@ line of the report (a failed one says where: the member, the event, the field):
                and each settings file is the one the manifest records for its circuit;
 ``leaves``     the committed leaves rebuild the signed trace root, the bundle holds exactly the
                states the dispute needs, and each hashes to its committed leaf;
-``moves``      the dispute's events, replayed through the game engine from the challenge, are
-               legal (clocks included), match their recorded phases and reach the verdict;
+``moves``      the dispute's events, read into moves by the codec the orchestrator writes them
+               with (``challenge/events.py``) and replayed through the game engine from the
+               challenge, are legal (clocks included), match their recorded phases and reach
+               the verdict;
 ``proof``      every step and range proof verifies with EZKL (only when the transcript is
                signed by a trusted key and every artifact matched its hash: the expensive,
                native verifier never sees unauthenticated input);
 ``binding``    the proof's hash instances are the committed leaves;
-``verdict``    the proven maxdiff (max |v|) and τ (R) are the ones recorded, and the rule holds.
+``verdict``    the proven maxdiff (max |v|) and τ (R) are the ones recorded, and the rule holds
+               (``refute/verdict.py``, the rule the game and the prover apply).
 
 A malformed bundle is a failed check naming its place, never an exception: every part is
 validated before use, and anything that still raises is caught and reported with the place the
@@ -49,27 +52,25 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from math import isfinite, prod
+from math import prod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from challenge.game import (
-    Actor,
-    Answer,
-    Choice,
-    Disclose,
-    DisputeState,
-    Move,
-    Open,
-    ProofOutcome,
-    RangeOutcome,
-    Reveal,
-    Tick,
-    TimeControl,
-    apply,
+from challenge.events import (
+    DISPUTE_KINDS,
+    PROOF_KINDS,
+    Decoded,
+    EventError,
+    RevealFacts,
+    decode,
+    outcome_move,
+    proof_target,
+    states_of,
+    verdict_name,
 )
+from challenge.game import DisputeState, ProofOutcome, RangeOutcome, apply
 from challenge.transcript import (
     Event,
     SigningKey,
@@ -84,6 +85,14 @@ from refute.errors import RefuteError
 from refute.manifest import Manifest, canonical_json
 from refute.merkle import merkle_root
 from refute.trace import leaf_of_state
+from refute.verdict import (
+    VerdictError,
+    proven_units,
+    range_bound_units,
+    range_fault,
+    step_verdict,
+    within_range,
+)
 
 FORMAT = "refute.dispute/1"
 #: Largest member read from a bundle (an SRS for 2^20 rows is 128 MB).
@@ -95,19 +104,13 @@ MAX_BUNDLE_BYTES = 2 << 30
 #: At most this many members.
 MAX_MEMBERS = 4096
 ARTIFACT_FIELDS = ("settings_sha256", "vk_sha256", "srs_sha256")
-PROOF_KINDS = ("proofoutcome", "rangeoutcome")
-#: Event kinds a dispute's own events may have.
-DISPUTE_KINDS = frozenset({"challenge", "disclose", "reveal", "answer", "timeout",
-                           *PROOF_KINDS, "verdict"})
-VERDICTS = frozenset({"PROVIDER_FAULT", "CHALLENGER_FAULT", "PROVIDER_TIMEOUT",
-                      "CHALLENGER_TIMEOUT", "ABORTED"})
-CLOCK_KEYS = frozenset({"provider", "challenger", "proof_timeout"})
+#: The kinds of a dispute's proof events.
+PROOF_EVENTS = frozenset(PROOF_KINDS.values())
 
 _STATE_MEMBER = re.compile(r"states/(0|[1-9][0-9]{0,5})/(0|[1-9][0-9]{0,5})\.f32")
 _ARTIFACT_MEMBER = re.compile(r"artifacts/([0-9a-f]{64})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LEAF = re.compile(r"0x[0-9a-f]{64}")
-_FRACTION = re.compile(r"(0|[1-9][0-9]{0,77})(/[1-9][0-9]{0,77})?")
 _DISPUTE_ID = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 _JSON_MEMBERS = ("dispute.json", "transcript.json", "manifest.json")
 
@@ -251,36 +254,11 @@ def _field(body: dict[str, Any], key: str, place: str) -> Any:
     return body[key]
 
 
-def _int(body: dict[str, Any], key: str, place: str, lo: int, hi: int) -> int:
-    value = _field(body, key, place)
-    if type(value) is not int or not lo <= value <= hi:
-        raise ReplayError(f"{key} must be an integer in [{lo}, {hi}], not "
-                          f"{_shorten(value)}", f"{place}.{key}")
-    return value
-
-
 def _str(body: dict[str, Any], key: str, place: str) -> str:
     value = _field(body, key, place)
     if type(value) is not str:
         raise ReplayError(f"{key} must be a string, not {type(value).__name__}", f"{place}.{key}")
     return value
-
-
-def _time(value: object, place: str) -> float:
-    seconds = float(value) if type(value) is float or (
-        type(value) is int and abs(value) < 1 << 53) else None
-    if seconds is None or not isfinite(seconds) or seconds < 0:
-        raise ReplayError(f"not a finite, non-negative number of seconds: {_shorten(value)}",
-                          place)
-    return seconds
-
-
-def _fraction(body: dict[str, Any], key: str, place: str) -> Fraction:
-    value = _field(body, key, place)
-    if type(value) is not str or not _FRACTION.fullmatch(value):
-        raise ReplayError(f"{key} must be a non-negative fraction 'a' or 'a/b', not "
-                          f"{_shorten(value)}", f"{place}.{key}")
-    return Fraction(value)
 
 
 def _sha(body: dict[str, Any], key: str, place: str) -> str:
@@ -298,6 +276,12 @@ def _shorten(value: object) -> str:
 
 def _at(event: Event) -> str:
     return f"transcript.json event {event.seq} ({event.kind})"
+
+
+def _read(event: Event, exc: EventError) -> ReplayError:
+    """The codec's refusal of an event's body, placed in the bundle."""
+    place = f"{_at(event)} body"
+    return ReplayError(exc.reason, f"{place}.{exc.field}" if exc.field else place)
 
 
 # --- the replay ---------------------------------------------------------------------------------
@@ -525,7 +509,7 @@ class _Replay:
         manifest = self._calibrated()
         named: set[str] = set()
         problem: tuple[str, str] | None = None
-        proofs = [e for e in self.mine if e.kind in PROOF_KINDS]
+        proofs = [e for e in self.mine if e.kind in PROOF_EVENTS]
         for event in proofs:
             place = f"{_at(event)} body"
             self.where = place
@@ -643,12 +627,10 @@ class _Replay:
         n = len(self.leaves) - 1
         needed: set[int] = set()
         for event in self.mine:
-            place = f"{_at(event)} body"
-            if event.kind in ("reveal", "rangeoutcome"):
-                needed.add(_int(event.body, "state", place, 0, n))
-            elif event.kind == "proofoutcome":
-                step = _int(event.body, "step", place, 1, n)
-                needed |= {step - 1, step}
+            try:
+                needed |= states_of(event.kind, event.body, n)
+            except EventError as exc:
+                raise _read(event, exc) from exc
         return needed
 
     # moves -------------------------------------------------------------------------------------
@@ -674,26 +656,21 @@ class _Replay:
                 report.add("moves", False, f"unknown event kind {event.kind!r} in a dispute",
                            _at(event))
                 return
-            game_move, actor = self._move_of(event)
+            decoded = self._move_of(event)
             try:
-                state, _effects = apply(state, game_move)
+                state, _effects = apply(state, decoded.move)
             except RefuteError as exc:
                 report.add("moves", False, f"illegal move: {exc.reason}", _at(event))
                 return
-            if event.kind != "challenge":
-                place = f"{_at(event)} body"
-                if _str(event.body, "actor", place) != actor.value:
-                    report.add("moves", False, f"actor is not {actor.value}", f"{place}.actor")
-                    return
-                if _str(event.body, "phase", place) != state.phase.value:
-                    report.add("moves", False, f"recorded phase differs from the replayed "
-                               f"{state.phase.value}", f"{place}.phase")
-                    return
+            if decoded.phase is not None and decoded.phase is not state.phase:
+                report.add("moves", False, f"recorded phase differs from the replayed "
+                           f"{state.phase.value}", f"{_at(event)} body.phase")
+                return
         verdict = verdicts[0]
         place = f"{_at(verdict)} body"
         recorded = _str(verdict.body, "verdict", place)
-        reached = state.verdict.value.upper() if state is not None and state.verdict else None
-        if recorded not in VERDICTS or recorded != reached:
+        reached = verdict_name(state.verdict) if state is not None and state.verdict else None
+        if recorded != reached:
             report.add("moves", False, f"records {_shorten(recorded)}, but the moves replay "
                        f"to {reached}", f"{place}.verdict")
             return
@@ -701,67 +678,28 @@ class _Replay:
         report.add("moves", True, f"{len(mine) - 1} moves, {state.rounds} rounds replayed to "
                    f"{reached} (as recorded)")
 
-    def _move_of(self, event: Event) -> tuple[Move, Actor]:
-        body, kind = event.body, event.kind
-        place = f"{_at(event)} body"
+    def _move_of(self, event: Event) -> Decoded:
+        """The move ``event`` records, read by the codec the orchestrator wrote it with."""
+        try:
+            return decode(event.kind, event.body, at=event.at, n=len(self.leaves) - 1,
+                          facts=self._facts)
+        except EventError as exc:
+            raise _read(event, exc) from exc
+
+    def _facts(self, k: int) -> RevealFacts:
+        """What the bundle shows of revealed state ``k``: whether it matched its leaf (hashed
+        by the leaves check) and whether it is within range."""
         manifest = self.manifest
         assert manifest is not None
-        n = len(self.leaves) - 1
-        if kind == "challenge":
-            clocks = _field(body, "clocks", place)
-            if type(clocks) is not dict or set(clocks) != CLOCK_KEYS:
-                raise ReplayError(f"clocks must have exactly the keys {sorted(CLOCK_KEYS)}",
-                                  f"{place}.clocks")
-            control = TimeControl(**{k: _time(clocks[k], f"{place}.clocks.{k}")
-                                     for k in sorted(CLOCK_KEYS)})
-            disclosed = body.get("disclosed", True)
-            if type(disclosed) is not bool:
-                raise ReplayError("disclosed must be true or false", f"{place}.disclosed")
-            count = _int(body, "n", place, 1, n)
-            if count != n:
-                raise ReplayError(f"n is {count}, but the commitment has {n} segments",
-                                  f"{place}.n")
-            return Open(actor=Actor.CHALLENGER, at=event.at, n=count,
-                        lo=_int(body, "lo", place, 0, n), hi=_int(body, "hi", place, 0, n),
-                        clocks=control, disclosed=disclosed), Actor.CHALLENGER
-        at = _time(body.get("move_at", event.at), f"{place}.move_at")
-        if kind == "disclose":  # the service checked the upload against the leaves
-            return Disclose(actor=Actor.PROVIDER, at=at, matches_commitment=True), Actor.PROVIDER
-        if kind == "reveal":
-            k = _int(body, "state", place, 0, n)
-            matches = self.matching.get(k, False)  # hashed by the leaves check
-            bound = manifest.range
-            in_range = k in self.states and all(
-                bool(np.all(np.isfinite(t))) and (bound is None or float(np.max(np.abs(t)))
-                                                  <= bound) for t in self.states[k])
-            return Reveal(actor=Actor.PROVIDER, at=at, state=k, matches_leaf=matches,
-                          in_range=in_range), Actor.PROVIDER
-        if kind == "answer":
-            choice = _str(body, "choice", place)
-            if choice not in {c.value for c in Choice}:
-                raise ReplayError(f"choice must be agree or disagree, not {_shorten(choice)}",
-                                  f"{place}.choice")
-            return Answer(actor=Actor.CHALLENGER, at=at, state=_int(body, "state", place, 0, n),
-                          choice=Choice(choice)), Actor.CHALLENGER
-        if kind == "timeout":
-            return Tick(actor=Actor.SERVICE, at=at), Actor.SERVICE
-        if kind == "rangeoutcome":
-            return RangeOutcome(actor=Actor.SERVICE, at=at, state=_int(body, "state", place, 0, n),
-                                max_abs_units=_fraction(body, "max_abs_units", place),
-                                bound=_int(body, "bound", place, 0, 1 << 255),
-                                valid=True), Actor.SERVICE
-        assert kind == "proofoutcome"
-        return ProofOutcome(actor=Actor.SERVICE, at=at, step=_int(body, "step", place, 1, n),
-                            maxdiff_units=_fraction(body, "maxdiff_units", place),
-                            tolerance=_int(body, "tolerance", place, 0, 1 << 255),
-                            valid=True), Actor.SERVICE
+        in_range = k in self.states and within_range(self.states[k], manifest.range)
+        return RevealFacts(matches_leaf=self.matching.get(k, False), in_range=in_range)
 
     # proofs ------------------------------------------------------------------------------------
 
     def _proofs(self) -> None:
         report = self.report
         self._stage("proof", "transcript.json")
-        proofs = [e for e in self.mine if e.kind in PROOF_KINDS]
+        proofs = [e for e in self.mine if e.kind in PROOF_EVENTS]
         if not proofs:
             report.add("proof", True, "no proof in this dispute (decided without one)")
             return
@@ -815,46 +753,63 @@ class _Replay:
                           else f"instances do not hash to {names}", f"{place}.proof.instances"):
             return
         self._stage("verdict", place)
-        if raw < 0:
-            report.add("verdict", False, "the proven value is negative", f"{place}.proof")
-            return
-        units = Fraction(raw * 2**manifest.scale, 2**circuit.output_scale)
+        try:
+            outcome = outcome_move(kind, event.body, at=event.at)
+        except EventError as exc:
+            raise _read(event, exc) from exc
         assert manifest.tolerances is not None and manifest.range is not None
-        if kind == "step":
-            recorded = _fraction(event.body, "maxdiff_units", place)
-            tau = manifest.tolerances[index - 1]
-            if units != recorded or _int(event.body, "tolerance", place, 0, 1 << 255) != tau:
-                report.add("verdict", False, f"records maxdiff {recorded} and τ "
-                           f"{event.body.get('tolerance')}, the proof and manifest say {units} "
-                           f"and {tau}", place)
-                return
-            rule = "PROVIDER_FAULT" if units > tau else "CHALLENGER_FAULT"
-            verdict = next((e for e in self.mine if e.kind == "verdict"), None)
-            recorded_verdict = verdict.body.get("verdict") if verdict is not None else None
-            report.add("verdict", recorded_verdict == rule,
-                       f"maxdiff {float(units):.4g} vs τ={tau} → {rule}" if recorded_verdict
-                       == rule else f"maxdiff {float(units):.4g} vs τ={tau} → {rule}, but "
-                       f"the transcript records {_shorten(recorded_verdict)}",
-                       f"{_at(verdict)} body.verdict" if verdict is not None
-                       else "transcript.json (no verdict event)")
+        try:
+            units = proven_units(raw, output_scale=circuit.output_scale, scale=manifest.scale)
+            if isinstance(outcome, ProofOutcome):
+                self._step_verdict(event, outcome, units, manifest.tolerances[index - 1])
+            else:
+                self._range_verdict(event, outcome, units,
+                                    range_bound_units(manifest.range, manifest.scale))
+        except VerdictError as exc:
+            report.add("verdict", False, exc.reason, f"{place}.proof")
+
+    def _step_verdict(self, event: Event, outcome: ProofOutcome, units: Fraction,
+                      tau: int) -> None:
+        """The step proof's recorded numbers are the proven ones, and so is the verdict."""
+        place = f"{_at(event)} body"
+        if units != outcome.maxdiff_units or outcome.tolerance != tau:
+            self.report.add("verdict", False, f"records maxdiff {outcome.maxdiff_units} and τ "
+                            f"{outcome.tolerance}, the proof and manifest say {units} and {tau}",
+                            place)
             return
-        recorded = _fraction(event.body, "max_abs_units", place)
-        bound_units = int(Fraction(manifest.range) * 2**manifest.scale)
-        if units != recorded or _int(event.body, "bound", place, 0, 1 << 255) != bound_units:
-            report.add("verdict", False, f"records max |v| {recorded} and R "
-                       f"{event.body.get('bound')}, the proof and manifest say {units} and "
-                       f"{bound_units}", place)
+        rule = step_verdict(units, tau).value
+        verdict = next((e for e in self.mine if e.kind == "verdict"), None)
+        recorded = verdict.body.get("verdict") if verdict is not None else None
+        self.report.add("verdict", recorded == rule,
+                        f"maxdiff {float(units):.4g} vs τ={tau} → {rule}" if recorded == rule
+                        else f"maxdiff {float(units):.4g} vs τ={tau} → {rule}, but the "
+                        f"transcript records {_shorten(recorded)}",
+                        f"{_at(verdict)} body.verdict" if verdict is not None
+                        else "transcript.json (no verdict event)")
+
+    def _range_verdict(self, event: Event, outcome: RangeOutcome, units: Fraction,
+                       bound: int) -> None:
+        """The range proof's recorded numbers are the proven ones (the game, replayed by the
+        moves check, drew the consequence)."""
+        if units != outcome.max_abs_units or outcome.bound != bound:
+            self.report.add("verdict", False, f"records max |v| {outcome.max_abs_units} and R "
+                            f"{outcome.bound}, the proof and manifest say {units} and {bound}",
+                            f"{_at(event)} body")
             return
-        rule = "PROVIDER_FAULT" if units > bound_units else "the bisection continues"
-        report.add("verdict", True, f"max |v| {float(units):.4g} vs R={bound_units} → {rule}")
+        rule = "PROVIDER_FAULT" if range_fault(units, bound) else "the bisection continues"
+        self.report.add("verdict", True, f"max |v| {float(units):.4g} vs R={bound} → {rule}")
 
 
 def _circuit_of(event: Event) -> tuple[str, str, int]:
     """(manifest circuit kind, its index field, index) of a proof event (fields validated)."""
-    place = f"{_at(event)} body"
-    if event.kind == "proofoutcome":
-        return "step", "segment", _int(event.body, "step", place, 1, 1 << 20)
-    return "range", "state", _int(event.body, "state", place, 0, 1 << 20)
+    try:
+        target = proof_target(event.kind, event.body)
+    except EventError as exc:
+        raise _read(event, exc) from exc
+    if target is None:  # pragma: no cover - only called on proof events
+        raise ReplayError("not a proof event", _at(event))
+    kind, index = target
+    return kind, "segment" if kind == "step" else "state", index
 
 
 def _canonical(value: Any) -> bytes | None:

@@ -14,13 +14,20 @@ from typing import Any
 import httpx
 import numpy as np
 
-from challenge.messages import Challenge, Domain, Move, network_word, sign_typed
+from challenge.messages import (
+    MOVE_AGREE,
+    MOVE_DISAGREE,
+    Challenge,
+    Domain,
+    Move,
+    network_word,
+    sign_typed,
+)
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.provider import PreparedModel, validate_inputs
 from refute.segmentation import run_segments
 from refute.trace import leaf_of_state
-from verifier.api.disputes import MOVE_AGREE, MOVE_DISAGREE
 
 Report = Callable[[str], None]
 

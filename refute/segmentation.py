@@ -36,6 +36,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper
 from refute.errors import ModelTooLarge, SegmentationError
 from refute.executor import DeterministicExecutor
 from refute.loading import LoadedModel, TensorSpec, serialize
+from refute.quantize import quantize
 
 #: Operators that make a segment of their own under the default policy.
 HEAVY_OPS: frozenset[str] = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"})
@@ -432,3 +433,15 @@ def check_reproduces(
             raise SegmentationError(
                 f"segments do not reproduce output {spec.name!r} bit for bit"
             )
+
+
+def step_difference_units(executor: DeterministicExecutor, segment: Segment,
+                          before: Sequence[np.ndarray], after: Sequence[np.ndarray],
+                          scale: int) -> int:
+    """Re-execute ``segment`` on ``before`` and return the largest difference from ``after``,
+    both quantized at ``scale`` (what a spot-check measures, and what a step proof bounds)."""
+    worst = 0
+    for mine, theirs in zip(run_segment(executor, segment, tuple(before)), after, strict=True):
+        diff = np.abs(quantize(mine, scale) - quantize(theirs, scale))
+        worst = max(worst, int(diff.max()) if diff.size else 0)
+    return worst

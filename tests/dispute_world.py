@@ -1,5 +1,11 @@
-"""A calibrated service for in-process dispute tests: a SQLite database, a blob store, the small
-zoo MLP registered for one network, and results with lying or out-of-range traces."""
+"""A service for in-process dispute tests: a SQLite database, a blob store, the small zoo MLP
+registered for one network, and results with lying or out-of-range traces.
+
+Two kinds of world: ``ezkl=True`` calibrates the model's circuits and proves with EZKL (slow,
+real proofs that ``refute replay`` verifies); ``ezkl=False`` calibrates only what the game needs
+(tolerances and the range bound) and plugs in the fakes of :mod:`challenge.fakes`, so a whole
+dispute takes milliseconds. Both queue background work in a :class:`FakeTasks` the test drains.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,25 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from challenge.records import Network, RegisteredModel, Result, ResultStatus
+from challenge.context import DisputeContext
+from challenge.fakes import FakeProver, FakeTasks
+from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
+from challenge.result_lifecycle import accept
+from prover.adapter import EzklProofs
 from prover.calibration import calibrate_model
+from prover.config import make_prover
 from refute import zoo
+from refute.executor import DeterministicExecutor
 from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
+from refute.segmentation import run_segments
+from refute.settings import Settings
 from refute.trace import Trace
 from verifier.db import migrate
-from verifier.service import ServiceContext, new_id
-from verifier.settings import ServiceSettings
+from verifier.service import ServiceContext
+
+#: The tolerance (quantized units) of every step in a fake world: an honest re-execution
+#: differs by 0, a lie of 0.5 by 64 units at scale 7.
+FAKE_TOLERANCE = 4
 
 
 @dataclasses.dataclass
@@ -26,19 +43,45 @@ class World:
     workdir: Path
     network_id: str
     model_id: str
+    tasks: FakeTasks
+
+    @property
+    def disputes(self) -> DisputeContext:
+        """The dispute logic's context (the orchestrator's argument)."""
+        return self.ctx.disputes
 
 
-def make_world(workdir: Path, *, network_id: str, model_id: str) -> World:
+def _fake_calibration(prepared: PreparedModel) -> PreparedModel:
+    """Tolerances and a range bound without circuits: what the game and the fake prover use."""
+    executor = DeterministicExecutor()
+    runs = [run_segments(executor, prepared.segmentation, random_inputs(prepared.loaded, seed=s))
+            for s in range(3)]
+    top = max(float(abs(t).max()) for run in runs for state in run for t in state)
+    manifest = dataclasses.replace(
+        prepared.manifest, scale_source="calibrated",
+        tolerances=(FAKE_TOLERANCE,) * prepared.segmentation.num_segments,
+        range=float(4 * top), circuits=())
+    return dataclasses.replace(prepared, manifest=manifest)
+
+
+def make_world(workdir: Path, *, network_id: str, model_id: str, ezkl: bool = True) -> World:
     """Migrate a fresh database under ``workdir`` and register the calibrated zoo MLP."""
-    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'd.db'}",
-                               blob_dir=workdir / "blobs", spot_key="ab" * 16)
+    settings = Settings(database_url=f"sqlite:///{workdir / 'd.db'}",
+                        blob_dir=workdir / "blobs", spot_key="ab" * 16, home=workdir / "home")
     migrate(settings.database_url)
-    ctx = ServiceContext.create(settings)
+    tasks = FakeTasks()
     model = zoo.mlp()
     prepared = prepare_model(model.onnx_bytes)
-    manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
-                                             for s in range(3)])
-    prepared = dataclasses.replace(prepared, manifest=manifest)
+    if ezkl:
+        ctx = ServiceContext.create(settings, tasks=tasks,
+                                    prover=EzklProofs(lambda: make_prover(settings)))
+        manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
+                                                 for s in range(3)])
+        prepared = dataclasses.replace(prepared, manifest=manifest)
+    else:
+        ctx = ServiceContext.create(settings, tasks=tasks, prover=FakeProver())
+        prepared = _fake_calibration(prepared)
+    manifest = prepared.manifest
     now = datetime.now(UTC)
     with ctx.sessions() as s, s.begin():
         s.add(Network(id=network_id, name=network_id, created_at=now))
@@ -46,7 +89,7 @@ def make_world(workdir: Path, *, network_id: str, model_id: str) -> World:
                               model_sha256=manifest.model_sha256,
                               manifest_sha256=manifest.sha256, manifest=manifest.to_json(),
                               model_blob=ctx.blobs.put(model.onnx_bytes), created_at=now))
-    return World(ctx, prepared, workdir, network_id, model_id)
+    return World(ctx, prepared, workdir, network_id, model_id, tasks)
 
 
 def add_result(world: World, *, seed: int, lie_at: int | None = None,
@@ -54,7 +97,8 @@ def add_result(world: World, *, seed: int, lie_at: int | None = None,
     """Accept a result of the MLP on ``sample_input(seed)``; a cheat moves state ``lie_at`` by
     0.5 (far beyond τ), or puts one value of state ``out_of_range_at`` at 3·R (committed, but an
     upload would refuse it). The trace is kept as ``<id>.rtrace`` in the working folder, and
-    stored as uploaded unless ``upload`` is false. Returns the result id."""
+    stored as uploaded unless ``upload`` is false. The provider's stake (1000) is locked in the
+    result's journal, as at acceptance. Returns the result id."""
     manifest = world.prepared.manifest
     trace = run_trace(world.prepared, zoo.mlp().sample_input(seed))
     states = [list(x) for x in trace.states]
@@ -70,13 +114,13 @@ def add_result(world: World, *, seed: int, lie_at: int | None = None,
     now = datetime.now(UTC)
     blob = world.ctx.blobs.put(trace.write(world.workdir / f"{rid}.rtrace").read_bytes())
     with world.ctx.sessions() as s, s.begin():
-        s.add(Result(id=rid, network_id=world.network_id, model_id=world.model_id,
-                     message_hash=rid.ljust(64, "0"), provider="0x" + "aa" * 20, nonce=rid,
-                     deadline=0, stake="1000", input_hash="0x" + "00" * 32,
-                     output_hash="0x" + "00" * 32,
-                     trace_root="0x" + trace.commitment.root.hex(),
-                     leaves=["0x" + x.hex() for x in trace.commitment.leaves],
-                     signature="0x", status=ResultStatus.ACCEPTED, accepted_at=now,
-                     challenge_deadline=now + timedelta(hours=1),
-                     trace_blob=blob if upload else None))
+        accept(s, Result(id=rid, network_id=world.network_id, model_id=world.model_id,
+                         message_hash=rid.ljust(64, "0"), provider="0x" + "aa" * 20, nonce=rid,
+                         deadline=0, stake="1000", input_hash="0x" + "00" * 32,
+                         output_hash="0x" + "00" * 32,
+                         trace_root="0x" + trace.commitment.root.hex(),
+                         leaves=["0x" + x.hex() for x in trace.commitment.leaves],
+                         signature="0x", status=ResultStatus.ACCEPTED, accepted_at=now,
+                         challenge_deadline=now + timedelta(hours=1),
+                         trace_blob=blob if upload else None))
     return rid

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from challenge import orchestrator
+from challenge.context import DisputeContext
 from challenge.orchestrator import open_dispute, prove_pending, service_signing_key
 from challenge.replay import archive_bytes
 from challenge.transcript import SigningKey, Transcript, sign_head
 from refute.manifest import canonical_json
 from tests.dispute_world import add_result, make_world
-from verifier.service import ServiceContext
 
 #: A key nobody trusts (a forger's).
 FOREIGN = SigningKey.generate(b"a forger's own BLS key, 32+ bytes of seed")
@@ -57,15 +57,14 @@ def build_bundles(workdir: Path) -> Bundles:
     cached settings) so circuits and the development SRS are built there.
     """
     world = make_world(workdir, network_id="net_t", model_id="mdl_t")
-    ctx = world.ctx
+    ctx = world.disputes
     step_rid = add_result(world, seed=8, lie_at=3)
     step_dispute = open_dispute(ctx, step_rid, challenger="service", lo=0, hi=3, bond=10,
-                                now=datetime.now(UTC),
-                                schedule_proof=lambda d: _prove_now(ctx, d))
+                                now=datetime.now(UTC))
+    world.tasks.drain_proofs(lambda d: _prove_now(ctx, d))
     range_rid = add_result(world, seed=11, out_of_range_at=1)
-    queued: list[str] = []
     range_dispute = open_dispute(ctx, range_rid, challenger="service", lo=0, hi=3, bond=4,
-                                 now=datetime.now(UTC), schedule_proof=queued.append)
+                                 now=datetime.now(UTC))
     _prove_now(ctx, range_dispute)
     return Bundles(
         step=orchestrator.export_dispute(ctx, step_dispute, workdir / "step.rdispute"),
@@ -73,7 +72,7 @@ def build_bundles(workdir: Path) -> Bundles:
         service_key=service_signing_key(ctx))
 
 
-def _prove_now(ctx: ServiceContext, dispute_id: str) -> None:
+def _prove_now(ctx: DisputeContext, dispute_id: str) -> None:
     prove_pending(ctx, dispute_id, datetime.now(UTC))
 
 

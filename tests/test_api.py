@@ -17,6 +17,7 @@ import pytest
 from eth_account import Account
 from fastapi.testclient import TestClient
 
+from challenge.fakes import FakeTasks
 from refute import zoo
 from refute.settings import Settings
 from tests.hostile_models import HOSTILE
@@ -51,11 +52,11 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         settings = Settings(database_url=url, blob_dir=workdir / "blobs",
                             spot_key="ab" * 16, redis_url="redis://127.0.0.1:1/0")
         migrate(settings.database_url)
-        scheduled: list[str] = []
-        context = ServiceContext.create(settings)
-        app = create_app(context, admin_token=ADMIN, enqueue=scheduled.append)
+        tasks = FakeTasks()
+        context = ServiceContext.create(settings, tasks=tasks)
+        app = create_app(context, admin_token=ADMIN)
         with TestClient(app, raise_server_exceptions=False) as client:
-            yield Api(client, scheduled, workdir, settings)
+            yield Api(client, tasks.spotchecks, workdir, settings)
         context.engine.dispose()
 
 
@@ -102,10 +103,11 @@ def test_ready_with_a_real_broker(tmp_path: Path) -> None:
         settings = Settings(database_url=f"sqlite:///{tmp_path / 'r.db'}",
                             blob_dir=tmp_path / "b", redis_url=redis.url)
         migrate(settings.database_url)
-        app = create_app(ServiceContext.create(settings), enqueue=lambda _r: None)
+        app = create_app(ServiceContext.create(settings, tasks=FakeTasks()))
         with TestClient(app) as client:
             assert client.get("/v1/ready").json() == {
-                "status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+                "status": "ok", "checks": {"database": "ok", "schema": "ok", "broker": "ok",
+                                           "blobs": "ok"}}
 
 
 def test_network_creation_and_keys(api: Api) -> None:
@@ -126,7 +128,7 @@ def test_model_registration_refusals(api: Api) -> None:
         "/v1/models", headers=headers, json={"onnx_base64": "!!!!"}), 400)
     case_id, builder, _expected, _kwargs = next(h for h in HOSTILE if h[0] == "unknown_op")
     reason = _error(api.client.post("/v1/models", headers=headers, json={
-        "onnx_base64": base64.b64encode(builder()).decode()}), 400)
+        "onnx_base64": base64.b64encode(builder()).decode()}), 422)
     assert "allowlist" in reason, case_id
     big = api.client.post("/v1/models", headers={**headers,
                           "Content-Length": str(MAX_BODY_BYTES + 1)}, content=b"{}")

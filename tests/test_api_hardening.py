@@ -27,6 +27,8 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto
 from sqlalchemy import select as sql_select
 
+from challenge.blobs import LocalBlobStore
+from challenge.fakes import FakeTasks
 from challenge.messages import AuthError, Domain, verify_signed
 from challenge.messages import Result as SignedResult
 from challenge.records import Network, RegisteredModel, Result, ResultStatus
@@ -34,15 +36,14 @@ from refute.errors import BundleError
 from refute.loading import TensorSpec
 from refute.manifest import Manifest, SegmentEntry, canonical_json
 from refute.safejson import MAX_DEPTH, json_depth, nesting_depth
+from refute.settings import Settings
 from refute.trace import Trace
 from tests.api_server import Server, start_server
 from verifier.accounts import create_network
 from verifier.api.app import MAX_SMALL_BODY_BYTES, create_app
-from verifier.blobs import LocalBlobStore
 from verifier.db import make_engine, migrate, session_factory
 from verifier.results import attach_trace
 from verifier.service import ServiceContext
-from verifier.settings import ServiceSettings
 
 #: A valid EIP-55 address and the same address with one letter's case flipped.
 GOOD = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
@@ -259,17 +260,17 @@ def test_unexpected_failures_are_500_with_an_error_id_and_a_logged_traceback(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A database without its schema fails every query: the answer is the error schema with an
     error id, and that id is logged with the traceback; the body has no traceback."""
-    settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'empty.db'}",
-                               blob_dir=tmp_path / "blobs", redis_url="redis://127.0.0.1:1/0",
-                               spot_key="cd" * 16)
-    app = create_app(ServiceContext.create(settings), enqueue=lambda _rid: None)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}",
+                        blob_dir=tmp_path / "blobs", redis_url="redis://127.0.0.1:1/0",
+                        spot_key="cd" * 16)
+    app = create_app(ServiceContext.create(settings, tasks=FakeTasks()))
     with caplog.at_level(logging.ERROR, logger="refute.api"), \
             TestClient(app, raise_server_exceptions=False) as client:
         answer = client.post("/v1/networks", json={"name": "x"})
     reason = assert_error(answer, 500)
     assert answer.json()["error"]["code"] == "internal_error"
-    error_id = reason.rsplit("error id ", 1)[1].rstrip(")")
-    assert len(error_id) == 16
+    error_id = reason.rsplit("request id ", 1)[1].rstrip(")")
+    assert len(error_id) == 16 and answer.headers["X-Request-ID"] == error_id
     assert "no such table" not in reason and "sqlite" not in reason.lower()
     logged = [r for r in caplog.records if error_id in r.getMessage()]
     assert logged and logged[0].exc_info is not None
@@ -296,11 +297,11 @@ def _app_client() -> TestClient:
     import tempfile
 
     workdir = Path(tempfile.mkdtemp(prefix="refute-hardening-"))
-    settings = ServiceSettings(database_url=f"sqlite:///{workdir / 'api.db'}",
-                               blob_dir=workdir / "blobs", redis_url="redis://127.0.0.1:1/0",
-                               spot_key="cd" * 16)
+    settings = Settings(database_url=f"sqlite:///{workdir / 'api.db'}",
+                        blob_dir=workdir / "blobs", redis_url="redis://127.0.0.1:1/0",
+                        spot_key="cd" * 16)
     migrate(settings.database_url)
-    app = create_app(ServiceContext.create(settings), enqueue=lambda _rid: None)
+    app = create_app(ServiceContext.create(settings, tasks=FakeTasks()))
     return TestClient(app, raise_server_exceptions=False)
 
 

@@ -26,21 +26,21 @@ import pytest
 from eth_account import Account
 from sqlalchemy import select
 
+from challenge.books import all_books, combined_balances, load_ledger
 from challenge.game import Actor, Answer, Choice
 from challenge.ledger import available_account
 from challenge.onchain import verify_outcome_on_chain
-from challenge.books import all_books, combined_balances, load_ledger
 from challenge.orchestrator import load_transcript, move
 from challenge.records import Dispute, TaskDelivery
 from challenge.whistleblower import Whistleblower
-from prover import config as prover_config
+from refute import settings as refute_settings
 from refute import zoo
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, run_trace
+from refute.settings import Settings
 from refute.trace import Trace
 from verifier.client import RefuteClient, sign_result
 from verifier.service import ServiceContext
-from verifier.settings import ServiceSettings
 from verifier.stack import LocalStack
 
 pytestmark = [pytest.mark.slow, pytest.mark.ezkl, pytest.mark.chain]
@@ -88,7 +88,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         # The on-chain check reads the circuits the prove worker built (REFUTE_HOME).
         mp = pytest.MonkeyPatch()
         mp.setenv("REFUTE_HOME", stack.env["REFUTE_HOME"])
-        prover_config.get_settings.cache_clear()
+        refute_settings.get_settings.cache_clear()
         try:
             admin = RefuteClient(stack.api_url)
             # No spot-checks and a long window: only the whistleblowers dispute, nothing
@@ -101,7 +101,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             registered = client.register_model(model.onnx_bytes, calibration_samples=2)
             manifest = Manifest.from_json(registered["manifest"])
             prepared = dataclasses.replace(prepare_model(model.onnx_bytes), manifest=manifest)
-            ctx = ServiceContext.create(ServiceSettings(
+            ctx = ServiceContext.create(Settings(
                 database_url=stack.env["REFUTE_DATABASE_URL"],
                 blob_dir=Path(stack.env["REFUTE_BLOB_DIR"]),
                 spot_key=stack.env["REFUTE_SPOT_KEY"]))
@@ -111,7 +111,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             ctx.engine.dispose()
         finally:
             mp.undo()
-            prover_config.get_settings.cache_clear()
+            refute_settings.get_settings.cache_clear()
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -375,9 +375,9 @@ def test_api_crash_after_a_committed_answer_does_not_time_out_an_honest_provider
     # What the route had committed when it died: the challenger's AGREE on state 1 (the same
     # move() call, in its own transaction); its drive() that serves state 2 never ran.
     now = datetime.now(UTC)
-    state, effects = move(d.ctx, dispute["id"], Answer(actor=Actor.CHALLENGER, at=now.timestamp(),
-                                                       state=1, choice=Choice.AGREE),
-                          now, {"state": 1, "choice": "agree"})
+    answer = Answer(actor=Actor.CHALLENGER, at=now.timestamp(), state=1, choice=Choice.AGREE)
+    state, effects = move(d.ctx.disputes, dispute["id"], answer, now,
+                          {"state": 1, "choice": "agree"})
     assert state.phase.value == "reveal" and state.pending == 2 and effects
     d.stack.restart("api")
     own = blower.own_leaves(d.prepared, zoo.mlp().sample_input(seed))

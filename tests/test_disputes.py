@@ -1,6 +1,9 @@
-"""Disputes end to end in one process: the watcher bisects a cheating trace and a real EZKL
-proof convicts it; a dishonest challenger loses against an honest provider; a provider that
-never reveals times out. The ledger balances and the transcript verifies after each."""
+"""The dispute matrix in one process, on the ports' fakes (:mod:`challenge.fakes`): the watcher
+bisects a cheating trace and the step's proof convicts it; a dishonest challenger loses against an
+honest provider; each party times out; a crash resumes; a conviction closes the other disputes.
+The ledger balances and the transcript verifies after every move. The fake prover measures what
+a proof would establish by re-executing the step, so these run in seconds; the tests that replay
+an exported dispute (which verifies the proofs themselves) run on real EZKL proofs (``ezkl``)."""
 
 from __future__ import annotations
 
@@ -17,35 +20,48 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from challenge import orchestrator
-from challenge.game import Actor, Answer, Choice, RequestReveal, TimeControl
 from challenge.books import all_books, load_ledger
+from challenge.fakes import FakeProver
+from challenge.game import Actor, Answer, Choice, RequestReveal, TimeControl
 from challenge.orchestrator import load_transcript, open_dispute, prove_pending
 from challenge.records import Dispute, Network, Result, ResultStatus
 from challenge.replay import archive_bytes, replay
 from challenge.whistleblower import Whistleblower
-from prover import config as prover_config
 from refute import zoo
 from refute.errors import RefuteError
 from refute.trace import Trace
 from tests.dispute_world import World, add_result, make_world
 from verifier.accounts import add_api_key
 from verifier.api.app import create_app
-from verifier.service import ServiceContext
-
-pytestmark = [pytest.mark.slow, pytest.mark.ezkl]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    workdir = tmp_path_factory.mktemp("disputes")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("REFUTE_HOME", str(workdir / "home"))
-    prover_config.get_settings.cache_clear()
-    orchestrator._prover.cache_clear()
-    yield make_world(workdir, network_id="net_d", model_id="mdl_d")
-    mp.undo()
-    prover_config.get_settings.cache_clear()
-    orchestrator._prover.cache_clear()
+def fake_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The service with the fake prover: every dispute of the matrix in milliseconds."""
+    return make_world(tmp_path_factory.mktemp("disputes"), network_id="net_d",
+                      model_id="mdl_d", ezkl=False)
+
+
+@pytest.fixture(scope="module")
+def ezkl_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The service with the EZKL prover (calibrated circuits, real proofs)."""
+    return make_world(tmp_path_factory.mktemp("disputes-ezkl"), network_id="net_d",
+                      model_id="mdl_d", ezkl=True)
+
+
+@pytest.fixture
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    """The fake world, or the EZKL one for a test marked ``ezkl``; its task queue is empty."""
+    chosen: World = request.getfixturevalue(
+        "ezkl_world" if request.node.get_closest_marker("ezkl") else "fake_world")
+    chosen.tasks.clear()
+    yield chosen
+    chosen.tasks.clear()
+
+
+def _proving_at_once(world: World) -> None:
+    """Proofs run as soon as they are queued (a worker picks them up at once)."""
+    world.tasks.inline["proofs"] = lambda d: _prove_now(world, d)
 
 
 def _result(world: World, *, lie_at: int | None, upload: bool = True, seed: int = 0,
@@ -92,17 +108,17 @@ def _books_and_chain(world: World, rid: str) -> list[str]:
 @pytest.mark.parametrize("lie_at", [1, 2, 3])  # first, middle and last segment of 3
 def test_watcher_bisects_and_convicts_a_cheat(world: World, lie_at: int) -> None:
     rid = _result(world, lie_at=lie_at)
-    queued: list[str] = []
-    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=10,
-                              now=datetime.now(UTC), schedule_proof=queued.append)
+    queued = world.tasks.proofs
+    dispute_id = open_dispute(world.disputes, rid, challenger="service", lo=0, hi=3, bond=10,
+                              now=datetime.now(UTC))
     assert queued == [dispute_id]  # bisection finished, the step awaits its proof
-    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    state = prove_pending(world.disputes, dispute_id, datetime.now(UTC))
     assert state is not None and state.hi == lie_at and state.verdict is not None
     assert state.verdict.value == "provider_fault"
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
     kinds = _books_and_chain(world, rid)
     assert kinds[:2] == ["submission", "challenge"] and kinds[-2:] == ["proofoutcome", "verdict"]
-    assert prove_pending(world.ctx, dispute_id, datetime.now(UTC)) is None  # exactly once
+    assert prove_pending(world.disputes, dispute_id, datetime.now(UTC)) is None  # exactly once
     with world.ctx.sessions() as s:
         ledger = load_ledger(s, rid)
         assert ledger.balance("treasury:net_d") > 0
@@ -110,11 +126,11 @@ def test_watcher_bisects_and_convicts_a_cheat(world: World, lie_at: int) -> None
 
 def test_honest_provider_beats_a_dishonest_challenger(world: World) -> None:
     rid = _result(world, lie_at=None, seed=3)
-    queued: list[str] = []
-    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "cc" * 20, lo=1, hi=2,
-                              bond=50, now=datetime.now(UTC), schedule_proof=queued.append)
+    queued = world.tasks.proofs
+    dispute_id = open_dispute(world.disputes, rid, challenger="0x" + "cc" * 20, lo=1, hi=2,
+                              bond=50, now=datetime.now(UTC))
     assert queued == [dispute_id]
-    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    state = prove_pending(world.disputes, dispute_id, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "challenger_fault"
     assert _status(world, rid) is ResultStatus.ACCEPTED  # open to other challengers
@@ -125,13 +141,13 @@ def test_provider_that_never_discloses_its_trace_times_out(world: World) -> None
     rid = _result(world, lie_at=None, upload=False, seed=4)
     start = datetime.now(UTC)
     clocks = TimeControl(provider=5.0, challenger=5.0, proof_timeout=60.0)
-    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "dd" * 20, lo=0, hi=3, bond=5,
-                              now=start, clocks=clocks, schedule_proof=lambda _d: None)
+    dispute_id = open_dispute(world.disputes, rid, challenger="0x" + "dd" * 20, lo=0, hi=3, bond=5,
+                              now=start, clocks=clocks)
     with world.ctx.sessions() as s:
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.state["phase"] == "disclose"
-    assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=2)) == 0
-    assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=6)) == 1
+    assert orchestrator.tick_due(world.disputes, start + timedelta(seconds=2)) == 0
+    assert orchestrator.tick_due(world.disputes, start + timedelta(seconds=6)) == 1
     with world.ctx.sessions() as s:
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.verdict == "PROVIDER_TIMEOUT"
@@ -141,16 +157,16 @@ def test_provider_that_never_discloses_its_trace_times_out(world: World) -> None
 
 def _service_key(world: World) -> str:
     """The service's BLS public key, which an auditor trusts explicitly."""
-    return "0x" + orchestrator.service_signing_key(world.ctx).public_key.hex()
+    return "0x" + orchestrator.service_signing_key(world.disputes).public_key.hex()
 
 
 def _prove_now(world: World, dispute_id: str) -> None:
-    prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    prove_pending(world.disputes, dispute_id, datetime.now(UTC))
 
 
 def _api_whistleblower(world: World, key: bytes) -> tuple[Whistleblower, TestClient]:
-    app = create_app(world.ctx, enqueue=lambda _r: None,
-                     schedule_proof=lambda d: _prove_now(world, d))
+    _proving_at_once(world)
+    app = create_app(world.ctx)
     client = TestClient(app, raise_server_exceptions=True)
     account = Account.from_key(key)
     return Whistleblower("http://testserver", account.key, account.address,
@@ -185,12 +201,14 @@ def test_dishonest_whistleblower_loses_to_an_honest_provider(world: World) -> No
     _books_and_chain(world, rid)
 
 
+@pytest.mark.slow
+@pytest.mark.ezkl
 def test_exported_dispute_replays_and_tampering_is_pinpointed(world: World, tmp_path: Path) -> None:
     rid = _result(world, lie_at=3, seed=8)
-    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=10,
-                              now=datetime.now(UTC),
-                              schedule_proof=lambda d: _prove_now(world, d))
-    bundle = orchestrator.export_dispute(world.ctx, dispute_id, tmp_path / "d.rdispute")
+    _proving_at_once(world)
+    dispute_id = open_dispute(world.disputes, rid, challenger="service", lo=0, hi=3, bond=10,
+                              now=datetime.now(UTC))
+    bundle = orchestrator.export_dispute(world.disputes, dispute_id, tmp_path / "d.rdispute")
     key = _service_key(world)
     report = replay(bundle, [key])
     assert report.ok, report.lines
@@ -234,13 +252,13 @@ def test_challenger_that_stops_answering_times_out(world: World) -> None:
     rid = _result(world, lie_at=None, seed=9)
     start = datetime.now(UTC)
     clocks = TimeControl(provider=60.0, challenger=5.0, proof_timeout=60.0)
-    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "ee" * 20, lo=0, hi=3, bond=7,
-                              now=start, clocks=clocks, schedule_proof=lambda _d: None)
+    dispute_id = open_dispute(world.disputes, rid, challenger="0x" + "ee" * 20, lo=0, hi=3, bond=7,
+                              now=start, clocks=clocks)
     with world.ctx.sessions() as s:  # the trace was uploaded: state 1 revealed at once
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.state["phase"] == "answer"
         load_ledger(s, rid).check()
-    assert orchestrator.tick_due(world.ctx, start + timedelta(seconds=6)) == 1
+    assert orchestrator.tick_due(world.disputes, start + timedelta(seconds=6)) == 1
     with world.ctx.sessions() as s:
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.verdict == "CHALLENGER_TIMEOUT"
@@ -255,24 +273,22 @@ def test_a_crash_after_a_committed_move_resumes_to_the_same_verdict(world: World
     the committed move stands and nothing is raised to the caller; resuming from the database
     proves it and reaches the verdict, exactly once."""
     rid = _result(world, lie_at=2, seed=10)
-
-    def crash(_dispute_id: str) -> None:
-        raise RuntimeError("broker gone before queueing the proof")
-
-    open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=3,
-                 now=datetime.now(UTC), schedule_proof=crash)
+    world.tasks.down = True  # the broker is gone before the proof is queued
+    open_dispute(world.disputes, rid, challenger="service", lo=0, hi=3, bond=3,
+                 now=datetime.now(UTC))
+    world.tasks.down = False
     with world.ctx.sessions() as s:
         dispute = s.scalars(select(Dispute).where(Dispute.result_id == rid)).one()
         assert dispute.state["phase"] == "step_proof" and dispute.status == "OPEN"
         assert dispute.proof_requeued_at is None  # never queued: recovery's next beat will
         dispute_id = dispute.id
-    queued: list[str] = []
-    orchestrator.resume(world.ctx, dispute_id, datetime.now(UTC), schedule_proof=queued.append)
+    queued = world.tasks.proofs
+    orchestrator.resume(world.disputes, dispute_id, datetime.now(UTC))
     assert queued == [dispute_id]
-    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    state = prove_pending(world.disputes, dispute_id, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "provider_fault" and state.hi == 2
-    orchestrator.resume(world.ctx, dispute_id, datetime.now(UTC), schedule_proof=queued.append)
+    orchestrator.resume(world.disputes, dispute_id, datetime.now(UTC))
     assert queued == [dispute_id]  # nothing pending any more
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
     _books_and_chain(world, rid)
@@ -280,13 +296,12 @@ def test_a_crash_after_a_committed_move_resumes_to_the_same_verdict(world: World
 
 def test_revealed_state_outside_the_range_is_convicted_by_the_range_circuit(world: World) -> None:
     rid = _result(world, lie_at=None, seed=11, out_of_range_at=1)
-    queued: list[str] = []
-    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=4,
-                              now=datetime.now(UTC), schedule_proof=queued.append)
+    dispute_id = open_dispute(world.disputes, rid, challenger="service", lo=0, hi=3, bond=4,
+                              now=datetime.now(UTC))
     with world.ctx.sessions() as s:
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.state["phase"] == "range_proof"
-    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    state = prove_pending(world.disputes, dispute_id, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "provider_fault"
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
@@ -298,6 +313,8 @@ def _network_key(world: World) -> str:
         return add_api_key(s, "net_d", datetime.now(UTC))
 
 
+@pytest.mark.slow
+@pytest.mark.ezkl
 @pytest.mark.parametrize("single_step", [False, True])
 def test_a_trace_uploaded_during_the_dispute_is_disclosed_and_the_cheat_convicted(
         world: World, single_step: bool, books_checked_after_every_move: list[str]) -> None:
@@ -305,14 +322,13 @@ def test_a_trace_uploaded_during_the_dispute_is_disclosed_and_the_cheat_convicte
     until it does; a trace that breaks the commitment is refused and changes nothing; the real
     one continues the game to a proof that convicts the lie."""
     rid = _result(world, lie_at=2, upload=False, seed=12 + single_step)
-    queued: list[str] = []
+    queued = world.tasks.proofs
     lo, hi = (1, 2) if single_step else (0, 3)
-    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=lo, hi=hi, bond=6,
-                              now=datetime.now(UTC), schedule_proof=queued.append)
+    dispute_id = open_dispute(world.disputes, rid, challenger="service", lo=lo, hi=hi, bond=6,
+                              now=datetime.now(UTC))
     assert queued == []
-    app = create_app(world.ctx, enqueue=lambda _r: None,
-                     schedule_proof=lambda d: _prove_now(world, d))
-    client = TestClient(app, raise_server_exceptions=True)
+    _proving_at_once(world)
+    client = TestClient(create_app(world.ctx), raise_server_exceptions=True)
     headers = {"x-api-key": _network_key(world), "content-type": "application/zip"}
     other = world.workdir / f"{_result(world, lie_at=None, seed=14)}.rtrace"
     refused = client.put(f"/v1/results/{rid}/trace", content=other.read_bytes(),
@@ -331,7 +347,7 @@ def test_a_trace_uploaded_during_the_dispute_is_disclosed_and_the_cheat_convicte
     assert kinds[kinds.index("challenge") + 1] == "disclose" and kinds[-1] == "verdict"
     assert books_checked_after_every_move[0] == "Disclose"
     assert books_checked_after_every_move[-1] == "ProofOutcome"
-    report = replay(orchestrator.export_dispute(world.ctx, dispute_id,
+    report = replay(orchestrator.export_dispute(world.disputes, dispute_id,
                                                 world.workdir / f"{dispute_id}.rdispute"),
                     [_service_key(world)])
     assert report.ok, report.lines
@@ -343,10 +359,11 @@ def test_the_watcher_checks_a_whole_result_on_request(world: World) -> None:
     watched: list[str | None] = []
 
     def run_watch(rid: str) -> None:
-        watched.append(orchestrator.watch(world.ctx, rid, datetime.now(UTC),
-                                          schedule_proof=lambda d: _prove_now(world, d)))
+        watched.append(orchestrator.watch(world.disputes, rid, datetime.now(UTC)))
 
-    client = TestClient(create_app(world.ctx, enqueue=lambda _r: None, schedule_watch=run_watch))
+    _proving_at_once(world)
+    world.tasks.inline["watches"] = run_watch
+    client = TestClient(create_app(world.ctx))
     headers = {"x-api-key": _network_key(world)}
     honest, cheat = _result(world, lie_at=None, seed=15), _result(world, lie_at=3, seed=16)
     hidden = _result(world, lie_at=None, seed=17, upload=False)
@@ -401,14 +418,14 @@ def test_a_conviction_closes_the_other_disputes_and_returns_their_bonds(world: W
     """Two disputes on one cheating result: the first conviction settles the stake once; the
     other dispute closes with its bond returned and can no longer move or be proven."""
     rid = _result(world, lie_at=2, seed=19)
-    queued: list[str] = []
+    queued = world.tasks.proofs
     second_challenger = "0x" + "ab" * 20
-    first = open_dispute(world.ctx, rid, challenger="service", lo=0, hi=3, bond=8,
-                         now=datetime.now(UTC), schedule_proof=queued.append)
-    second = open_dispute(world.ctx, rid, challenger=second_challenger, lo=0, hi=3, bond=40,
-                          now=datetime.now(UTC), schedule_proof=queued.append)
+    first = open_dispute(world.disputes, rid, challenger="service", lo=0, hi=3, bond=8,
+                         now=datetime.now(UTC))
+    second = open_dispute(world.disputes, rid, challenger=second_challenger, lo=0, hi=3, bond=40,
+                          now=datetime.now(UTC))
     assert queued == [first]  # the second waits for its challenger's answer
-    state = prove_pending(world.ctx, first, datetime.now(UTC))
+    state = prove_pending(world.disputes, first, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "provider_fault"
     with world.ctx.sessions() as s:
@@ -417,16 +434,21 @@ def test_a_conviction_closes_the_other_disputes_and_returns_their_bonds(world: W
         ledger = load_ledger(s, rid)
         ledger.check()
         assert ledger.balance("available:" + second_challenger) == 40  # the bond came back
-    client = TestClient(create_app(world.ctx, enqueue=lambda _r: None))
+    client = TestClient(create_app(world.ctx))
     view = client.get(f"/v1/disputes/{second}").json()
-    assert (view["phase"], view["verdict"]) == ("closed", "CLOSED")
-    with pytest.raises(RefuteError, match="was closed"):
-        orchestrator.move(world.ctx, second, Answer(actor=Actor.CHALLENGER,
+    assert (view["phase"], view["verdict"]) == ("resolved", "CLOSED")  # by the game's Close
+    with pytest.raises(RefuteError, match="verdict closed"):
+        orchestrator.move(world.disputes, second, Answer(actor=Actor.CHALLENGER,
                                                     at=datetime.now(UTC).timestamp(), state=1,
                                                     choice=Choice.DISAGREE), datetime.now(UTC))
-    assert prove_pending(world.ctx, second, datetime.now(UTC)) is None
+    assert prove_pending(world.disputes, second, datetime.now(UTC)) is None
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
-    assert _books_and_chain(world, rid).count("verdict") == 1
+    events = _books_and_chain(world, rid)
+    assert events.count("verdict") == 2 and events.count("close") == 1  # one each
+    with world.ctx.sessions() as s:
+        transcript = load_transcript(s, rid)
+    closed = next(e for e in transcript.events if e.kind == "close")
+    assert (closed.body["dispute_id"], closed.body["by"]) == (second, first)
 
 
 def test_recovery_carries_out_what_a_crash_lost_and_never_times_out_the_provider(
@@ -439,17 +461,17 @@ def test_recovery_carries_out_what_a_crash_lost_and_never_times_out_the_provider
     rid = _result(world, lie_at=None, seed=20)
     start = datetime.now(UTC)
     clocks = TimeControl(provider=5.0, challenger=1000.0, proof_timeout=5000.0)
-    dispute_id = open_dispute(world.ctx, rid, challenger="0x" + "ef" * 20, lo=0, hi=3, bond=2,
-                              now=start, clocks=clocks, schedule_proof=lambda _d: None)
+    dispute_id = open_dispute(world.disputes, rid, challenger="0x" + "ef" * 20, lo=0, hi=3, bond=2,
+                              now=start, clocks=clocks)
     answered = start + timedelta(seconds=1)
-    state, effects = orchestrator.move(world.ctx, dispute_id, Answer(
+    state, effects = orchestrator.move(world.disputes, dispute_id, Answer(
         actor=Actor.CHALLENGER, at=answered.timestamp(), state=1, choice=Choice.AGREE), answered)
     assert (state.phase.value, state.pending, effects) == ("reveal", 2, [RequestReveal(2)])
     later = answered + timedelta(seconds=100)  # the provider's 5 s are long gone
-    queued: list[str] = []
-    assert orchestrator.resume_stalled(world.ctx, later, schedule_proof=queued.append) == [
+    queued = world.tasks.proofs
+    assert orchestrator.resume_stalled(world.disputes, later) == [
         dispute_id]
-    assert orchestrator.tick_due(world.ctx, later) == 0
+    assert orchestrator.tick_due(world.disputes, later) == 0
     with world.ctx.sessions() as s:
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.status == "OPEN"
@@ -457,15 +479,15 @@ def test_recovery_carries_out_what_a_crash_lost_and_never_times_out_the_provider
         assert dispute.state["provider_clock"] == 5.0  # not charged for the outage
     # The challenger answers; the game reaches the step proof, whose task is lost.
     final = later + timedelta(seconds=1)
-    orchestrator.move(world.ctx, dispute_id, Answer(actor=Actor.CHALLENGER,
+    orchestrator.move(world.disputes, dispute_id, Answer(actor=Actor.CHALLENGER,
                                                     at=final.timestamp(), state=2,
                                                     choice=Choice.DISAGREE), final)
     settings = world.ctx.settings
-    assert orchestrator.resume_stalled(world.ctx, final, schedule_proof=queued.append) == []
+    assert orchestrator.resume_stalled(world.disputes, final) == []
     again = final + timedelta(seconds=settings.visibility_timeout_s + settings.task_time_limit_s)
-    assert orchestrator.resume_stalled(world.ctx, again, schedule_proof=queued.append) == [
+    assert orchestrator.resume_stalled(world.disputes, again) == [
         dispute_id]
-    assert orchestrator.resume_stalled(world.ctx, again, schedule_proof=queued.append) == []
+    assert orchestrator.resume_stalled(world.disputes, again) == []
     assert queued == [dispute_id]
     events = _books_and_chain(world, rid)
     assert events.count("reveal") == 2 and "timeout" not in events
@@ -480,46 +502,39 @@ def test_a_lost_self_challenge_does_not_shield_the_real_lie(world: World) -> Non
     second key and a tiny bond, and loses. The result stays open (not "upheld"): the honest
     challenge of step 2 is accepted and convicts."""
     rid = _result(world, lie_at=2, seed=31)
-    queued: list[str] = []
-    decoy = open_dispute(world.ctx, rid, challenger="0x" + "5e" * 20, lo=0, hi=1, bond=1,
-                         now=datetime.now(UTC), schedule_proof=queued.append)
-    state = prove_pending(world.ctx, decoy, datetime.now(UTC))
+    decoy = open_dispute(world.disputes, rid, challenger="0x" + "5e" * 20, lo=0, hi=1, bond=1,
+                         now=datetime.now(UTC))
+    state = prove_pending(world.disputes, decoy, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "challenger_fault"
     assert _status(world, rid) is ResultStatus.ACCEPTED  # open to every other challenger
-    client = TestClient(create_app(world.ctx, enqueue=lambda _r: None,
-                                   schedule_watch=lambda _r: None))
+    client = TestClient(create_app(world.ctx))
     watch = client.post(f"/v1/results/{rid}/watch", headers={"X-API-Key": _network_key(world)})
     assert watch.status_code == 202, watch.text  # was 409 once the result was "UPHELD"
-    honest = open_dispute(world.ctx, rid, challenger="service", lo=1, hi=2, bond=10,
-                          now=datetime.now(UTC), schedule_proof=queued.append)
-    state = prove_pending(world.ctx, honest, datetime.now(UTC))
+    honest = open_dispute(world.disputes, rid, challenger="service", lo=1, hi=2, bond=10,
+                          now=datetime.now(UTC))
+    state = prove_pending(world.disputes, honest, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "provider_fault"
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
     _books_and_chain(world, rid)
 
 
-def test_disputes_that_reach_one_step_share_one_proof(world: World,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disputes_that_reach_one_step_share_one_proof(world: World) -> None:
     """Issue 9, finding 8: 20 fresh keys dispute the same step of a result. Each posts a bond,
     but the prover proves the step once and every dispute gets that proof's verdict."""
     rid = _result(world, lie_at=2, seed=37)
-    proofs: list[tuple[str, int]] = []
-    real_prove = orchestrator._prove
-
-    def counted(ctx: ServiceContext, loaded: Any, kind: str, index: int) -> dict[str, Any]:
-        proofs.append((kind, index))
-        return real_prove(ctx, loaded, kind, index)
-
-    monkeypatch.setattr(orchestrator, "_prove", counted)
-    queued: list[str] = []
-    disputes = [open_dispute(world.ctx, rid, challenger="0x" + f"{i:02x}" * 20, lo=1, hi=2,
-                             bond=1, now=datetime.now(UTC), schedule_proof=queued.append)
+    prover = world.disputes.prover
+    assert isinstance(prover, FakeProver)
+    proofs = prover.made
+    proofs.clear()
+    queued = world.tasks.proofs
+    disputes = [open_dispute(world.disputes, rid, challenger="0x" + f"{i:02x}" * 20, lo=1, hi=2,
+                             bond=1, now=datetime.now(UTC))
                 for i in range(20)]
     assert queued == disputes  # every dispute reached the step and queued its proof
     for dispute_id in queued:
-        prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+        prove_pending(world.disputes, dispute_id, datetime.now(UTC))
     assert proofs == [("step", 2)]
     with world.ctx.sessions() as s:
         verdicts = {s.get(Dispute, d).verdict for d in disputes}  # type: ignore[union-attr]
@@ -538,7 +553,7 @@ def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
         assert row is not None
         deadline = row.challenge_deadline.replace(tzinfo=UTC)
     with pytest.raises(RefuteError, match=r"challenge window .* closed"):
-        open_dispute(world.ctx, rid, challenger="0x" + "77" * 20, lo=0, hi=3, bond=5,
+        open_dispute(world.disputes, rid, challenger="0x" + "77" * 20, lo=0, hi=3, bond=5,
                      now=deadline + timedelta(seconds=5))
     with world.ctx.sessions() as s, s.begin():
         network = s.get(Network, "net_d")
@@ -546,7 +561,7 @@ def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
         network.min_bond = "1000"
     try:
         with pytest.raises(RefuteError, match="below this network's minimum bond 1000"):
-            open_dispute(world.ctx, rid, challenger="0x" + "77" * 20, lo=0, hi=3, bond=999,
+            open_dispute(world.disputes, rid, challenger="0x" + "77" * 20, lo=0, hi=3, bond=999,
                          now=datetime.now(UTC))
         with world.ctx.sessions() as s:
             assert s.scalars(select(Dispute).where(Dispute.result_id == rid)).first() is None
@@ -557,6 +572,8 @@ def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
             network.min_bond = "1"
 
 
+@pytest.mark.slow
+@pytest.mark.ezkl
 def test_a_cheat_that_discloses_only_the_step_states_is_proven_wrong(world: World) -> None:
     """A provider that never uploads its trace is challenged at a step; the two states it
     discloses (``refute.states/1``, not the whole trace) are enough for the proof, which
@@ -566,9 +583,9 @@ def test_a_cheat_that_discloses_only_the_step_states_is_proven_wrong(world: Worl
 
     rid = _result(world, lie_at=2, upload=False, seed=43)
     trace = Trace.read((world.workdir / f"{rid}.rtrace").read_bytes())
-    queued: list[str] = []
-    dispute_id = open_dispute(world.ctx, rid, challenger="service", lo=1, hi=2, bond=10,
-                              now=datetime.now(UTC), schedule_proof=queued.append)
+    queued = world.tasks.proofs
+    dispute_id = open_dispute(world.disputes, rid, challenger="service", lo=1, hi=2, bond=10,
+                              now=datetime.now(UTC))
     assert queued == []  # waiting for the provider's states
     with world.ctx.sessions() as s, s.begin():
         row = s.get(Result, rid)
@@ -577,14 +594,13 @@ def test_a_cheat_that_discloses_only_the_step_states_is_proven_wrong(world: Worl
                                                            {1: trace.states[1],
                                                             2: trace.states[2]}),
                       datetime.now(UTC))
-    assert orchestrator.disclose(world.ctx, rid, datetime.now(UTC),
-                                 schedule_proof=queued.append) == [dispute_id]
+    assert orchestrator.disclose(world.disputes, rid, datetime.now(UTC)) == [dispute_id]
     assert queued == [dispute_id]
-    state = prove_pending(world.ctx, dispute_id, datetime.now(UTC))
+    state = prove_pending(world.disputes, dispute_id, datetime.now(UTC))
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "provider_fault"
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
-    report = replay(orchestrator.export_dispute(world.ctx, dispute_id,
+    report = replay(orchestrator.export_dispute(world.disputes, dispute_id,
                                                 world.workdir / f"{dispute_id}.rdispute"),
                     [_service_key(world)])
     assert report.ok, report.lines

@@ -28,6 +28,7 @@ from challenge.game import (
     Actor,
     Answer,
     Choice,
+    Close,
     Disclose,
     DisputeState,
     Effect,
@@ -162,10 +163,13 @@ def example_move(move_type: type[Move], state: DisputeState | None, actor: Actor
         return ProofOutcome(
             actor=actor, at=at, step=hi, maxdiff_units=Fraction(0), tolerance=TOL, valid=True
         )
+    if move_type is Close:
+        return Close(actor=actor, at=at, by="dsp_convicting")
     return Tick(actor=actor, at=at)
 
 
-MOVE_TYPES: list[type[Move]] = [Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick]
+MOVE_TYPES: list[type[Move]] = [Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick,
+                                Close]
 MOVER: dict[type[Move], Actor] = {
     Open: C,
     Disclose: P,
@@ -174,6 +178,7 @@ MOVER: dict[type[Move], Actor] = {
     RangeOutcome: S,
     ProofOutcome: S,
     Tick: S,
+    Close: S,
 }
 
 

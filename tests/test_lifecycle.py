@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from challenge.fakes import FakeTasks
 from challenge.orchestrator import tick_due
 from challenge.records import Dispute, Result, SpotCheck, WebhookDelivery
 from prover.calibration import calibrate_model
@@ -44,7 +45,7 @@ class Service:
     ctx: ServiceContext
     client: TestClient
     scheduled: list[str]
-    broker_down: list[bool]
+    tasks: FakeTasks
     model: dict[str, Any]
     manifest: Manifest
 
@@ -57,23 +58,15 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
                         redis_url="redis://127.0.0.1:1/0",
                         dispute_provider_clock_s=30.0)
     migrate(settings.database_url)
-    ctx = ServiceContext.create(settings)
-    scheduled: list[str] = []
-    broker_down = [False]
-
-    def enqueue(result_id: str) -> None:
-        if broker_down[0]:
-            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-        scheduled.append(result_id)
-
-    client = TestClient(create_app(ctx, admin_token=ADMIN, enqueue=enqueue,
-                                   schedule_proof=lambda _d: None),
+    tasks = FakeTasks()
+    ctx = ServiceContext.create(settings, tasks=tasks)
+    client = TestClient(create_app(ctx, admin_token=ADMIN),
                         raise_server_exceptions=False)
     model = zoo.mlp()
     prepared = prepare_model(model.onnx_bytes)
     manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
                                              for s in range(2)])
-    yield Service(ctx, client, scheduled, broker_down, {}, manifest)
+    yield Service(ctx, client, tasks.spotchecks, tasks, {}, manifest)
     ctx.engine.dispose()
 
 
@@ -152,12 +145,12 @@ def test_a_broker_outage_at_upload_answers_200_and_the_sweep_queues_the_check(
     network_id, headers = _network(service, spot_probability=1.0, spot_count=1,
                                    challenge_window_s=60)
     rid, trace = _submit(service, network_id, headers)
-    service.broker_down[0] = True
+    service.tasks.down = True
     try:
         upload = service.client.put(f"/v1/results/{rid}/trace", headers=headers,
                                     content=trace.write(tmp_path / "t.rtrace").read_bytes())
     finally:
-        service.broker_down[0] = False
+        service.tasks.down = False
     assert upload.status_code == 200, upload.text  # committed, and said so (was: 500)
     assert rid not in service.scheduled and _row(service, rid).spot_queued_at is None
     queued: list[str] = []
@@ -240,7 +233,7 @@ def test_withholding_the_trace_gets_the_step_challenged_and_the_provider_times_o
         assert dispute.state["phase"] == "disclose"
     assert sweep(service.ctx, _later(12), lambda _r: None).challenged == []  # once
     assert finalize_due(service.ctx, _later(120)) == 0
-    assert tick_due(service.ctx, _later(11 + 31)) >= 1  # the provider's 30 s clock ran out
+    assert tick_due(service.ctx.disputes, _later(11 + 31)) >= 1  # the provider's 30 s clock ran out
     assert _row(service, rid).status.value == "PROVIDER_FAULT"
     with service.ctx.sessions() as s:
         verdict = s.scalars(select(Dispute.verdict).where(Dispute.result_id == rid)).one()
@@ -270,7 +263,7 @@ def test_states_disclosed_after_the_window_move_the_dispute_on(service: Service)
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.state["phase"] == "step_proof"
         assert dispute.proof_requeued_at is not None  # queued (schedule_proof of the app)
-    assert tick_due(service.ctx, _later(11 + 31)) >= 0
+    assert tick_due(service.ctx.disputes, _later(11 + 31)) >= 0
     assert _row(service, rid).status.value == "DISPUTED"  # no timeout: it disclosed in time
 
 
@@ -286,23 +279,21 @@ def test_a_proof_never_queued_is_queued_at_the_next_beat(service: Service) -> No
                               content=trace.write(Path(service.ctx.settings.blob_dir).parent
                                                   / f"{rid}.rtrace").read_bytes()
                               ).status_code == 200
-
-    def broker_down(_dispute_id: str) -> None:
-        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-
-    dispute_id = open_dispute(service.ctx, rid, challenger="service", lo=1, hi=2, bond=1,
-                              now=datetime.now(UTC), schedule_proof=broker_down)
+    service.tasks.down = True  # Redis is down when the dispute reaches its proof
+    dispute_id = open_dispute(service.ctx.disputes, rid, challenger="service", lo=1, hi=2,
+                              bond=1, now=datetime.now(UTC))
+    service.tasks.down = False
     with service.ctx.sessions() as s:
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None and dispute.state["phase"] == "step_proof"
         assert dispute.proof_requeued_at is None  # committed, never queued
-    queued: list[str] = []
+    queued = service.tasks.proofs
+    queued.clear()
     grace = service.ctx.settings.dispute_resume_after_s
-    assert dispute_id in resume_stalled(service.ctx, _later(grace + 1),
-                                        schedule_proof=queued.append)
+    assert dispute_id in resume_stalled(service.ctx.disputes, _later(grace + 1))
     assert queued == [dispute_id]
     queued.clear()
-    resume_stalled(service.ctx, _later(grace + 2), schedule_proof=queued.append)
+    resume_stalled(service.ctx.disputes, _later(grace + 2))
     assert queued == []  # queued now: the broker's redelivery takes over
 
 
@@ -323,7 +314,7 @@ def test_an_aborted_dispute_of_a_spot_check_fault_never_finalizes_the_result(
     disputes = watch_faults(service.ctx, rid, datetime.now(UTC))
     assert disputes
     timeout = service.ctx.settings.dispute_proof_timeout_s
-    tick_due(service.ctx, _later(timeout + 1))
+    tick_due(service.ctx.disputes, _later(timeout + 1))
     with service.ctx.sessions() as s:
         verdicts = set(s.scalars(select(Dispute.verdict).where(Dispute.result_id == rid)))
     assert verdicts == {"ABORTED"}

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from challenge.fakes import FakeTasks
 from refute.errors import ModelRejected
 from refute.settings import Settings
 from tests.hostile_models import (
@@ -51,10 +52,10 @@ def _api(tmp_path: Path, **limits: Any) -> Iterator[Api]:
                         blob_dir=tmp_path / "blobs", spot_key="ab" * 16,
                         redis_url="redis://127.0.0.1:1/0", **limits)
     migrate(settings.database_url)
-    context = ServiceContext.create(settings)
+    context = ServiceContext.create(settings, tasks=FakeTasks())
     with ExitStack() as stack:
         stack.callback(context.engine.dispose)
-        app = create_app(context, admin_token=ADMIN, enqueue=lambda _result_id: None)
+        app = create_app(context, admin_token=ADMIN)
         client = stack.enter_context(TestClient(app, raise_server_exceptions=False))
         yield Api(client, settings)
 

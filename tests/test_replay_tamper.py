@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from challenge import orchestrator
 from challenge.replay import ReplayReport, replay
 from refute import settings as refute_settings
 from tests.tamper import (
@@ -44,11 +43,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bundles]:
     mp.setenv("REFUTE_HOME", str(workdir / "home"))
     mp.setenv("REFUTE_BLS_SEED", "5e" * 32)
     refute_settings.get_settings.cache_clear()
-    orchestrator._prover.cache_clear()
     yield build_bundles(workdir)
     mp.undo()
     refute_settings.get_settings.cache_clear()
-    orchestrator._prover.cache_clear()
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "t.rdispute") -> Path:

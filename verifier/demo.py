@@ -27,10 +27,10 @@ from challenge.whistleblower import Whistleblower
 from refute import zoo
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, run_trace
+from refute.settings import Settings
 from refute.trace import Trace
 from verifier.client import RefuteClient, sign_result
 from verifier.service import ServiceContext
-from verifier.settings import ServiceSettings
 from verifier.stack import LocalStack
 
 PROVIDER = Account.from_key(b"\x31" * 32)
@@ -101,7 +101,7 @@ def run_demo(workdir: Path, console: Console) -> bool:
         final_a = watched.wait(cheat_a, until=frozenset({"PROVIDER_FAULT", "FINALIZED"}),
                                timeout=900, poll=1.0)
         final_honest = watched.wait(honest, timeout=300, poll=1.0)
-        ctx = ServiceContext.create(ServiceSettings(
+        ctx = ServiceContext.create(Settings(
             database_url=stack.env["REFUTE_DATABASE_URL"],
             blob_dir=Path(stack.env["REFUTE_BLOB_DIR"]), spot_key=stack.env["REFUTE_SPOT_KEY"]))
         rows = []
@@ -124,7 +124,7 @@ def run_demo(workdir: Path, console: Console) -> bool:
         console.print(f"whistleblower dispute took {time_b:.0f} s (bisection + proof)")
         from challenge.orchestrator import service_signing_key
 
-        key = "0x" + service_signing_key(ctx).public_key.hex()
+        key = "0x" + service_signing_key(ctx.disputes).public_key.hex()
         console.print(f"check any bundle offline with: refute replay <bundle> --key {key}",
                       highlight=False, soft_wrap=True)
     return ok
@@ -142,8 +142,8 @@ def _settle_row(ctx: ServiceContext, label: str, rid: str, *, workdir: Path,
             Dispute.result_id == rid, Dispute.verdict == "PROVIDER_FAULT")).first()
     if dispute is None:
         return [rid[:16], label, "-", "-", "-", "NO VERDICT", "-", "-", "-"], False
-    bundle = export_dispute(ctx, dispute.id, workdir / f"{dispute.id}.rdispute")
-    report = replay(bundle, ["0x" + service_signing_key(ctx).public_key.hex()])
+    bundle = export_dispute(ctx.disputes, dispute.id, workdir / f"{dispute.id}.rdispute")
+    report = replay(bundle, ["0x" + service_signing_key(ctx.disputes).public_key.hex()])
     transcript = json.loads(_member(bundle, "transcript.json"))
     outcome = next(e for e in transcript["events"]
                    if e["kind"] == "proofoutcome" and e["body"]["dispute_id"] == dispute.id)

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from challenge.blobs import BlobStore
 from challenge.orchestrator import SERVICE, open_dispute
 from challenge.records import (
     Challenge,
@@ -35,7 +36,6 @@ from challenge.records import (
 from refute.disclosure import read_states
 from refute.errors import BundleError, RefuteError
 from refute.manifest import Manifest
-from verifier.blobs import BlobStore
 from verifier.results import needed_states
 from verifier.service import ServiceContext, owed_segments
 
@@ -84,7 +84,7 @@ def watch_faults(ctx: ServiceContext, result_id: str, now: datetime) -> list[str
     opened = []
     for segment in sorted(set(faults)):
         try:
-            opened.append(open_dispute(ctx, result_id, challenger=SERVICE, lo=segment - 1,
+            opened.append(open_dispute(ctx.disputes, result_id, challenger=SERVICE, lo=segment - 1,
                                        hi=segment, bond=ctx.settings.watcher_bond, now=now,
                                        owed_check=True))
         except RefuteError as exc:  # e.g. already convicted by the first fault's dispute
@@ -134,7 +134,7 @@ def sweep(ctx: ServiceContext, now: datetime, schedule: Callable[[str], None],
         for segment in segments:
             try:
                 report.challenged.append(open_dispute(
-                    ctx, result_id, challenger=SERVICE, lo=segment - 1, hi=segment,
+                    ctx.disputes, result_id, challenger=SERVICE, lo=segment - 1, hi=segment,
                     bond=ctx.settings.watcher_bond, now=now, owed_check=True))
             except RefuteError as exc:  # convicted meanwhile by another dispute
                 log.info("sweep: no dispute on %s step %s: %s", result_id, segment, exc.reason)

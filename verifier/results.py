@@ -7,17 +7,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from challenge.blobs import BlobStore
 from challenge.messages import AuthError, Domain, network_word, typed_data_hash, verify_signed
 from challenge.messages import Result as SignedResult
 from challenge.outbox import enqueue
-from challenge.records import Network, RegisteredModel, Result, ResultStatus
+from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
+from challenge.result_lifecycle import accept
 from refute.errors import BundleError, Conflict, InputError, NotFound
 from refute.manifest import Manifest
 from refute.merkle import merkle_root
 from refute.trace import Trace
 from verifier.api.schemas import ResultSubmit
-from verifier.blobs import BlobStore
-from verifier.service import new_id
 from verifier.spotcheck import sample_segments
 
 
@@ -90,11 +90,11 @@ def submit_result(
         provider=signer, nonce=str(m.nonce), deadline=m.deadline, stake=str(m.stake),
         input_hash=m.input, output_hash=m.output, trace_root=m.traceRoot,
         leaves=["0x" + leaf.hex() for leaf in leaves], signature=body.signature,
-        status=ResultStatus.ACCEPTED, accepted_at=now,
+        accepted_at=now,
         challenge_deadline=now + timedelta(seconds=network.challenge_window_s),
         spot_segments=picks, spot_pending=bool(picks), disclosure_deadline=disclosure,
     )
-    session.add(result)
+    accept(session, result)
     if disclosure is not None:
         enqueue(session, network.id, "spotcheck.disclosure_requested", f"disclose:{result_id}",
                 {"result_id": result_id, "states": needed_states(picks),

@@ -7,20 +7,28 @@ changes nothing twice.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Protocol
 
-import numpy as np
-from sqlalchemy import CursorResult, Engine, exists, select, update
+from celery import Celery
+from sqlalchemy import Engine, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from challenge.outbox import enqueue
+from challenge.blobs import BlobStore, LocalBlobStore
+from challenge.context import (
+    Chain,
+    Clock,
+    DisputeConfig,
+    DisputeContext,
+    Prover,
+    StoredStates,
+    SystemClock,
+    TaskQueue,
+)
+from challenge.game import TimeControl
 from challenge.records import (
     Challenge,
     CheckOutcome,
@@ -30,16 +38,18 @@ from challenge.records import (
     Result,
     ResultStatus,
     SpotCheck,
+    new_id,
 )
-from refute.disclosure import read_states
+from challenge.result_lifecycle import ResultEvent, advance
+from prover.adapter import EzklProofs
+from prover.chain import RpcChain
+from prover.config import make_prover
 from refute.errors import NotFound
 from refute.executor import DeterministicExecutor
-from refute.manifest import Manifest
-from refute.provider import PreparedModel, prepare_model
-from refute.trace import Trace
-from verifier.blobs import BlobStore, LocalBlobStore
+from refute.provider import PreparedModel
+from refute.settings import Settings
 from verifier.db import make_engine, session_factory
-from verifier.settings import ServiceSettings
+from verifier.queue import CeleryTasks
 from verifier.spotcheck import Finding, SegmentCheck, check_states
 
 SERVICE_CHALLENGER = "service"
@@ -48,64 +58,80 @@ SERVICE_CHALLENGER = "service"
 
 @dataclass
 class ServiceContext:
-    """Stores and caches one process works with."""
+    """Stores, caches and adapters one process works with: the composition root's product.
 
-    settings: ServiceSettings
+    ``disputes`` is the dispute logic's context (:class:`~challenge.context.DisputeContext`),
+    holding the same database and blob store and the ports' adapters; ``tasks`` sends the
+    service's background work (a :class:`~verifier.queue.CeleryTasks` unless a test plugs in a
+    fake)."""
+
+    settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
     blobs: BlobStore
     executor: DeterministicExecutor
+    disputes: DisputeContext
+    tasks: ServiceTasks
 
     @classmethod
-    def create(cls, settings: ServiceSettings) -> ServiceContext:
-        """Open the stores named by ``settings`` (the database must be migrated already)."""
+    def create(cls, settings: Settings, *, prover: Prover | None = None,
+               tasks: ServiceTasks | None = None, clock: Clock | None = None,
+               chain: Chain | None = None) -> ServiceContext:
+        """Open the stores named by ``settings`` (the database must be migrated already) and
+        plug in the real adapters: EZKL, Celery, the system clock, and a chain when
+        ``REFUTE_CHAIN_RPC_URL`` is set; a test passes fakes instead."""
         engine = make_engine(settings.database_url)
-        return cls(settings, engine, session_factory(engine), LocalBlobStore(settings.blob_dir),
-                   DeterministicExecutor())
-
-    @functools.cached_property
-    def _prepared(self) -> dict[str, PreparedModel]:
-        return {}
+        sessions = session_factory(engine)
+        blobs = LocalBlobStore(settings.blob_dir)
+        executor = DeterministicExecutor()
+        queue = tasks if tasks is not None else CeleryTasks(_celery_app)
+        rpc_url = str(getattr(settings, "chain_rpc_url", "") or "")
+        if chain is None and rpc_url:
+            chain = RpcChain(rpc_url, settings.blob_dir.parent / "chain")
+        disputes = DisputeContext(
+            sessions=sessions, blobs=blobs, states=StoredStates(blobs, executor),
+            prover=prover if prover is not None else EzklProofs(lambda: make_prover(settings)),
+            tasks=queue, clock=clock if clock is not None else SystemClock(),
+            config=dispute_config(settings), chain=chain)
+        return cls(settings, engine, sessions, blobs, executor, disputes, queue)
 
     def prepared(self, model: RegisteredModel) -> PreparedModel:
         """The model prepared exactly as its manifest says (cached per process)."""
-        cached = self._prepared.get(model.id)
-        if cached is None:
-            manifest = Manifest.from_json(model.manifest)
-            pins = manifest.pins
-            prepared = prepare_model(self.blobs.get(model.model_blob), dims=pins.get("dims"),
-                                     shapes=pins.get("shapes"), cuts=manifest.cuts,
-                                     scale=manifest.scale)
-            manifest.check_segmentation(prepared.segmentation)
-            cached = dataclasses.replace(prepared, manifest=manifest)
-            self._prepared[model.id] = cached
-        return cached
+        return self.disputes.prepared(model)
 
 
-def new_id(prefix: str) -> str:
-    """A fresh random identifier such as ``res_4f1c…``."""
-    return f"{prefix}_{secrets.token_hex(12)}"
+class ServiceTasks(TaskQueue, Protocol):
+    """The service's background work: the dispute logic's proofs, and its own tasks."""
+
+    def schedule_spotcheck(self, result_id: str) -> None:
+        """Have a result's owed spot-checks run."""
+        ...
+
+    def schedule_watch(self, result_id: str) -> None:
+        """Have the watcher check a whole result."""
+        ...
 
 
-def load_trace(ctx: ServiceContext, key: str) -> Trace:
-    """Read a stored trace bundle. It was fully verified at upload and the blob store checks
-    its sha256 on read, so its states are not re-hashed here."""
-    return Trace.read(ctx.blobs.get(key), workers=1, rehash=False)
+def dispute_config(settings: Settings) -> DisputeConfig:
+    """The dispute policy of ``settings``."""
+    return DisputeConfig(
+        clocks=TimeControl(provider=settings.dispute_provider_clock_s,
+                           challenger=settings.dispute_challenger_clock_s,
+                           proof_timeout=settings.dispute_proof_timeout_s),
+        resume_after_s=settings.dispute_resume_after_s,
+        claim_expiry_s=float(settings.task_time_limit_s),
+        # Past the broker's own redelivery of a lost task, and the time that task may run.
+        requeue_every_s=float(settings.visibility_timeout_s + settings.task_time_limit_s),
+        watcher_bond=settings.watcher_bond,
+        bls_seed=settings.bls_seed,
+        dev_seed_path=settings.blob_dir.parent / "bls-dev.seed",
+    )
 
 
-def held_states(ctx: ServiceContext, manifest: Manifest, result: Result, needed: set[int],
-                disclosed: dict[int, str]) -> dict[int, tuple[np.ndarray, ...]]:
-    """The provider's committed states in ``needed`` that the service holds: from the uploaded
-    trace (all of them), else from the disclosures (``disclosed`` maps state → bundle blob).
-    Both were verified against the result's leaves when they arrived."""
-    if result.trace_blob is not None:
-        trace = load_trace(ctx, result.trace_blob)
-        return {k: trace.states[k] for k in needed}
-    found: dict[int, tuple[np.ndarray, ...]] = {}
-    for blob in sorted({disclosed[k] for k in needed if k in disclosed}):
-        states = read_states(manifest, ctx.blobs.get(blob), result.leaves)
-        found.update({k: v for k, v in states.items() if k in needed})
-    return found
+def _celery_app() -> Celery:
+    from verifier.worker import app
+
+    return app
 
 
 def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[SegmentCheck]:
@@ -131,7 +157,7 @@ def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[Se
         return []
     prepared = ctx.prepared(model)
     needed = {k for i in todo for k in (i - 1, i)}
-    states = held_states(ctx, prepared.manifest, result, needed, disclosed)
+    states = ctx.disputes.held_states(prepared.manifest, result, needed, disclosed)
     recorded = []
     for segment in todo:
         if segment - 1 not in states or segment not in states:
@@ -192,14 +218,10 @@ def _record_check(ctx: ServiceContext, result_id: str, check: SegmentCheck, now:
                         status="OPEN", created_at=now,
                     ))
                     session.flush()
-                    disputed = session.execute(update(Result).where(
-                        Result.id == result_id, Result.status == ResultStatus.ACCEPTED
-                    ).values(status=ResultStatus.DISPUTED))
-                    if cast("CursorResult[Any]", disputed).rowcount:
-                        enqueue(session, result.network_id, "result.disputed",
-                                f"disputed:{result_id}",
-                                {"result_id": result_id, "challenge_id": challenge_id,
-                                 "step": check.segment, "filed_by": SERVICE_CHALLENGER}, now)
+                    if result.status in (ResultStatus.ACCEPTED, ResultStatus.DISPUTED):
+                        advance(session, result, ResultEvent.DISPUTE_OPENED, now, announce={
+                            "result_id": result_id, "challenge_id": challenge_id,
+                            "step": check.segment, "filed_by": SERVICE_CHALLENGER})
         except IntegrityError:
             return False  # recorded by an earlier delivery: exactly once
     return True
@@ -207,29 +229,26 @@ def _record_check(ctx: ServiceContext, result_id: str, check: SegmentCheck, now:
 
 def finalize_due(ctx: ServiceContext, now: datetime) -> int:
     """Finalize accepted results whose window closed, whose sampled checks are all recorded and
-    that have no open challenge or dispute (DESIGN.md "Result lifecycle"); return how many."""
+    that have no open challenge or dispute (DESIGN.md "Result lifecycle"), each in its own
+    transaction with its row locked (the lifecycle releases its stake); return how many."""
     open_challenge = exists().where(Challenge.result_id == Result.id,
                                     Challenge.status == "OPEN")
     open_dispute = exists().where(Dispute.result_id == Result.id, Dispute.status == "OPEN")
     due = (Result.status == ResultStatus.ACCEPTED, Result.challenge_deadline <= now,
            Result.spot_pending.is_(False), ~open_challenge, ~open_dispute)
-    with ctx.sessions() as session, session.begin():
-        rows = session.execute(select(Result.id, Result.network_id).where(*due)).all()
-        if not rows:
-            return 0
-        ids = [r.id for r in rows]
-        session.execute(
-            update(Result).where(Result.id.in_(ids), *due)
-            .values(status=ResultStatus.FINALIZED, finalized_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        finalized = session.execute(select(Result.id, Result.network_id).where(
-            Result.id.in_(ids), Result.status == ResultStatus.FINALIZED,
-            Result.finalized_at == now)).all()
-        for row in finalized:
-            enqueue(session, row.network_id, "result.finalized", f"finalized:{row.id}",
-                    {"result_id": row.id, "finalized_at": now.isoformat()}, now)
-        return len(finalized)
+    with ctx.sessions() as session:
+        ids = session.scalars(select(Result.id).where(*due)).all()
+    finalized = 0
+    for result_id in ids:
+        with ctx.sessions() as session, session.begin():
+            result = session.get(Result, result_id, with_for_update=True)
+            still_due = session.scalar(select(Result.id).where(Result.id == result_id, *due))
+            if result is None or still_due is None:
+                continue  # disputed or finalized meanwhile
+            advance(session, result, ResultEvent.WINDOW_CLOSED, now, announce={
+                "result_id": result_id, "finalized_at": now.isoformat()})
+            finalized += 1
+    return finalized
 
 
 def utcnow() -> datetime:

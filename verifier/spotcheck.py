@@ -24,8 +24,7 @@ import numpy as np
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
-from refute.quantize import quantize
-from refute.segmentation import Segmentation, run_segment
+from refute.segmentation import Segmentation, step_difference_units
 from refute.trace import Trace
 
 
@@ -85,11 +84,8 @@ def check_states(
         raise SpotCheckError("the manifest is not calibrated: no tolerances to check against")
     if not 1 <= segment <= segmentation.num_segments:
         raise SpotCheckError(f"segment {segment} is outside 1..{segmentation.num_segments}")
-    recomputed = run_segment(executor, segmentation.segments[segment - 1], tuple(before))
-    worst = 0
-    for mine, theirs in zip(recomputed, after, strict=True):
-        diff = np.abs(quantize(mine, manifest.scale) - quantize(theirs, manifest.scale))
-        worst = max(worst, int(diff.max()) if diff.size else 0)
+    worst = step_difference_units(executor, segmentation.segments[segment - 1], before, after,
+                                  manifest.scale)
     tolerance = manifest.tolerances[segment - 1]
     finding = Finding.FAULT if worst > 2 * tolerance else Finding.PASS
     return SegmentCheck(segment, worst, tolerance, finding)

@@ -1,11 +1,14 @@
 """The FastAPI application: thin routes over the service modules.
 
-Every refusal is a ``RefuteError`` mapped to a 4xx with ``{"error": {"code", "reason"}}``, and
-so is every other error answer: unknown routes (404), wrong methods (405), validation errors
-(422), and unexpected failures (500, with an error id that is logged with the traceback). The
-pure ASGI :class:`~verifier.api.middleware.Guard` counts the body bytes actually received
-(chunked or not) and answers 413 past :data:`MAX_BODY_BYTES`, and checks the nesting of every
-JSON body before a route decodes it.
+Every error answer is ``{"error": {"code", "reason"}}``. A ``RefuteError`` is answered with
+its class's ``http_status`` (never chosen by its text): 4xx for what the caller sent, 5xx for
+the service's own faults (:class:`refute.errors.ServerFault`); so are the framework's own
+answers: unknown routes (404), wrong methods (405), validation errors (422), and unexpected
+failures (500). Every request has one id (``X-Request-ID``, see
+:mod:`verifier.api.middleware`); a 5xx is logged with it, with the traceback, and its reason
+ends with it. The pure ASGI :class:`~verifier.api.middleware.Guard` counts the body bytes
+actually received (chunked or not) and answers 413 past :data:`MAX_BODY_BYTES`, and checks the
+nesting of every JSON body before a route decodes it.
 """
 
 from __future__ import annotations
@@ -22,18 +25,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from challenge.messages import AuthError, Domain
-from challenge.outbox import WebhookError
 from challenge.records import Network, RegisteredModel, Result, SpotCheck
-from refute.errors import BundleError, Conflict, InputError, ModelRejected, NotFound, RefuteError
+from refute.errors import ExecutionError, InputError, ModelRejected, RefuteError, ServerFault
 from refute.manifest import Manifest
 from verifier.accounts import add_api_key, authenticate, create_network
-from verifier.api.middleware import BodyTooLarge, Guard, LargeBody, scope_route
+from verifier.api.middleware import BodyTooLarge, Guard, LargeBody, request_id, scope_route
+from verifier.api.readiness import readiness
 from verifier.api.schemas import (
     DeliveryOut,
     DisclosureRequest,
@@ -50,7 +53,6 @@ from verifier.api.schemas import (
     WebhookCreated,
 )
 from verifier.auth import is_api_key
-from verifier.blobs import BlobError
 from verifier.lifecycle import attach_states, disclosure_needed
 from verifier.registry import decode_model, register_in_subprocess, store_model
 from verifier.results import attach_trace, list_results, owned_model, owned_result, submit_result
@@ -95,18 +97,12 @@ _HTTP_CODES = {400: "bad_request", 401: "auth_error", 403: "forbidden", 404: "no
                415: "unsupported_media_type", 422: "invalid_request"}
 
 
-def _status(exc: RefuteError) -> int:
-    if isinstance(exc, BodyTooLarge):
-        return 413
-    if isinstance(exc, AuthError):
-        return 401 if "API key" in exc.reason else 403
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, Conflict):
-        return 409
-    if isinstance(exc, ModelRejected | BundleError | InputError | BlobError | WebhookError):
-        return 400
-    return 400
+class ApiKeyRefused(AuthError):
+    """The request has no API key, or one nobody issued or that was revoked: 401 (an
+    :class:`AuthError` otherwise refuses a signature or a token with 403)."""
+
+    code = "auth_error"
+    http_status = 401
 
 
 def _error(status: int, code: str, reason: str,
@@ -119,6 +115,25 @@ def _one_line(reason: str, limit: int = 500) -> str:
     """``reason`` on one line, cut to ``limit`` characters (it may echo a caller's input)."""
     flat = " ".join(str(reason).split()) or "request refused"
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _refusal(request: Request, exc: RefuteError,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    """The answer to ``exc``: its class's ``http_status`` and the error schema. A 5xx is logged
+    with the request id (with the traceback for a :class:`ServerFault`), and its reason ends
+    with that id."""
+    status = exc.http_status
+    reason = _one_line(exc.reason)
+    if status >= 500:
+        rid = request_id(request.scope)
+        message = "%s %s answered %d %s (request id %s): %s"
+        args = (request.method, request.url.path[:200], status, exc.code, rid, reason)
+        if isinstance(exc, ServerFault) or status == 500:
+            log.error(message, *args, exc_info=exc, extra={"request_id": rid})
+        else:  # a refusal the service chose (no capacity now): nothing to debug
+            log.warning(message, *args, extra={"request_id": rid})
+        reason = f"{reason} (request id {rid})"
+    return _error(status, exc.code, reason, headers=headers)
 
 
 def _observe(scope: MutableMapping[str, Any], status: int, seconds: float) -> None:
@@ -149,18 +164,18 @@ SessionDep = Annotated[Session, Depends(_session)]
 
 
 def _network(s: SessionDep, x_api_key: Annotated[str | None, Header()] = None) -> Network:
-    return authenticate(s, x_api_key)
+    try:
+        return authenticate(s, x_api_key)
+    except AuthError as exc:  # everything authentication refuses is about the API key
+        raise ApiKeyRefused(exc.reason) from exc
 
 
 NetworkDep = Annotated[Network, Depends(_network)]
 
 
-def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
-               enqueue: Callable[[str], None] | None = None,
-               schedule_proof: Callable[[str], None] | None = None,
-               schedule_watch: Callable[[str], None] | None = None) -> FastAPI:
-    """The API over ``ctx``. ``enqueue(result_id)`` schedules a spot-check, ``schedule_proof``
-    a dispute's proof and ``schedule_watch`` a watcher's check (all Celery by default).
+def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAPI:
+    """The API over ``ctx``; background work (spot-checks, proofs, the watcher) goes to
+    ``ctx.tasks``.
 
     ``admin_token`` guards network creation (``X-Admin-Token``); without one, creating networks
     is open (development only).
@@ -176,12 +191,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         """Queue the result's owed spot-checks. What was committed stays committed when the
         broker is down: the timers' sweep queues the check again (never a 500 after a write)."""
         try:
-            if enqueue is not None:
-                enqueue(result_id)
-            else:
-                from verifier.worker import queue_spotcheck
-
-                queue_spotcheck(result_id)
+            ctx.tasks.schedule_spotcheck(result_id)
         except Exception:
             log.exception("cannot queue the spot-check of %s: the sweep will", result_id)
             return
@@ -193,8 +203,8 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
                        key_ok=is_api_key, observe=_observe)
 
     @app.exception_handler(RefuteError)
-    async def refute_error(_request: Request, exc: RefuteError) -> JSONResponse:
-        return _error(_status(exc), exc.code, _one_line(exc.reason))
+    async def refute_error(request: Request, exc: RefuteError) -> JSONResponse:
+        return _refusal(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -225,21 +235,11 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
     @app.get("/v1/ready", response_model=Health,
              responses={**COMMON_ERRORS, 503: {"model": Health}}, tags=["operations"])
     def ready(response: Response) -> Health:
-        """Readiness: the database and the broker answer."""
-        checks: dict[str, str] = {}
-        try:
-            with ctx.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:  # report any driver failure as not ready
-            checks["database"] = type(exc).__name__
-        try:
-            import redis
-
-            redis.Redis.from_url(ctx.settings.redis_url, socket_timeout=2).ping()
-            checks["broker"] = "ok"
-        except Exception as exc:  # report any broker failure as not ready
-            checks["broker"] = type(exc).__name__
+        """Readiness (no authentication): 200 when the database answers at the current schema,
+        the broker answers and the blob folder is writable; else 503, and ``checks`` names
+        what is missing (``database``, ``schema``: "run `refute db upgrade`", ``broker``,
+        ``blobs``)."""
+        checks = readiness(ctx.engine, ctx.settings.redis_url, ctx.settings.blob_dir)
         ok = all(v == "ok" for v in checks.values())
         response.status_code = 200 if ok else 503
         return Health(status="ok" if ok else "unavailable", checks=checks)
@@ -274,8 +274,8 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
 
     @app.post("/v1/models", status_code=201, response_model=ModelOut, responses=ERRORS,
               tags=["models"])
-    async def register(body: ModelRegister, net: NetworkDep,
-                       s: SessionDep) -> ModelOut | JSONResponse:
+    async def register(body: ModelRegister, net: NetworkDep, s: SessionDep,
+                       request: Request) -> ModelOut | JSONResponse:
         """Register a model: safe loading, segmentation, calibration; returns the manifest.
 
         Each registration runs in its own child process bounded in time and memory (422
@@ -283,13 +283,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         slot and the bounded queue are taken the answer is 503 ``registration_busy`` with
         ``Retry-After``.
         """
-        from verifier.registry import (
-            RegistrationBusy,
-            RegistrationCrashed,
-            RegistrationLimits,
-            RegistrationMemoryExceeded,
-            RegistrationTimeout,
-        )
+        from verifier.registry import RegistrationBusy, RegistrationLimits
 
         data = decode_model(body.onnx_base64)
         options = body.model_dump(exclude={"onnx_base64"})
@@ -300,10 +294,9 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
             manifest_json = await asyncio.to_thread(
                 register_in_subprocess, data, options, limits=limits, network_id=network_id)
         except RegistrationBusy as exc:
-            return _error(exc.http_status, exc.code, exc.reason,
-                          headers={"Retry-After": str(exc.retry_after_s)})
-        except (RegistrationTimeout, RegistrationMemoryExceeded, RegistrationCrashed) as exc:
-            return _error(exc.http_status, exc.code, exc.reason)
+            return _refusal(request, exc, headers={"Retry-After": str(exc.retry_after_s)})
+        except ExecutionError as exc:  # the submitted model does not run: its fault, not ours
+            raise ModelRejected(f"the model cannot be run: {exc.reason}") from exc
         manifest = Manifest.from_json(manifest_json)
         with _write(s):
             row = store_model(s, ctx.blobs, network_id=network_id, data=data,
@@ -363,8 +356,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         from challenge.orchestrator import disclose
 
         # Disputes waiting for this trace (opened before it was uploaded) continue now.
-        if await asyncio.to_thread(disclose, ctx, row.id, utcnow(),
-                                   schedule_proof=schedule_proof):
+        if await asyncio.to_thread(disclose, ctx.disputes, row.id, utcnow()):
             s.expire_all()
         return _result_out(s, row)
 
@@ -384,7 +376,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
         from challenge.orchestrator import disclose
 
         # Disputes waiting for these states (the disclosure window passed) continue now.
-        await asyncio.to_thread(disclose, ctx, row.id, utcnow(), schedule_proof=schedule_proof)
+        await asyncio.to_thread(disclose, ctx.disputes, row.id, utcnow())
         s.expire_all()
         return _result_out(s, row)
 
@@ -413,7 +405,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None,
 
     from verifier.api.disputes import router as dispute_router
 
-    app.include_router(dispute_router(ctx, ERRORS, schedule_proof, schedule_watch))
+    app.include_router(dispute_router(ctx, ERRORS))
     return app
 
 

@@ -6,7 +6,6 @@ challenger's key), not by API keys. Anyone can read a dispute and a result's tra
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,11 +15,18 @@ from sqlalchemy.orm import Session
 
 from challenge.codec import state_from_json
 from challenge.game import Actor, Answer, Choice, Phase
-from challenge.messages import AuthError, Domain, network_word, typed_data_hash, verify_signed
+from challenge.messages import (
+    MOVE_AGREE,
+    MOVE_DISAGREE,
+    AuthError,
+    Domain,
+    network_word,
+    typed_data_hash,
+    verify_signed,
+)
 from challenge.messages import Challenge as SignedChallenge
 from challenge.messages import Move as SignedMove
 from challenge.orchestrator import (
-    ProofScheduler,
     SignedClaim,
     drive,
     load_transcript,
@@ -33,10 +39,6 @@ from verifier.api.app import NetworkDep, SessionDep
 from verifier.api.schemas import HEX32, Address, DomainIn
 from verifier.results import owned_result
 from verifier.service import ServiceContext, utcnow
-
-#: ``Move.kind`` values of the signed message.
-MOVE_AGREE = 1
-MOVE_DISAGREE = 2
 
 
 class ChallengeMessage(BaseModel):
@@ -147,17 +149,8 @@ def _dispute_out(s: Session, dispute: Dispute) -> DisputeOut:
                       pending_leaf=pending_leaf)
 
 
-def _celery_watch(result_id: str) -> None:
-    from verifier.worker import app
-
-    app.send_task("refute.watch", args=[result_id])
-
-
-def router(ctx: ServiceContext, errors: dict[int | str, Any],
-           schedule_proof: ProofScheduler | None = None,
-           schedule_watch: Callable[[str], None] | None = None) -> APIRouter:
-    """The dispute routes over ``ctx`` (``schedule_proof`` queues proofs and ``schedule_watch``
-    the watcher's checks, Celery by default)."""
+def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
+    """The dispute routes over ``ctx`` (proofs and the watcher's checks go to its tasks)."""
     api = APIRouter(tags=["disputes"])
     expected = Domain(chain_id=ctx.settings.chain_id)
 
@@ -173,7 +166,7 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
                            "job's input)")
         if result.status not in (ResultStatus.ACCEPTED, ResultStatus.DISPUTED):
             raise Conflict(f"result {result_id} is {result.status.value}: nothing to watch")
-        (schedule_watch or _celery_watch)(result_id)
+        ctx.tasks.schedule_watch(result_id)
         return WatchQueued(result_id=result_id, queued=True)
 
     @api.post("/v1/results/{result_id}/challenges", status_code=201, response_model=DisputeOut,
@@ -198,8 +191,8 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
         s.rollback()
         signed = SignedClaim(digest=typed_data_hash(claim, expected).hex(), signer=signer,
                              nonce=m.nonce, kind="challenge")
-        dispute_id = open_dispute(ctx, result_id, challenger=signer, lo=m.lo, hi=m.hi,
-                                  bond=m.bond, now=now, schedule_proof=schedule_proof,
+        dispute_id = open_dispute(ctx.disputes, result_id, challenger=signer, lo=m.lo, hi=m.hi,
+                                  bond=m.bond, now=now,
                                   signed=signed)
         dispute = s.get(Dispute, dispute_id)
         assert dispute is not None
@@ -262,10 +255,10 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any],
         s.rollback()
         answer = Answer(actor=Actor.CHALLENGER, at=now.timestamp(), state=state.pending,
                         choice=choice)
-        _state, effects = move(ctx, dispute_id, answer, now,
+        _state, effects = move(ctx.disputes, dispute_id, answer, now,
                                {"state": state.pending, "choice": choice.value,
                                 "signature": body.signature}, signed=claim)
-        drive(ctx, dispute_id, effects, now, schedule_proof=schedule_proof)
+        drive(ctx.disputes, dispute_id, effects, now)
         s.expire_all()
         fresh = s.get(Dispute, dispute_id)
         assert fresh is not None
