@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from refute.errors import RefuteError
@@ -134,8 +134,15 @@ class Settings(BaseSettings):
 
 @functools.cache
 def get_settings() -> Settings:
-    """The process-wide settings (read once; ``get_settings.cache_clear()`` re-reads them)."""
-    settings = Settings()
+    """The process-wide settings (read once; ``get_settings.cache_clear()`` re-reads them).
+
+    A malformed variable is refused as a :class:`RefuteError` naming it."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "REFUTE_" + str(first["loc"][0]).upper() if first["loc"] else "REFUTE_*"
+        raise RefuteError(f"{name}: {first['msg']}") from exc
     if settings.task_time_limit_s >= settings.visibility_timeout_s:
         raise RefuteError("task time limit must be below the broker visibility timeout")
     return settings

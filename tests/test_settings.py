@@ -126,6 +126,16 @@ def test_get_settings_refuses_a_time_limit_past_the_visibility_timeout(
         get_settings.cache_clear()
 
 
+def test_get_settings_names_a_malformed_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REFUTE_LOG_LEVEL", "LOUD")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(RefuteError, match=r"REFUTE_LOG_LEVEL: .*unknown log level"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
 def test_spot_key_bytes() -> None:
     assert Settings(spot_key="ab" * 16).spot_key_bytes() == b"\xab" * 16
     with pytest.raises(RefuteError, match="not set"):
