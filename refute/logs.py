@@ -17,6 +17,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
+from refute.errors import RefuteError
 from refute.settings import Settings
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -61,13 +62,18 @@ def make_handler(settings: Settings, stream: TextIO | None = None) -> logging.Ha
 def configure_logging(settings: Settings, *, level: str | int | None = None,
                       stream: TextIO | None = None) -> None:
     """Send every log record of this process to one handler in ``settings.log_format``, at
-    ``level`` (default ``settings.log_level``). Calling it again replaces the configuration."""
+    ``level`` (default ``settings.log_level``; an unknown name is refused before anything
+    changes). Calling it again replaces the configuration."""
+    if level is None:
+        level = settings.log_level
+    if isinstance(level, str):
+        level = level.upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise RefuteError(f"unknown log level {level!r}")
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
     root.addHandler(make_handler(settings, stream))
-    if level is None:
-        level = settings.log_level
-    root.setLevel(level.upper() if isinstance(level, str) else level)
+    root.setLevel(level)
     logging.captureWarnings(True)

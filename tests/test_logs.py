@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from refute.errors import RefuteError
 from refute.logs import configure_logging, make_handler
 from refute.settings import Settings
 
@@ -86,3 +87,6 @@ def test_configure_logging_sets_one_root_handler_and_the_level() -> None:
     assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["kept"]
     configure_logging(Settings(), level="debug", stream=stream)
     assert root.level == logging.DEBUG and len(root.handlers) == 1
+    with pytest.raises(RefuteError, match="unknown log level 'LOUD'"):
+        configure_logging(Settings(), level="loud", stream=stream)
+    assert root.level == logging.DEBUG
