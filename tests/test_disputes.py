@@ -27,6 +27,7 @@ from challenge.orchestrator import load_transcript, open_dispute, prove_pending
 from challenge.records import Dispute, Network, Result, ResultStatus
 from challenge.replay import archive_bytes, replay
 from challenge.whistleblower import Whistleblower
+from prover.adapter import EzklProofs
 from refute import zoo
 from refute.errors import RefuteError
 from refute.trace import Trace
@@ -51,12 +52,25 @@ def ezkl_world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
-    """The fake world, or the EZKL one for a test marked ``ezkl``; its task queue is empty."""
-    chosen: World = request.getfixturevalue(
-        "ezkl_world" if request.node.get_closest_marker("ezkl") else "fake_world")
+    """The fake world, or the EZKL one for a test marked ``ezkl`` (or parametrized with
+    ``BOTH_PROVERS``); its task queue is empty."""
+    ezkl = getattr(request, "param", None) == "ezkl" or (
+        not hasattr(request, "param") and request.node.get_closest_marker("ezkl") is not None)
+    chosen: World = request.getfixturevalue("ezkl_world" if ezkl else "fake_world")
     chosen.tasks.clear()
     yield chosen
     chosen.tasks.clear()
+
+
+#: Run a test on the fakes, and again on real EZKL proofs (slow), replaying its bundle there.
+BOTH_PROVERS = pytest.mark.parametrize(
+    "world", ["fake", pytest.param("ezkl", marks=[pytest.mark.slow, pytest.mark.ezkl])],
+    indirect=True)
+
+
+def _real_proofs(world: World) -> bool:
+    """Whether ``world`` proves with EZKL (its bundles replay; the fakes' proofs do not)."""
+    return isinstance(world.disputes.prover, EzklProofs)
 
 
 def _proving_at_once(world: World) -> None:
@@ -313,8 +327,7 @@ def _network_key(world: World) -> str:
         return add_api_key(s, "net_d", datetime.now(UTC))
 
 
-@pytest.mark.slow
-@pytest.mark.ezkl
+@BOTH_PROVERS
 @pytest.mark.parametrize("single_step", [False, True])
 def test_a_trace_uploaded_during_the_dispute_is_disclosed_and_the_cheat_convicted(
         world: World, single_step: bool, books_checked_after_every_move: list[str]) -> None:
@@ -347,6 +360,8 @@ def test_a_trace_uploaded_during_the_dispute_is_disclosed_and_the_cheat_convicte
     assert kinds[kinds.index("challenge") + 1] == "disclose" and kinds[-1] == "verdict"
     assert books_checked_after_every_move[0] == "Disclose"
     assert books_checked_after_every_move[-1] == "ProofOutcome"
+    if not _real_proofs(world):
+        return
     report = replay(orchestrator.export_dispute(world.disputes, dispute_id,
                                                 world.workdir / f"{dispute_id}.rdispute"),
                     [_service_key(world)])
@@ -572,8 +587,7 @@ def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
             network.min_bond = "1"
 
 
-@pytest.mark.slow
-@pytest.mark.ezkl
+@BOTH_PROVERS
 def test_a_cheat_that_discloses_only_the_step_states_is_proven_wrong(world: World) -> None:
     """A provider that never uploads its trace is challenged at a step; the two states it
     discloses (``refute.states/1``, not the whole trace) are enough for the proof, which
@@ -600,6 +614,8 @@ def test_a_cheat_that_discloses_only_the_step_states_is_proven_wrong(world: Worl
     assert state is not None and state.verdict is not None
     assert state.verdict.value == "provider_fault"
     assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    if not _real_proofs(world):
+        return
     report = replay(orchestrator.export_dispute(world.disputes, dispute_id,
                                                 world.workdir / f"{dispute_id}.rdispute"),
                     [_service_key(world)])

@@ -84,7 +84,7 @@ class ServiceContext:
         sessions = session_factory(engine)
         blobs = LocalBlobStore(settings.blob_dir)
         executor = DeterministicExecutor()
-        queue = tasks if tasks is not None else CeleryTasks(_celery_app)
+        queue = tasks if tasks is not None else CeleryTasks(lambda: _celery_app(settings))
         rpc_url = str(getattr(settings, "chain_rpc_url", "") or "")
         if chain is None and rpc_url:
             chain = RpcChain(rpc_url, settings.blob_dir.parent / "chain")
@@ -128,10 +128,11 @@ def dispute_config(settings: Settings) -> DisputeConfig:
     )
 
 
-def _celery_app() -> Celery:
-    from verifier.worker import app
+def _celery_app(settings: Settings) -> Celery:
+    """A Celery app configured by ``settings`` (routes, broker), for sending tasks."""
+    from verifier.worker import make_celery
 
-    return app
+    return make_celery(settings)
 
 
 def run_spotcheck(ctx: ServiceContext, result_id: str, now: datetime) -> list[SegmentCheck]:
