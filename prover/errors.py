@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from refute.errors import RefuteError
+from refute.errors import ServerFault
 
 
-class ProverError(RefuteError):
-    """Circuit building, setup, proving or verification failed."""
+class ProverError(ServerFault):
+    """Circuit building, setup, proving or verification failed (the service's own work: a 5xx
+    if it reaches the API; a model EZKL cannot prove is refused at registration)."""
 
     code = "prover_error"
 

@@ -1,9 +1,14 @@
 """One exception hierarchy for everything refute raises.
 
 Every error carries a one-line ``reason`` meant for people (the CLI prints it, the API returns
-it in a 4xx body). Errors from ONNX, ONNX Runtime, EZKL and the file system are translated at
+it in its error body). Errors from ONNX, ONNX Runtime, EZKL and the file system are translated at
 the boundary with ``raise SomeRefuteError(...) from exc`` so callers only ever catch
 :class:`RefuteError`.
+
+Each class says what the API answers with ``http_status``, chosen by what the error means, never
+by its text: a refusal of what the caller sent is a 4xx (the default, 400, unless the class
+names a closer one: 404, 409, 422…); a failure of the service itself belongs to
+:class:`ServerFault` (500), or :class:`Unavailable` (503) when a dependency cannot be reached.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ class RefuteError(Exception):
 
     #: A short, stable machine-readable code (used in API error bodies).
     code: str = "refute_error"
+    #: The HTTP status the API answers with: the caller's fault (4xx) unless a subclass says the
+    #: service failed (:class:`ServerFault`).
+    http_status: int = 400
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -30,6 +38,7 @@ class ModelRejected(RefuteError):
     """The model cannot be accepted; ``reason`` says why in one line."""
 
     code = "model_rejected"
+    http_status = 422
 
 
 class ModelTooLarge(ModelRejected):
@@ -74,6 +83,25 @@ class InvalidGraph(ModelRejected):
     code = "invalid_graph"
 
 
+# --- the service's own failures ------------------------------------------------------------
+
+
+class ServerFault(RefuteError):
+    """The service failed, not the caller (an execution, a proof, the books, the storage): the
+    API answers 5xx, logs the traceback and gives the request id."""
+
+    code = "server_fault"
+    http_status = 500
+
+
+class Unavailable(ServerFault):
+    """A dependency (database, broker, blob store, chain) cannot be reached or used right now;
+    the same request may succeed later."""
+
+    code = "unavailable"
+    http_status = 503
+
+
 # --- segmentation and execution ------------------------------------------------------------
 
 
@@ -81,10 +109,12 @@ class SegmentationError(RefuteError):
     """Cuts are invalid, or the segments do not reproduce the whole model."""
 
     code = "segmentation_error"
+    http_status = 422
 
 
-class ExecutionError(RefuteError):
-    """ONNX Runtime failed to build a session or to run it on the given state."""
+class ExecutionError(ServerFault):
+    """ONNX Runtime failed to build a session or to run it on the given state (a model that
+    cannot run is refused at registration, so later this is the service's failure)."""
 
     code = "execution_error"
 
@@ -114,9 +144,11 @@ class Conflict(InputError):
     """The request contradicts an existing object (a replayed nonce, a lost race on a write)."""
 
     code = "conflict"
+    http_status = 409
 
 
 class NotFound(RefuteError):
     """The object does not exist (or belongs to another network)."""
 
     code = "not_found"
+    http_status = 404

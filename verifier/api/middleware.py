@@ -13,7 +13,11 @@ For every HTTP request it
   :data:`refute.safejson.MAX_DEPTH` (with :func:`refute.safejson.json_depth`, the same
   bound as :func:`refute.safejson.nesting_depth` in linear time, off the event loop for large
   bodies), so a deeply nested document is a 400, never a recursion crash;
-* turns an unexpected exception into a 500 with the error schema and a fresh error id, and logs
+* gives every request one id: the client's ``X-Request-ID`` when it is a sane token (see
+  :data:`REQUEST_ID`), else a fresh one. It is in ``request.state.request_id`` for the routes and
+  the exception handlers (:func:`request_id`), in the ``X-Request-ID`` header of every answer,
+  and in the reason of every 5xx, whose log record carries it too (``extra={"request_id": …}``);
+* turns an unexpected exception into a 500 with the error schema and the request id, and logs
   the traceback with that id (the body never carries a traceback);
 * reports each answer's status and latency to ``observe`` (metrics).
 """
@@ -38,6 +42,11 @@ from refute.errors import InputError, RefuteError
 from refute.safejson import MAX_DEPTH, json_depth
 
 log = logging.getLogger("refute.api")
+#: A request id a client may choose: a short token of letters, digits and ``._:=+/-`` (a UUID,
+#: a hex id, a tracing header's id); anything else is replaced by a fresh id.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=+/-]{0,127}")
+#: The header that carries the request id, both ways.
+REQUEST_ID_HEADER = "x-request-id"
 #: Bodies up to this size have their JSON depth measured on the event loop (< 5 ms).
 _INLINE_DEPTH_CHECK = 256 * 2**10
 
@@ -46,6 +55,21 @@ class BodyTooLarge(RefuteError):
     """The request body is longer than the configured limit."""
 
     code = "body_too_large"
+    http_status = 413
+
+
+def new_request_id(offered: str | None = None) -> str:
+    """``offered`` (a client's ``X-Request-ID``) if it is a sane token, else a fresh id."""
+    if offered is not None and REQUEST_ID.fullmatch(offered) is not None:
+        return offered
+    return secrets.token_hex(8)
+
+
+def request_id(scope: MutableMapping[str, Any]) -> str:
+    """The id the guard gave the request of ``scope`` (``"-"`` for a request it did not see)."""
+    state = scope.get("state")
+    found = state.get("request_id") if isinstance(state, MutableMapping) else None
+    return str(found) if found is not None else "-"
 
 
 def error_bytes(code: str, reason: str) -> bytes:
@@ -118,11 +142,18 @@ class Guard:
             return
         began = time.perf_counter()
         status = 0
+        rid = new_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
 
         async def send_tracked(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if bytes(k).lower() != REQUEST_ID_HEADER.encode()]
+                message = {**message, "headers": [
+                    *headers, (REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]}
             await send(message)
 
         try:
@@ -187,22 +218,22 @@ class Guard:
                 if answered:
                     return
             await self.app(scope, downstream, send_marking)
-        except InputError as exc:
+        except RefuteError as exc:  # the guard's own refusals (the app's have handlers)
             if answered:
                 return
             if started:
                 raise
-            await _answer(send_marking, 400, exc.code, exc.reason)
+            await _answer(send_marking, exc.http_status, exc.code, exc.reason)
         except Exception:
             if answered:
                 return  # the app failed on the disconnect we made up: already answered 413
-            error_id = secrets.token_hex(8)
-            log.exception("unexpected error %s on %s %s", error_id, scope.get("method"),
-                          scope.get("path"))
+            rid = request_id(scope)
+            log.exception("unexpected error on %s %s (request id %s)", scope.get("method"),
+                          scope.get("path"), rid, extra={"request_id": rid})
             if started:
                 raise
             await _answer(send_marking, 500, "internal_error",
-                          f"unexpected server error (error id {error_id})")
+                          f"unexpected server error (request id {rid})")
 
     async def _checked_json(self, receive: Receive, limit: int) -> Receive:
         """Read the whole (limited) body, check its nesting, and return a ``receive`` that
