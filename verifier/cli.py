@@ -17,8 +17,8 @@ db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or upgrade the database schema (REFUTE_DATABASE_URL) to the latest migration."""
+    from refute.settings import get_settings
     from verifier.db import migrate
-    from verifier.settings import get_settings
 
     try:
         url = get_settings().database_url
@@ -34,20 +34,41 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     beat: Annotated[bool, typer.Option(help="Also run the timer scheduler (one per "
                                             "deployment).")] = False,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    loglevel: Annotated[str | None, typer.Option(
+        help="Log level (default: REFUTE_LOG_LEVEL).")] = None,
 ) -> None:
-    """Run a Celery worker on the given queues (and, with --beat, the timer scheduler)."""
-    from verifier.worker import QUEUES, app
+    """Run a Celery worker on the given queues (and, with --beat, the timer scheduler); the
+    database schema is created or upgraded first, as `refute serve` does."""
+    from refute.logs import configure_logging
+    from refute.settings import get_settings
+    from verifier.db import migrate
+    from verifier.worker import QUEUES, celery_app
 
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(wanted) - set(QUEUES))
     if unknown or not wanted:
         raise console.fail(RefuteError(f"unknown queues {unknown}; choose from {list(QUEUES)}"))
-    argv = ["worker", "-Q", ",".join(wanted), "-c", str(concurrency), "-l", loglevel,
+    try:
+        settings = get_settings()
+        level = (loglevel or settings.log_level).upper()
+        configure_logging(settings, level=level)
+        try:  # as `refute serve` does: a fresh home works, an old schema is upgraded
+            migrate(settings.database_url)
+        except RefuteError:
+            raise
+        except Exception as exc:  # the database cannot be reached or migrated
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise RefuteError(f"cannot create or upgrade the database schema ("
+                              f"{type(exc).__name__}: {first}): check REFUTE_DATABASE_URL, "
+                              "then run `refute db upgrade`") from exc
+    except RefuteError as exc:
+        raise console.fail(exc) from exc
+    # --quiet: no banner on stdout; everything else Celery says goes through logging.
+    argv = ["--quiet", "worker", "-Q", ",".join(wanted), "-c", str(concurrency), "-l", level,
             "--without-gossip", "--without-mingle", "-n", f"refute-{'-'.join(wanted)}@%h"]
     if beat:
         argv.append("-B")
-    app.worker_main(argv)
+    celery_app().worker_main(argv)
 
 
 def serve(
@@ -63,19 +84,30 @@ def serve(
     `refute db upgrade` does), so a fresh home serves at once."""
     import uvicorn
 
+    from refute.logs import configure_logging
+    from refute.settings import get_settings
     from verifier.api.app import create_app
     from verifier.db import migrate
     from verifier.service import ServiceContext
-    from verifier.settings import get_settings
 
     try:
         settings = get_settings()
+        configure_logging(settings)
         if migrate_first:
-            migrate(settings.database_url)
+            try:
+                migrate(settings.database_url)
+            except RefuteError:
+                raise
+            except Exception as exc:  # the database cannot be reached or migrated
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise RefuteError(f"cannot create or upgrade the database schema ("
+                                  f"{type(exc).__name__}: {first}): check "
+                                  "REFUTE_DATABASE_URL, then run `refute db upgrade`") from exc
         api = create_app(ServiceContext.create(settings), admin_token=admin_token)
     except RefuteError as exc:
         raise console.fail(exc) from exc
-    uvicorn.run(api, host=host, port=port, log_level="warning")
+    # log_config=None: uvicorn's own loggers go through the handler configured above.
+    uvicorn.run(api, host=host, port=port, log_level="warning", log_config=None)
 
 
 def stack(
