@@ -85,7 +85,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "Body too large"},
     422: {"model": ErrorBody, "description": "Body does not match the schema"},
     "4XX": {"model": ErrorBody, "description": "Any other refusal"},
-    "5XX": {"model": ErrorBody, "description": "Unexpected failure (the reason has an error id)"},
+    "5XX": {"model": ErrorBody,
+            "description": "The service failed (the reason ends with the request id)"},
 }
 #: Error answers any route can give (no such path, wrong method, body limits, failures).
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -113,7 +113,7 @@ class LargeBody:
 
 
 class Guard:
-    """Body limits, JSON depth check, error ids for unexpected failures, metrics (see module)."""
+    """Body limits, JSON depth check, request ids, unexpected failures, metrics (see module)."""
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int,
                  large: Sequence[LargeBody] = (), max_json_depth: int = MAX_DEPTH,
@@ -223,7 +223,13 @@ class Guard:
                 return
             if started:
                 raise
-            await _answer(send_marking, exc.http_status, exc.code, exc.reason)
+            reason = exc.reason
+            if exc.http_status >= 500:  # every 5xx is logged with its request id
+                rid = request_id(scope)
+                log.error("%s %s failed (request id %s)", scope.get("method"), scope.get("path"),
+                          rid, exc_info=exc, extra={"request_id": rid})
+                reason = f"{reason} (request id {rid})"
+            await _answer(send_marking, exc.http_status, exc.code, reason)
         except Exception:
             if answered:
                 return  # the app failed on the disconnect we made up: already answered 413
