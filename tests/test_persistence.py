@@ -20,7 +20,7 @@ from challenge.records import (
     SpotCheck,
 )
 from tests.servers import postgres_server
-from verifier.blobs import BlobError, LocalBlobStore, MemoryBlobStore, blob_key
+from challenge.blobs import BlobError, LocalBlobStore, MemoryBlobStore, blob_key
 from verifier.db import make_engine, migrate, session_factory
 
 

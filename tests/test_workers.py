@@ -30,15 +30,16 @@ from challenge.records import (
     Result,
     ResultStatus,
     SpotCheck,
+    new_id,
 )
 from prover.calibration import calibrate_model
 from refute import zoo
 from refute.provider import prepare_model, random_inputs, run_trace
+from refute.settings import Settings
 from refute.trace import Trace
 from tests.servers import RedisServer, redis_server
 from verifier.db import migrate
-from verifier.service import ServiceContext, new_id, utcnow
-from verifier.settings import ServiceSettings
+from verifier.service import ServiceContext, utcnow
 from verifier.worker import make_celery
 
 pytestmark = [pytest.mark.slow]
@@ -49,7 +50,7 @@ CHEAT = 3  # index of the result whose trace lies at state 2
 
 @dataclasses.dataclass
 class Stack:
-    settings: ServiceSettings
+    settings: Settings
     ctx: ServiceContext
     redis: RedisServer
     env: dict[str, str]
@@ -59,7 +60,7 @@ class Stack:
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     with redis_server(tmp_path / "redis") as redis:
-        settings = ServiceSettings(
+        settings = Settings(
             database_url=f"sqlite:///{tmp_path / 'refute.db'}", redis_url=redis.url,
             blob_dir=tmp_path / "blobs", spot_key="5eed" * 8, spotcheck_delay_s=0.7,
             visibility_timeout_s=6, task_time_limit_s=5, finalize_every_s=1.0,
@@ -198,8 +199,8 @@ def test_redelivery_cap_writes_a_dead_letter(tmp_path: Path) -> None:
     as a dead letter once and not run again."""
     from verifier.worker import admit_delivery
 
-    settings = ServiceSettings(database_url=f"sqlite:///{tmp_path / 'dl.db'}",
-                               blob_dir=tmp_path / "b", max_deliveries=3)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'dl.db'}",
+                        blob_dir=tmp_path / "b", max_deliveries=3)
     migrate(settings.database_url)
     ctx = ServiceContext.create(settings)
     outcomes = [admit_delivery(ctx, "task-1", "refute.spotcheck", ["res_x"]) for _ in range(5)]

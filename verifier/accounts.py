@@ -8,9 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from challenge.messages import AuthError
-from challenge.records import ApiKey, Network
+from challenge.records import ApiKey, Network, new_id
 from verifier.auth import api_key_matches, hash_api_key, is_api_key, new_api_key
-from verifier.service import new_id
 
 
 def create_network(

@@ -42,11 +42,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from challenge.records import RegisteredModel
+from challenge.blobs import BlobStore
+from challenge.records import RegisteredModel, new_id
 from refute.errors import InputError, ModelRejected, RefuteError
-from verifier.blobs import BlobStore
-from verifier.service import new_id
-from verifier.settings import ServiceSettings
+from refute.settings import Settings
 
 
 class RegistrationTimeout(ModelRejected):
@@ -92,7 +91,7 @@ class RegistrationLimits:
     per_network: int = 1
 
     @classmethod
-    def from_settings(cls, settings: ServiceSettings) -> RegistrationLimits:
+    def from_settings(cls, settings: Settings) -> RegistrationLimits:
         """The limits configured by ``REFUTE_REGISTRATION*`` settings."""
         return cls(timeout_s=settings.registration_timeout_s,
                    memory_mb=settings.registration_memory_mb,
