@@ -16,7 +16,6 @@ import logging
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from challenge import events
 from challenge.books import load_ledger, save_ledger
 from challenge.codec import state_from_json, state_to_json
 from challenge.context import DisputeContext, ProofKind
@@ -40,8 +40,6 @@ from challenge.game import (
     Move,
     Open,
     Phase,
-    ProofOutcome,
-    RangeOutcome,
     RequestAnswer,
     RequestDisclosure,
     RequestRangeProof,
@@ -233,8 +231,9 @@ def open_dispute(
                                f"{network.min_bond}")
         n = len(result.leaves) - 1
         disclosed = result.trace_blob is not None
-        state, effects = apply(None, Open(actor=Actor.CHALLENGER, at=now.timestamp(), n=n,
-                                          lo=lo, hi=hi, clocks=clocks, disclosed=disclosed))
+        opening = Open(actor=Actor.CHALLENGER, at=now.timestamp(), n=n, lo=lo, hi=hi,
+                       clocks=clocks, disclosed=disclosed)
+        state, effects = apply(None, opening)
         dispute_id = new_id("dsp")
         ledger = load_ledger(session, result_id)
         known = len(ledger.entries())
@@ -247,11 +246,9 @@ def open_dispute(
         save_ledger(session, result_id, ledger, known)
         transcript = load_transcript(session, result_id)
         _ensure_submission(session, transcript, result)
-        record(session, transcript, result_id, kind="challenge", at=now.timestamp(), body={
-            "dispute_id": dispute_id, "challenger": challenger, "lo": lo, "hi": hi, "n": n,
-            "bond": str(bond), "disclosed": disclosed,
-            "clocks": {"provider": clocks.provider, "challenger": clocks.challenger,
-                       "proof_timeout": clocks.proof_timeout}})
+        kind, body = events.encode(opening, dispute_id=dispute_id, phase=state.phase,
+                                   extra={"challenger": challenger, "bond": str(bond)})
+        record(session, transcript, result_id, kind=kind, at=now.timestamp(), body=body)
         session.add(Dispute(id=dispute_id, result_id=result_id, challenger=challenger, lo=lo,
                             hi=hi, bond=str(bond), state=state_to_json(state), status="OPEN",
                             timeout_at=timeout_at(state), opened_at=now))
@@ -294,12 +291,9 @@ def move(ctx: DisputeContext, dispute_id: str, game_move: Move, now: datetime,
         if new_state == state and not effects:
             return state, []  # an early tick: nothing happened
         transcript = load_transcript(session, dispute.result_id)
-        kind = type(game_move).__name__.lower()
-        body: dict[str, Any] = {"dispute_id": dispute_id, "actor": game_move.actor.value,
-                                "phase": new_state.phase.value, "move_at": game_move.at,
-                                **(detail or {})}
-        record(session, transcript, dispute.result_id,
-               kind="timeout" if kind == "tick" else kind,
+        kind, body = events.encode(game_move, dispute_id=dispute_id, phase=new_state.phase,
+                                   extra=detail)
+        record(session, transcript, dispute.result_id, kind=kind,
                at=max(game_move.at, now.timestamp()), body=body)
         dispute.state = state_to_json(new_state)
         dispute.timeout_at = timeout_at(new_state)
@@ -316,7 +310,7 @@ def _resolve(session: Session, transcript: Transcript, dispute: Dispute, effect:
     result, closed by the game's :class:`~challenge.game.Close` move."""
     result = session.get(Result, dispute.result_id, with_for_update=True)
     assert result is not None
-    verdict = effect.verdict.value.upper()
+    verdict = events.verdict_name(effect.verdict)
     ledger = load_ledger(session, result.id)
     known = len(ledger.entries())
     if effect.verdict is not Verdict.CLOSED:  # a closed dispute's bond is returned below
@@ -367,14 +361,13 @@ def _close(session: Session, transcript: Transcript, dispute: Dispute, *, by: st
            now: datetime) -> None:
     """Close a running dispute by the game's Close move (its bond was returned by the
     conviction's ``close_others``), and record it like any other move and verdict."""
-    state, effects = apply(state_from_json(dispute.state),
-                           Close(actor=Actor.SERVICE, at=now.timestamp(), by=by))
-    record(session, transcript, dispute.result_id, kind="close", at=now.timestamp(),
-           body={"dispute_id": dispute.id, "actor": Actor.SERVICE.value,
-                 "phase": state.phase.value, "move_at": now.timestamp(), "by": by})
+    closing = Close(actor=Actor.SERVICE, at=now.timestamp(), by=by)
+    state, effects = apply(state_from_json(dispute.state), closing)
+    kind, body = events.encode(closing, dispute_id=dispute.id, phase=state.phase)
+    record(session, transcript, dispute.result_id, kind=kind, at=now.timestamp(), body=body)
     dispute.state = state_to_json(state)
     dispute.status = "RESOLVED"
-    dispute.verdict = Verdict.CLOSED.value.upper()
+    dispute.verdict = events.verdict_name(Verdict.CLOSED)
     dispute.resolved_at = now
     dispute.timeout_at = None
     result = session.get(Result, dispute.result_id)
@@ -386,10 +379,10 @@ def _close(session: Session, transcript: Transcript, dispute: Dispute, *, by: st
 
 def _record_verdict(session: Session, transcript: Transcript, dispute: Dispute,
                     effect: Resolved, *, result: Result, now: datetime) -> None:
-    verdict = effect.verdict.value.upper()
-    record(session, transcript, result.id, kind="verdict", at=now.timestamp(), body={
-        "dispute_id": dispute.id, "verdict": verdict, "reason": effect.reason,
-        "result_status": result.status.value})
+    verdict = events.verdict_name(effect.verdict)
+    kind, body = events.encode_verdict(effect.verdict, dispute_id=dispute.id,
+                                       reason=effect.reason, result_status=result.status.value)
+    record(session, transcript, result.id, kind=kind, at=now.timestamp(), body=body)
     enqueue(session, result.network_id, "dispute.verdict", f"verdict:{dispute.id}",
             {"dispute_id": dispute.id, "result_id": result.id, "verdict": verdict,
              "result_status": result.status.value}, now)
@@ -702,18 +695,12 @@ def _apply_shared(ctx: DisputeContext, result_id: str, kind: ProofKind, index: i
             select(Dispute).where(Dispute.result_id == result_id, Dispute.status == "OPEN"))]
     mine: DisputeState | None = None
     for dispute_id, state in waiting:
-        game_move: Move
-        if kind is ProofKind.STEP and state.phase is Phase.STEP_PROOF and state.hi == index:
-            game_move = ProofOutcome(actor=Actor.SERVICE, at=now.timestamp(), step=index,
-                                     maxdiff_units=Fraction(str(detail["maxdiff_units"])),
-                                     tolerance=int(detail["tolerance"]), valid=True)
-        elif (kind is ProofKind.RANGE and state.phase is Phase.RANGE_PROOF
-              and state.pending == index):
-            game_move = RangeOutcome(actor=Actor.SERVICE, at=now.timestamp(), state=index,
-                                     max_abs_units=Fraction(str(detail["max_abs_units"])),
-                                     bound=int(detail["bound"]), valid=True)
-        else:
+        waits = (state.phase is Phase.STEP_PROOF and state.hi == index
+                 if kind is ProofKind.STEP
+                 else state.phase is Phase.RANGE_PROOF and state.pending == index)
+        if not waits:
             continue
+        game_move = events.outcome_move(kind, detail, at=now.timestamp(), n=state.n)
         try:
             new_state, effects = move(ctx, dispute_id, game_move, now, detail)
         except (IllegalMove, DisputeError):
@@ -843,19 +830,11 @@ def export_dispute(ctx: DisputeContext, dispute_id: str, path: Path) -> Path:
         body = event.body
         if body.get("dispute_id") != dispute_id:
             continue
-        if event.kind == "reveal":
-            wanted.add(int(str(body["state"])))
+        wanted |= events.states_of(event.kind, body)
+        target = events.proof_target(event.kind, body)
+        if target is None:
             continue
-        if event.kind == "proofoutcome":
-            index = int(str(body["step"]))
-            wanted |= {index - 1, index}
-            kind = ProofKind.STEP
-        elif event.kind == "rangeoutcome":
-            index = int(str(body["state"]))
-            wanted.add(index)
-            kind = ProofKind.RANGE
-        else:
-            continue
+        kind, index = ProofKind(target[0]), target[1]
         digests = {str(body[f]) for f in ("settings_sha256", "vk_sha256", "srs_sha256")
                    if body.get(f)}
         for digest in sorted(d for d in digests if ctx.blobs.exists(d)):
