@@ -13,7 +13,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from challenge.context import DisputeContext
+from challenge.context import Chain, DisputeContext
 from challenge.fakes import FakeProver, FakeTasks
 from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
 from challenge.result_lifecycle import accept
@@ -64,22 +64,24 @@ def _fake_calibration(prepared: PreparedModel) -> PreparedModel:
     return dataclasses.replace(prepared, manifest=manifest)
 
 
-def make_world(workdir: Path, *, network_id: str, model_id: str, ezkl: bool = True) -> World:
-    """Migrate a fresh database under ``workdir`` and register the calibrated zoo MLP."""
-    settings = Settings(database_url=f"sqlite:///{workdir / 'd.db'}",
+def make_world(workdir: Path, *, network_id: str, model_id: str, ezkl: bool = True,
+               database_url: str | None = None, chain: Chain | None = None) -> World:
+    """Migrate a fresh database under ``workdir`` and register the calibrated zoo MLP; with
+    ``chain``, every proof is verified again on it (the context's chain port)."""
+    settings = Settings(database_url=database_url or f"sqlite:///{workdir / 'd.db'}",
                         blob_dir=workdir / "blobs", spot_key="ab" * 16, home=workdir / "home")
     migrate(settings.database_url)
     tasks = FakeTasks()
     model = zoo.mlp()
     prepared = prepare_model(model.onnx_bytes)
     if ezkl:
-        ctx = ServiceContext.create(settings, tasks=tasks,
+        ctx = ServiceContext.create(settings, tasks=tasks, chain=chain,
                                     prover=EzklProofs(lambda: make_prover(settings)))
         manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
                                                  for s in range(3)])
         prepared = dataclasses.replace(prepared, manifest=manifest)
     else:
-        ctx = ServiceContext.create(settings, tasks=tasks, prover=FakeProver())
+        ctx = ServiceContext.create(settings, tasks=tasks, prover=FakeProver(), chain=chain)
         prepared = _fake_calibration(prepared)
     manifest = prepared.manifest
     now = datetime.now(UTC)
