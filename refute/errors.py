@@ -94,6 +94,14 @@ class ServerFault(RefuteError):
     http_status = 500
 
 
+class Misconfigured(ServerFault):
+    """The service is not configured to do this (a required secret is missing or malformed):
+    the operator must set it; ``GET /v1/ready`` names it."""
+
+    code = "misconfigured"
+    http_status = 503
+
+
 class Unavailable(ServerFault):
     """A dependency (database, broker, blob store, chain) cannot be reached or used right now;
     the same request may succeed later."""

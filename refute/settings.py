@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from refute.errors import RefuteError
+from refute.errors import Misconfigured, RefuteError
 
 _HOME = Path.home() / ".cache" / "refute"
 
@@ -125,11 +125,12 @@ class Settings(BaseSettings):
     def spot_key_bytes(self) -> bytes:
         """The sampling key; refuses to run with none configured."""
         if not self.spot_key:
-            raise RefuteError("REFUTE_SPOT_KEY is not set: spot-check sampling needs a secret")
+            raise Misconfigured("REFUTE_SPOT_KEY is not set: spot-check sampling needs a secret "
+                                "(`openssl rand -hex 32`)")
         try:
             return bytes.fromhex(self.spot_key)
         except ValueError as exc:
-            raise RefuteError("REFUTE_SPOT_KEY must be hex") from exc
+            raise Misconfigured("REFUTE_SPOT_KEY must be hex") from exc
 
 
 @functools.cache

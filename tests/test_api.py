@@ -101,13 +101,13 @@ def test_health_metrics_and_openapi(api: Api) -> None:
 def test_ready_with_a_real_broker(tmp_path: Path) -> None:
     with redis_server(tmp_path / "redis") as redis:
         settings = Settings(database_url=f"sqlite:///{tmp_path / 'r.db'}",
-                            blob_dir=tmp_path / "b", redis_url=redis.url)
+                            blob_dir=tmp_path / "b", redis_url=redis.url, spot_key="ab" * 16)
         migrate(settings.database_url)
         app = create_app(ServiceContext.create(settings, tasks=FakeTasks()))
         with TestClient(app) as client:
             assert client.get("/v1/ready").json() == {
                 "status": "ok", "checks": {"database": "ok", "schema": "ok", "broker": "ok",
-                                           "blobs": "ok"}}
+                                           "blobs": "ok", "spot_key": "ok"}}
 
 
 def test_network_creation_and_keys(api: Api) -> None:

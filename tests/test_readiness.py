@@ -67,12 +67,13 @@ def test_an_old_schema_is_not_ready(tmp_path: Path) -> None:
 def test_migrated_with_a_broker_and_writable_blobs_is_ready(tmp_path: Path) -> None:
     with redis_server(tmp_path / "redis") as redis:
         settings = Settings(database_url=f"sqlite:///{tmp_path / 'r.db'}",
-                            blob_dir=tmp_path / "missing" / "blobs", redis_url=redis.url)
+                            blob_dir=tmp_path / "missing" / "blobs", redis_url=redis.url,
+                            spot_key="ab" * 16)
         migrate(settings.database_url)
         answer = _ready(settings)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"status": "ok", "checks": {
-        "database": "ok", "schema": "ok", "broker": "ok", "blobs": "ok"}}
+        "database": "ok", "schema": "ok", "broker": "ok", "blobs": "ok", "spot_key": "ok"}}
 
 
 def test_a_blob_folder_that_cannot_be_written_is_named(tmp_path: Path) -> None:
@@ -140,10 +141,11 @@ def test_serve_on_a_fresh_home_migrates_and_reports_readiness(tmp_path: Path) ->
     server = start_server(home, env={"REFUTE_REDIS_URL": NO_BROKER})
     try:
         answer = httpx.get(f"{server.url}/v1/ready", timeout=30)
-        assert answer.status_code == 503, answer.text  # only the broker is missing
-        assert answer.json()["checks"] == {"database": "ok", "schema": "ok",
-                                           "broker": "unreachable (ConnectionError)",
-                                           "blobs": "ok"}
+        assert answer.status_code == 503, answer.text  # the broker and the secret are missing
+        checks = answer.json()["checks"]
+        assert checks.pop("spot_key").startswith("REFUTE_SPOT_KEY is not set")
+        assert checks == {"database": "ok", "schema": "ok",
+                          "broker": "unreachable (ConnectionError)", "blobs": "ok"}
         assert answer.headers["X-Request-ID"]
         assert (home / ".cache" / "refute" / "refute.db").exists()
     finally:

@@ -237,10 +237,10 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
              responses={**COMMON_ERRORS, 503: {"model": Health}}, tags=["operations"])
     def ready(response: Response) -> Health:
         """Readiness (no authentication): 200 when the database answers at the current schema,
-        the broker answers and the blob folder is writable; else 503, and ``checks`` names
-        what is missing (``database``, ``schema``: "run `refute db upgrade`", ``broker``,
-        ``blobs``)."""
-        checks = readiness(ctx.engine, ctx.settings.redis_url, ctx.settings.blob_dir)
+        the broker answers, the blob folder is writable and the spot-check secret is set; else
+        503, and ``checks`` names what is missing (``database``, ``schema``: "run `refute db
+        upgrade`", ``broker``, ``blobs``, ``spot_key``)."""
+        checks = readiness(ctx.engine, ctx.settings)
         ok = all(v == "ok" for v in checks.values())
         response.status_code = 200 if ok else 503
         return Health(status="ok" if ok else "unavailable", checks=checks)

@@ -21,6 +21,8 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Engine
 
+from refute.errors import RefuteError
+from refute.settings import Settings
 from verifier.db import alembic_config
 
 OK = "ok"
@@ -93,7 +95,16 @@ def blobs_check(root: Path) -> str:
     return OK
 
 
-def readiness(engine: Engine, redis_url: str, blob_dir: Path) -> dict[str, str]:
+def spot_key_check(settings: Settings) -> str:
+    """``spot_key``: the secret of spot-check sampling is set (results are refused without)."""
+    try:
+        settings.spot_key_bytes()
+    except RefuteError as exc:
+        return exc.reason
+    return OK
+
+
+def readiness(engine: Engine, settings: Settings) -> dict[str, str]:
     """Every check, by name: ``"ok"`` or what is missing."""
-    return {**database_checks(engine), "broker": broker_check(redis_url),
-            "blobs": blobs_check(blob_dir)}
+    return {**database_checks(engine), "broker": broker_check(settings.redis_url),
+            "blobs": blobs_check(settings.blob_dir), "spot_key": spot_key_check(settings)}
