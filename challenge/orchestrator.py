@@ -108,6 +108,8 @@ def load_transcript(session: Session, result_id: str) -> Transcript:
 def record(session: Session, transcript: Transcript, result_id: str, *, kind: str, at: float,
            body: dict[str, Any]) -> None:
     """Append an event to the transcript and stage its row."""
+    if transcript.events:  # ``at`` was read before the result's lock; never before the last
+        at = max(at, transcript.events[-1].at)
     event = transcript.append(kind, at, body)
     session.add(TranscriptEvent(result_id=result_id, seq=event.seq, event=event.to_json()))
 
@@ -274,9 +276,14 @@ def move(ctx: DisputeContext, dispute_id: str, game_move: Move, now: datetime,
     ``signed`` is the party's signed message behind the move: a retry of an applied message
     returns the current state and applies nothing; a reused nonce is refused."""
     with _one_writer(), ctx.sessions() as session, session.begin():
-        dispute = session.get(Dispute, dispute_id, with_for_update=True)
-        if dispute is None:
+        result_id = session.scalar(select(Dispute.result_id).where(Dispute.id == dispute_id))
+        if result_id is None:
             raise DisputeError(f"dispute {dispute_id} does not exist")
+        # The result's row first (as open_dispute and _resolve take it): one writer at a time
+        # appends to the result's transcript and journal, and locks are taken in one order.
+        session.get(Result, result_id, with_for_update=True)
+        dispute = session.get(Dispute, dispute_id, with_for_update=True)
+        assert dispute is not None
         state = state_from_json(dispute.state)
         if dispute.status != "OPEN" and not state.resolved:  # closed by another conviction
             raise DisputeError(f"dispute {dispute_id} was closed ({dispute.verdict}): the "
@@ -660,7 +667,12 @@ def _shared_proof(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: 
         if row is not None and row.outcome is not None:
             return dict(row.outcome)
         if row is None:
-            session.add(SharedProof(result_id=key[0], kind=kind, index=index, claimed_at=now))
+            try:
+                with session.begin_nested():
+                    session.add(SharedProof(result_id=key[0], kind=kind, index=index,
+                                            claimed_at=now))
+            except IntegrityError:
+                return None  # claimed by a concurrent task, which applies it here too
         elif now.timestamp() - _timestamp(row.claimed_at) > ctx.config.claim_expiry_s:
             row.claimed_at = now
         else:
