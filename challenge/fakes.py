@@ -27,6 +27,7 @@ from refute.executor import DeterministicExecutor
 from refute.provider import PreparedModel
 from refute.segmentation import step_difference_units
 from refute.trace import leaf_of_state
+from refute.verdict import range_bound_units
 
 
 class FakeProver:
@@ -68,7 +69,7 @@ class FakeProver:
             top = max((float(np.max(np.abs(t))) for t in states[index] if t.size), default=0.0)
             units_abs = Fraction(top) * 2**manifest.scale if np.isfinite(top) else Fraction(2**64)
             measured = {"state": index, "max_abs_units": str(units_abs),
-                        "bound": int(Fraction(manifest.range) * 2**manifest.scale)}
+                        "bound": range_bound_units(manifest.range, manifest.scale)}
         return ProofMade(detail={**measured, **common}, files=(artifact,))
 
     def artifacts(self, prepared: PreparedModel, kind: ProofKind, index: int) -> list[bytes]:

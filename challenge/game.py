@@ -22,7 +22,7 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import TypeAlias, TypeVar
 
-from refute.errors import RefuteError
+from refute.errors import RefuteError, ServerFault
 from refute.verdict import VerdictError, range_fault, step_fault
 
 __all__ = [
@@ -62,7 +62,7 @@ __all__ = [
 # --- errors --------------------------------------------------------------------------------
 
 
-class GameError(RefuteError):
+class GameError(ServerFault):
     """A game helper was called with arguments outside its domain (e.g. ``max_rounds(0)``)."""
 
     code = "game_error"
@@ -74,7 +74,7 @@ class IllegalMove(RefuteError):
     code = "illegal_move"
 
 
-class InvalidDisputeState(RefuteError):
+class InvalidDisputeState(ServerFault):
     """A :class:`DisputeState` was built with inconsistent fields (e.g. loaded from bad data)."""
 
     code = "invalid_dispute_state"

@@ -72,10 +72,11 @@ from challenge.result_lifecycle import ResultEvent, advance
 from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
 from challenge.transcript import SigningKey, Transcript, sign_head
 from refute.commitment import TraceCommitment
-from refute.errors import Conflict, RefuteError
+from refute.errors import Conflict, NotFound, RefuteError
 from refute.manifest import Manifest
 from refute.merkle import merkle_root
 from refute.trace import Trace, leaf_of_state
+from refute.verdict import within_range
 
 SERVICE = "service"
 
@@ -86,9 +87,15 @@ PROVIDER_SHARE_BPS = 5000
 
 
 class DisputeError(RefuteError):
-    """A dispute cannot be opened or moved (wrong result status, unknown dispute…)."""
+    """A dispute cannot be opened or moved (wrong result status, closed window…)."""
 
     code = "dispute_error"
+
+
+class DisputeNotFound(NotFound, DisputeError):
+    """The dispute, or the result to dispute, does not exist."""
+
+    code = "not_found"
 
 
 # --- persistence helpers ----------------------------------------------------------------------
@@ -213,7 +220,7 @@ def open_dispute(
             return retry
         result = session.get(Result, result_id, with_for_update=True)
         if result is None:
-            raise DisputeError(f"result {result_id} does not exist")
+            raise DisputeNotFound(f"result {result_id} does not exist")
         existing = session.scalars(select(Dispute).where(
             Dispute.result_id == result_id, Dispute.challenger == challenger,
             Dispute.lo == lo, Dispute.hi == hi)).first()
@@ -278,7 +285,7 @@ def move(ctx: DisputeContext, dispute_id: str, game_move: Move, now: datetime,
     with _one_writer(), ctx.sessions() as session, session.begin():
         result_id = session.scalar(select(Dispute.result_id).where(Dispute.id == dispute_id))
         if result_id is None:
-            raise DisputeError(f"dispute {dispute_id} does not exist")
+            raise DisputeNotFound(f"dispute {dispute_id} does not exist")
         # The result's row first (as open_dispute and _resolve take it): one writer at a time
         # appends to the result's transcript and journal, and locks are taken in one order.
         session.get(Result, result_id, with_for_update=True)
@@ -437,7 +444,7 @@ def _load(ctx: DisputeContext, dispute_id: str, reuse: _Loaded | None = None) ->
     with ctx.sessions() as session:
         dispute = session.get(Dispute, dispute_id)
         if dispute is None:
-            raise DisputeError(f"dispute {dispute_id} does not exist")
+            raise DisputeNotFound(f"dispute {dispute_id} does not exist")
         result = session.get(Result, dispute.result_id)
         assert result is not None
         model = session.get(RegisteredModel, result.model_id)
@@ -549,9 +556,7 @@ def _serve_reveal(loaded: _Loaded, k: int, at: float, manifest: Manifest) -> Rev
     assert state is not None
     matches = loaded.trace is None or (
         "0x" + loaded.trace.commitment.leaves[k].hex() == loaded.result.leaves[k])
-    bound = manifest.range
-    in_range = bound is None or all(
-        bool(np.isfinite(t).all()) and float(np.max(np.abs(t))) <= bound for t in state)
+    in_range = within_range(state, manifest.range)
     return Reveal(actor=Actor.PROVIDER, at=at, state=k, matches_leaf=matches,
                   in_range=in_range)
 
@@ -588,7 +593,7 @@ def watch(ctx: DisputeContext, result_id: str, now: datetime) -> str | None:
     with ctx.sessions() as session:
         result = session.get(Result, result_id)
         if result is None:
-            raise DisputeError(f"result {result_id} does not exist")
+            raise DisputeNotFound(f"result {result_id} does not exist")
         if result.trace_blob is None:
             raise DisputeError(f"result {result_id}: the watcher needs the job's input, and the "
                                "trace (state 0) was not uploaded")

@@ -41,7 +41,7 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError, Web3Exception
 from web3.types import TxParams, TxReceipt, Wei
 
-from refute.errors import RefuteError
+from refute.errors import ServerFault
 from refute.settings import get_settings
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ fs.writeFileSync(process.argv[4], JSON.stringify(output));
 """
 
 
-class ChainError(RefuteError):
+class ChainError(ServerFault):
     """Building, compiling, deploying or calling an EVM verifier failed, or the chain did."""
 
     code = "chain_error"

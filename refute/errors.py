@@ -59,6 +59,13 @@ class ExternalDataRefused(ModelRejected):
     code = "external_data_refused"
 
 
+class UnprovableModel(ModelRejected):
+    """A segment of the model cannot be compiled into a circuit (found at registration, so it
+    is never discovered in a dispute)."""
+
+    code = "model_unprovable"
+
+
 class UnsupportedOperator(ModelRejected):
     """The model uses an operator, domain or construct outside the allowlist."""
 

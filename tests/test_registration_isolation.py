@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from challenge.fakes import FakeTasks
-from refute.errors import ModelRejected
+from refute.errors import ModelRejected, UnprovableModel
 from refute.settings import Settings
 from tests.hostile_models import (
     matmul_chain,
@@ -252,10 +252,8 @@ def test_overflowing_model_is_refused_not_crashed() -> None:
 @pytest.mark.slow
 def test_unprovable_segment_is_refused_not_registered_with_zero_tolerance() -> None:
     """DESIGN, registration step 4: a segment EZKL cannot prove is refused at registration with
-    EZKL's reason (was: registered, its tolerance 0)."""
-    from prover.errors import CircuitUnsupported
-
-    with pytest.raises(CircuitUnsupported) as info:
+    EZKL's reason (was: registered, its tolerance 0), as a rejected model (422)."""
+    with pytest.raises(UnprovableModel) as info:
         build_manifest(unprovable_conv(), {"calibration_samples": 1})
     assert info.value.reason.startswith("segment 1 cannot be proven: ")
     assert "EZKL" in info.value.reason and "\n" not in info.value.reason

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from challenge.blobs import BlobStore
 from challenge.records import RegisteredModel, new_id
-from refute.errors import InputError, ModelRejected, RefuteError
+from refute.errors import InputError, ModelRejected, RefuteError, UnprovableModel
 from refute.settings import Settings
 
 
@@ -132,14 +132,13 @@ def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
                                     "the model overflows float32 on ordinary inputs")
     # Cheap checks first: EZKL is only imported once the model has loaded and segmented.
     from prover.calibration import calibrate_model
-    from prover.errors import CircuitUnsupported
 
     manifest, report = calibrate_model(prepared, samples, executor=executor)
     if report.unsupported:
         # DESIGN, registration step 4: a segment that cannot be proven is refused now, never
         # discovered in a dispute (and never registered with a tolerance of 0).
         first = report.unsupported[0]
-        raise CircuitUnsupported(f"segment {first.index} cannot be proven: {first.reason}"[:300])
+        raise UnprovableModel(f"segment {first.index} cannot be proven: {first.reason}"[:300])
     return manifest.to_json()
 
 

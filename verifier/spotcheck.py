@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refute.errors import RefuteError
+from refute.errors import ServerFault
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
 from refute.segmentation import Segmentation, step_difference_units
 from refute.trace import Trace
 
 
-class SpotCheckError(RefuteError):
+class SpotCheckError(ServerFault):
     """A spot-check cannot run (uncalibrated manifest, step out of range)."""
 
     code = "spotcheck_error"
