@@ -39,7 +39,7 @@ from refute.settings import Settings
 from refute.trace import Trace
 from tests.servers import RedisServer, redis_server
 from verifier.db import migrate
-from verifier.service import ServiceContext, utcnow
+from verifier.service import ServiceContext
 from verifier.worker import make_celery
 
 pytestmark = [pytest.mark.slow]
@@ -114,7 +114,7 @@ def _seed(stack: Stack, *, window: timedelta) -> tuple[list[str], int]:
                                              for s in range(3)])
     prepared = dataclasses.replace(prepared, manifest=manifest)
     n = manifest.num_segments
-    now = utcnow()
+    now = stack.ctx.clock.now()
     ids = []
     with stack.ctx.sessions() as s, s.begin():
         s.add(Network(id="net_a", name="A", spot_probability=1.0, spot_count=n,

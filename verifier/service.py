@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from celery import Celery
@@ -98,6 +98,11 @@ class ServiceContext:
     def prepared(self, model: RegisteredModel) -> PreparedModel:
         """The model prepared exactly as its manifest says (cached per process)."""
         return self.disputes.prepared(model)
+
+    @property
+    def clock(self) -> Clock:
+        """The service's clock (the dispute logic's): every "now" of the API and the workers."""
+        return self.disputes.clock
 
 
 class ServiceTasks(TaskQueue, Protocol):
@@ -251,7 +256,3 @@ def finalize_due(ctx: ServiceContext, now: datetime) -> int:
             finalized += 1
     return finalized
 
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)

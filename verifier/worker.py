@@ -27,7 +27,7 @@ from challenge.records import DeadLetter, TaskDelivery
 from refute.errors import RefuteError
 from refute.logs import configure_logging
 from refute.settings import Settings, get_settings
-from verifier.service import ServiceContext, finalize_due, run_spotcheck, utcnow
+from verifier.service import ServiceContext, finalize_due, run_spotcheck
 
 QUEUES = ("spotcheck", "prove", "timers")
 
@@ -107,7 +107,7 @@ def context() -> ServiceContext:
 
 def admit_delivery(ctx: ServiceContext, task_id: str, name: str, args: list[Any]) -> bool:
     """Count this delivery; False (and a dead letter) once the cap is exceeded."""
-    now = utcnow()
+    now = ctx.clock.now()
     with ctx.sessions() as session, session.begin():
         row = session.get(TaskDelivery, task_id, with_for_update=True)
         if row is None:
@@ -143,11 +143,11 @@ def spotcheck(self: Any, result_id: str) -> int:
     if not admit_delivery(ctx, str(self.request.id), self.name, [result_id]):
         return 0
     try:
-        checks = run_spotcheck(ctx, result_id, utcnow())
+        checks = run_spotcheck(ctx, result_id, ctx.clock.now())
     except Exception:
         log.exception("spot-check of %s failed", result_id)
         raise
-    watch_faults(ctx, result_id, utcnow())
+    watch_faults(ctx, result_id, ctx.clock.now())
     return len(checks)
 
 
@@ -164,7 +164,7 @@ def watch(self: Any, result_id: str) -> str | None:
     if not admit_delivery(ctx, str(self.request.id), self.name, [result_id]):
         return None
     try:
-        return watch_result(ctx.disputes, result_id, utcnow())
+        return watch_result(ctx.disputes, result_id, ctx.clock.now())
     except RefuteError as exc:  # e.g. convicted meanwhile: nothing to do, and say so
         log.info("watcher: no dispute on %s: %s", result_id, exc.reason)
         return None
@@ -177,7 +177,7 @@ def prove(self: Any, dispute_id: str) -> bool:
     ctx = context()
     if not admit_delivery(ctx, str(self.request.id), self.name, [dispute_id]):
         return False
-    return prove_pending(ctx.disputes, dispute_id, utcnow()) is not None
+    return prove_pending(ctx.disputes, dispute_id, ctx.clock.now()) is not None
 
 
 def dispute_timers() -> int:
@@ -186,7 +186,7 @@ def dispute_timers() -> int:
     from challenge.orchestrator import resume_stalled, tick_due
 
     ctx = context()
-    now = utcnow()
+    now = ctx.clock.now()
     resume_stalled(ctx.disputes, now)
     return tick_due(ctx.disputes, now)
 
@@ -199,7 +199,7 @@ def deliver_webhooks() -> int:
 
     with httpx.Client() as client:
         ctx = context()
-        return deliver_due(ctx.sessions, utcnow(), client=client,
+        return deliver_due(ctx.sessions, ctx.clock.now(), client=client,
                            allow_private=ctx.settings.webhooks_allow_private)
 
 
@@ -209,7 +209,7 @@ def finalize() -> int:
     from verifier.lifecycle import sweep
 
     ctx = context()
-    now = utcnow()
+    now = ctx.clock.now()
     sweep(ctx, now, queue_spotcheck)
     return finalize_due(ctx, now)
 

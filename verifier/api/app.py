@@ -56,7 +56,7 @@ from verifier.auth import is_api_key
 from verifier.lifecycle import attach_states, disclosure_needed
 from verifier.registry import decode_model, register_in_subprocess, store_model
 from verifier.results import attach_trace, list_results, owned_model, owned_result, submit_result
-from verifier.service import ServiceContext, owed_segments, utcnow
+from verifier.service import ServiceContext, owed_segments
 from verifier.webhooks import list_deliveries, register_endpoint
 
 #: Largest body of the routes that take large ones (model registration, trace upload).
@@ -198,7 +198,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
             return
         with ctx.sessions() as session, session.begin():
             session.execute(update(Result).where(Result.id == result_id)
-                            .values(spot_queued_at=utcnow()))
+                            .values(spot_queued_at=ctx.clock.now()))
 
     app.add_middleware(Guard, max_body_bytes=MAX_SMALL_BODY_BYTES, large=LARGE_BODIES,
                        key_ok=is_api_key, observe=_observe)
@@ -260,7 +260,8 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         with _write(s):
             net, token = create_network(s, name=body.name, spot_probability=body.spot_probability,
                                         spot_count=body.spot_count,
-                                        challenge_window_s=body.challenge_window_s, now=utcnow(),
+                                        challenge_window_s=body.challenge_window_s,
+                                        now=ctx.clock.now(),
                                         min_bond=body.min_bond,
                                         disclosure_window_s=body.disclosure_window_s)
         return NetworkCreated(id=net.id, name=net.name, api_key=token)
@@ -270,7 +271,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
     def new_key(net: NetworkDep, s: SessionDep) -> NetworkCreated:
         """Issue another API key for the calling network."""
         with _write(s):
-            token = add_api_key(s, net.id, utcnow())
+            token = add_api_key(s, net.id, ctx.clock.now())
         return NetworkCreated(id=net.id, name=net.name, api_key=token)
 
     @app.post("/v1/models", status_code=201, response_model=ModelOut, responses=ERRORS,
@@ -302,7 +303,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         with _write(s):
             row = store_model(s, ctx.blobs, network_id=network_id, data=data,
                               manifest=manifest_json, manifest_sha256=manifest.sha256,
-                              now=utcnow())
+                              now=ctx.clock.now())
         return _model_out(row)
 
     @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=ERRORS,
@@ -318,7 +319,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
                response: Response) -> ResultOut:
         """Accept a signed result at once (202) with its challenge deadline."""
         with _write(s):
-            row, created = submit_result(s, net, body, domain=domain, now=utcnow(),
+            row, created = submit_result(s, net, body, domain=domain, now=ctx.clock.now(),
                                          spot_key=ctx.settings.spot_key_bytes())
         if created:
             RESULTS.inc()
@@ -352,12 +353,12 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         data = await _read_limited(request)
         with _write(s):
             row = owned_result(s, net, result_id)
-            await asyncio.to_thread(attach_trace, s, ctx.blobs, row, data, utcnow())
+            await asyncio.to_thread(attach_trace, s, ctx.blobs, row, data, ctx.clock.now())
         schedule(row.id)
         from challenge.orchestrator import disclose
 
         # Disputes waiting for this trace (opened before it was uploaded) continue now.
-        if await asyncio.to_thread(disclose, ctx.disputes, row.id, utcnow()):
+        if await asyncio.to_thread(disclose, ctx.disputes, row.id, ctx.clock.now()):
             s.expire_all()
         return _result_out(s, row)
 
@@ -372,12 +373,12 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         data = await _read_limited(request)
         with _write(s):
             row = owned_result(s, net, result_id)
-            await asyncio.to_thread(attach_states, s, ctx.blobs, row, data, utcnow())
+            await asyncio.to_thread(attach_states, s, ctx.blobs, row, data, ctx.clock.now())
         schedule(row.id)
         from challenge.orchestrator import disclose
 
         # Disputes waiting for these states (the disclosure window passed) continue now.
-        await asyncio.to_thread(disclose, ctx.disputes, row.id, utcnow())
+        await asyncio.to_thread(disclose, ctx.disputes, row.id, ctx.clock.now())
         s.expire_all()
         return _result_out(s, row)
 
@@ -388,7 +389,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         with _write(s):
             endpoint, secret = register_endpoint(
                 s, net.id, body.url, body.events,
-                allow_loopback=ctx.settings.webhooks_allow_private, now=utcnow())
+                allow_loopback=ctx.settings.webhooks_allow_private, now=ctx.clock.now())
         return WebhookCreated(id=endpoint.id, url=endpoint.url, events=list(endpoint.events),
                               secret=secret)
 

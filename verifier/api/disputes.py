@@ -38,7 +38,7 @@ from refute.errors import Conflict, NotFound
 from verifier.api.app import NetworkDep, SessionDep
 from verifier.api.schemas import HEX32, Address, DomainIn
 from verifier.results import owned_result
-from verifier.service import ServiceContext, utcnow
+from verifier.service import ServiceContext
 
 
 class ChallengeMessage(BaseModel):
@@ -179,7 +179,7 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         m = body.message
         claim = SignedChallenge(network=_word(m.network), result=_word(m.result), lo=m.lo,
                                 hi=m.hi, bond=m.bond, nonce=m.nonce, deadline=m.deadline)
-        now = utcnow()
+        now = ctx.clock.now()
         signer = verify_signed(claim, _domain(body.domain), body.signature,
                                expected_signer=body.challenger, now=int(now.timestamp()),
                                expected_domain=expected)
@@ -231,7 +231,7 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         signed = SignedMove(network=_word(m.network), dispute=_word(m.dispute), round=m.round,
                             kind=m.kind, payload=_word(m.payload), nonce=m.nonce,
                             deadline=m.deadline)
-        now = utcnow()
+        now = ctx.clock.now()
         signer = verify_signed(signed, _domain(body.domain), body.signature,
                                expected_signer=body.player, now=int(now.timestamp()),
                                expected_domain=expected)
