@@ -65,12 +65,13 @@ from challenge.events import (
     EventError,
     RevealFacts,
     decode,
+    decode_verdict,
     outcome_move,
     proof_target,
     states_of,
     verdict_name,
 )
-from challenge.game import DisputeState, ProofOutcome, RangeOutcome, apply
+from challenge.game import Actor, Close, DisputeState, ProofOutcome, RangeOutcome, apply
 from challenge.transcript import (
     Event,
     SigningKey,
@@ -657,6 +658,12 @@ class _Replay:
                            _at(event))
                 return
             decoded = self._move_of(event)
+            if isinstance(decoded.move, Close) and not self._convicted_before(event,
+                                                                              decoded.move.by):
+                report.add("moves", False, f"closed by dispute {_shorten(decoded.move.by)}, "
+                           "which had not convicted the provider before it", f"{_at(event)} "
+                           "body.by")
+                return
             try:
                 state, _effects = apply(state, decoded.move)
             except RefuteError as exc:
@@ -677,6 +684,18 @@ class _Replay:
         assert state is not None
         report.add("moves", True, f"{len(mine) - 1} moves, {state.rounds} rounds replayed to "
                    f"{reached} (as recorded)")
+
+    def _convicted_before(self, event: Event, by: str) -> bool:
+        """Whether dispute ``by`` of the same result ended with the provider at fault before
+        ``event`` (a Close is legal only then: DESIGN.md, a conviction closes the others)."""
+        for earlier in self.events[:self.events.index(event)]:
+            if earlier.kind == "verdict" and earlier.body.get("dispute_id") == by:
+                try:
+                    verdict = decode_verdict(earlier.body)
+                except EventError:
+                    return False
+                return verdict.at_fault() is Actor.PROVIDER
+        return False
 
     def _move_of(self, event: Event) -> Decoded:
         """The move ``event`` records, read by the codec the orchestrator wrote it with."""

@@ -464,6 +464,22 @@ def test_a_conviction_closes_the_other_disputes_and_returns_their_bonds(world: W
         transcript = load_transcript(s, rid)
     closed = next(e for e in transcript.events if e.kind == "close")
     assert (closed.body["dispute_id"], closed.body["by"]) == (second, first)
+    # The closed dispute's bundle replays (no proof of its own); a Close naming a dispute that
+    # convicted nobody does not.
+    bundle = orchestrator.export_dispute(world.disputes, second, world.workdir / "closed.rdispute")
+    report = replay(bundle, [_service_key(world)])
+    assert report.ok, report.lines
+    with zipfile.ZipFile(bundle) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    doc = json.loads(members["transcript.json"])
+    for event in doc["events"]:
+        if event["kind"] == "close":
+            event["body"]["by"] = second
+    members["transcript.json"] = json.dumps(doc).encode()
+    forged = world.workdir / "forged-close.rdispute"
+    forged.write_bytes(archive_bytes(members))
+    failed = {n: d for n, ok, d in replay(forged, [_service_key(world)]).lines if not ok}
+    assert "convicted" in failed["moves"]
 
 
 def test_recovery_carries_out_what_a_crash_lost_and_never_times_out_the_provider(
