@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     #: An EVM JSON-RPC endpoint on which settled proofs are re-verified; empty means no chain.
     #: It often embeds an API key: keep it with the secrets.
     chain_rpc_url: str = Field(default="", repr=False)
+    #: Private key (hex) that sends the verification transactions on that chain; may be empty
+    #: only for a chain on a loopback address (anvil's development key is used there).
+    chain_key: str = Field(default="", repr=False)
     #: The EIP-712 domain's ``chainId`` that every signed message must carry.
     chain_id: int = 31337
 

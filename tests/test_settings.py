@@ -155,3 +155,19 @@ def test_importing_the_worker_reads_no_settings() -> None:
     env = {"REFUTE_TASK_TIME_LIMIT_S": "9", "REFUTE_VISIBILITY_TIMEOUT_S": "1",
            "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)
+
+
+def test_a_real_chain_needs_its_own_key(tmp_path: Path) -> None:
+    """REFUTE_CHAIN_RPC_URL on a non-loopback host without REFUTE_CHAIN_KEY is refused in one
+    line (never anvil's public key on a real chain); a local anvil may use the development key."""
+    from prover.evm import ANVIL_DEV_KEY
+    from refute.errors import Misconfigured
+    from verifier.service import chain_from
+
+    remote = Settings(chain_rpc_url="https://rpc.example.invalid", blob_dir=tmp_path / "b")
+    with pytest.raises(Misconfigured, match="REFUTE_CHAIN_KEY is not set"):
+        chain_from(remote)
+    key = "0x" + "11" * 32
+    assert chain_from(remote.model_copy(update={"chain_key": key})).private_key == key
+    local = Settings(chain_rpc_url="http://127.0.0.1:8545", blob_dir=tmp_path / "b")
+    assert chain_from(local).private_key == ANVIL_DEV_KEY

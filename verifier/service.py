@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from celery import Celery
 from sqlalchemy import Engine, exists, select
@@ -44,7 +45,8 @@ from challenge.result_lifecycle import ResultEvent, advance
 from prover.adapter import EzklProofs
 from prover.chain import RpcChain
 from prover.config import make_prover
-from refute.errors import NotFound
+from prover.evm import ANVIL_DEV_KEY
+from refute.errors import Misconfigured, NotFound
 from refute.executor import DeterministicExecutor
 from refute.provider import PreparedModel
 from refute.settings import Settings
@@ -85,9 +87,8 @@ class ServiceContext:
         blobs = LocalBlobStore(settings.blob_dir)
         executor = DeterministicExecutor()
         queue = tasks if tasks is not None else CeleryTasks(lambda: _celery_app(settings))
-        rpc_url = str(getattr(settings, "chain_rpc_url", "") or "")
-        if chain is None and rpc_url:
-            chain = RpcChain(rpc_url, settings.blob_dir.parent / "chain")
+        if chain is None and settings.chain_rpc_url:
+            chain = chain_from(settings)
         disputes = DisputeContext(
             sessions=sessions, blobs=blobs, states=StoredStates(blobs, executor),
             prover=prover if prover is not None else EzklProofs(lambda: make_prover(settings)),
@@ -115,6 +116,20 @@ class ServiceTasks(TaskQueue, Protocol):
     def schedule_watch(self, result_id: str) -> None:
         """Have the watcher check a whole result."""
         ...
+
+
+def chain_from(settings: Settings) -> RpcChain:
+    """The chain of ``REFUTE_CHAIN_RPC_URL``, sending from ``REFUTE_CHAIN_KEY`` (anvil's public
+    development key only for a chain on a loopback address, never for a real one)."""
+    key = settings.chain_key
+    if not key:
+        host = urlsplit(settings.chain_rpc_url).hostname or ""
+        if host not in {"localhost", "127.0.0.1", "::1"}:
+            raise Misconfigured("REFUTE_CHAIN_KEY is not set: the verification transactions on "
+                                "REFUTE_CHAIN_RPC_URL need a funded key (only a local anvil can "
+                                "use the development key)")
+        key = ANVIL_DEV_KEY
+    return RpcChain(settings.chain_rpc_url, settings.blob_dir.parent / "chain", key)
 
 
 def dispute_config(settings: Settings) -> DisputeConfig:
