@@ -29,10 +29,11 @@ from sqlalchemy import select
 from challenge.books import all_books, combined_balances, load_ledger
 from challenge.game import Actor, Answer, Choice
 from challenge.ledger import available_account
-from challenge.onchain import verify_outcome_on_chain
 from challenge.orchestrator import load_transcript, move
 from challenge.records import Dispute, TaskDelivery
 from challenge.whistleblower import Whistleblower
+from prover.chain import RpcChain
+from prover.evm import Anvil
 from refute import settings as refute_settings
 from refute import zoo
 from refute.manifest import Manifest
@@ -240,8 +241,12 @@ def test_cheating_provider_loses_to_an_honest_whistleblower(deployment: Deployme
     # The whistleblower got its bond back and half the slashed stake.
     assert _challenger_balance(d, final["id"]) == BOND + STAKE // 2
     # The proof in the transcript convinces the step circuit's Solidity verifier on chain.
-    tx = verify_outcome_on_chain(outcome, tmp_path / "chain")
-    assert tx.success and tx.gas_used > 0
+    vk, settings, srs = (d.ctx.blobs.get(str(outcome[f"{what}_sha256"]))
+                         for what in ("vk", "settings", "srs"))
+    with Anvil() as chain:
+        recorded = RpcChain(chain.rpc_url, tmp_path / "chain").verify(vk, settings, srs,
+                                                                        outcome["proof"])
+    assert recorded["gas"] > 0
 
 
 def test_honest_provider_beats_a_dishonest_whistleblower(deployment: Deployment) -> None:

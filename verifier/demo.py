@@ -4,9 +4,11 @@ Starts the local stack (redis-server, API, spot-check / prove / timer workers), 
 8-segment model for two networks, and submits through the API: an honest result, a cheat on a
 network with spot-checks (the service's watcher catches it and disputes the faulty step), and a
 cheat on a network without spot-checks (a whistleblower challenges it and bisects). Each cheat is
-settled by a real EZKL proof, which is then verified on a local anvil chain; the honest result
-finalizes. Prints a summary table and the dispute bundles for ``refute replay``; stops what it
-started.
+settled by a real EZKL proof, which the prove worker verifies again on a local anvil chain through
+the chain port (``REFUTE_CHAIN_RPC_URL``: :class:`prover.chain.RpcChain` deploys the circuit's
+verifier and sends a transaction); the demo reads that transaction's receipt back from anvil. The
+honest result finalizes. Prints a summary table and the dispute bundles for ``refute replay``;
+stops what it started.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from eth_account import Account
+from eth_typing import HexStr
 from rich.console import Console
 from rich.table import Table
+from web3 import Web3
 
 from challenge.replay import replay
 from challenge.whistleblower import Whistleblower
+from prover.evm import Anvil
 from refute import zoo
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, run_trace
@@ -59,9 +64,17 @@ def _submit(client: RefuteClient, network_id: str, model: dict[str, Any], *,
 def run_demo(workdir: Path, console: Console) -> bool:
     """Run the demo in ``workdir``; returns True when every expectation held."""
     workdir = workdir.resolve()
-    stack = LocalStack(workdir / "stack", extra_env={"REFUTE_FINALIZE_EVERY_S": "1"})
     console.rule("[bold]refute demo")
-    console.print("starting redis-server, API and workers…")
+    console.print("starting anvil, redis-server, API and workers…")
+    with Anvil() as chain:
+        return _run(workdir, chain.rpc_url, console)
+
+
+def _run(workdir: Path, rpc_url: str, console: Console) -> bool:
+    """The demo against the anvil chain at ``rpc_url``, which the prove worker verifies every
+    proof on (the chain port)."""
+    stack = LocalStack(workdir / "stack", extra_env={"REFUTE_FINALIZE_EVERY_S": "1",
+                                                     "REFUTE_CHAIN_RPC_URL": rpc_url})
     with stack:
         os.environ["REFUTE_HOME"] = stack.env["REFUTE_HOME"]
         console.print(f"API {stack.api_url} (logs in {stack.workdir})")
@@ -108,7 +121,8 @@ def run_demo(workdir: Path, console: Console) -> bool:
         ok = final_honest.status == "FINALIZED" and final_a.status == "PROVIDER_FAULT" and \
             verdict_b["verdict"] == "PROVIDER_FAULT"
         for label, rid in (("spot-check + watcher", cheat_a), ("whistleblower", cheat_b)):
-            row, passed = _settle_row(ctx, label, rid, workdir=workdir, console=console)
+            row, passed = _settle_row(ctx, label, rid, workdir=workdir, rpc_url=rpc_url,
+                                      console=console)
             rows.append(row)
             ok = ok and passed
         table = Table(title="refute demo: summary")
@@ -130,7 +144,7 @@ def run_demo(workdir: Path, console: Console) -> bool:
     return ok
 
 
-def _settle_row(ctx: ServiceContext, label: str, rid: str, *, workdir: Path,
+def _settle_row(ctx: ServiceContext, label: str, rid: str, *, workdir: Path, rpc_url: str,
                 console: Console) -> tuple[list[str], bool]:
     from sqlalchemy import select
 
@@ -147,7 +161,7 @@ def _settle_row(ctx: ServiceContext, label: str, rid: str, *, workdir: Path,
     transcript = json.loads(_member(bundle, "transcript.json"))
     outcome = next(e for e in transcript["events"]
                    if e["kind"] == "proofoutcome" and e["body"]["dispute_id"] == dispute.id)
-    gas = _on_chain(outcome["body"], workdir / dispute.id, console)
+    gas = _on_chain(outcome["body"], rpc_url, console)
     state = dispute.state
     row = [rid, label, str(state["rounds"]), str(outcome["body"]["step"]),
            f"{float(eval_fraction(outcome['body']['maxdiff_units'])):.1f} / "
@@ -170,10 +184,22 @@ def _member(bundle: Path, name: str) -> bytes:
         return archive.read(name)
 
 
-def _on_chain(body: dict[str, Any], folder: Path, console: Console) -> int:
-    """Deploy the step circuit's Solidity verifier on anvil and verify the proof by a tx."""
-    from challenge.onchain import verify_outcome_on_chain
-
-    tx = verify_outcome_on_chain(body, folder)
-    console.print(f"  proof for step {body['step']} verified on anvil: gas {tx.gas_used:,}")
-    return tx.gas_used if tx.success else 0
+def _on_chain(body: dict[str, Any], rpc_url: str, console: Console) -> int:
+    """The gas of the transaction by which the prove worker verified the proof of a
+    ``proofoutcome`` event body on anvil (recorded under ``chain``), once its receipt on the
+    chain at ``rpc_url`` confirms it: mined, successful, sent to the recorded verifier, with the
+    recorded gas. 0 when the proof was not verified on chain."""
+    recorded = body.get("chain")
+    if not isinstance(recorded, dict):
+        console.print(f"  proof for step {body['step']} was NOT verified on chain")
+        return 0
+    receipt = Web3(Web3.HTTPProvider(rpc_url)).eth.get_transaction_receipt(
+        HexStr(str(recorded["tx"])))
+    gas = int(recorded["gas"])
+    if receipt["status"] != 1 or receipt["gasUsed"] != gas or \
+            receipt["to"] != recorded["contract"]:
+        console.print(f"  proof for step {body['step']}: transaction {recorded['tx']} on anvil "
+                      "does not match the transcript")
+        return 0
+    console.print(f"  proof for step {body['step']} verified on anvil: gas {gas:,}")
+    return gas
