@@ -41,7 +41,6 @@ def worker(
     database schema is created or upgraded first, as `refute serve` does."""
     from refute.logs import configure_logging
     from refute.settings import get_settings
-    from verifier.db import migrate
     from verifier.worker import QUEUES, celery_app
 
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
@@ -52,15 +51,7 @@ def worker(
         settings = get_settings()
         level = (loglevel or settings.log_level).upper()
         configure_logging(settings, level=level)
-        try:  # as `refute serve` does: a fresh home works, an old schema is upgraded
-            migrate(settings.database_url)
-        except RefuteError:
-            raise
-        except Exception as exc:  # the database cannot be reached or migrated
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise RefuteError(f"cannot create or upgrade the database schema ("
-                              f"{type(exc).__name__}: {first}): check REFUTE_DATABASE_URL, "
-                              "then run `refute db upgrade`") from exc
+        _upgrade_schema(settings.database_url)  # as `refute serve` does: a fresh home works
     except RefuteError as exc:
         raise console.fail(exc) from exc
     # --quiet: no banner on stdout; everything else Celery says goes through logging.
@@ -69,6 +60,21 @@ def worker(
     if beat:
         argv.append("-B")
     celery_app().worker_main(argv)
+
+
+def _upgrade_schema(database_url: str) -> None:
+    """Create or upgrade the schema at start, or refuse in one line naming what to run."""
+    from verifier.db import migrate
+
+    try:
+        migrate(database_url)
+    except RefuteError:
+        raise
+    except Exception as exc:  # the database cannot be reached or migrated
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RefuteError(f"cannot create or upgrade the database schema ("
+                          f"{type(exc).__name__}: {first}): check REFUTE_DATABASE_URL, then "
+                          "run `refute db upgrade`") from exc
 
 
 def serve(
@@ -87,22 +93,13 @@ def serve(
     from refute.logs import configure_logging
     from refute.settings import get_settings
     from verifier.api.app import create_app
-    from verifier.db import migrate
     from verifier.service import ServiceContext
 
     try:
         settings = get_settings()
         configure_logging(settings)
         if migrate_first:
-            try:
-                migrate(settings.database_url)
-            except RefuteError:
-                raise
-            except Exception as exc:  # the database cannot be reached or migrated
-                first = (str(exc).strip().splitlines() or [""])[0][:200]
-                raise RefuteError(f"cannot create or upgrade the database schema ("
-                                  f"{type(exc).__name__}: {first}): check "
-                                  "REFUTE_DATABASE_URL, then run `refute db upgrade`") from exc
+            _upgrade_schema(settings.database_url)
         api = create_app(ServiceContext.create(settings), admin_token=admin_token)
     except RefuteError as exc:
         raise console.fail(exc) from exc
