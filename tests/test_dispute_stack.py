@@ -86,7 +86,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         "REFUTE_TASK_TIME_LIMIT_S": str(TASK_TIME_LIMIT_S),
     }
     with LocalStack(workdir / "stack", extra_env=env) as stack:
-        # The on-chain check reads the circuits the prove worker built (REFUTE_HOME).
+        # The in-process context below shares the stack's home (its circuit cache).
         mp = pytest.MonkeyPatch()
         mp.setenv("REFUTE_HOME", stack.env["REFUTE_HOME"])
         refute_settings.get_settings.cache_clear()
