@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 
+from challenge.blobs import BlobError, LocalBlobStore, MemoryBlobStore, blob_key
 from challenge.records import (
     Base,
     CheckOutcome,
@@ -20,7 +21,6 @@ from challenge.records import (
     SpotCheck,
 )
 from tests.servers import postgres_server
-from challenge.blobs import BlobError, LocalBlobStore, MemoryBlobStore, blob_key
 from verifier.db import make_engine, migrate, session_factory
 
 
