@@ -801,7 +801,8 @@ def apply(state: DisputeState | None, move: Move) -> Transition:
     :class:`IllegalMove` (the state is then unchanged). Checks, in order: the move is in the
     transition table for the current phase; it is made by the party the table names; its
     timestamp is finite and not older than the last applied move; for any move but a
-    :class:`Tick`, the running deadline has not passed; then the handler's own checks.
+    :class:`Tick` or a :class:`Close`, the running deadline has not passed; then the handler's
+    own checks.
     """
     name = type(move).__name__
     if state is not None and state.phase is Phase.RESOLVED:
@@ -822,7 +823,9 @@ def apply(state: DisputeState | None, move: Move) -> Transition:
                 f"{name} refused: stamped {move.at}, before the last move at {state.last_move_at}"
             )
         deadline = timeout_at(state)
-        if not isinstance(move, Tick) and deadline is not None and move.at >= deadline:
+        # The service's own moves are never late: a Tick applies the deadline, and a Close
+        # (another dispute convicted the provider) ends the dispute whatever its clocks say.
+        if not isinstance(move, Tick | Close) and deadline is not None and move.at >= deadline:
             raise IllegalMove(
                 f"{name} refused: the deadline passed at {deadline} (phase {state.phase.value}); "
                 "a Tick applies the timeout"

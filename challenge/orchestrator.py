@@ -807,7 +807,7 @@ def tick_due(ctx: DisputeContext, now: datetime) -> int:
     for dispute_id in due:
         try:
             move(ctx, dispute_id, Tick(actor=Actor.SERVICE, at=now.timestamp()), now)
-        except DisputeError:  # closed meanwhile by a conviction in another dispute it timed out
+        except (DisputeError, IllegalMove):  # closed meanwhile by a conviction in another dispute
             continue
         moved += 1
     return moved

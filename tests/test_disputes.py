@@ -261,6 +261,35 @@ def test_exported_dispute_replays_and_tampering_is_pinpointed(world: World, tmp_
     assert "moves" in failed  # the forged answer also breaks the game replay
 
 
+def test_two_disputes_that_time_out_at_one_beat_convict_once_and_close_the_other(
+        world: World) -> None:
+    """Found by the fault drill (no traces): a silent liar is challenged at two steps at once,
+    and both disclosure clocks run out before the timers' next beat. The first timeout
+    convicts; the other dispute, past its own deadline too, is closed by the conviction (a
+    Close is the service's own move, never late) instead of the whole beat failing forever."""
+    rid = _result(world, lie_at=2, upload=False, seed=50)
+    start = datetime.now(UTC)
+    clocks = TimeControl(provider=5.0, challenger=5.0, proof_timeout=60.0)
+    first = open_dispute(world.disputes, rid, challenger="service", lo=0, hi=1, bond=3,
+                         now=start, clocks=clocks, owed_check=True)
+    second = open_dispute(world.disputes, rid, challenger="service", lo=2, hi=3, bond=3,
+                          now=start, clocks=clocks, owed_check=True)
+    assert orchestrator.tick_due(world.disputes, start + timedelta(seconds=30)) == 1
+    with world.ctx.sessions() as s:
+        verdicts = sorted(str(s.scalar(select(Dispute.verdict).where(Dispute.id == d)))
+                          for d in (first, second))
+    assert verdicts == ["CLOSED", "PROVIDER_TIMEOUT"]
+    assert _status(world, rid) is ResultStatus.PROVIDER_FAULT
+    events = _books_and_chain(world, rid)
+    assert events.count("close") == 1 and events.count("verdict") == 2
+    with world.ctx.sessions() as s:
+        ledger = load_ledger(s, rid)
+    kinds = [str(e.kind) for e in ledger.entries()]
+    assert (kinds.count("SETTLEMENT"), kinds.count("BOND_RETURNED")) == (1, 1)  # slashed once
+    stake = ledger.stake(rid)
+    assert stake is not None and stake.status.value == "SLASHED"
+
+
 def test_challenger_that_stops_answering_times_out(world: World) -> None:
     """A whistleblower who opens a dispute and then never answers loses its bond."""
     rid = _result(world, lie_at=None, seed=9)
