@@ -27,6 +27,7 @@ from types import MappingProxyType
 from sqlalchemy.orm import Session
 
 from challenge.books import load_ledger, save_ledger
+from challenge.ledger import Ledger
 from challenge.outbox import enqueue
 from challenge.records import Result, ResultStatus
 from refute.errors import Conflict
@@ -79,12 +80,12 @@ def accept(session: Session, result: Result) -> None:
     result.status = ResultStatus.ACCEPTED
     session.add(result)
     stake = int(result.stake)
-    if stake > 0:
-        ledger = load_ledger(session, result.id)
-        known = len(ledger.entries())
+    if stake > 0:  # a new result's journal is empty: nothing to read
+        session.flush()  # the result's row first: its journal refers to it
+        ledger = Ledger(result_id=result.id)
         ledger.deposit(result.provider, stake)
         ledger.lock_stake(result.id, result.provider, stake)
-        save_ledger(session, result.id, ledger, known)
+        save_ledger(session, result.id, ledger, 0)
 
 
 def advance(session: Session, result: Result, event: ResultEvent, now: datetime,
