@@ -15,6 +15,7 @@ from refute import console
 from refute.errors import BundleError, RefuteError
 from refute.manifest import canonical_json
 from refute.provider import (
+    input_sizes,
     prepare_for_manifest,
     prepare_model,
     random_inputs,
@@ -43,9 +44,11 @@ def calibrate(
         with console.progress() as report:
             prepared = prepare_model(
                 model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
+                input_sizes=input_sizes(inputs[0]) if inputs else None,
                 cuts=console.parse_cuts(cuts), max_segments=max_segments, scale=scale,
                 progress=report,
             )
+            console.print_pins(prepared.loaded)
             data = [read_inputs_json(p, prepared.loaded) for p in inputs]
             data += [random_inputs(prepared.loaded, seed=s) for s in range(samples)]
             manifest, result = calibrate_model(prepared, data, safety=safety,

@@ -18,7 +18,13 @@ from rich.table import Table
 from refute import console, safejson
 from refute.errors import BundleError, InputError, RefuteError
 from refute.manifest import Manifest
-from refute.provider import prepare_for_manifest, prepare_model, read_inputs_json, run_trace
+from refute.provider import (
+    input_sizes,
+    prepare_for_manifest,
+    prepare_model,
+    read_inputs_json,
+    run_trace,
+)
 from refute.quantize import DEFAULT_SCALE
 from refute.segmentation import node_cost
 from refute.trace import Trace
@@ -41,6 +47,7 @@ def segment(
             )
     except RefuteError as exc:
         raise console.fail(exc) from exc
+    console.print_pins(prepared.loaded)
     seg = prepared.segmentation
     if as_json:
         console.out.print_json(json.dumps(prepared.manifest.to_json()))
@@ -90,9 +97,10 @@ def trace(
             else:
                 prepared = prepare_model(
                     model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
-                    cuts=console.parse_cuts(cuts), max_segments=max_segments, scale=scale,
-                    progress=progress,
+                    input_sizes=input_sizes(inputs), cuts=console.parse_cuts(cuts),
+                    max_segments=max_segments, scale=scale, progress=progress,
                 )
+                console.print_pins(prepared.loaded)
             feeds = read_inputs_json(inputs, prepared.loaded)
             result = run_trace(prepared, feeds, workers=workers, progress=progress)
         target = output or inputs.with_suffix(".rtrace")

@@ -22,6 +22,7 @@ from rich.progress import (
 )
 
 from refute.errors import RefuteError
+from refute.loading import LoadedModel
 from refute.provider import ProgressFn
 
 out = Console()
@@ -34,6 +35,15 @@ _STAGES = {
     "execute": "Executing segments",
     "commit": "Hashing states (Poseidon) and committing",
 }
+
+
+def print_pins(loaded: LoadedModel) -> None:
+    """Print every symbolic dimension the loader pinned, with where its value came from."""
+    for pin in loaded.pins:
+        err.print(f"pinned {pin.describe()}", highlight=False, soft_wrap=True)
+    if loaded.folded_nodes:
+        err.print(f"folded {loaded.folded_nodes} constant node(s) (shape computations included)",
+                  highlight=False)
 
 
 @contextmanager

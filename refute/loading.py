@@ -33,6 +33,7 @@ Segmentation, execution and commitments all work on that canonical form.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import heapq
@@ -57,19 +58,12 @@ from refute.errors import (
     UnsupportedOperator,
     UnsupportedOpset,
 )
+from refute.operators import ALLOWED_OPS, FOLD_ONLY_OPS
+from refute.pinning import Pin, pin_input_shapes
 from refute.quantize import MAX_QUANTIZED, MAX_SCALE
 
-#: Operators of the default ONNX domain that refuse accepts. Each is run deterministically by
-#: ONNX Runtime's CPU provider and is expressible in an EZKL circuit.
-ALLOWED_OPS: frozenset[str] = frozenset(
-    {
-        "Abs", "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv",
-        "Div", "Erf", "Exp", "Flatten", "Gemm", "GlobalAveragePool", "Identity",
-        "LayerNormalization", "LeakyRelu", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg",
-        "Pad", "Pow", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Slice",
-        "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
-    }
-)  # fmt: skip
+__all__ = ["ALLOWED_OPS", "LoadLimits", "LoadedModel", "Pin", "TensorSpec", "load_model",
+           "serialize"]
 
 #: Element types a tensor may have, with their size in bytes.
 _ITEM_SIZE: dict[int, int] = {
@@ -77,6 +71,11 @@ _ITEM_SIZE: dict[int, int] = {
     TensorProto.DOUBLE: 8,
     TensorProto.INT64: 8,
     TensorProto.INT32: 4,
+    TensorProto.BOOL: 1,
+    TensorProto.INT8: 1,
+    TensorProto.UINT8: 1,
+    TensorProto.INT16: 2,
+    TensorProto.UINT16: 2,
 }
 
 #: Which repeated field holds the values of a tensor of that type when ``raw_data`` is empty.
@@ -85,7 +84,20 @@ _TYPED_FIELD: dict[int, str] = {
     TensorProto.DOUBLE: "double_data",
     TensorProto.INT64: "int64_data",
     TensorProto.INT32: "int32_data",
+    TensorProto.BOOL: "int32_data",
+    TensorProto.INT8: "int32_data",
+    TensorProto.UINT8: "int32_data",
+    TensorProto.INT16: "int32_data",
+    TensorProto.UINT16: "int32_data",
 }
+
+#: Element types a graph input or output may have besides float32. refute commits float32
+#: states, so such a tensor is carried as float32 at the model's boundary (the same values,
+#: exact up to 2^24) and cast to or from its declared type by a ``Cast`` node.
+_BOUNDARY_TYPES: frozenset[int] = frozenset(
+    {TensorProto.DOUBLE, TensorProto.INT64, TensorProto.INT32, TensorProto.INT16,
+     TensorProto.UINT16, TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL}
+)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _MIN_IR_VERSION = 4
@@ -156,6 +168,12 @@ class LoadedModel:
     tensors: Mapping[str, TensorSpec]
     #: Names of initializers (weights and folded constants): never part of a state.
     constants: frozenset[str] = field(default_factory=frozenset)
+    #: The symbolic input dimensions pinned while loading, with where each value came from.
+    pins: tuple[Pin, ...] = ()
+    #: Inputs declared with a non-float element type (carried as float32): name → ONNX type.
+    integral_inputs: Mapping[str, int] = field(default_factory=dict)
+    #: How many nodes constant folding replaced by constants (shape computations included).
+    folded_nodes: int = 0
 
     @functools.cached_property
     def onnx_bytes(self) -> bytes:
@@ -190,12 +208,16 @@ def load_model(
     limits: LoadLimits | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     dims: Mapping[str, int] | None = None,
+    input_sizes: Sequence[int] | None = None,
 ) -> LoadedModel:
     """Load an untrusted ONNX model from bytes or a file path, refusing anything unsafe.
 
-    ``shapes`` pins whole input shapes by input name; ``dims`` pins symbolic dimensions by their
-    ``dim_param`` name (e.g. ``{"batch_size": 1}``). Raises a subclass of
-    :class:`~refute.errors.ModelRejected` with a one-line reason on any refusal.
+    Symbolic input dimensions are pinned (:mod:`refute.pinning`): ``shapes`` pins whole input
+    shapes by input name and ``dims`` symbolic dimensions by their ``dim_param`` name (e.g.
+    ``{"batch_size": 1}``); ``input_sizes``, the element counts of an input file (one per input,
+    in graph order), fix what those leave open; ``batch_size`` and a leading dimension default
+    to 1. Raises a subclass of :class:`~refute.errors.ModelRejected` with a one-line reason on
+    any refusal.
     """
     limits = limits or LoadLimits()
     data = _read_source(source, limits)
@@ -205,19 +227,23 @@ def load_model(
     opset = _default_opset(model)
     _check_tensors(model, limits)
     _check_nodes(model, limits)
+    _drop_foreign_imports(model)
     _topological_sort(model)
-    _pin_input_shapes(model, shapes or {}, dims or {}, limits)
+    pins = pin_input_shapes(model, shapes=shapes or {}, dims=dims or {}, sizes=input_sizes,
+                            max_elements=limits.max_tensor_elements)
+    integral = _float_boundaries(model)
     _constants_to_initializers(model)
     _check_values(model, limits)
-    # Bound every tensor (the folded ones included) before computing anything.
-    inferred = _infer_shapes(model, limits)
-    _fold_constants(model, limits, inferred)
+    folded = _fold_to_fixpoint(model, limits)
     _drop_unused_initializers(model)
+    _refuse_unfolded(model)
     tensors = _infer_shapes(model, limits)
+    _refuse_integer_division(model, tensors)
+    _explicit_reduce_axes(model, tensors, opset)
     _check_model_work(model, tensors, limits)
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise InvalidGraph(f"model fails the ONNX checker: {_first_line(exc)}") from exc
     inputs = tuple(i.name for i in model.graph.input)
     return LoadedModel(
@@ -228,6 +254,9 @@ def load_model(
         output_names=tuple(o.name for o in model.graph.output),
         tensors=tensors,
         constants=frozenset(t.name for t in model.graph.initializer),
+        pins=pins,
+        integral_inputs=integral,
+        folded_nodes=folded,
     )
 
 
@@ -301,10 +330,6 @@ def _check_header(model: ModelProto, limits: LoadLimits) -> None:
         raise ModelTooLarge(
             f"graph has {len(graph.node)} nodes, over the limit of {limits.max_nodes}"
         )
-    domains = [imp.domain for imp in model.opset_import]
-    foreign = sorted({d for d in domains if d not in _DEFAULT_DOMAINS})
-    if foreign:
-        raise UnsupportedOpset(f"opset imports of unsupported domains: {', '.join(foreign)}")
     opset = _default_opset(model)
     if not limits.min_opset <= opset <= limits.max_opset:
         raise UnsupportedOpset(
@@ -392,7 +417,7 @@ def _check_nodes(model: ModelProto, limits: LoadLimits) -> None:
         if node.domain not in _DEFAULT_DOMAINS:
             raise UnsupportedOperator(f"{label} uses operator {node.op_type!r} of domain "
                                       f"{node.domain!r}; only the default ONNX domain is accepted")
-        if node.op_type not in ALLOWED_OPS:
+        if node.op_type not in ALLOWED_OPS and node.op_type not in FOLD_ONLY_OPS:
             raise UnsupportedOperator(
                 f"{label} uses operator {node.op_type!r}, not in the allowlist"
             )
@@ -411,8 +436,14 @@ def _check_nodes(model: ModelProto, limits: LoadLimits) -> None:
         if value.name in initializers:
             continue
         elem = value.type.tensor_type.elem_type
-        if not value.type.HasField("tensor_type") or elem != TensorProto.FLOAT:
-            raise UnsupportedOperator(f"graph input {value.name!r} is not a float32 tensor")
+        if not value.type.HasField("tensor_type") or (
+            elem != TensorProto.FLOAT and elem not in _BOUNDARY_TYPES
+        ):
+            kind = TensorProto.DataType.Name(elem) if value.type.HasField("tensor_type") else "?"
+            raise UnsupportedOperator(
+                f"graph input {value.name!r} is of type {kind}; inputs must be float, double, "
+                "integer or bool tensors"
+            )
     produced: set[str] = set(initializers) | set(inputs)
     if len(produced) != len(initializers) + len(inputs) or len(set(inputs)) != len(inputs):
         raise InvalidGraph("a graph input shares its name with a weight or another input")
@@ -468,67 +499,13 @@ def _topological_sort(model: ModelProto) -> None:
 # --- shapes --------------------------------------------------------------------------------
 
 
-def _pin_input_shapes(
-    model: ModelProto,
-    shapes: Mapping[str, Sequence[int]],
-    dims: Mapping[str, int],
-    limits: LoadLimits,
-) -> None:
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    real_inputs = [v for v in graph.input if v.name not in initializers]
-    known = {v.name for v in real_inputs}
-    unknown = sorted(set(shapes) - known)
-    if unknown:
-        raise ShapeError(f"shape pinned for unknown input(s): {', '.join(unknown)}")
-    for dim_name, value in dims.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ShapeError(f"dimension {dim_name!r} must be pinned to a positive integer")
-    for value in real_inputs:
-        tensor_shape = value.type.tensor_type.shape
-        current = list(tensor_shape.dim)
-        if value.name in shapes:
-            pin = list(shapes[value.name])
-            if len(pin) != len(current) and value.type.tensor_type.HasField("shape"):
-                raise ShapeError(
-                    f"input {value.name!r} has rank {len(current)}, pinned shape {pin} has "
-                    f"rank {len(pin)}"
-                )
-            if any(not isinstance(d, int) or d <= 0 for d in pin):
-                raise ShapeError(f"pinned shape {pin} of input {value.name!r} must be positive")
-            if not value.type.tensor_type.HasField("shape"):
-                current = []  # no declared shape: the pin is the whole shape
-            for d, old in zip(pin, current, strict=False):
-                if old.HasField("dim_value") and old.dim_value != d:
-                    raise ShapeError(
-                        f"input {value.name!r} has dimension {old.dim_value} where {pin} "
-                        f"pins {d}"
-                    )
-            resolved = pin
-        else:
-            if not value.type.tensor_type.HasField("shape"):
-                raise ShapeError(f"input {value.name!r} has no shape and none was pinned")
-            resolved = []
-            for d in current:
-                if d.HasField("dim_value") and d.dim_value > 0:
-                    resolved.append(d.dim_value)
-                elif d.HasField("dim_param") and d.dim_param in dims:
-                    resolved.append(dims[d.dim_param])
-                else:
-                    label = d.dim_param or "?"
-                    raise ShapeError(
-                        f"input {value.name!r} has dynamic dimension {label!r}: pin it with "
-                        f"shapes or dims"
-                    )
-        if math.prod(resolved) > limits.max_tensor_elements:
-            raise ModelTooLarge(f"input {value.name!r} of shape {resolved} is over the limit")
-        tensor_shape.Clear()
-        for d in resolved:
-            tensor_shape.dim.add().dim_value = d
+def _infer_shapes(
+    model: ModelProto, limits: LoadLimits, *, partial: bool = False
+) -> dict[str, TensorSpec]:
+    """Infer every tensor's static shape; record them in ``value_info`` and the outputs.
 
-
-def _infer_shapes(model: ModelProto, limits: LoadLimits) -> dict[str, TensorSpec]:
-    """Infer every tensor's static shape; record them in ``value_info`` and the outputs."""
+    ``partial`` leaves out (instead of refusing) tensors whose shape is not static yet: while
+    shape computations are still being folded, a shape may depend on one not folded yet."""
     graph = model.graph
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
@@ -541,6 +518,11 @@ def _infer_shapes(model: ModelProto, limits: LoadLimits) -> dict[str, TensorSpec
         if value.name in known:
             continue
         ttype = value.type.tensor_type
+        static = ttype.HasField("shape") and all(
+            d.HasField("dim_value") and d.dim_value > 0 for d in ttype.shape.dim
+        )
+        if partial and (not static or ttype.elem_type == TensorProto.UNDEFINED):
+            continue
         shape = []
         for d in ttype.shape.dim:
             if not d.HasField("dim_value") or d.dim_value <= 0:
@@ -560,10 +542,10 @@ def _infer_shapes(model: ModelProto, limits: LoadLimits) -> dict[str, TensorSpec
     initializers = {t.name for t in graph.initializer}
     for node in graph.node:
         for name in node.output:
-            if name and name not in known:
+            if name and name not in known and not partial:
                 raise ShapeError(f"tensor {name!r} has no inferred shape")
     for name in [*(i.name for i in graph.input), *(o.name for o in graph.output)]:
-        if name not in known and name not in initializers:
+        if name not in known and name not in initializers and not partial:
             raise ShapeError(f"tensor {name!r} has no inferred shape")
     del graph.value_info[:]
     graph.value_info.extend(inferred.graph.value_info)
@@ -669,9 +651,10 @@ def _check_model_work(
 
 def _fold_plan(
     model: ModelProto, limits: LoadLimits, shapes: Mapping[str, TensorSpec]
-) -> list[tuple[NodeProto, list[TensorSpec]]]:
-    """The nodes constant folding would evaluate, with their results' specs; refuse (before
-    anything is computed) if their results or the work exceed the limits."""
+) -> tuple[list[tuple[NodeProto, list[TensorSpec]]], int, int]:
+    """The nodes constant folding would evaluate (those whose inputs are constant and whose
+    results have a static inferred shape), with their results' specs, the bytes of the results
+    and the work; refuse (before anything is computed) if they exceed the limits."""
     known: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in model.graph.initializer}
     plan: list[tuple[NodeProto, list[TensorSpec]]] = []
     folded_bytes = 0
@@ -681,11 +664,12 @@ def _fold_plan(
         if not inputs or any(x not in known for x in inputs):
             continue
         label = f"{node.op_type} node {_node_name(node)}"
+        outputs = [o for o in node.output if o]
+        if any(o not in shapes for o in outputs):
+            continue  # its shape depends on a computation not folded yet: a later round
         specs = []
-        for name in (o for o in node.output if o):
-            spec = shapes.get(name)
-            if spec is None:
-                raise ShapeError(f"folded constant {name!r} has no inferred shape")
+        for name in outputs:
+            spec = shapes[name]
             folded_bytes += spec.size * spec.dtype.itemsize
             if spec.size > limits.max_tensor_elements or folded_bytes > limits.max_folded_bytes:
                 raise ModelTooLarge(
@@ -701,22 +685,22 @@ def _fold_plan(
                 f"(at {label})"
             )
         plan.append((node, specs))
-    return plan
+    return plan, folded_bytes, work
 
 
 def _fold_constants(
     model: ModelProto, limits: LoadLimits, shapes: Mapping[str, TensorSpec]
-) -> None:
+) -> tuple[int, int, int]:
     """Replace nodes whose inputs are all constant by the initializers they compute.
 
     The whole plan is bounded first (:func:`_fold_plan`: each result's size from the inferred
     ``shapes``, per tensor and in total, and the work); each result must then have exactly the
     inferred shape and be finite and within :attr:`LoadLimits.max_abs_value`.
     """
-    plan = _fold_plan(model, limits, shapes)
+    plan, folded_bytes, work = _fold_plan(model, limits, shapes)
     if not plan:
         _refuse_constant_outputs(model, set())
-        return
+        return 0, 0, 0
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
@@ -767,6 +751,190 @@ def _fold_constants(
     del graph.node[:]
     graph.node.extend(kept)
     _refuse_constant_outputs(model, set(folded))
+    return len(plan), folded_bytes, work
+
+
+def _fold_to_fixpoint(model: ModelProto, limits: LoadLimits) -> int:
+    """Fold shape reads and constant nodes, round after round, until nothing folds; return how
+    many nodes were folded.
+
+    Each round infers the shapes it can first (a shape computation folded in one round fixes
+    the shapes the next one needs), so every folded tensor is bounded by its inferred size
+    before it is computed (:func:`_fold_plan`). The rounds are bounded by the node count, which
+    every round that continues reduces; the limits on folded bytes and work hold over all of
+    them together (:attr:`LoadLimits.max_folded_bytes`, :attr:`LoadLimits.max_fold_work`).
+    """
+    folded = 0
+    budget = limits
+    while True:
+        inferred = _infer_shapes(model, limits, partial=True)
+        before = len(model.graph.node)
+        reads = _fold_shape_reads(model, inferred)
+        computed, spent_bytes, spent_work = _fold_constants(model, budget, inferred)
+        budget = dataclasses.replace(
+            budget, max_folded_bytes=budget.max_folded_bytes - spent_bytes,
+            max_fold_work=budget.max_fold_work - spent_work,
+        )
+        folded += reads + computed
+        if len(model.graph.node) == before:
+            return folded
+
+
+def _fold_shape_reads(model: ModelProto, shapes: Mapping[str, TensorSpec]) -> int:
+    """Replace ``Shape`` and ``Size`` nodes by the constants they read from the (static,
+    inferred) ``shapes``; the shape computations fed by them then fold like any constant
+    (:func:`_fold_constants`). Returns how many nodes were replaced."""
+    graph = model.graph
+    kept: list[NodeProto] = []
+    replaced = 0
+    for node in graph.node:
+        spec = shapes.get(node.input[0]) if node.input else None
+        if node.op_type not in ("Shape", "Size") or spec is None:
+            kept.append(node)
+            continue
+        if node.op_type == "Size":
+            value = np.array(spec.size, dtype=np.int64)
+        else:
+            attrs = {a.name: a.i for a in node.attribute}
+            rank = len(spec.shape)
+            start, end = attrs.get("start", 0), attrs.get("end", rank)
+            value = np.array(spec.shape[slice(start, end)], dtype=np.int64)
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    return replaced
+
+
+def _refuse_unfolded(model: ModelProto) -> None:
+    """Refuse a shape operator that did not fold into a constant: refute proves only the
+    computation on values, so every shape computation must be fixed once inputs are pinned."""
+    for node in model.graph.node:
+        if node.op_type in FOLD_ONLY_OPS:
+            raise UnsupportedOperator(
+                f"node {_node_name(node)} ({node.op_type}) depends on the model's input values; "
+                f"{node.op_type} is accepted only where it folds to a constant once the input "
+                "shapes are pinned"
+            )
+
+
+#: Reductions whose missing ``axes`` means "every axis" (unless ``noop_with_empty_axes``).
+_REDUCTIONS = frozenset({
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
+})
+
+
+def _explicit_reduce_axes(
+    model: ModelProto, tensors: Mapping[str, TensorSpec], opset: int
+) -> None:
+    """Write out the axes of a reduction over every axis.
+
+    ONNX reads a reduction without ``axes`` as one over all axes. EZKL 23 does not: on such a
+    ``ReduceMean`` it proves 0 (``python -m bench.probe_ezkl``: model ``1l_mean``). The
+    canonical model names the axes, which means the same to ONNX Runtime.
+    """
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type not in _REDUCTIONS or not node.input or node.input[0] not in tensors:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        rank = len(tensors[node.input[0]].shape)
+        as_input = opset >= 18 or (node.op_type == "ReduceSum" and opset >= 13)
+        if as_input:
+            if (len(node.input) > 1 and node.input[1]) or (
+                "noop_with_empty_axes" in attrs and attrs["noop_with_empty_axes"].i
+            ):
+                continue
+            name = f"{node.output[0]}/axes"
+            graph.initializer.append(
+                numpy_helper.from_array(np.arange(rank, dtype=np.int64), name))
+            del node.input[1:]
+            node.input.append(name)
+        elif "axes" not in attrs:
+            node.attribute.append(helper.make_attribute("axes", list(range(rank))))
+
+
+def _refuse_integer_division(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> None:
+    """Refuse ``Div`` on integers: ONNX truncates the quotient, EZKL 23 proves the exact one
+    (``python -m bench.probe_ezkl``: model ``bitshift`` proves 85/8 = 10.625, not 10)."""
+    for node in model.graph.node:
+        out = tensors.get(node.output[0]) if node.output else None
+        if node.op_type == "Div" and out is not None and out.dtype.kind in "iub":
+            raise UnsupportedOperator(
+                f"node {_node_name(node)} divides {out.dtype} integers, rounding toward zero; "
+                "EZKL 23 proves the exact quotient instead"
+            )
+
+
+def _drop_foreign_imports(model: ModelProto) -> None:
+    """Drop opset imports of other domains: no node uses them (:func:`_check_nodes` refuses
+    any node outside the default domain), and the canonical model imports only ``ai.onnx``."""
+    kept = [imp for imp in model.opset_import if imp.domain in _DEFAULT_DOMAINS]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def _float_boundaries(model: ModelProto) -> dict[str, int]:
+    """Carry non-float inputs and outputs as float32, with a ``Cast`` at the boundary.
+
+    An integer, boolean or double input becomes a float32 input of the same name and shape,
+    cast to its declared type before its first use; such an output is cast to float32. Returns
+    the inputs changed, with their declared types.
+    """
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    taken = {x for n in graph.node for x in [*n.input, *n.output]} | initializers
+    taken |= {v.name for v in [*graph.input, *graph.output]}
+
+    def fresh(base: str) -> str:
+        name, n = base, 0
+        while name in taken:
+            n += 1
+            name = f"{base}.{n}"
+        taken.add(name)
+        return name
+
+    integral: dict[str, int] = {}
+    head: list[NodeProto] = []
+    for value in graph.input:
+        ttype = value.type.tensor_type
+        if value.name in initializers or ttype.elem_type == TensorProto.FLOAT:
+            continue
+        declared = ttype.elem_type
+        typed = fresh(f"{value.name}/as_{TensorProto.DataType.Name(declared).lower()}")
+        for node in graph.node:
+            for k, x in enumerate(node.input):
+                if x == value.name:
+                    node.input[k] = typed
+        for output in graph.output:
+            if output.name == value.name:
+                raise InvalidGraph(f"graph output {value.name!r} is a graph input, not computed")
+        head.append(helper.make_node("Cast", [value.name], [typed], to=declared,
+                                     name=fresh(f"cast_in/{value.name}")))
+        ttype.elem_type = TensorProto.FLOAT
+        integral[value.name] = declared
+    tail: list[NodeProto] = []
+    for output in graph.output:
+        ttype = output.type.tensor_type
+        if ttype.elem_type not in _BOUNDARY_TYPES:
+            continue
+        typed = fresh(f"{output.name}/typed")
+        for node in graph.node:
+            for k, x in enumerate(node.output):
+                if x == output.name:
+                    node.output[k] = typed
+            for k, x in enumerate(node.input):
+                if x == output.name:
+                    node.input[k] = typed
+        tail.append(helper.make_node("Cast", [typed], [output.name], to=TensorProto.FLOAT,
+                                     name=fresh(f"cast_out/{output.name}")))
+        ttype.elem_type = TensorProto.FLOAT
+    if head or tail:
+        nodes = [*head, *graph.node, *tail]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return integral
 
 
 def _refuse_constant_outputs(model: ModelProto, folded: set[str]) -> None:

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
 from refute import safejson
 from refute.errors import InputError
 from refute.executor import DeterministicExecutor
 from refute.loading import LoadedModel, LoadLimits, load_model
 from refute.manifest import Manifest
+from refute.pinning import FROM_DEFAULT, FROM_INPUT
 from refute.quantize import DEFAULT_SCALE
 from refute.segmentation import Segmentation, check_reproduces, run_segment, segment_model
 from refute.trace import Trace
@@ -53,6 +55,7 @@ def prepare_model(
     *,
     dims: Mapping[str, int] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
+    input_sizes: Sequence[int] | None = None,
     cuts: Sequence[int] | None = None,
     max_segments: int | None = None,
     scale: int = DEFAULT_SCALE,
@@ -63,11 +66,13 @@ def prepare_model(
 ) -> PreparedModel:
     """Load and segment a model, check the segments reproduce it bit for bit, build its manifest.
 
-    The reproduction check runs on ``check_inputs`` plus one seeded random input, so it always
-    runs at least once.
+    Symbolic input dimensions are pinned as :func:`~refute.loading.load_model` does (``dims``
+    and ``shapes`` first, then ``input_sizes`` from an input file, then ``batch_size`` = 1); the
+    manifest records every pin, so the model loads the same way from it. The reproduction check
+    runs on ``check_inputs`` plus one seeded random input, so it always runs at least once.
     """
     progress("load", 0, 1)
-    loaded = load_model(source, limits=limits, shapes=shapes, dims=dims)
+    loaded = load_model(source, limits=limits, shapes=shapes, dims=dims, input_sizes=input_sizes)
     progress("load", 1, 1)
     progress("segment", 0, 1)
     segmentation = segment_model(loaded, cuts=cuts, max_segments=max_segments)
@@ -81,8 +86,11 @@ def prepare_model(
     pins: dict[str, Any] = {}
     if dims:
         pins["dims"] = dict(sorted(dims.items()))
-    if shapes:
-        pins["shapes"] = {k: list(v) for k, v in sorted(shapes.items())}
+    inferred = {p.input for p in loaded.pins if p.source in (FROM_INPUT, FROM_DEFAULT)}
+    whole = {**{k: list(v) for k, v in (shapes or {}).items()},
+             **{name: list(loaded.tensors[name].shape) for name in inferred}}
+    if whole:
+        pins["shapes"] = dict(sorted(whole.items()))
     manifest = Manifest.build(segmentation, scale=scale, pins=pins)
     return PreparedModel(loaded, segmentation, manifest)
 
@@ -124,7 +132,9 @@ def run_trace(
 def validate_inputs(loaded: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Check inputs name exactly the model's inputs with the right shapes; return float32 copies.
 
-    Float64 inputs are accepted and converted; integer or non-finite inputs are refused.
+    Float64 inputs are accepted and converted; integer or non-finite inputs are refused, and so
+    are values that are not whole numbers for an input the model declares integral (its
+    :attr:`~refute.loading.LoadedModel.integral_inputs`).
     """
     names = set(loaded.input_names)
     if set(inputs) != names:
@@ -143,17 +153,63 @@ def validate_inputs(loaded: LoadedModel, inputs: Mapping[str, np.ndarray]) -> di
         converted = np.ascontiguousarray(array, dtype=np.float32)
         if not np.isfinite(converted).all():
             raise InputError(f"input {spec.name!r} holds NaN or infinite values")
+        declared = loaded.integral_inputs.get(spec.name)
+        if declared is not None and declared != TensorProto.DOUBLE:
+            _check_integral(spec.name, converted, declared)
         out[spec.name] = converted
     return out
 
 
+#: Largest magnitude of a value given for an integral input: float32 holds every integer up to
+#: 2^24 exactly.
+MAX_INTEGRAL_INPUT = 2**24
+
+
+def _check_integral(name: str, values: np.ndarray, declared: int) -> None:
+    if not np.array_equal(values, np.round(values)):
+        raise InputError(f"input {name!r} is declared {TensorProto.DataType.Name(declared)}: "
+                         "its values must be whole numbers")
+    if values.size and float(np.max(np.abs(values))) > MAX_INTEGRAL_INPUT:
+        raise InputError(f"input {name!r} holds an integer beyond ±2^24, which float32 states "
+                         "cannot carry exactly")
+    if declared == TensorProto.BOOL and not np.isin(values, (0.0, 1.0)).all():
+        raise InputError(f"input {name!r} is declared BOOL: its values must be 0 or 1")
+
+
 def random_inputs(loaded: LoadedModel, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded uniform(-1, 1) float32 inputs for every model input."""
+    """Seeded inputs for every model input: uniform(-1, 1) floats, and for an integral input
+    integers in [0, 4) (0 or 1 for a boolean one)."""
     rng = np.random.default_rng(seed)
-    return {
-        spec.name: rng.uniform(-1.0, 1.0, size=spec.shape).astype(np.float32)
-        for spec in loaded.input_specs
-    }
+    out = {}
+    for spec in loaded.input_specs:
+        declared = loaded.integral_inputs.get(spec.name)
+        if declared is None or declared == TensorProto.DOUBLE:
+            out[spec.name] = rng.uniform(-1.0, 1.0, size=spec.shape).astype(np.float32)
+        else:
+            high = 2 if declared == TensorProto.BOOL else 4
+            out[spec.name] = rng.integers(0, high, size=spec.shape).astype(np.float32)
+    return out
+
+
+def input_sizes(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[int]:
+    """Element counts of each tensor of an EZKL ``input.json`` (to pin symbolic dimensions)."""
+    doc = _input_doc(source)
+    data = doc.get("input_data") if isinstance(doc, Mapping) else None
+    if not isinstance(data, list):
+        raise InputError("input JSON needs 'input_data': one list per model input")
+    try:
+        return [int(np.asarray(values, dtype=np.float64).size) for values in data]
+    except (TypeError, ValueError) as exc:
+        raise InputError("input JSON 'input_data' holds non-numeric or ragged values") from exc
+
+
+def _input_doc(source: str | os.PathLike[str] | Mapping[str, Any]) -> Any:
+    if isinstance(source, Mapping):
+        return source
+    try:
+        return safejson.loads(Path(source).read_bytes(), what=f"input file {source}")
+    except OSError as exc:
+        raise InputError(f"cannot read input file {source}: {exc.strerror}") from exc
 
 
 def read_inputs_json(source: str | os.PathLike[str] | Mapping[str, Any],
@@ -163,13 +219,7 @@ def read_inputs_json(source: str | os.PathLike[str] | Mapping[str, Any],
     ``input_data`` holds one flat list per model input, in graph order; each is reshaped to the
     input's (pinned) shape.
     """
-    if isinstance(source, Mapping):
-        doc: Any = source
-    else:
-        try:
-            doc = safejson.loads(Path(source).read_bytes(), what=f"input file {source}")
-        except OSError as exc:
-            raise InputError(f"cannot read input file {source}: {exc.strerror}") from exc
+    doc = _input_doc(source)
     data = doc.get("input_data") if isinstance(doc, Mapping) else None
     if not isinstance(data, list) or len(data) != len(loaded.input_names):
         raise InputError(

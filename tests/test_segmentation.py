@@ -48,11 +48,14 @@ def test_shared_models_every_cut_reproduces(
         return  # refused with a one-line reason (checked by load_shared)
     inputs = shared.inputs(loaded)
     _assert_bit_exact(executor, loaded, None, inputs)
-    # Every single interior cut, and every node a segment of its own.
+    # Every single interior cut, and every node a segment of its own: each reproduces, or is
+    # refused because its state would hold an integer or boolean tensor.
     m = len(loaded.nodes)
-    for c in range(1, m):
-        _assert_bit_exact(executor, loaded, (0, c, m), inputs)
-    _assert_bit_exact(executor, loaded, tuple(range(m + 1)), inputs)
+    for cuts in [*((0, c, m) for c in range(1, m)), tuple(range(m + 1))]:
+        try:
+            _assert_bit_exact(executor, loaded, cuts, inputs)
+        except SegmentationError as exc:
+            assert "non-float32" in exc.reason, exc.reason
 
 
 @pytest.mark.parametrize("model", ZOO, ids=[m.name for m in ZOO])
