@@ -14,6 +14,14 @@ states. Then:
   honest maxdiff is the circuit's own fixed-point ``max |f_i(x) − y|`` with y the float output;
 * each state's range circuit is calibrated on a sample at ±R.
 
+Each segment's (and each state's) EZKL calibration runs in a child process of its own, killed
+after ``calibration_segment_timeout_s`` (EZKL holds the GIL, so a thread could not be stopped),
+and EZKL's logrows search is capped at ``proving_max_logrows`` (both in
+:class:`refute.settings.Settings`). A segment that hits either limit is reported unprovable with
+a one-line reason naming the limit and EZKL's last message, instead of EZKL trying settings for
+twenty minutes. Each segment's result carries its circuit's logrows, the proving cost estimated
+from its settings (:func:`prover.budget.estimate`) and the seconds its calibration took.
+
 The results go into the manifest (``tolerances``, ``range``, ``circuits``); proving later rebuilds
 exactly these circuits from the recorded settings (:mod:`prover.circuit`).
 """
@@ -21,7 +29,14 @@ exactly these circuits from the recorded settings (:mod:`prover.circuit`).
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -33,6 +48,7 @@ import numpy as np
 
 from circuits.adjudication import adjudication_bytes
 from circuits.range_graph import range_bytes
+from prover.budget import ProvingEstimate, estimate
 from prover.circuit import _ezkl, calibrated_settings, felt_to_int, write_input_json
 from prover.errors import CircuitUnsupported
 from prover.step import maxdiff_units
@@ -40,6 +56,7 @@ from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, validate_inputs
 from refute.segmentation import run_segments
+from refute.settings import get_settings
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -50,18 +67,26 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 @dataclass(frozen=True)
 class SegmentCalibration:
-    """What calibration found for one segment (``settings`` is None if it cannot be proven)."""
+    """What calibration found for one segment (``settings`` is None if it cannot be proven).
+
+    ``logrows`` and ``estimate`` describe the chosen circuit (None when there is none);
+    ``seconds`` is the wall-clock time spent calibrating this segment, whatever the outcome."""
 
     index: int
     settings: dict[str, Any] | None
     tolerance: int | None
     honest_maxdiff: Fraction | None
     reason: str | None = None
+    logrows: int | None = None
+    estimate: ProvingEstimate | None = None
+    seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's circuit entry for this segment."""
         return {"kind": "step", "segment": self.index, "settings": self.settings,
-                "unsupported": self.reason}
+                "unsupported": self.reason, "logrows": self.logrows,
+                "estimate": self.estimate.to_json() if self.estimate is not None else None,
+                "seconds": round(self.seconds, 3)}
 
 
 @dataclass(frozen=True)
@@ -115,14 +140,19 @@ def calibrate_segment(
     scale: int,
     bound: float,
     safety: float,
+    max_logrows: int | None = None,
+    deadline: float | None = None,
 ) -> SegmentCalibration:
-    """Calibrate segment ``index``'s adjudication circuit on honest (x, y) samples."""
+    """Calibrate segment ``index``'s adjudication circuit on honest (x, y) samples, in this
+    process (see :func:`calibrate_segment_bounded` for the bounded version)."""
+    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"refute-cal{index}-") as tmp:
         workdir = Path(tmp)
         x0, y0 = samples[0]
         extreme = [*x0, *_extreme(y0, bound)]
         try:
-            settings = calibrated_settings(graph, scale, [extreme], workdir / "settings")
+            settings = calibrated_settings(graph, scale, [extreme], workdir / "settings",
+                                           max_logrows=max_logrows, deadline=deadline)
             compiled = _compile(graph, settings, workdir)
             output_scale = int((settings.get("model_output_scales") or [scale])[0])
             _maxdiff(compiled, extreme, workdir)
@@ -131,9 +161,132 @@ def calibrate_segment(
                 raw = _maxdiff(compiled, [*x, *y], workdir)
                 worst = max(worst, maxdiff_units(raw, output_scale=output_scale, scale=scale))
         except CircuitUnsupported as exc:
-            return SegmentCalibration(index, None, None, None, exc.reason)
+            reason = exc.reason
+            if max_logrows is not None and _about_size(reason):
+                reason = f"{reason} (logrows capped at {max_logrows}: {_MAX_LOGROWS_VAR})"
+            return SegmentCalibration(index, None, None, None, reason,
+                                      seconds=time.monotonic() - start)
     tolerance = max(1, math.ceil(worst * Fraction(safety)))
-    return SegmentCalibration(index, settings, tolerance, worst)
+    cost = estimate(settings)
+    return SegmentCalibration(index, settings, tolerance, worst, logrows=cost.logrows,
+                              estimate=cost, seconds=time.monotonic() - start)
+
+
+_TIMEOUT_VAR = "REFUTE_CALIBRATION_SEGMENT_TIMEOUT_S"
+_MAX_LOGROWS_VAR = "REFUTE_PROVING_MAX_LOGROWS"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _about_size(reason: str) -> bool:
+    text = reason.lower()
+    return any(k in text for k in ("logrows", "suitable parameters", "too many values",
+                                   "column size", "synthesis"))
+
+
+def _last_message(log: Path) -> str:
+    """EZKL's last complaint in a child's output (else its last line), on one short line."""
+    try:
+        lines = [_ANSI.sub("", line).strip()
+                 for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no output"
+    lines = [line for line in lines if line and not set(line) <= set("+-|= ")]
+    complaints = [line for line in lines if re.search(r"error|fail|panic", line, re.IGNORECASE)]
+    last = (complaints or lines or ["no output"])[-1]
+    return last[:200]
+
+
+def _child() -> None:
+    """Entry point of a bounded calibration child: ``argv = [job, result]`` (pickles)."""
+    job, result = Path(sys.argv[1]), Path(sys.argv[2])
+    name, kwargs = pickle.loads(job.read_bytes())
+    work: Callable[..., Any] = calibrate_segment if name == "segment" else _range_settings
+    outcome = work(**kwargs)
+    tmp = result.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(outcome))
+    tmp.replace(result)
+
+
+class _GaveUp(Exception):
+    """A bounded calibration child ran out of time or died; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _run_bounded(name: str, kwargs: dict[str, Any], timeout_s: float) -> Any:
+    """``name``'s calibration in a fresh Python process, killed after ``timeout_s``.
+
+    A fresh interpreter (not a fork): EZKL's thread pool does not survive a fork, and a
+    registration child is a daemon process that may not use multiprocessing children."""
+    with tempfile.TemporaryDirectory(prefix="refute-calchild-") as tmp:
+        job, result, log = Path(tmp) / "job.pickle", Path(tmp) / "result.pickle", Path(tmp) / "log"
+        job.write_bytes(pickle.dumps((name, kwargs)))
+        root = str(Path(__file__).absolute().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        with log.open("wb") as output:
+            child = subprocess.Popen(
+                [sys.executable, "-c", "from prover.calibration import _child; _child()",
+                 str(job), str(result)],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+            try:
+                child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                raise _GaveUp(f"calibration gave up after {timeout_s:g} s ({_TIMEOUT_VAR}); "
+                              f"EZKL's last message: {_last_message(log)}") from None
+        if child.returncode != 0 or not result.exists():
+            raise _GaveUp(f"calibration process died (exit {child.returncode}): "
+                          f"{_last_message(log)}")
+        return pickle.loads(result.read_bytes())  # written by our own child
+
+
+def calibrate_segment_bounded(
+    graph: bytes,
+    index: int,
+    samples: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]],
+    *,
+    scale: int,
+    bound: float,
+    safety: float,
+    max_logrows: int | None,
+    timeout_s: float,
+) -> SegmentCalibration:
+    """:func:`calibrate_segment` in a child process killed after ``timeout_s`` seconds; a
+    segment that runs out of time (or whose child dies) gets ``settings=None`` and the reason.
+
+    The layout search stops trying further layouts at half the time, keeping the rest for
+    compiling the circuit and checking every sample's witness."""
+    start = time.monotonic()
+    kwargs: dict[str, Any] = {
+        "graph": graph, "index": index,
+        "samples": [([np.asarray(t) for t in x], [np.asarray(t) for t in y]) for x, y in samples],
+        "scale": scale, "bound": bound, "safety": safety, "max_logrows": max_logrows,
+        # CLOCK_MONOTONIC is system-wide: the child reads the same clock.
+        "deadline": start + timeout_s / 2,
+    }
+    try:
+        outcome: SegmentCalibration = _run_bounded("segment", kwargs, timeout_s)
+    except _GaveUp as exc:
+        return SegmentCalibration(index, None, None, None, exc.reason,
+                                  seconds=time.monotonic() - start)
+    return replace(outcome, seconds=time.monotonic() - start)
+
+
+def _range_settings(
+    graph: bytes, sample: Sequence[np.ndarray], *, scale: int, max_logrows: int | None,
+) -> dict[str, Any] | None:
+    with tempfile.TemporaryDirectory(prefix="refute-range-") as tmp:
+        try:
+            return calibrated_settings(graph, scale, [sample], Path(tmp),
+                                       max_logrows=max_logrows)
+        except CircuitUnsupported:
+            return None
 
 
 def calibrate_model(
@@ -145,10 +298,22 @@ def calibrate_model(
     range_margin: float = 4.0,
     executor: DeterministicExecutor | None = None,
     progress: ProgressFn = _no_progress,
+    segment_timeout_s: float | None = None,
+    max_logrows: int | None = None,
 ) -> tuple[Manifest, CalibrationReport]:
-    """Calibrate every segment; return the completed manifest and the report."""
+    """Calibrate every segment; return the completed manifest and the report.
+
+    ``segment_timeout_s`` bounds each segment's (and each state's range circuit's) calibration
+    and ``max_logrows`` caps its circuit; unset, they come from :func:`get_settings`
+    (``calibration_segment_timeout_s``, ``proving_max_logrows``)."""
     if not inputs:
         raise CircuitUnsupported("calibration needs at least one input")
+    if segment_timeout_s is None or max_logrows is None:
+        configured = get_settings()
+        if segment_timeout_s is None:
+            segment_timeout_s = configured.calibration_segment_timeout_s
+        if max_logrows is None:
+            max_logrows = configured.proving_max_logrows
     scale = prepared.manifest.scale if scale is None else scale
     executor = executor or DeterministicExecutor()
     runs = [run_segments(executor, prepared.segmentation, validate_inputs(prepared.loaded, x))
@@ -159,19 +324,22 @@ def calibrate_model(
     for i, segment in enumerate(prepared.segmentation.segments, start=1):
         progress("calibrate", i - 1, total)
         samples = [(run[i - 1], run[i]) for run in runs]
-        segments.append(calibrate_segment(adjudication_bytes(segment), i, samples,
-                                          scale=scale, bound=bound, safety=safety))
+        segments.append(calibrate_segment_bounded(
+            adjudication_bytes(segment), i, samples, scale=scale, bound=bound, safety=safety,
+            max_logrows=max_logrows, timeout_s=segment_timeout_s))
     progress("calibrate", total, total)
     ranges: list[dict[str, Any] | None] = []
     for k, state in enumerate(prepared.segmentation.states):
         progress("range", k, len(prepared.segmentation.states))
         graph = range_bytes(state, opset=prepared.loaded.opset, index=k)
         at_bound = [np.full(t.shape, bound, dtype=np.float32) for t in state]
-        with tempfile.TemporaryDirectory(prefix=f"refute-range{k}-") as tmp:
-            try:
-                ranges.append(calibrated_settings(graph, scale, [at_bound], Path(tmp)))
-            except CircuitUnsupported:
-                ranges.append(None)
+        try:
+            ranges.append(_run_bounded("range", {"graph": graph, "sample": at_bound,
+                                                 "scale": scale, "max_logrows": max_logrows},
+                                       segment_timeout_s))
+        except _GaveUp:
+            ranges.append(None)
+    progress("range", len(prepared.segmentation.states), len(prepared.segmentation.states))
     report = CalibrationReport(scale, bound, tuple(segments), tuple(ranges))
     circuits = [s.to_json() for s in segments] + [
         {"kind": "range", "state": k, "settings": r} for k, r in enumerate(ranges)

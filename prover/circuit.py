@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,14 +112,46 @@ class Circuit:
             raise ProverError(f"circuit folder {folder} is incomplete: {exc}") from exc
 
 
-def run_args(scale: int) -> Any:
-    """EZKL run arguments of every refute circuit: hashed inputs, fixed params, public output."""
+@dataclass(frozen=True)
+class Layout:
+    """The EZKL run arguments that shape a circuit without changing what it proves.
+
+    ``num_inner_cols`` packs more (or fewer) values side by side in each advice column: more
+    columns make fewer rows (a smaller ``logrows``) but a wider proving key. ``decomp_base`` and
+    ``decomp_legs`` set EZKL's range checks: each checked value is split into ``decomp_legs``
+    digits below ``decomp_base`` (a lookup table of ``decomp_base`` rows), so values up to
+    ``±decomp_base^decomp_legs`` are representable. Either way every value is still fully
+    constrained: a layout that cannot hold a calibration sample fails calibration, it does not
+    prove something weaker.
+    """
+
+    num_inner_cols: int = 2
+    decomp_base: int = 16384
+    decomp_legs: int = 2
+
+    def describe(self) -> str:
+        """``cols=2 decomp=16384x2``."""
+        return f"cols={self.num_inner_cols} decomp={self.decomp_base}x{self.decomp_legs}"
+
+
+#: EZKL 23's defaults, the first layout tried.
+DEFAULT_LAYOUT = Layout()
+
+
+def run_args(scale: int, layout: Layout = DEFAULT_LAYOUT) -> Any:
+    """EZKL run arguments of every refute circuit: hashed inputs, fixed params, public output,
+    check mode SAFE (EZKL re-checks every op's layout against its plain evaluation while
+    generating witnesses: a prover-side assertion, the constraints are the same)."""
     args = ezkl.PyRunArgs()
     args.input_visibility = "hashed"
     args.param_visibility = "fixed"
     args.output_visibility = "public"
     args.input_scale = scale
     args.param_scale = scale
+    args.check_mode = "safe"
+    args.num_inner_cols = layout.num_inner_cols
+    args.decomp_base = layout.decomp_base
+    args.decomp_legs = layout.decomp_legs
     return args
 
 
@@ -150,22 +183,99 @@ def _ezkl(step: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def calibrated_settings(
-    graph: bytes, scale: int, calibration: Sequence[Sequence[np.ndarray]], workdir: Path
+def _calibrate_layout(
+    graph_path: Path, data: Path, scale: int, layout: Layout, *, workdir: Path,
+    max_logrows: int | None,
 ) -> dict[str, Any]:
-    """EZKL settings for ``graph`` at ``scale``, calibrated (resources) on the first sample
-    and checked on every sample (a witness must exist for each)."""
+    settings_path = workdir / (f"settings-{layout.num_inner_cols}-{layout.decomp_base}"
+                               f"x{layout.decomp_legs}.json")
+    _ezkl("gen_settings", lambda: ezkl.gen_settings(
+        str(graph_path), str(settings_path), py_run_args=run_args(scale, layout)))
+    _ezkl("calibrate_settings", lambda: ezkl.calibrate_settings(
+        str(data), str(graph_path), str(settings_path), "resources", scales=[scale],
+        max_logrows=max_logrows))
+    settings: dict[str, Any] = json.loads(settings_path.read_text())
+    if max_logrows is not None and int(settings["run_args"]["logrows"]) > max_logrows:
+        raise CircuitUnsupported(
+            f"EZKL calibrate_settings needs logrows {settings['run_args']['logrows']}, above "
+            f"the cap of {max_logrows}")
+    return settings
+
+
+def _cost(settings: dict[str, Any]) -> tuple[int, int]:
+    """Smaller is better: logrows first, then the estimated proving key."""
+    from prover.budget import estimate
+
+    cost = estimate(settings)
+    return cost.logrows, cost.pk_bytes
+
+
+def calibrated_settings(
+    graph: bytes,
+    scale: int,
+    calibration: Sequence[Sequence[np.ndarray]],
+    workdir: Path,
+    *,
+    max_logrows: int | None = None,
+    deadline: float | None = None,
+) -> dict[str, Any]:
+    """EZKL settings for ``graph`` at ``scale``, calibrated (``resources``) on the first sample,
+    with the smallest circuit of a few layouts (:class:`Layout`).
+
+    The search: EZKL's default layout (2 inner columns) first; then 4 and 8 inner columns for
+    as long as each lowers logrows (a row-bound circuit, such as a convolution, gets shorter),
+    else 1 column if that keeps logrows (a narrower proving key); then, on the best of those,
+    a range-check table half as tall when the table is what holds logrows up (``decomp_base``
+    halved, ``decomp_legs`` unchanged). Every candidate is calibrated on the same sample, so any
+    layout chosen represents it. ``max_logrows`` caps EZKL's own search; past ``deadline``
+    (``time.monotonic()``) no further layout is tried and the best so far is returned. Raises
+    :class:`CircuitUnsupported` with EZKL's reason when the default layout fails and no other
+    succeeds."""
     workdir.mkdir(parents=True, exist_ok=True)
     graph_path = workdir / GRAPH
     graph_path.write_bytes(graph)
-    settings_path = workdir / SETTINGS
     data = write_input_json(workdir / "calibration.json", calibration[0])
-    _ezkl("gen_settings", lambda: ezkl.gen_settings(
-        str(graph_path), str(settings_path), py_run_args=run_args(scale)))
-    _ezkl("calibrate_settings", lambda: ezkl.calibrate_settings(
-        str(data), str(graph_path), str(settings_path), "resources", scales=[scale]))
-    settings: dict[str, Any] = json.loads(settings_path.read_text())
-    return settings
+    errors: list[CircuitUnsupported] = []
+    tried: dict[Layout, dict[str, Any] | None] = {}
+    best: dict[str, Any] | None = None
+    best_layout = DEFAULT_LAYOUT
+
+    def attempt(layout: Layout) -> bool:
+        """Calibrate ``layout`` (once) and keep it if it beats the best; whether it did."""
+        nonlocal best, best_layout
+        if layout not in tried:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            try:
+                tried[layout] = _calibrate_layout(graph_path, data, scale, layout,
+                                                  workdir=workdir, max_logrows=max_logrows)
+            except CircuitUnsupported as exc:
+                errors.append(exc)
+                tried[layout] = None
+        candidate = tried[layout]
+        if candidate is None or (best is not None and _cost(candidate) >= _cost(best)):
+            return False
+        best, best_layout = candidate, layout
+        return True
+
+    attempt(DEFAULT_LAYOUT)
+    # Wider, while it lowers logrows (a default layout that failed may only be too tall).
+    for cols in (4, 8):
+        if not attempt(replace(best_layout, num_inner_cols=cols)):
+            break
+    # A range-check table half as tall, when the table holds logrows up.
+    if best is not None and best_layout.decomp_base >= 2 ** (int(best["run_args"]["logrows"]) - 1):
+        narrow = replace(best_layout, decomp_base=best_layout.decomp_base // 2)
+        if not attempt(narrow):
+            attempt(replace(narrow, num_inner_cols=2 * narrow.num_inner_cols))
+    # Narrower, while logrows holds (a smaller proving key).
+    cols = best_layout.num_inner_cols // 2
+    while best is not None and cols >= 1 and attempt(replace(best_layout, num_inner_cols=cols)):
+        cols //= 2
+    if best is None:
+        raise errors[0]
+    (workdir / SETTINGS).write_text(json.dumps(best))
+    return best
 
 
 def circuit_key(graph: bytes, scale: int, settings: dict[str, Any]) -> str:

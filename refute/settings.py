@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     node: Path | None = None
     #: The anvil executable of the local chain (unset: the pinned one in ``node_modules``).
     anvil: Path | None = None
+    #: Calibration of one segment's circuit (EZKL, in a child process) is stopped after this
+    #: long and the segment reported unprovable with the reason.
+    calibration_segment_timeout_s: float = Field(default=180.0, gt=0)
+    #: The largest circuit (log2 of its rows) calibration may choose; a segment that needs more
+    #: is reported unprovable. 20 is the largest development SRS refute generates.
+    proving_max_logrows: int = Field(default=20, ge=1, le=26)
+    #: Memory a proof may use on the prover's machine; each segment's estimated peak
+    #: (:mod:`prover.budget`) is compared with it.
+    proving_budget_bytes: int = Field(default=8 * 2**30, gt=0)
 
     # --- chain ----------------------------------------------------------------------------------
     #: An EVM JSON-RPC endpoint on which settled proofs are re-verified; empty means no chain.
