@@ -28,6 +28,7 @@ exactly these circuits from the recorded settings (:mod:`prover.circuit`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -197,9 +198,13 @@ def _last_message(log: Path) -> str:
 
 
 def _child() -> None:
-    """Entry point of a bounded calibration child: ``argv = [job, result]`` (pickles)."""
+    """Entry point of a bounded calibration child: ``argv = [job, result]`` (pickles).
+
+    The child also ends itself (SIGALRM, whose default action needs no Python code to run
+    while EZKL holds the GIL) a little after its limit, should its parent die first."""
     job, result = Path(sys.argv[1]), Path(sys.argv[2])
-    name, kwargs = pickle.loads(job.read_bytes())
+    name, kwargs, limit_s = pickle.loads(job.read_bytes())  # written by our own parent
+    signal.alarm(math.ceil(limit_s) + 10)
     work: Callable[..., Any] = calibrate_segment if name == "segment" else _range_settings
     outcome = work(**kwargs)
     tmp = result.with_suffix(".tmp")
@@ -215,6 +220,13 @@ class _GaveUp(Exception):
         self.reason = reason
 
 
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    """End ``child`` (and anything it started: it leads its own session) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+
+
 def _run_bounded(name: str, kwargs: dict[str, Any], timeout_s: float) -> Any:
     """``name``'s calibration in a fresh Python process, killed after ``timeout_s``.
 
@@ -222,7 +234,7 @@ def _run_bounded(name: str, kwargs: dict[str, Any], timeout_s: float) -> Any:
     registration child is a daemon process that may not use multiprocessing children."""
     with tempfile.TemporaryDirectory(prefix="refute-calchild-") as tmp:
         job, result, log = Path(tmp) / "job.pickle", Path(tmp) / "result.pickle", Path(tmp) / "log"
-        job.write_bytes(pickle.dumps((name, kwargs)))
+        job.write_bytes(pickle.dumps((name, kwargs, timeout_s)))
         root = str(Path(__file__).absolute().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -236,10 +248,12 @@ def _run_bounded(name: str, kwargs: dict[str, Any], timeout_s: float) -> Any:
             try:
                 child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
+                _kill(child)
                 raise _GaveUp(f"calibration gave up after {timeout_s:g} s ({_TIMEOUT_VAR}); "
                               f"EZKL's last message: {_last_message(log)}") from None
+            except BaseException:  # interrupted: leave no calibration running
+                _kill(child)
+                raise
         if child.returncode != 0 or not result.exists():
             raise _GaveUp(f"calibration process died (exit {child.returncode}): "
                           f"{_last_message(log)}")

@@ -222,13 +222,17 @@ def calibrated_settings(
     """EZKL settings for ``graph`` at ``scale``, calibrated (``resources``) on the first sample,
     with the smallest circuit of a few layouts (:class:`Layout`).
 
-    The search: EZKL's default layout (2 inner columns) first; then 4 and 8 inner columns for
-    as long as each lowers logrows (a row-bound circuit, such as a convolution, gets shorter),
-    else 1 column if that keeps logrows (a narrower proving key); then, on the best of those,
-    a range-check table half as tall when the table is what holds logrows up (``decomp_base``
-    halved, ``decomp_legs`` unchanged). Every candidate is calibrated on the same sample, so any
-    layout chosen represents it. ``max_logrows`` caps EZKL's own search; past ``deadline``
-    (``time.monotonic()``) no further layout is tried and the best so far is returned. Raises
+    The search, cheapest first by (logrows, estimated proving key): EZKL's default layout
+    (2 inner columns); 4 then 8 inner columns for as long as each lowers logrows (a row-bound
+    circuit, such as a convolution, gets shorter); a range-check table half as tall when the
+    table is what holds logrows up (``decomp_base`` halved once, ``decomp_legs`` unchanged,
+    with the same or twice the columns); then fewer inner columns for as long as logrows holds
+    (a narrower proving key). In these small circuits the floor is usually the Poseidon hashing
+    of the inputs (about 41 rows per element, whatever the layout). Every candidate is
+    calibrated on the same sample, so the layout chosen represents it.
+
+    ``max_logrows`` caps EZKL's own search; past ``deadline`` (``time.monotonic()``) no
+    further layout is tried and the best so far is returned. Raises
     :class:`CircuitUnsupported` with EZKL's reason when the default layout fails and no other
     succeeds."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +277,8 @@ def calibrated_settings(
     while best is not None and cols >= 1 and attempt(replace(best_layout, num_inner_cols=cols)):
         cols //= 2
     if best is None:
-        raise errors[0]
+        raise errors[0] if errors else CircuitUnsupported(
+            "EZKL calibration ran out of time before trying a layout")
     (workdir / SETTINGS).write_text(json.dumps(best))
     return best
 
