@@ -234,6 +234,10 @@ def load_model(
     integral = _float_boundaries(model)
     _constants_to_initializers(model)
     _check_values(model, limits)
+    # What is known before anything is folded is checked first: outputs that depend on no
+    # input, and the work of one run as far as the shapes are known already.
+    _refuse_constant_outputs(model, _constant_tensors(model))
+    _check_model_work(model, _infer_shapes(model, limits, partial=True), limits)
     folded = _fold_to_fixpoint(model, limits)
     _drop_unused_initializers(model)
     _refuse_unfolded(model)
@@ -346,6 +350,13 @@ def _default_opset(model: ModelProto) -> int:
     return int(versions[0])
 
 
+def _type_name(elem_type: int) -> str:
+    """The ONNX name of an element type, or its number if it has none."""
+    if elem_type in TensorProto.DataType.values():
+        return str(TensorProto.DataType.Name(elem_type))
+    return str(elem_type)
+
+
 def _node_name(node: NodeProto) -> str:
     """How a node is named in reasons: its name, else its first output, else ``'?'``."""
     return repr(node.name or (node.output[0] if node.output else "?"))[:80]
@@ -391,10 +402,8 @@ def _check_tensor_payload(where: str, tensor: TensorProto, limits: LoadLimits) -
         )
     item = _ITEM_SIZE.get(tensor.data_type)
     if item is None:
-        name = TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in (
-            TensorProto.DataType.values()
-        ) else str(tensor.data_type)
-        raise UnsupportedOperator(f"{where} has unsupported element type {name}")
+        raise UnsupportedOperator(
+            f"{where} has unsupported element type {_type_name(tensor.data_type)}")
     nbytes: int = count * item
     if tensor.raw_data:
         if len(tensor.raw_data) != nbytes:
@@ -439,7 +448,7 @@ def _check_nodes(model: ModelProto, limits: LoadLimits) -> None:
         if not value.type.HasField("tensor_type") or (
             elem != TensorProto.FLOAT and elem not in _BOUNDARY_TYPES
         ):
-            kind = TensorProto.DataType.Name(elem) if value.type.HasField("tensor_type") else "?"
+            kind = _type_name(elem) if value.type.HasField("tensor_type") else "?"
             raise UnsupportedOperator(
                 f"graph input {value.name!r} is of type {kind}; inputs must be float, double, "
                 "integer or bool tensors"
@@ -935,6 +944,16 @@ def _float_boundaries(model: ModelProto) -> dict[str, int]:
         del graph.node[:]
         graph.node.extend(nodes)
     return integral
+
+
+def _constant_tensors(model: ModelProto) -> set[str]:
+    """Every tensor that depends on no graph input (nodes are in topological order)."""
+    graph = model.graph
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if all(x in constant for x in node.input if x):
+            constant.update(o for o in node.output if o)
+    return constant
 
 
 def _refuse_constant_outputs(model: ModelProto, folded: set[str]) -> None:

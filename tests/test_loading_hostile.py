@@ -776,3 +776,41 @@ def test_segments_sharing_a_weight_are_bounded_before_they_are_built() -> None:
     assert peak[0] < MAX_REFUSAL_MEMORY
     few = segment_model(loaded, max_segments=4)  # the same weights in 4 segments: 64 MiB
     assert few.num_segments == 4
+
+
+# --- ONNX Runtime and the folding evaluator never see a hostile model ----------------------
+
+#: Hostile cases whose refusal is about what folding computes (a folded value that is not
+#: finite): the reference evaluator runs on them, within the bounds checked before it.
+_REFUSED_BY_FOLDED_VALUES = frozenset({"folded_inf"})
+
+
+@pytest.mark.parametrize(("case_id", "builder", "expected", "kwargs"), HOSTILE_PARAMS)
+def test_hostile_models_never_reach_onnxruntime_or_the_folder(
+    case_id: str,
+    builder: Builder,
+    expected: type[ModelRejected],
+    kwargs: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading runs no ONNX Runtime session at all, and the constant-folding evaluator only
+    on models whose every limit held (the fold bombs are refused from their inferred sizes)."""
+    import onnx.reference
+    import onnxruntime
+
+    evaluated: list[str] = []
+
+    def no_session(*args: Any, **kw: Any) -> None:
+        raise AssertionError(f"ONNX Runtime saw hostile model {case_id}")
+
+    class Recording(onnx.reference.ReferenceEvaluator):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            evaluated.append(case_id)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    monkeypatch.setattr(onnx.reference, "ReferenceEvaluator", Recording)
+    with pytest.raises(ModelRejected):
+        load_model(builder(), **kwargs)
+    if case_id not in _REFUSED_BY_FOLDED_VALUES:
+        assert not evaluated, f"the folding evaluator ran on hostile model {case_id}"
