@@ -1,20 +1,26 @@
-"""``refute calibrate``, ``refute prove`` and ``refute verify``: the prover's command line."""
+"""``refute calibrate``, ``refute check``, ``refute prove`` and ``refute verify``: the prover's
+command line."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from prover.calibration import calibrate_model
+from prover.calibration import CalibrationReport, calibrate_model
 from prover.config import make_prover, srs_store
 from prover.offline import BundleOutcome, check_bundle, check_on_chain
 from prover.proof_bundle import ProofBundle
+from prover.report import RegistrationReport, registration_report
 from refute import console
 from refute.errors import BundleError, RefuteError
-from refute.manifest import canonical_json
+from refute.manifest import Manifest, canonical_json
 from refute.provider import (
+    PreparedModel,
     input_sizes,
     prepare_for_manifest,
     prepare_model,
@@ -23,6 +29,29 @@ from refute.provider import (
 )
 from refute.settings import get_settings
 from refute.trace import Trace
+
+SamplesOpt = Annotated[int, typer.Option(min=1, help="Extra seeded random inputs.")]
+ScaleOpt = Annotated[int, typer.Option(help="Fixed-point scale (log2).")]
+SafetyOpt = Annotated[float, typer.Option(min=1.0, help="τ safety factor.")]
+
+
+def _calibrated(
+    model: Path, *, dims: dict[str, int], shapes: dict[str, list[int]], cuts: list[int] | None,
+    max_segments: int | None, inputs: list[Path], samples: int, scale: int, safety: float,
+) -> tuple[PreparedModel, Manifest, CalibrationReport]:
+    """Prepare MODEL (pinned from the first input file, if any) and calibrate it on the input
+    files plus ``samples`` seeded random inputs, showing progress per stage and segment."""
+    with console.progress() as report:
+        prepared = prepare_model(
+            model, dims=dims, shapes=shapes,
+            input_sizes=input_sizes(inputs[0]) if inputs else None,
+            cuts=cuts, max_segments=max_segments, scale=scale, progress=report,
+        )
+        console.print_pins(prepared.loaded)
+        data = [read_inputs_json(p, prepared.loaded) for p in inputs]
+        data += [random_inputs(prepared.loaded, seed=s) for s in range(samples)]
+        manifest, result = calibrate_model(prepared, data, safety=safety, progress=report)
+    return dataclasses.replace(prepared, manifest=manifest), manifest, result
 
 
 def calibrate(
@@ -35,24 +64,17 @@ def calibrate(
     inputs: Annotated[
         list[Path], typer.Option("--input", help="Calibration input (input.json); repeat.")
     ] = [],  # noqa: B006
-    samples: Annotated[int, typer.Option(min=1, help="Extra seeded random inputs.")] = 4,
-    scale: Annotated[int, typer.Option(help="Fixed-point scale (log2).")] = 7,
-    safety: Annotated[float, typer.Option(min=1.0, help="τ safety factor.")] = 2.0,
+    samples: SamplesOpt = 4,
+    scale: ScaleOpt = 7,
+    safety: SafetyOpt = 2.0,
 ) -> None:
     """Calibrate MODEL: range R, circuit settings and τ per segment; write the manifest."""
     try:
-        with console.progress() as report:
-            prepared = prepare_model(
-                model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
-                input_sizes=input_sizes(inputs[0]) if inputs else None,
-                cuts=console.parse_cuts(cuts), max_segments=max_segments, scale=scale,
-                progress=report,
-            )
-            console.print_pins(prepared.loaded)
-            data = [read_inputs_json(p, prepared.loaded) for p in inputs]
-            data += [random_inputs(prepared.loaded, seed=s) for s in range(samples)]
-            manifest, result = calibrate_model(prepared, data, safety=safety,
-                                               progress=report)
+        _prepared, manifest, result = _calibrated(
+            model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
+            cuts=console.parse_cuts(cuts), max_segments=max_segments, inputs=inputs,
+            samples=samples, scale=scale, safety=safety,
+        )
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_bytes(canonical_json(manifest.to_json()))
     except RefuteError as exc:
@@ -62,6 +84,72 @@ def calibrate(
         console.out.print(f"step {seg.index:<3} {status}", highlight=False)
     console.out.print(f"range R={result.range}  scale={result.scale}", highlight=False)
     console.out.print(f"manifest {output}  ({manifest.sha256})", highlight=False)
+
+
+def check(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    sample: Annotated[
+        Path | None,
+        typer.Argument(help="A sample input (input.json): pins the symbolic dimensions and is "
+                            "a calibration input."),
+    ] = None,
+    dim: console.DimOpt = [],  # noqa: B006
+    shape: console.ShapeOpt = [],  # noqa: B006
+    cuts: console.CutsOpt = None,
+    max_segments: console.MaxSegOpt = None,
+    samples: SamplesOpt = 4,
+    scale: ScaleOpt = 7,
+    safety: SafetyOpt = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+    = False,
+) -> None:
+    """Print MODEL's registration report: per segment its operators, state sizes, τ, circuit
+    logrows, estimated proving memory and time, and whether it fits the proving budget.
+
+    Exits with status 1 when the model would be refused (the reasons are printed)."""
+    settings = get_settings()
+    try:
+        prepared, _manifest, result = _calibrated(
+            model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
+            cuts=console.parse_cuts(cuts), max_segments=max_segments,
+            inputs=[sample] if sample is not None else [], samples=samples, scale=scale,
+            safety=safety,
+        )
+    except RefuteError as exc:
+        raise console.fail(exc) from exc
+    report = registration_report(prepared, result, settings.proving_budget_bytes)
+    if as_json:
+        console.out.print_json(json.dumps(report.to_json()))
+    else:
+        _print_report(model, report)
+    if report.refusals:
+        raise typer.Exit(code=1)
+
+
+def _print_report(model: Path, report: RegistrationReport) -> None:
+    table = Table(title=f"{model.name}: {len(report.segments)} segment(s), {report.nodes} "
+                        f"nodes, scale {report.scale}, R={report.range:g}")
+    for column in ("step", "ops", "in/out elements", "τ", "logrows", "est. memory",
+                   "est. setup+prove", "budget", "calibrated in"):
+        table.add_column(column)
+    for s in report.segments:
+        memory = "" if s.peak_bytes is None else f"{s.peak_bytes / 2**30:.2f} GiB"
+        timing = ("" if s.setup_seconds is None or s.prove_seconds is None
+                  else f"{s.setup_seconds:.0f}+{s.prove_seconds:.0f} s")
+        table.add_row(
+            str(s.index), " ".join(s.ops), f"{s.input_elements:,}/{s.output_elements:,}",
+            "" if s.tolerance is None else str(s.tolerance),
+            "" if s.logrows is None else str(s.logrows), memory, timing,
+            "fits" if s.fits_budget else "[red]over[/red]" if s.reason is None
+            else "[red]refused[/red]", f"{s.calibration_seconds:.1f} s",
+        )
+    console.out.print(table)
+    for line in report.refusals:
+        console.out.print(f"[red]refused[/red] {line}", highlight=False, soft_wrap=True)
+    if not report.refusals:
+        console.out.print(f"registrable: every segment proves within the budget of "
+                          f"{report.budget_bytes / 2**30:.1f} GiB", highlight=False)
+
 
 def prove(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
@@ -140,7 +228,7 @@ def verify(
 
 def register(app: typer.Typer) -> None:
     """Add the prover's commands to the ``refute`` app."""
-    for command in (calibrate, prove, verify):
+    for command in (calibrate, check, prove, verify):
         app.command()(command)
 
 

@@ -34,6 +34,8 @@ _STAGES = {
     "check": "Checking segments reproduce the model",
     "execute": "Executing segments",
     "commit": "Hashing states (Poseidon) and committing",
+    "calibrate": "Calibrating each segment's circuit (EZKL)",
+    "range": "Calibrating each state's range circuit (EZKL)",
 }
 
 

@@ -244,6 +244,7 @@ def load_model(
     tensors = _infer_shapes(model, limits)
     _refuse_integer_division(model, tensors)
     _explicit_reduce_axes(model, tensors, opset)
+    _explicit_strides(model, tensors)
     _check_model_work(model, tensors, limits)
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -862,6 +863,25 @@ def _explicit_reduce_axes(
             node.input.append(name)
         elif "axes" not in attrs:
             node.attribute.append(helper.make_attribute("axes", list(range(rank))))
+
+
+#: Operators whose missing ``strides`` means 1 along every spatial axis.
+_STRIDED = frozenset({"Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool"})
+
+
+def _explicit_strides(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> None:
+    """Write out the default strides (1 per spatial axis) of convolutions and pools.
+
+    EZKL 23 refuses a ``Conv`` without ``strides`` ("missing required params: stride");
+    ONNX reads it as stride 1, and so does the canonical model, which now says so."""
+    for node in model.graph.node:
+        if node.op_type not in _STRIDED or not node.input or node.input[0] not in tensors:
+            continue
+        if any(a.name == "strides" for a in node.attribute):
+            continue
+        spatial = len(tensors[node.input[0]].shape) - 2
+        if spatial > 0:
+            node.attribute.append(helper.make_attribute("strides", [1] * spatial))
 
 
 def _refuse_integer_division(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> None:

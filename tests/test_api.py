@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,6 +21,7 @@ from fastapi.testclient import TestClient
 from challenge.fakes import FakeTasks
 from refute import zoo
 from refute.settings import Settings
+from tests.conftest import SHARED_MODELS
 from tests.hostile_models import HOSTILE
 from tests.servers import postgres_server, redis_server
 from tests.signing import signed_result as _signed
@@ -133,6 +135,30 @@ def test_model_registration_refusals(api: Api) -> None:
     big = api.client.post("/v1/models", headers={**headers,
                           "Content-Length": str(MAX_BODY_BYTES + 1)}, content=b"{}")
     _error(big, 413)
+
+
+def test_registration_pins_from_the_sample_input_and_reports_each_segment(api: Api) -> None:
+    """A real export (symbolic batch, a shape sub-graph) registers from its sample input; the
+    answer carries the report. A sample that does not fit the model is a 4xx that names it."""
+    _network_id, headers = _network(api, "report")
+    folder = SHARED_MODELS / "1l_lppool"
+    body = {"onnx_base64": base64.b64encode((folder / "network.onnx").read_bytes()).decode(),
+            "calibration_samples": 1,
+            "sample_input": json.loads((folder / "input.json").read_text())}
+    answer = api.client.post("/v1/models", headers=headers, json=body)
+    assert answer.status_code == 201, answer.text
+    report = answer.json()["report"]
+    assert report["pins"] == ["batch_size=1 (input[0], input file)"]
+    assert report["registrable"] and report["refusals"] == []
+    [segment] = report["segments"]
+    assert segment["input_elements"] == segment["output_elements"] == 12
+    assert {"Pow", "AveragePool", "Sign"} <= set(segment["ops"])
+    assert segment["logrows"] >= 10 and segment["fits_budget"]
+    assert 0 < segment["estimated_peak_bytes"] < api.settings.proving_budget_bytes
+    assert answer.json()["manifest"]["model"]["pins"]["shapes"] == {"input": [1, 3, 2, 2]}
+    misfit = {**body, "sample_input": {"input_data": [[1.0] * 13]}}
+    assert "13 values" in _error(api.client.post("/v1/models", headers=headers, json=misfit),
+                                 422)
 
 
 def test_submit_is_optimistic_idempotent_and_guarded(

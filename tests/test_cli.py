@@ -52,7 +52,6 @@ def test_failures_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     model = SHARED["1l_mlp"]
     bundle = tmp_path / "never.rtrace"
     cases = [
-        ("trace", model.path, model.input_json, "-o", bundle),  # dynamic dim not pinned
         ("trace", model.path, SHARED["3l_relu_conv_fc"].input_json, "--dim", "batch_size=1",
          "-o", bundle),  # wrong number of input values
         ("segment", tmp_path / "missing.onnx"),
@@ -67,5 +66,9 @@ def test_failures_are_one_line_and_write_nothing(tmp_path: Path) -> None:
         assert len(lines) == 1, done.stderr
         assert "Traceback" not in done.stderr
     assert not bundle.exists()
+    # The input file pins the symbolic batch (it used to need --dim batch_size=1), and says so.
+    done = _refute("trace", model.path, model.input_json, "-o", bundle)
+    assert done.returncode == 0, done.stderr
+    assert "pinned batch_size=1 (input[0], input file)" in done.stderr and bundle.exists()
     done = _refute("segment", model.path, "--dim", "batch_size=x")
     assert done.returncode == 2 and "NAME=INTEGER" in done.stderr

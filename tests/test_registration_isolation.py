@@ -34,7 +34,7 @@ from tests.hostile_models import (
 )
 from verifier.api.app import create_app
 from verifier.db import migrate
-from verifier.registry import RegistrationBusy, RegistrationLimits, _Gate, build_manifest
+from verifier.registry import RegistrationBusy, RegistrationLimits, _Gate, build_registration
 from verifier.service import ServiceContext
 
 ADMIN = "admin-secret"
@@ -245,15 +245,27 @@ def test_overflowing_model_is_refused_not_crashed() -> None:
     """Finite weights, but Exp(1e9 · x) is infinite on ordinary inputs: refused with a reason
     (was: an OverflowError inside calibration)."""
     with pytest.raises(ModelRejected) as info:
-        build_manifest(overflowing_model(), {"calibration_samples": 1})
+        build_registration(overflowing_model(), {"calibration_samples": 1})
     assert "infinite" in info.value.reason and "\n" not in info.value.reason
 
 
 @pytest.mark.slow
-def test_unprovable_segment_is_refused_not_registered_with_zero_tolerance() -> None:
-    """DESIGN, registration step 4: a segment EZKL cannot prove is refused at registration with
-    EZKL's reason (was: registered, its tolerance 0), as a rejected model (422)."""
+def test_conv_without_strides_registers_with_explicit_strides() -> None:
+    """EZKL 23 cannot build a Conv without ``strides`` (this model used to be refused with
+    "missing required params: stride"); the canonical model writes ONNX's default out."""
+    built = build_registration(unprovable_conv(), {"calibration_samples": 1})
+    [segment] = built["report"]["segments"]
+    assert segment["reason"] is None and segment["logrows"] > 0
+    assert built["manifest"]["tolerances"][0] >= 1
+
+
+@pytest.mark.slow
+def test_segment_over_the_proving_budget_is_refused_with_its_estimate() -> None:
+    """DESIGN, registration step 4: a segment that cannot be proven within the proving budget is
+    refused at registration, as a rejected model (422), never discovered in a dispute."""
     with pytest.raises(UnprovableModel) as info:
-        build_manifest(unprovable_conv(), {"calibration_samples": 1})
-    assert info.value.reason.startswith("segment 1 cannot be proven: ")
-    assert "EZKL" in info.value.reason and "\n" not in info.value.reason
+        build_registration(unprovable_conv(), {"calibration_samples": 1,
+                                               "proving_budget_bytes": 2**20})
+    assert info.value.reason.startswith("segment 1 cannot be proven: its circuit (logrows ")
+    assert "over the proving budget of 0.0 GiB" in info.value.reason
+    assert "\n" not in info.value.reason

@@ -174,12 +174,14 @@ class RefuteClient:
     def register_model(self, onnx_bytes: bytes, *, dims: dict[str, int] | None = None,
                        shapes: dict[str, list[int]] | None = None,
                        cuts: Sequence[int] | None = None, calibration_samples: int = 4,
-                       ) -> dict[str, Any]:
-        """Register a model (loads, segments, calibrates); returns id, hashes and manifest."""
+                       sample_input: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Register a model (loads, segments, calibrates); returns id, hashes, manifest and
+        the registration report. ``sample_input`` (EZKL's ``input.json`` form) pins symbolic
+        dimensions and is calibrated on."""
         body: dict[str, Any] = self._call("POST", "/v1/models", json={
             "onnx_base64": base64.b64encode(onnx_bytes).decode(), "dims": dims or {},
             "shapes": shapes or {}, "cuts": list(cuts) if cuts is not None else None,
-            "calibration_samples": calibration_samples})
+            "calibration_samples": calibration_samples, "sample_input": sample_input})
         return body
 
     def submit_result(self, signed_body: dict[str, Any]) -> ResultView:

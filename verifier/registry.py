@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 from challenge.blobs import BlobStore
 from challenge.records import RegisteredModel, new_id
 from refute.errors import InputError, ModelRejected, RefuteError, UnprovableModel
-from refute.settings import Settings
+from refute.settings import Settings, get_settings
 
 
 class RegistrationTimeout(ModelRejected):
@@ -108,21 +108,29 @@ def decode_model(onnx_base64: str) -> bytes:
         raise InputError("onnx_base64 is not valid base64") from exc
 
 
-def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
-    """Load, segment and calibrate; return the calibrated manifest's JSON (or raise)."""
+def build_registration(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
+    """Load, segment and calibrate; return ``{"manifest": …, "report": …}``: the calibrated
+    manifest's JSON and the registration report (:mod:`prover.report`), or raise.
+
+    A ``sample_input`` (EZKL's ``input.json`` form) pins the symbolic dimensions and is the
+    first calibration input; ``proving_budget_bytes`` (set by the service, not the caller)
+    bounds the estimated proving memory of every segment."""
     import numpy as np
 
     from refute.executor import DeterministicExecutor
-    from refute.provider import prepare_model, random_inputs
+    from refute.provider import input_sizes, prepare_model, random_inputs, read_inputs_json
     from refute.segmentation import run_segments
 
     executor = DeterministicExecutor()
+    sample = options.get("sample_input")
     prepared = prepare_model(data, dims=options.get("dims") or None,
-                             shapes=options.get("shapes") or None, cuts=options.get("cuts"),
-                             max_segments=options.get("max_segments"),
+                             shapes=options.get("shapes") or None,
+                             input_sizes=input_sizes(sample) if sample is not None else None,
+                             cuts=options.get("cuts"), max_segments=options.get("max_segments"),
                              scale=int(options.get("scale", 7)), executor=executor)
-    samples = [random_inputs(prepared.loaded, seed=s)
-               for s in range(int(options.get("calibration_samples", 4)))]
+    samples = [read_inputs_json(sample, prepared.loaded)] if sample is not None else []
+    samples += [random_inputs(prepared.loaded, seed=s)
+                for s in range(int(options.get("calibration_samples", 4)))]
     # Calibration needs finite states: a model that overflows float32 on ordinary inputs would
     # otherwise get a meaningless range and tolerances (or crash the calibration).
     for n, sample in enumerate(samples):
@@ -132,14 +140,16 @@ def build_manifest(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
                                     "the model overflows float32 on ordinary inputs")
     # Cheap checks first: EZKL is only imported once the model has loaded and segmented.
     from prover.calibration import calibrate_model
+    from prover.report import registration_report
 
-    manifest, report = calibrate_model(prepared, samples, executor=executor)
-    if report.unsupported:
-        # DESIGN, registration step 4: a segment that cannot be proven is refused now, never
-        # discovered in a dispute (and never registered with a tolerance of 0).
-        first = report.unsupported[0]
-        raise UnprovableModel(f"segment {first.index} cannot be proven: {first.reason}"[:300])
-    return manifest.to_json()
+    manifest, calibration = calibrate_model(prepared, samples, executor=executor)
+    budget = int(options.get("proving_budget_bytes") or get_settings().proving_budget_bytes)
+    report = registration_report(prepared, calibration, budget)
+    if report.refusals:
+        # DESIGN, registration step 4: a segment that cannot be proven (or not within the
+        # proving budget) is refused now, never discovered in a dispute.
+        raise UnprovableModel(f"{report.refusals[0]}"[:300])
+    return {"manifest": manifest.to_json(), "report": report.to_json()}
 
 
 # --- the child process ---------------------------------------------------------------------
@@ -176,7 +186,7 @@ def _child_main(conn: Connection, workdir: str, memory_bytes: int, lifetime_s: f
         folder = Path(workdir)
         options = safejson.loads((folder / "options.json").read_bytes(),
                                  what="the registration options")
-        outcome = ("ok", build_manifest((folder / "model.onnx").read_bytes(), options))
+        outcome = ("ok", build_registration((folder / "model.onnx").read_bytes(), options))
     except MemoryError:
         outcome = ("memory",)
     except RefuteError as exc:
@@ -219,10 +229,10 @@ def _signal_name(number: int) -> str:
 
 def run_isolated(data: bytes, options: dict[str, Any], limits: RegistrationLimits,
                  *, on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run :func:`build_manifest` in a fresh spawned child bounded in time and memory.
+    """Run :func:`build_registration` in a fresh spawned child bounded in time and memory.
 
-    Returns the manifest JSON or raises: the child's own refusal (same code and reason),
-    :class:`RegistrationTimeout`, :class:`RegistrationMemoryExceeded` or
+    Returns its ``{"manifest", "report"}`` or raises: the child's own refusal (same code and
+    reason), :class:`RegistrationTimeout`, :class:`RegistrationMemoryExceeded` or
     :class:`RegistrationCrashed`. ``on_start(pid)`` is called once the child runs (tests use it
     to kill the child). The child never outlives this call.
     """
@@ -301,8 +311,8 @@ def _error_classes() -> dict[str, type[RefuteError]]:
 def _unpack(outcome: _Outcome, limits: RegistrationLimits) -> dict[str, Any]:
     kind = outcome[0]
     if kind == "ok":
-        manifest: dict[str, Any] = outcome[1]
-        return manifest
+        built: dict[str, Any] = outcome[1]
+        return built
     if kind == "memory":
         raise RegistrationMemoryExceeded(
             f"registration exceeded its memory limit of {limits.memory_mb} MB")

@@ -289,22 +289,24 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
 
         data = decode_model(body.onnx_base64)
         options = body.model_dump(exclude={"onnx_base64"})
+        options["proving_budget_bytes"] = ctx.settings.proving_budget_bytes
         limits = RegistrationLimits.from_settings(ctx.settings)
         network_id = net.id
         s.rollback()  # hold no database transaction while the model is built
         try:
-            manifest_json = await asyncio.to_thread(
+            built = await asyncio.to_thread(
                 register_in_subprocess, data, options, limits=limits, network_id=network_id)
         except RegistrationBusy as exc:
             return _refusal(request, exc, headers={"Retry-After": str(exc.retry_after_s)})
         except ExecutionError as exc:  # the submitted model does not run: its fault, not ours
             raise ModelRejected(f"the model cannot be run: {exc.reason}") from exc
+        manifest_json = built["manifest"]
         manifest = Manifest.from_json(manifest_json)
         with _write(s):
             row = store_model(s, ctx.blobs, network_id=network_id, data=data,
                               manifest=manifest_json, manifest_sha256=manifest.sha256,
                               now=ctx.clock.now())
-        return _model_out(row)
+        return _model_out(row, report=built["report"])
 
     @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=ERRORS,
              tags=["models"])
@@ -502,10 +504,10 @@ async def _read_limited(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _model_out(row: RegisteredModel) -> ModelOut:
+def _model_out(row: RegisteredModel, report: dict[str, Any] | None = None) -> ModelOut:
     return ModelOut(id=row.id, model_sha256=row.model_sha256,
                     manifest_sha256=row.manifest_sha256, manifest=row.manifest,
-                    created_at=row.created_at)
+                    created_at=row.created_at, report=report)
 
 
 def _result_out(s: Session, row: Result) -> ResultOut:

@@ -77,6 +77,10 @@ class ModelRegister(BaseModel):
     max_segments: int | None = Field(default=None, ge=1, le=1024)
     calibration_samples: int = Field(default=4, ge=1, le=64)
     scale: int = Field(default=7, ge=0, le=30)
+    #: A sample input in EZKL's ``input.json`` form (``{"input_data": [[…], …]}``): it pins the
+    #: model's symbolic dimensions and is the first calibration input.
+    sample_input: dict[str, Any] | None = Field(
+        default=None, examples=[{"input_data": [[0.5, -1.0, 2.0]]}])
 
 
 class ModelOut(BaseModel):
@@ -87,6 +91,10 @@ class ModelOut(BaseModel):
     manifest_sha256: str
     manifest: dict[str, Any]
     created_at: datetime
+    #: The registration report (per segment: operators, state sizes, τ, logrows, estimated
+    #: proving memory and time, fit to the proving budget); returned when the model is
+    #: registered, not stored.
+    report: dict[str, Any] | None = None
 
 
 class SignedResultMessage(BaseModel):

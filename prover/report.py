@@ -1,0 +1,116 @@
+"""The registration report: what registering a model would commit to, segment by segment.
+
+``refute check MODEL [INPUT]`` prints it and ``POST /v1/models`` returns it. Per segment: its
+operators, the sizes of the states it reads and writes, τ, the logrows of its adjudication
+circuit, the estimated proving memory and time (:mod:`prover.budget`), and whether that fits
+the proving budget (:attr:`refute.settings.Settings.proving_budget_bytes`); a segment EZKL
+cannot prove carries EZKL's reason instead. A model registers only if every segment is
+provable within the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prover.calibration import CalibrationReport, SegmentCalibration
+from refute.provider import PreparedModel
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    """One segment's line of the report."""
+
+    index: int
+    ops: tuple[str, ...]
+    input_elements: int
+    output_elements: int
+    tolerance: int | None
+    logrows: int | None
+    peak_bytes: int | None
+    setup_seconds: float | None
+    prove_seconds: float | None
+    fits_budget: bool
+    calibration_seconds: float
+    reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "segment": self.index, "ops": list(self.ops),
+            "input_elements": self.input_elements, "output_elements": self.output_elements,
+            "tolerance": self.tolerance, "logrows": self.logrows,
+            "estimated_peak_bytes": self.peak_bytes,
+            "estimated_setup_seconds": self.setup_seconds,
+            "estimated_prove_seconds": self.prove_seconds,
+            "fits_budget": self.fits_budget,
+            "calibration_seconds": round(self.calibration_seconds, 2), "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class RegistrationReport:
+    """The whole model's report."""
+
+    pins: tuple[str, ...]
+    folded_nodes: int
+    nodes: int
+    scale: int
+    range: float
+    budget_bytes: int
+    segments: tuple[SegmentReport, ...]
+
+    @property
+    def refusals(self) -> list[str]:
+        """One line per segment that stops the registration (empty: it registers)."""
+        return [f"segment {s.index} cannot be proven: {s.reason}" for s in self.segments
+                if s.reason]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (the registration API's ``report``)."""
+        return {
+            "pins": list(self.pins), "folded_nodes": self.folded_nodes, "nodes": self.nodes,
+            "scale": self.scale, "range": self.range, "budget_bytes": self.budget_bytes,
+            "registrable": not self.refusals, "refusals": self.refusals,
+            "segments": [s.to_json() for s in self.segments],
+        }
+
+
+def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int) -> SegmentReport:
+    segment = prepared.segmentation.segments[cal.index - 1]
+    estimate = cal.estimate
+    fits = estimate is not None and estimate.fits(budget)
+    reason = cal.reason
+    if reason is None and estimate is not None and not fits:
+        reason = (f"its circuit (logrows {estimate.logrows}) needs about "
+                  f"{estimate.peak_bytes / 2**30:.1f} GiB to prove, over the proving budget of "
+                  f"{budget / 2**30:.1f} GiB")
+    return SegmentReport(
+        index=cal.index,
+        ops=segment.op_types,
+        input_elements=sum(t.size for t in segment.inputs),
+        output_elements=sum(t.size for t in segment.outputs),
+        tolerance=cal.tolerance,
+        logrows=cal.logrows,
+        peak_bytes=None if estimate is None else estimate.peak_bytes,
+        setup_seconds=None if estimate is None else estimate.setup_seconds,
+        prove_seconds=None if estimate is None else estimate.prove_seconds,
+        fits_budget=fits,
+        calibration_seconds=cal.seconds,
+        reason=reason,
+    )
+
+
+def registration_report(prepared: PreparedModel, calibration: CalibrationReport,
+                        budget_bytes: int) -> RegistrationReport:
+    """The report of ``prepared`` as ``calibration`` found it, against ``budget_bytes``."""
+    loaded = prepared.loaded
+    return RegistrationReport(
+        pins=tuple(p.describe() for p in loaded.pins),
+        folded_nodes=loaded.folded_nodes,
+        nodes=len(loaded.nodes),
+        scale=calibration.scale,
+        range=calibration.range,
+        budget_bytes=budget_bytes,
+        segments=tuple(_segment(prepared, s, budget_bytes) for s in calibration.segments),
+    )
