@@ -69,6 +69,7 @@ def _run_model(name: str, rpc_url: str | None, row: dict[str, Any], stages: _Sta
     from prover.config import make_prover
     from refute.executor import DeterministicExecutor
     from refute.provider import (
+        calibration_inputs,
         input_sizes,
         prepare_model,
         random_inputs,
@@ -100,7 +101,8 @@ def _run_model(name: str, rpc_url: str | None, row: dict[str, Any], stages: _Sta
     with stages.stage("calibrate"):
         from prover.calibration import calibrate_model
 
-        samples = [feeds, *(random_inputs(loaded, seed=s) for s in range(1, 4))]
+        samples = calibration_inputs(prepared, feeds if sample.is_file() else None, 3,
+                                     executor=executor)
         manifest, report = calibrate_model(prepared, samples, executor=executor)
         if report.unsupported:
             first = report.unsupported[0]

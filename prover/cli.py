@@ -21,10 +21,10 @@ from refute.errors import BundleError, RefuteError
 from refute.manifest import Manifest, canonical_json
 from refute.provider import (
     PreparedModel,
+    calibration_inputs,
     input_sizes,
     prepare_for_manifest,
     prepare_model,
-    random_inputs,
     read_inputs_json,
 )
 from refute.settings import get_settings
@@ -40,7 +40,8 @@ def _calibrated(
     max_segments: int | None, inputs: list[Path], samples: int, scale: int, safety: float,
 ) -> tuple[PreparedModel, Manifest, CalibrationReport]:
     """Prepare MODEL (pinned from the first input file, if any) and calibrate it on the input
-    files plus ``samples`` seeded random inputs, showing progress per stage and segment."""
+    files plus ``samples`` seeded inputs near the first (:func:`calibration_inputs`), showing
+    progress per stage and segment."""
     with console.progress() as report:
         prepared = prepare_model(
             model, dims=dims, shapes=shapes,
@@ -48,8 +49,8 @@ def _calibrated(
             cuts=cuts, max_segments=max_segments, scale=scale, progress=report,
         )
         console.print_pins(prepared.loaded)
-        data = [read_inputs_json(p, prepared.loaded) for p in inputs]
-        data += [random_inputs(prepared.loaded, seed=s) for s in range(samples)]
+        given = [read_inputs_json(p, prepared.loaded) for p in inputs]
+        data = [*calibration_inputs(prepared, given[0] if given else None, samples), *given[1:]]
         manifest, result = calibrate_model(prepared, data, safety=safety, progress=report)
     return dataclasses.replace(prepared, manifest=manifest), manifest, result
 

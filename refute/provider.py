@@ -24,13 +24,19 @@ import numpy as np
 from onnx import TensorProto
 
 from refute import safejson
-from refute.errors import InputError
+from refute.errors import InputError, ModelRejected
 from refute.executor import DeterministicExecutor
 from refute.loading import LoadedModel, LoadLimits, load_model
 from refute.manifest import Manifest
 from refute.pinning import FROM_DEFAULT, FROM_INPUT
 from refute.quantize import DEFAULT_SCALE
-from refute.segmentation import Segmentation, check_reproduces, run_segment, segment_model
+from refute.segmentation import (
+    Segmentation,
+    check_reproduces,
+    run_segment,
+    run_segments,
+    segment_model,
+)
 from refute.trace import Trace
 
 #: ``progress(stage, done, total)``: called as long work advances.
@@ -189,6 +195,44 @@ def random_inputs(loaded: LoadedModel, *, seed: int = 0) -> dict[str, np.ndarray
             high = 2 if declared == TensorProto.BOOL else 4
             out[spec.name] = rng.integers(0, high, size=spec.shape).astype(np.float32)
     return out
+
+
+def calibration_inputs(
+    prepared: PreparedModel,
+    sample: Mapping[str, np.ndarray] | None,
+    count: int,
+    *,
+    executor: DeterministicExecutor | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The inputs a model is calibrated on: the ``sample`` (if any) and ``count`` seeded ones.
+
+    With a sample, the seeded inputs are the sample with every float value scaled by a factor
+    in [0.9, 1.1] (integral inputs kept): a model's domain (positive inputs of a ``Pow``, token
+    ids, probabilities) is the sample's, not uniform(-1, 1)'s. Without one, they are
+    :func:`random_inputs`. Every state of every input must be finite: a model that overflows
+    float32 (or leaves its domain) on them is refused, since its range and tolerances would be
+    meaningless.
+    """
+    loaded = prepared.loaded
+    inputs = [validate_inputs(loaded, sample)] if sample is not None else []
+    for seed in range(count):
+        if sample is None:
+            inputs.append(random_inputs(loaded, seed=seed))
+            continue
+        rng = np.random.default_rng(seed)
+        inputs.append({
+            name: value if name in loaded.integral_inputs
+            else (value * rng.uniform(0.9, 1.1, size=value.shape)).astype(np.float32)
+            for name, value in inputs[0].items()
+        })
+    executor = executor or DeterministicExecutor()
+    for n, feeds in enumerate(inputs):
+        for k, state in enumerate(run_segments(executor, prepared.segmentation, feeds)):
+            if not all(bool(np.isfinite(t).all()) for t in state):
+                raise ModelRejected(f"state {k} is NaN or infinite on calibration input {n}: "
+                                    "the model overflows float32 (or leaves its domain) on "
+                                    "these inputs")
+    return inputs
 
 
 def input_sizes(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[int]:

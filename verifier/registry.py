@@ -115,11 +115,8 @@ def build_registration(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
     A ``sample_input`` (EZKL's ``input.json`` form) pins the symbolic dimensions and is the
     first calibration input; ``proving_budget_bytes`` (set by the service, not the caller)
     bounds the estimated proving memory of every segment."""
-    import numpy as np
-
     from refute.executor import DeterministicExecutor
-    from refute.provider import input_sizes, prepare_model, random_inputs, read_inputs_json
-    from refute.segmentation import run_segments
+    from refute.provider import calibration_inputs, input_sizes, prepare_model, read_inputs_json
 
     executor = DeterministicExecutor()
     sample = options.get("sample_input")
@@ -128,16 +125,9 @@ def build_registration(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
                              input_sizes=input_sizes(sample) if sample is not None else None,
                              cuts=options.get("cuts"), max_segments=options.get("max_segments"),
                              scale=int(options.get("scale", 7)), executor=executor)
-    samples = [read_inputs_json(sample, prepared.loaded)] if sample is not None else []
-    samples += [random_inputs(prepared.loaded, seed=s)
-                for s in range(int(options.get("calibration_samples", 4)))]
-    # Calibration needs finite states: a model that overflows float32 on ordinary inputs would
-    # otherwise get a meaningless range and tolerances (or crash the calibration).
-    for n, sample in enumerate(samples):
-        for k, state in enumerate(run_segments(executor, prepared.segmentation, sample)):
-            if not all(bool(np.isfinite(t).all()) for t in state):
-                raise ModelRejected(f"state {k} is NaN or infinite on calibration input {n}: "
-                                    "the model overflows float32 on ordinary inputs")
+    samples = calibration_inputs(
+        prepared, read_inputs_json(sample, prepared.loaded) if sample is not None else None,
+        int(options.get("calibration_samples", 4)), executor=executor)
     # Cheap checks first: EZKL is only imported once the model has loaded and segmented.
     from prover.calibration import calibrate_model
     from prover.report import registration_report
