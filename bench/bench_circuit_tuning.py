@@ -262,16 +262,20 @@ def main() -> None:
                         help="development SRS files (kept between runs)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per child step (s)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--table", type=Path,
+                        help="only print the table of rows written earlier with --json")
     args = parser.parse_args()
     if args.child:
         _child_main(json.loads(args.child))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
+    console = Console(width=220)
     rows: list[dict[str, Any]] = []
-    for case in args.cases.split(","):
+    if args.table:
+        rows = json.loads(args.table.read_text())
+        args.cases = ",".join(dict.fromkeys(r["case"] for r in rows))
+    for case in [] if args.table else args.cases.split(","):
         for variant in args.variants.split(","):
             with console.status(f"{case}: {variant}…"):
                 row = measure(case, variant, srs_cache=args.srs_cache, timeout=args.timeout)
@@ -279,6 +283,11 @@ def main() -> None:
             rows.append(row)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
+    _print_table(console, rows, args.cases.split(","))
+
+
+def _print_table(console: Any, rows: list[dict[str, Any]], cases: list[str]) -> None:
+    from rich.table import Table
     columns = [("logrows", "", "logrows"), ("rows", "", "rows"), ("inner cols", "", "inner_cols"),
                ("decomp", "", "decomp"), ("pk", "bytes", "pk_bytes"), ("setup s", "s", "setup_s"),
                ("prove s", "s", "prove_s"), ("setup peak", "bytes", "setup_peak"),
@@ -289,8 +298,12 @@ def main() -> None:
     for title, _, _ in columns:
         table.add_column(title, justify="right")
     table.add_column("estimate pk / peak / prove s", justify="right")
+    from prover.budget import estimate
+
     for row in rows:
-        est = row.get("estimate") or {}
+        est = {} if "logrows" not in row else estimate(
+            {"run_args": {"logrows": row["logrows"], "num_inner_cols": row["inner_cols"]},
+             "num_rows": row["rows"]}).to_json()
         table.add_row(row["case"], row["variant"],
                       *[_fmt(row.get(key), kind) for _, kind, key in columns],
                       " / ".join([_fmt(est.get("pk_bytes"), "bytes"),
@@ -299,7 +312,7 @@ def main() -> None:
         if "error" in row:
             table.add_row("", "", f"[red]{row['error']}[/red]")
     by_key = {(r["case"], r["variant"]): r for r in rows}
-    for case in args.cases.split(","):
+    for case in cases:
         before, after = by_key.get((case, "before")), by_key.get((case, "after"))
         if before and after:
             table.add_row(case, "after/before",
