@@ -59,9 +59,11 @@ class _Stages:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
-def _run_model(name: str, rpc_url: str | None, row: dict[str, Any], stages: _Stages) -> None:
-    """Everything the benchmark does to one model, filling ``row``; raises on the first
-    failure (the caller records it)."""
+def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
+              stages: _Stages | None = None) -> None:
+    """Everything the benchmark does to one model of the corpus, filling ``row``; verifies on
+    the anvil at ``rpc_url`` (offline only if None). Raises on the first failure (the caller
+    records it); ``tests/test_corpus_sample.py`` runs it on a sample."""
     import dataclasses
 
     import numpy as np
@@ -81,6 +83,7 @@ def _run_model(name: str, rpc_url: str | None, row: dict[str, Any], stages: _Sta
     from refute.trace import Trace
     from refute.verdict import Verdict
 
+    stages = stages or _Stages()
     folder = MODELS / name
     sample = folder / "input.json"
     executor = DeterministicExecutor()
@@ -188,7 +191,7 @@ def _child(name: str, rpc_url: str | None, out: Path) -> None:
     stages = _Stages()
     row: dict[str, Any] = {"model": name, "status": "ok"}
     try:
-        _run_model(name, rpc_url, row, stages)
+        run_model(name, rpc_url, row, stages)
     except Exception as exc:  # every failure is a result: stage and first line
         reason = getattr(exc, "reason", None) or str(exc).strip().splitlines()[0:1]
         text = reason if isinstance(reason, str) else (reason[0] if reason else type(exc).__name__)

@@ -1,0 +1,90 @@
+"""A representative sample of ../shared/models, end to end, in CI (issue 11).
+
+The whole corpus runs in ``bench/bench_corpus.py``; here every operator family appears at least
+once:
+
+* **registered** through the service's own registration path (pins from the sample input,
+  folding, calibration, the report), for operator families that are one model each;
+* **disputed**: registered, traced, every step proven and verified on anvil and decided for the
+  provider, and (for a model of several segments) a cheat convicted, for models that combine
+  families: shape folding with recurrence, trees, boolean and integer boundaries, conv with
+  matmul.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bench.bench_corpus import run_model
+from prover.evm import Anvil
+from refute.errors import UnprovableModel
+from tests.conftest import SHARED_MODELS
+from verifier.registry import build_registration
+
+#: One model per family: trigonometry and its kin; transposed convolution; resize; rounding;
+#: L2 and log-sum-exp reductions; an Lp-pool decomposition (Sign, Gather folded); hard and
+#: smooth activations; Pow on positive inputs.
+REGISTERED = ["trig", "1l_conv_transpose", "1l_upsample", "rounding_ops", "reducel2",
+              "logsumexp", "1l_lppool", "hard_swish", "celu", "1l_powf"]
+
+#: Models that load and run but whose circuit EZKL 23 cannot build: indices given as inputs
+#: (gather, scatter) and a top-k of integers. Refused at registration with EZKL's reason.
+REFUSED_BY_EZKL = ["gather_elements", "scatter_nd", "1l_topk"]
+
+#: Models disputed end to end: LSTM behind a folded shape sub-graph; a gradient-boosted tree
+#: ensemble (Gather, Less, ArgMax, Softmax, integer output); boolean and integer inputs cast at
+#: the boundary (Cast, Less, Not, Where); Conv, MatMul, Pow and Sigmoid in two segments, with a
+#: cheat convicted.
+DISPUTED = ["lstm", "xgboost", "1l_where", "large_op_graph"]
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[str]:
+    with Anvil() as anvil:
+        yield anvil.rpc_url
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REGISTERED)
+def test_shared_model_registers(name: str) -> None:
+    folder = SHARED_MODELS / name
+    built = build_registration((folder / "network.onnx").read_bytes(), {
+        "sample_input": json.loads((folder / "input.json").read_text()),
+        "calibration_samples": 2,
+    })
+    report = built["report"]
+    assert report["registrable"], report["refusals"]
+    assert report["pins"], "the sample input pins the symbolic batch"
+    for segment in report["segments"]:
+        assert segment["tolerance"] >= 1 and segment["logrows"] > 0 and segment["fits_budget"]
+    assert built["manifest"]["tolerances"] == [s["tolerance"] for s in report["segments"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REFUSED_BY_EZKL)
+def test_shared_model_ezkl_cannot_prove_is_refused_with_its_reason(name: str) -> None:
+    folder = SHARED_MODELS / name
+    with pytest.raises(UnprovableModel) as info:
+        build_registration((folder / "network.onnx").read_bytes(), {
+            "sample_input": json.loads((folder / "input.json").read_text()),
+            "calibration_samples": 1,
+        })
+    reason = info.value.reason
+    assert reason.startswith("segment 1 cannot be proven: ") and "\n" not in reason
+    assert "EZKL" in reason or "calibration process died" in reason, reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DISPUTED)
+def test_shared_model_disputed_on_anvil(name: str, chain: str) -> None:
+    row: dict[str, Any] = {}
+    run_model(name, chain, row)
+    assert row["bit_exact"]
+    assert row["honest_steps"] == row["segments"] >= 1
+    assert all(gas and gas > 0 for gas in row["gas"])
+    if row["segments"] >= 2:
+        assert 1 <= row["cheat_step"] <= row["segments"]
