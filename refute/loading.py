@@ -528,16 +528,17 @@ def _infer_shapes(
         if value.name in known:
             continue
         ttype = value.type.tensor_type
+        # While folding, an empty tensor (a dimension of 0, e.g. a slice of a shape) is
+        # static too: it can fold. Every tensor left in the model must be non-empty.
         static = ttype.HasField("shape") and all(
-            d.HasField("dim_value") and d.dim_value > 0 for d in ttype.shape.dim
+            d.HasField("dim_value") and d.dim_value >= (0 if partial else 1)
+            for d in ttype.shape.dim
         )
         if partial and (not static or ttype.elem_type == TensorProto.UNDEFINED):
             continue
-        shape = []
-        for d in ttype.shape.dim:
-            if not d.HasField("dim_value") or d.dim_value <= 0:
-                raise ShapeError(f"tensor {value.name!r} has no static shape after inference")
-            shape.append(d.dim_value)
+        if not static:
+            raise ShapeError(f"tensor {value.name!r} has no static shape after inference")
+        shape = [d.dim_value for d in ttype.shape.dim]
         if not ttype.HasField("shape"):
             raise ShapeError(f"tensor {value.name!r} has no inferred shape")
         if ttype.elem_type == TensorProto.UNDEFINED:
@@ -675,6 +676,11 @@ def _fold_plan(
             continue
         label = f"{node.op_type} node {_node_name(node)}"
         outputs = [o for o in node.output if o]
+        if node.op_type == "NonZero" and outputs[0] not in shapes:
+            # Its shape depends on the values: planned at its largest, [rank, elements].
+            data = known[inputs[0]]
+            shapes = {**shapes, outputs[0]: TensorSpec(
+                outputs[0], TensorProto.INT64, (len(data), math.prod(data)))}
         if any(o not in shapes for o in outputs):
             continue  # its shape depends on a computation not folded yet: a later round
         specs = []
@@ -747,7 +753,10 @@ def _fold_constants(
             raise InvalidGraph(f"cannot fold constant {label}: {_first_line(exc)}") from exc
         for name, spec, result in zip(outputs, specs, results, strict=True):
             array = np.asarray(result)
-            if array.shape != spec.shape or array.dtype != spec.dtype:
+            # A NonZero was planned at its largest shape: any smaller count fits the plan.
+            within = (node.op_type == "NonZero" and array.ndim == 2
+                      and array.shape[0] == spec.shape[0] and array.shape[1] <= spec.shape[1])
+            if (array.shape != spec.shape and not within) or array.dtype != spec.dtype:
                 raise ShapeError(
                     f"folded constant {name!r} has shape {list(array.shape)} ({array.dtype}), "
                     f"inferred {list(spec.shape)} ({spec.dtype})"
@@ -786,6 +795,12 @@ def _fold_to_fixpoint(model: ModelProto, limits: LoadLimits) -> int:
             max_fold_work=budget.max_fold_work - spent_work,
         )
         folded += reads + computed
+        # A folded tensor is an initializer now: what inference said of it before (a shape
+        # with unknown dimensions, for a NonZero) must not stand in for its value's shape.
+        constants = {t.name for t in model.graph.initializer}
+        stale = [v for v in model.graph.value_info if v.name in constants]
+        for value in stale:
+            model.graph.value_info.remove(value)
         if len(model.graph.node) == before:
             return folded
 
