@@ -231,8 +231,8 @@ def test_uncalibrated_manifest_is_refused(conv_fc: Calibrated, prover: Prover) -
 
 
 def test_unprovable_segment_is_reported_at_calibration() -> None:
-    """EZKL cannot compile a Conv without an explicit stride: calibration names it with a reason
-    instead of failing later in a dispute."""
+    """A segment EZKL cannot fit in the circuits allowed (here logrows capped at 8): calibration
+    names it with a reason instead of failing later in a dispute."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -249,10 +249,11 @@ def test_unprovable_segment_is_reported_at_calibration() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     prepared = prepare_model(model.SerializeToString())
-    manifest, report = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=0)])
+    manifest, report = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=0)],
+                                       max_logrows=8)
     assert [s.index for s in report.unsupported] == [1]
     reason = report.unsupported[0].reason
-    assert reason and "EZKL" in reason and "\n" not in reason
+    assert reason and "EZKL" in reason and "logrows capped at 8" in reason and "\n" not in reason
     assert manifest.circuits is not None and manifest.circuits[0]["unsupported"] == reason
     with pytest.raises(CircuitUnsupported, match="cannot be proven"):
         Prover(CircuitCache(Path("/nonexistent"), SrsStore(dev_cache=Path("/nonexistent")))
