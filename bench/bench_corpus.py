@@ -103,13 +103,15 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
         row["bit_exact"] = True
     with stages.stage("calibrate"):
         from prover.calibration import calibrate_model
+        from prover.report import registration_report
 
         samples = calibration_inputs(prepared, feeds if sample.is_file() else None, 3,
                                      executor=executor)
         manifest, report = calibrate_model(prepared, samples, executor=executor)
-        if report.unsupported:
-            first = report.unsupported[0]
-            raise RuntimeError(f"step {first.index} cannot be proven: {first.reason}")
+        registration = registration_report(prepared, report,
+                                           get_settings().proving_budget_bytes)
+        if registration.refusals:
+            raise RuntimeError(registration.refusals[0])
         prepared = dataclasses.replace(prepared, manifest=manifest)
         row["tolerances"] = list(manifest.tolerances or ())
         row["range"] = manifest.range

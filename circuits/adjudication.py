@@ -7,7 +7,9 @@ input instances come out as ``Poseidon(x_1) … Poseidon(x_m), Poseidon(y_1) …
 words of leaves i-1 and i), and its single output is ``maxdiff`` of shape ``[1]``.
 
 Inputs are renamed ``x<j>`` / ``y<j>`` (state order); internal tensors keep their names under a
-``seg/`` prefix so that no user-chosen name can collide with ours.
+``seg/`` prefix so that no user-chosen name can collide with ours. A scalar tensor of a state is
+an input of shape ``[1]`` (EZKL takes no rank-0 input; the hash is over the same one value),
+reshaped back to a scalar where the segment reads it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ MAXDIFF = "maxdiff"
 
 
 def _renamer(segment: Segment) -> dict[str, str]:
-    names = {spec.name: f"x{j}" for j, spec in enumerate(segment.inputs)}
-    return names
+    return {spec.name: f"x{j}/scalar" if not spec.shape else f"x{j}"
+            for j, spec in enumerate(segment.inputs)}
 
 
 def adjudication_model(segment: Segment) -> ModelProto:
@@ -37,7 +39,10 @@ def adjudication_model(segment: Segment) -> ModelProto:
             return n
         return rename.get(n, f"seg/{n}")
 
-    nodes: list[NodeProto] = []
+    nodes: list[NodeProto] = [
+        helper.make_node("Reshape", [f"x{j}", "scalar_shape"], [f"x{j}/scalar"])
+        for j, spec in enumerate(segment.inputs) if not spec.shape
+    ]
     for node in source.graph.node:
         copy = NodeProto()
         copy.CopyFrom(node)
@@ -60,6 +65,8 @@ def adjudication_model(segment: Segment) -> ModelProto:
     reduce_nodes, reduce_init = max_abs(diffs, MAXDIFF)
     nodes += reduce_nodes
     initializers += reduce_init
+    if any(not spec.shape for spec in segment.inputs):
+        initializers.append(numpy_helper.from_array(np.zeros(0, dtype=np.int64), "scalar_shape"))
     graph = helper.make_graph(
         nodes,
         f"refute_adjudication_{segment.index}",
@@ -98,4 +105,4 @@ def adjudication_bytes(segment: Segment) -> bytes:
 
 
 def _vi(name: str, spec: TensorSpec) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, spec.elem_type, list(spec.shape))
+    return helper.make_tensor_value_info(name, spec.elem_type, list(spec.shape) or [1])

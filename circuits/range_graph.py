@@ -25,7 +25,7 @@ def range_model(state: Sequence[TensorSpec], *, opset: int, index: int) -> Model
     graph = helper.make_graph(
         nodes,
         f"refute_range_{index}",
-        [helper.make_tensor_value_info(n, s.elem_type, list(s.shape))
+        [helper.make_tensor_value_info(n, s.elem_type, list(s.shape) or [1])  # scalars as [1]
          for n, s in zip(inputs, state, strict=True)],
         [helper.make_tensor_value_info(MAXABS, TensorProto.FLOAT, [1])],
         initializer=initializers,

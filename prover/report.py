@@ -4,17 +4,25 @@
 operators, the sizes of the states it reads and writes, τ, the logrows of its adjudication
 circuit, the estimated proving memory and time (:mod:`prover.budget`), and whether that fits
 the proving budget (:attr:`refute.settings.Settings.proving_budget_bytes`); a segment EZKL
-cannot prove carries EZKL's reason instead. A model registers only if every segment is
-provable within the budget.
+cannot prove carries EZKL's reason instead, and so does one whose circuit disagrees with ONNX
+Runtime on honest inputs by more than :data:`MAX_TOLERANCE_SHARE` of the range bound (EZKL 23
+proves a ``ReduceMean`` to a scalar as 0, for one: a τ that wide would let any lie through). A
+model registers only if every segment is provable within the budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from prover.calibration import CalibrationReport, SegmentCalibration
 from refute.provider import PreparedModel
+from refute.verdict import range_bound_units
+
+#: The largest share of the range bound ⌊R·2^s⌋ that τ may take: beyond it the circuit does not
+#: compute what ONNX Runtime computes, and the step could not tell an honest state from a lie.
+MAX_TOLERANCE_SHARE = Fraction(1, 16)
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,17 @@ class RegistrationReport:
         }
 
 
-def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int) -> SegmentReport:
+def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
+             bound: int) -> SegmentReport:
     segment = prepared.segmentation.segments[cal.index - 1]
     estimate = cal.estimate
     fits = estimate is not None and estimate.fits(budget)
     reason = cal.reason
+    if reason is None and cal.tolerance is not None and cal.tolerance > bound * MAX_TOLERANCE_SHARE:
+        reason = (f"its circuit differs from ONNX Runtime by up to "
+                  f"{float(cal.honest_maxdiff or 0):.0f} units on honest inputs (τ "
+                  f"{cal.tolerance}), over {MAX_TOLERANCE_SHARE} of the range bound {bound}: "
+                  f"EZKL does not compute {' '.join(segment.op_types)} as ONNX does")
     if reason is None and estimate is not None and not fits:
         reason = (f"its circuit (logrows {estimate.logrows}) needs about "
                   f"{estimate.peak_bytes / 2**30:.1f} GiB to prove, over the proving budget of "
@@ -105,6 +119,7 @@ def registration_report(prepared: PreparedModel, calibration: CalibrationReport,
                         budget_bytes: int) -> RegistrationReport:
     """The report of ``prepared`` as ``calibration`` found it, against ``budget_bytes``."""
     loaded = prepared.loaded
+    bound = range_bound_units(calibration.range, calibration.scale)
     return RegistrationReport(
         pins=tuple(p.describe() for p in loaded.pins),
         folded_nodes=loaded.folded_nodes,
@@ -112,5 +127,6 @@ def registration_report(prepared: PreparedModel, calibration: CalibrationReport,
         scale=calibration.scale,
         range=calibration.range,
         budget_bytes=budget_bytes,
-        segments=tuple(_segment(prepared, s, budget_bytes) for s in calibration.segments),
+        segments=tuple(_segment(prepared, s, budget_bytes, bound)
+                       for s in calibration.segments),
     )

@@ -106,7 +106,7 @@ class DeterministicExecutor:
                 raise InputError(
                     f"input {name!r} must have shape {list(meta.shape)}, got {list(array.shape)}"
                 )
-            prepared[name] = np.ascontiguousarray(array)
+            prepared[name] = np.asarray(array, order="C")  # a scalar stays 0-d
         try:
             outputs = sess.run(list(output_names) if output_names is not None else None, prepared)
         except Exception as exc:  # onnxruntime raises its own unexported exception types

@@ -156,7 +156,7 @@ def validate_inputs(loaded: LoadedModel, inputs: Mapping[str, np.ndarray]) -> di
             raise InputError(
                 f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(array.shape)}"
             )
-        converted = np.ascontiguousarray(array, dtype=np.float32)
+        converted = np.asarray(array, dtype=np.float32, order="C")  # (keeps a scalar 0-d)
         if not np.isfinite(converted).all():
             raise InputError(f"input {spec.name!r} holds NaN or infinite values")
         declared = loaded.integral_inputs.get(spec.name)

@@ -52,7 +52,7 @@ def quantize(values: np.ndarray, scale: int) -> np.ndarray:
     whole = np.trunc(y)
     frac = y - whole  # exact in IEEE arithmetic
     rounded = whole + np.where(np.abs(frac) >= 0.5, np.sign(y), 0.0)
-    return rounded.astype(np.int64)
+    return np.asarray(rounded, dtype=np.int64)  # a 0-d input stays an array, not a scalar
 
 
 def dequantize(quantized: np.ndarray, scale: int) -> np.ndarray:

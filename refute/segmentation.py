@@ -396,11 +396,7 @@ def run_segment(
             f"segment {segment.index} takes {len(segment.inputs)} tensors, got {len(state)}"
         )
     feeds = {spec.name: array for spec, array in zip(segment.inputs, state, strict=True)}
-    outputs = executor.run(segment.onnx_bytes, feeds, segment.graph_outputs, key=segment.sha256)
-    # ONNX Runtime may hand a one-element result back as [1] where the graph says [] (seen on
-    # a Sqrt of a scalar graph input): the same value, given its declared shape.
-    return [a.reshape(spec.shape) if a.shape != spec.shape and a.size == spec.size == 1 else a
-            for a, spec in zip(outputs, segment.outputs, strict=True)]
+    return executor.run(segment.onnx_bytes, feeds, segment.graph_outputs, key=segment.sha256)
 
 
 def run_segments(

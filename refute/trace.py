@@ -72,7 +72,8 @@ class Trace:
         declared range R is refused (DESIGN.md "Range rule"); a dispute that must reveal such a
         state turns it off and settles it with the range circuit instead.
         """
-        frozen = tuple(tuple(np.ascontiguousarray(t, dtype=np.float32) for t in s) for s in states)
+        frozen = tuple(tuple(np.asarray(t, dtype=np.float32, order="C") for t in s)
+                       for s in states)  # np.ascontiguousarray would make a scalar [1]
         _check_states(manifest, frozen)
         if check_range and manifest.range is not None:
             _check_range(manifest, frozen)

@@ -32,8 +32,9 @@ REGISTERED = ["trig", "1l_conv_transpose", "1l_upsample", "rounding_ops", "reduc
               "logsumexp", "1l_lppool", "hard_swish", "celu", "1l_powf"]
 
 #: Models that load and run but whose circuit EZKL 23 cannot build: indices given as inputs
-#: (gather, scatter) and a top-k of integers. Refused at registration with EZKL's reason.
-REFUSED_BY_EZKL = ["gather_elements", "scatter_nd", "1l_topk"]
+#: (gather, scatter) and a top-k of integers; or builds wrong: a ReduceMean to a scalar, which
+#: EZKL proves as 0. Refused at registration with the reason.
+REFUSED_BY_EZKL = ["gather_elements", "scatter_nd", "1l_topk", "1l_mean"]
 
 #: Models disputed end to end: LSTM behind a folded shape sub-graph; a gradient-boosted tree
 #: ensemble (Gather, Less, ArgMax, Softmax, integer output); boolean and integer inputs cast at

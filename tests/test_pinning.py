@@ -154,3 +154,21 @@ def test_manifest_records_inferred_pins_so_the_model_loads_the_same() -> None:
     again = prepare_for_manifest(source, prepared.manifest)
     assert again.loaded.input_specs[0].shape == (2, 3, 4)
     assert again.segmentation.segments[0].sha256 == prepared.segmentation.segments[0].sha256
+
+
+def test_a_scalar_state_stays_a_scalar_through_trace_and_commitment() -> None:
+    """``1l_mean`` reduces to a scalar: executing, committing and re-reading keep its shape []
+    (numpy's ascontiguousarray used to turn it into [1] on the way)."""
+    from refute.provider import input_sizes, read_inputs_json, run_trace
+    from refute.trace import Trace
+    from tests.conftest import SHARED_MODELS
+
+    folder = SHARED_MODELS / "1l_mean"
+    prepared = prepare_model(folder / "network.onnx",
+                             input_sizes=input_sizes(folder / "input.json"))
+    assert prepared.manifest.states[-1][0].shape == ()
+    trace = run_trace(prepared, read_inputs_json(folder / "input.json", prepared.loaded))
+    [output] = trace.states[-1]
+    assert output.shape == () and np.isfinite(output)
+    again = Trace.from_states(prepared.manifest, trace.states)
+    assert again.commitment.root == trace.commitment.root
