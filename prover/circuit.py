@@ -267,6 +267,12 @@ def calibrated_settings(
     for cols in (4, 8):
         if not attempt(replace(best_layout, num_inner_cols=cols)):
             break
+    # More range-check digits, when two cannot hold the sample's values (EZKL: "decomposition
+    # error: integer … is too large to be represented by base 16384 and n 2", e.g. the
+    # rescaled intermediates of an InstanceNormalization).
+    for legs in (3, 4):
+        if best is None:
+            attempt(replace(DEFAULT_LAYOUT, decomp_legs=legs))
     # A range-check table half as tall, when the table holds logrows up.
     if best is not None and best_layout.decomp_base >= 2 ** (int(best["run_args"]["logrows"]) - 1):
         narrow = replace(best_layout, decomp_base=best_layout.decomp_base // 2)
