@@ -204,35 +204,47 @@ def calibration_inputs(
     *,
     executor: DeterministicExecutor | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """The inputs a model is calibrated on: the ``sample`` (if any) and ``count`` seeded ones.
+    """The inputs a model is calibrated on: the ``sample`` (if any) and seeded ones.
 
-    With a sample, the seeded inputs are the sample with every float value scaled by a factor
-    in [0.9, 1.1] (integral inputs kept): a model's domain (positive inputs of a ``Pow``, token
-    ids, probabilities) is the sample's, not uniform(-1, 1)'s. Without one, they are
-    :func:`random_inputs`. Every state of every input must be finite: a model that overflows
-    float32 (or leaves its domain) on them is refused, since its range and tolerances would be
-    meaningless.
+    Without a sample: ``count`` :func:`random_inputs`. With one: the sample, ``count`` copies of
+    it with every float value scaled by a factor in [0.9, 1.1] (integral inputs kept), and
+    ``count`` :func:`random_inputs` as well, kept where the model stays finite on them: the
+    sample says where the model's domain is (positive inputs of a ``Pow``, say), and the
+    random ones keep τ honest outside it (a circuit that pads a MaxPool with 0 where ONNX pads
+    with -inf differs on negative inputs, and must show it at registration, not in a dispute).
+
+    Every state of the sample, its copies and (without a sample) the random inputs must be
+    finite: a model that overflows float32 on them is refused, since its range and tolerances
+    would be meaningless.
     """
     loaded = prepared.loaded
-    inputs = [validate_inputs(loaded, sample)] if sample is not None else []
-    for seed in range(count):
-        if sample is None:
-            inputs.append(random_inputs(loaded, seed=seed))
-            continue
-        rng = np.random.default_rng(seed)
-        inputs.append({
-            name: value if name in loaded.integral_inputs
-            else (value * rng.uniform(0.9, 1.1, size=value.shape)).astype(np.float32)
-            for name, value in inputs[0].items()
-        })
     executor = executor or DeterministicExecutor()
-    for n, feeds in enumerate(inputs):
+
+    def finite(feeds: Mapping[str, np.ndarray]) -> int | None:
+        """The first state holding NaN or an infinity, or None."""
         for k, state in enumerate(run_segments(executor, prepared.segmentation, feeds)):
             if not all(bool(np.isfinite(t).all()) for t in state):
-                raise ModelRejected(f"state {k} is NaN or infinite on calibration input {n}: "
-                                    "the model overflows float32 (or leaves its domain) on "
-                                    "these inputs")
-    return inputs
+                return k
+        return None
+
+    required = [validate_inputs(loaded, sample)] if sample is not None else []
+    optional: list[dict[str, np.ndarray]] = []
+    for seed in range(count):
+        (optional if sample is not None else required).append(random_inputs(loaded, seed=seed))
+        if sample is None:
+            continue
+        rng = np.random.default_rng(seed)
+        required.append({
+            name: value if name in loaded.integral_inputs
+            else (value * rng.uniform(0.9, 1.1, size=value.shape)).astype(np.float32)
+            for name, value in required[0].items()
+        })
+    for n, feeds in enumerate(required):
+        bad = finite(feeds)
+        if bad is not None:
+            raise ModelRejected(f"state {bad} is NaN or infinite on calibration input {n}: "
+                                "the model overflows float32 on these inputs")
+    return required + [feeds for feeds in optional if finite(feeds) is None]
 
 
 def input_sizes(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[int]:
