@@ -34,9 +34,9 @@ REGISTERED = ["trig", "1l_conv_transpose", "1l_upsample", "1l_instance_norm", "r
 
 #: Models that load and run but whose circuit EZKL 23 cannot build: indices given as inputs
 #: (gather, scatter) and a top-k of integers; or builds unlike ONNX: a ReduceMean to a scalar
-#: (proven as 0), rounding at scale 7 (off by a whole unit). Refused at registration with the
-#: reason.
-REFUSED_BY_EZKL = ["gather_elements", "scatter_nd", "1l_topk", "1l_mean", "rounding_ops"]
+#: (proven as 0), a padded MaxPool (padded with 0, not -inf, so negative inputs differ).
+#: Refused at registration with the reason.
+REFUSED_BY_EZKL = ["gather_elements", "scatter_nd", "1l_topk", "1l_mean", "1l_max_pool"]
 
 #: Models disputed end to end: LSTM behind a folded shape sub-graph; a gradient-boosted tree
 #: ensemble (Gather, Less, ArgMax, Softmax, integer output); boolean and integer inputs cast at
