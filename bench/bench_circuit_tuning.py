@@ -93,16 +93,12 @@ def _legacy_settings(graph: bytes, scale: int, sample: list[Any], workdir: Path)
     """Settings as refute made them before issue 11 (EZKL's defaults, one calibration)."""
     import ezkl
 
-    from prover.circuit import write_input_json
+    from prover.circuit import run_args, write_input_json
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "network.onnx").write_bytes(graph)
-    args = ezkl.PyRunArgs()
-    args.input_visibility = "hashed"
-    args.param_visibility = "fixed"
-    args.output_visibility = "public"
-    args.input_scale = scale
-    args.param_scale = scale
+    args = run_args(scale)  # EZKL's default layout; and its default check mode, as then:
+    args.check_mode = "unsafe"
     data = write_input_json(workdir / "calibration.json", sample)
     ezkl.gen_settings(str(workdir / "network.onnx"), str(workdir / "settings.json"),
                       py_run_args=args)

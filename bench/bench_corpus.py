@@ -68,6 +68,7 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
 
     import numpy as np
 
+    from prover.chain import RpcChain
     from prover.config import make_prover
     from refute.executor import DeterministicExecutor
     from refute.provider import (
@@ -121,7 +122,8 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
         trace = run_trace(prepared, feeds, executor=executor)
         states = run_segments(executor, prepared.segmentation, feeds)
     prover = make_prover(get_settings())
-    chain = _Chain(rpc_url)
+    chain = (RpcChain(rpc_url, get_settings().home / "corpus-chain") if rpc_url is not None
+             else None)
     with stages.stage("honest"):
         gas = []
         for i in range(1, manifest.num_segments + 1):
@@ -129,7 +131,8 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
             outcome = prover.verify_step(prepared, manifest, proof, trace.commitment)
             if outcome.verdict is not Verdict.CHALLENGER_FAULT:
                 raise RuntimeError(f"honest step {i} decided {outcome.verdict.name}")
-            gas.append(chain.verify(prover.step_circuit(prepared, manifest, i), proof.proof))
+            gas.append(_verify_on_chain(chain, prover.step_circuit(prepared, manifest, i),
+                                        proof.proof))
         row["honest_steps"] = manifest.num_segments
         row["gas"] = gas
     if manifest.num_segments < 2:
@@ -146,46 +149,20 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
         outcome = prover.verify_step(prepared, manifest, proof, commitment)
         if outcome.verdict is not Verdict.PROVIDER_FAULT:
             raise RuntimeError(f"cheat at step {m} decided {outcome.verdict.name}")
-        chain.verify(prover.step_circuit(prepared, manifest, m), proof.proof)
+        _verify_on_chain(chain, prover.step_circuit(prepared, manifest, m), proof.proof)
         row["cheat_step"] = m
 
 
-class _Chain:
-    """One Solidity verifier per circuit on the anvil at ``rpc_url`` (nothing if None)."""
-
-    def __init__(self, rpc_url: str | None) -> None:
-        self.rpc_url = rpc_url
-        self.addresses: dict[str, str] = {}
-
-    def verify(self, circuit: Any, proof: dict[str, Any]) -> int | None:
-        """Verify ``proof`` on chain (a call and a transaction); return the transaction's gas."""
-        if self.rpc_url is None:
-            return None
-        import tempfile
-
-        from prover.evm import (
-            compile_solidity,
-            deploy,
-            verify_call,
-            verify_transaction,
-            write_verifier_sol,
-        )
-
-        with tempfile.TemporaryDirectory(prefix="refute-corpus-") as tmp:
-            folder = Path(tmp)
-            if circuit.key not in self.addresses:
-                sol = write_verifier_sol(circuit.vk_path, circuit.settings_path,
-                                         folder / "Verifier.sol", circuit.srs_path)
-                self.addresses[circuit.key] = deploy(self.rpc_url, compile_solidity(sol))
-            address = self.addresses[circuit.key]
-            path = folder / "proof.json"
-            path.write_text(json.dumps(proof))
-            if not verify_call(self.rpc_url, address, path):
-                raise RuntimeError("the on-chain verifier rejects the proof")
-            receipt = verify_transaction(self.rpc_url, address, path)
-            if not receipt.success:
-                raise RuntimeError("the on-chain verification transaction failed")
-            return int(receipt.gas_used)
+def _verify_on_chain(chain: Any, circuit: Any, proof: dict[str, Any]) -> int | None:
+    """Verify ``proof`` of ``circuit`` by a transaction through ``chain`` (a
+    :class:`prover.chain.RpcChain`: one verifier contract per verifying key); its gas, or None
+    when there is no chain."""
+    if chain is None:
+        return None
+    srs = Path(circuit.srs_path).read_bytes()
+    outcome = chain.verify(circuit.vk_path.read_bytes(), circuit.settings_path.read_bytes(),
+                           srs, proof)
+    return int(outcome["gas"])
 
 
 def _child(name: str, rpc_url: str | None, out: Path) -> None:

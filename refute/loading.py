@@ -236,9 +236,10 @@ def load_model(
     _check_values(model, limits)
     # What is known before anything is folded is checked first: outputs that depend on no
     # input, and the work of one run as far as the shapes are known already.
-    _refuse_constant_outputs(model, _constant_tensors(model))
-    _check_model_work(model, _infer_shapes(model, limits, partial=True), limits)
-    folded = _fold_to_fixpoint(model, limits)
+    _refuse_constant_outputs(model)
+    inferred = _infer_shapes(model, limits, partial=True)
+    _check_model_work(model, inferred, limits)
+    folded = _fold_to_fixpoint(model, limits, inferred)
     _drop_unused_initializers(model)
     _refuse_unfolded(model)
     tensors = _infer_shapes(model, limits)
@@ -715,7 +716,6 @@ def _fold_constants(
     """
     plan, folded_bytes, work = _fold_plan(model, limits, shapes)
     if not plan:
-        _refuse_constant_outputs(model, set())
         return 0, 0, 0
     from onnx.reference import ReferenceEvaluator
 
@@ -769,11 +769,12 @@ def _fold_constants(
         graph.initializer.append(numpy_helper.from_array(values[name], name))
     del graph.node[:]
     graph.node.extend(kept)
-    _refuse_constant_outputs(model, set(folded))
     return len(plan), folded_bytes, work
 
 
-def _fold_to_fixpoint(model: ModelProto, limits: LoadLimits) -> int:
+def _fold_to_fixpoint(
+    model: ModelProto, limits: LoadLimits, inferred: Mapping[str, TensorSpec]
+) -> int:
     """Fold shape reads and constant nodes, round after round, until nothing folds; return how
     many nodes were folded.
 
@@ -782,11 +783,11 @@ def _fold_to_fixpoint(model: ModelProto, limits: LoadLimits) -> int:
     before it is computed (:func:`_fold_plan`). The rounds are bounded by the node count, which
     every round that continues reduces; the limits on folded bytes and work hold over all of
     them together (:attr:`LoadLimits.max_folded_bytes`, :attr:`LoadLimits.max_fold_work`).
+    ``inferred`` are the shapes of the model as it is (the first round's).
     """
     folded = 0
     budget = limits
     while True:
-        inferred = _infer_shapes(model, limits, partial=True)
         before = len(model.graph.node)
         reads = _fold_shape_reads(model, inferred)
         computed, spent_bytes, spent_work = _fold_constants(model, budget, inferred)
@@ -803,6 +804,7 @@ def _fold_to_fixpoint(model: ModelProto, limits: LoadLimits) -> int:
             model.graph.value_info.remove(value)
         if len(model.graph.node) == before:
             return folded
+        inferred = _infer_shapes(model, limits, partial=True)
 
 
 def _fold_shape_reads(model: ModelProto, shapes: Mapping[str, TensorSpec]) -> int:
@@ -991,8 +993,10 @@ def _constant_tensors(model: ModelProto) -> set[str]:
     return constant
 
 
-def _refuse_constant_outputs(model: ModelProto, folded: set[str]) -> None:
-    constants = {t.name for t in model.graph.initializer} | folded
+def _refuse_constant_outputs(model: ModelProto) -> None:
+    """Refuse a graph output that depends on no input (before anything is folded, so folding
+    never computes an output)."""
+    constants = _constant_tensors(model)
     for output in model.graph.output:
         if output.name in constants:
             raise InvalidGraph(
