@@ -4,7 +4,8 @@ For each model, in a fresh child process (its own peak memory, a wall-clock limi
 
 1. **load**: pins (from the model's ``input.json``), folded nodes, segments;
 2. **check**: the segments reproduce the whole model bit for bit on the model's input;
-3. **calibrate**: range R, τ and EZKL settings per segment, on the input plus seeded samples;
+3. **calibrate**: scale (raised past τ-rule refusals), range R, τ and EZKL settings per
+   segment, on the input plus seeded samples;
 4. **trace**: the honest trace of the input and its commitment;
 5. **honest**: every step proven on the honest states and verified (offline and on anvil, one
    verifier contract per circuit), each decided for the provider (CHALLENGER_FAULT);
@@ -103,14 +104,14 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
         check_reproduces(executor, prepared.segmentation, feeds)
         row["bit_exact"] = True
     with stages.stage("calibrate"):
-        from prover.calibration import calibrate_model
-        from prover.report import registration_report
+        from prover.registration import calibrate_for_registration
 
         samples = calibration_inputs(prepared, feeds if sample.is_file() else None, 3,
                                      executor=executor)
-        manifest, report = calibrate_model(prepared, samples, executor=executor)
-        registration = registration_report(prepared, report,
-                                           get_settings().proving_budget_bytes)
+        manifest, report, registration = calibrate_for_registration(
+            prepared, samples, budget_bytes=get_settings().proving_budget_bytes,
+            executor=executor)
+        row["scale"] = registration.scale
         if registration.refusals:
             raise RuntimeError(registration.refusals[0])
         prepared = dataclasses.replace(prepared, manifest=manifest)

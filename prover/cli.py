@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from prover.calibration import CalibrationReport, calibrate_model
+from prover.calibration import CalibrationReport
 from prover.config import make_prover, srs_store
 from prover.offline import BundleOutcome, check_bundle, check_on_chain
 from prover.proof_bundle import ProofBundle
-from prover.report import RegistrationReport, registration_report
+from prover.registration import MAX_SCALE, calibrate_for_registration
+from prover.report import RegistrationReport
 from refute import console
 from refute.errors import BundleError, RefuteError
 from refute.manifest import Manifest, canonical_json
@@ -31,17 +32,21 @@ from refute.settings import get_settings
 from refute.trace import Trace
 
 SamplesOpt = Annotated[int, typer.Option(min=1, help="Extra seeded random inputs.")]
-ScaleOpt = Annotated[int, typer.Option(help="Fixed-point scale (log2).")]
+ScaleOpt = Annotated[int, typer.Option(
+    help=f"Starting fixed-point scale (log2): raised (at most twice, up to {MAX_SCALE}) while "
+         "the only refusals are segments whose τ is over 1/16 of the range bound, unless a "
+         "discontinuity (a step in the output) causes it.")]
 SafetyOpt = Annotated[float, typer.Option(min=1.0, help="τ safety factor.")]
 
 
 def _calibrated(
     model: Path, *, dims: dict[str, int], shapes: dict[str, list[int]], cuts: list[int] | None,
     max_segments: int | None, inputs: list[Path], samples: int, scale: int, safety: float,
-) -> tuple[PreparedModel, Manifest, CalibrationReport]:
+) -> tuple[PreparedModel, Manifest, CalibrationReport, RegistrationReport]:
     """Prepare MODEL (pinned from the first input file, if any) and calibrate it on the input
-    files plus ``samples`` seeded inputs near the first (:func:`calibration_inputs`), showing
-    progress per stage and segment."""
+    files plus ``samples`` seeded inputs near the first (:func:`calibration_inputs`), choosing
+    the scale from ``scale`` up (:func:`calibrate_for_registration`), showing progress per
+    stage and segment."""
     with console.progress() as report:
         prepared = prepare_model(
             model, dims=dims, shapes=shapes,
@@ -51,8 +56,10 @@ def _calibrated(
         console.print_pins(prepared.loaded)
         given = [read_inputs_json(p, prepared.loaded) for p in inputs]
         data = [*calibration_inputs(prepared, given[0] if given else None, samples), *given[1:]]
-        manifest, result = calibrate_model(prepared, data, safety=safety, progress=report)
-    return dataclasses.replace(prepared, manifest=manifest), manifest, result
+        manifest, result, registration = calibrate_for_registration(
+            prepared, data, budget_bytes=get_settings().proving_budget_bytes, safety=safety,
+            progress=report)
+    return dataclasses.replace(prepared, manifest=manifest), manifest, result, registration
 
 
 def calibrate(
@@ -69,9 +76,13 @@ def calibrate(
     scale: ScaleOpt = 7,
     safety: SafetyOpt = 2.0,
 ) -> None:
-    """Calibrate MODEL: range R, circuit settings and τ per segment; write the manifest."""
+    """Calibrate MODEL: scale, range R, circuit settings and τ per segment; write the manifest.
+
+    The scale starts at --scale and is raised while the only refusals are segments whose τ is
+    over 1/16 of the range bound (not past a discontinuity); refused segments are printed (the
+    manifest is written all the same)."""
     try:
-        _prepared, manifest, result = _calibrated(
+        _prepared, manifest, result, registration = _calibrated(
             model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
             cuts=console.parse_cuts(cuts), max_segments=max_segments, inputs=inputs,
             samples=samples, scale=scale, safety=safety,
@@ -80,10 +91,13 @@ def calibrate(
         output.write_bytes(canonical_json(manifest.to_json()))
     except RefuteError as exc:
         raise console.fail(exc) from exc
-    for seg in result.segments:
+    for seg, line in zip(result.segments, registration.segments, strict=True):
         status = f"τ={seg.tolerance}" if seg.reason is None else f"UNPROVABLE: {seg.reason}"
+        if seg.reason is None and line.reason:
+            status += f"  REFUSED: {line.reason}"
         console.out.print(f"step {seg.index:<3} {status}", highlight=False)
-    console.out.print(f"range R={result.range}  scale={result.scale}", highlight=False)
+    console.out.print(f"range R={result.range}  scale={result.scale}{_tried(registration)}",
+                      highlight=False)
     console.out.print(f"manifest {output}  ({manifest.sha256})", highlight=False)
 
 
@@ -108,9 +122,8 @@ def check(
     logrows, estimated proving memory and time, and whether it fits the proving budget.
 
     Exits with status 1 when the model would be refused (the reasons are printed)."""
-    settings = get_settings()
     try:
-        prepared, _manifest, result = _calibrated(
+        _prepared, _manifest, _result, report = _calibrated(
             model, dims=console.parse_dims(dim), shapes=console.parse_shapes(shape),
             cuts=console.parse_cuts(cuts), max_segments=max_segments,
             inputs=[sample] if sample is not None else [], samples=samples, scale=scale,
@@ -118,7 +131,6 @@ def check(
         )
     except RefuteError as exc:
         raise console.fail(exc) from exc
-    report = registration_report(prepared, result, settings.proving_budget_bytes)
     if as_json:
         console.out.print_json(json.dumps(report.to_json()))
     else:
@@ -127,9 +139,16 @@ def check(
         raise typer.Exit(code=1)
 
 
+def _tried(report: RegistrationReport) -> str:
+    """`` (scales tried: 7, 9)`` when more than one scale was calibrated."""
+    if len(report.scales_tried) < 2:
+        return ""
+    return f" (scales tried: {', '.join(map(str, report.scales_tried))})"
+
+
 def _print_report(model: Path, report: RegistrationReport) -> None:
     table = Table(title=f"{model.name}: {len(report.segments)} segment(s), {report.nodes} "
-                        f"nodes, scale {report.scale}, R={report.range:g}")
+                        f"nodes, scale {report.scale}{_tried(report)}, R={report.range:g}")
     for column in ("step", "ops", "in/out elements", "τ", "logrows", "est. memory",
                    "est. setup+prove", "budget", "calibrated in"):
         table.add_column(column)

@@ -6,12 +6,15 @@ circuit, the estimated proving memory and time (:mod:`prover.budget`), and wheth
 the proving budget (:attr:`refute.settings.Settings.proving_budget_bytes`); a segment EZKL
 cannot prove carries EZKL's reason instead, and so does one whose circuit disagrees with ONNX
 Runtime on honest inputs by more than :data:`MAX_TOLERANCE_SHARE` of the range bound (EZKL 23
-proves a ``ReduceMean`` to a scalar as 0, for one: a τ that wide would let any lie through). A
-model registers only if every segment is provable within the budget.
+proves a ``ReduceMean`` to a scalar as 0, for one: a τ that wide would let any lie through);
+such a segment is marked :attr:`SegmentReport.precision_limited`, the one refusal a higher
+fixed-point scale may lift (:mod:`prover.registration`). A model registers only if every segment
+is provable within the budget.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -27,7 +30,11 @@ MAX_TOLERANCE_SHARE = Fraction(1, 16)
 
 @dataclass(frozen=True)
 class SegmentReport:
-    """One segment's line of the report."""
+    """One segment's line of the report.
+
+    ``precision_limited`` is set when the τ rule (:data:`MAX_TOLERANCE_SHARE`) is what refuses
+    the segment: EZKL built and ran its circuit, but the circuit's error on honest inputs is too
+    wide a share of the range bound at this scale."""
 
     index: int
     ops: tuple[str, ...]
@@ -41,6 +48,7 @@ class SegmentReport:
     fits_budget: bool
     calibration_seconds: float
     reason: str | None
+    precision_limited: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
@@ -53,12 +61,16 @@ class SegmentReport:
             "estimated_prove_seconds": self.prove_seconds,
             "fits_budget": self.fits_budget,
             "calibration_seconds": round(self.calibration_seconds, 2), "reason": self.reason,
+            "precision_limited": self.precision_limited,
         }
 
 
 @dataclass(frozen=True)
 class RegistrationReport:
-    """The whole model's report."""
+    """The whole model's report.
+
+    ``scales_tried`` lists every scale the model was calibrated at, in order (``scale``, the
+    one reported, among them); empty when the report was built from a single calibration."""
 
     pins: tuple[str, ...]
     folded_nodes: int
@@ -67,6 +79,7 @@ class RegistrationReport:
     range: float
     budget_bytes: int
     segments: tuple[SegmentReport, ...]
+    scales_tried: tuple[int, ...] = ()
 
     @property
     def refusals(self) -> list[str]:
@@ -78,22 +91,34 @@ class RegistrationReport:
         """JSON form (the registration API's ``report``)."""
         return {
             "pins": list(self.pins), "folded_nodes": self.folded_nodes, "nodes": self.nodes,
-            "scale": self.scale, "range": self.range, "budget_bytes": self.budget_bytes,
+            "scale": self.scale, "scales_tried": list(self.scales_tried or (self.scale,)),
+            "range": self.range, "budget_bytes": self.budget_bytes,
             "registrable": not self.refusals, "refusals": self.refusals,
             "segments": [s.to_json() for s in self.segments],
         }
 
 
+def _at_scale(scale: int, others: Sequence[int], note: str) -> str:
+    """``at scale 7 (also tried scales 8, 10; <note>)``."""
+    parts = [f"also tried scale{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}"
+             ] if others else []
+    parts += [note] if note else []
+    return f"at scale {scale}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
-             bound: int) -> SegmentReport:
+             bound: int, *, at_scale: str) -> SegmentReport:
     segment = prepared.segmentation.segments[cal.index - 1]
     estimate = cal.estimate
     fits = estimate is not None and estimate.fits(budget)
     reason = cal.reason
+    precision_limited = False
     if reason is None and cal.tolerance is not None and cal.tolerance > bound * MAX_TOLERANCE_SHARE:
+        precision_limited = True
         reason = (f"its circuit differs from ONNX Runtime by up to "
                   f"{float(cal.honest_maxdiff or 0):.0f} units on honest inputs (τ "
-                  f"{cal.tolerance}), over {MAX_TOLERANCE_SHARE} of the range bound {bound}: "
+                  f"{cal.tolerance}), over {MAX_TOLERANCE_SHARE} of the range bound {bound} "
+                  f"{at_scale}: "
                   f"EZKL does not compute {' '.join(segment.op_types)} as ONNX does")
     if reason is None and estimate is not None and not fits:
         reason = (f"its circuit (logrows {estimate.logrows}) needs about "
@@ -112,14 +137,22 @@ def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
         fits_budget=fits,
         calibration_seconds=cal.seconds,
         reason=reason,
+        precision_limited=precision_limited,
     )
 
 
 def registration_report(prepared: PreparedModel, calibration: CalibrationReport,
-                        budget_bytes: int) -> RegistrationReport:
-    """The report of ``prepared`` as ``calibration`` found it, against ``budget_bytes``."""
+                        budget_bytes: int, *,
+                        scales_tried: Sequence[int] = (), note: str = "") -> RegistrationReport:
+    """The report of ``prepared`` as ``calibration`` found it, against ``budget_bytes``.
+
+    ``scales_tried``: every scale the model was calibrated at (``calibration.scale`` among
+    them); a precision refusal names the others, and ``note`` (if given) after them: why no
+    further scale was tried, say."""
     loaded = prepared.loaded
     bound = range_bound_units(calibration.range, calibration.scale)
+    at_scale = _at_scale(calibration.scale,
+                         [s for s in scales_tried if s != calibration.scale], note)
     return RegistrationReport(
         pins=tuple(p.describe() for p in loaded.pins),
         folded_nodes=loaded.folded_nodes,
@@ -127,6 +160,7 @@ def registration_report(prepared: PreparedModel, calibration: CalibrationReport,
         scale=calibration.scale,
         range=calibration.range,
         budget_bytes=budget_bytes,
-        segments=tuple(_segment(prepared, s, budget_bytes, bound)
+        segments=tuple(_segment(prepared, s, budget_bytes, bound, at_scale=at_scale)
                        for s in calibration.segments),
+        scales_tried=tuple(scales_tried),
     )

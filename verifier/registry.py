@@ -112,6 +112,9 @@ def build_registration(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
     """Load, segment and calibrate; return ``{"manifest": …, "report": …}``: the calibrated
     manifest's JSON and the registration report (:mod:`prover.report`), or raise.
 
+    The ``scale`` option is the starting scale: calibration raises it while the only refusals
+    are τ-rule ones (:func:`prover.registration.calibrate_for_registration`).
+
     A ``sample_input`` (EZKL's ``input.json`` form) pins the symbolic dimensions and is the
     first calibration input; ``proving_budget_bytes`` (set by the service, not the caller)
     bounds the estimated proving memory of every segment."""
@@ -129,12 +132,11 @@ def build_registration(data: bytes, options: dict[str, Any]) -> dict[str, Any]:
         prepared, read_inputs_json(sample, prepared.loaded) if sample is not None else None,
         int(options.get("calibration_samples", 4)), executor=executor)
     # Cheap checks first: EZKL is only imported once the model has loaded and segmented.
-    from prover.calibration import calibrate_model
-    from prover.report import registration_report
+    from prover.registration import calibrate_for_registration
 
-    manifest, calibration = calibrate_model(prepared, samples, executor=executor)
     budget = int(options.get("proving_budget_bytes") or get_settings().proving_budget_bytes)
-    report = registration_report(prepared, calibration, budget)
+    manifest, _calibration, report = calibrate_for_registration(
+        prepared, samples, budget_bytes=budget, executor=executor)
     if report.refusals:
         # DESIGN, registration step 4: a segment that cannot be proven (or not within the
         # proving budget) is refused now, never discovered in a dispute.
