@@ -49,7 +49,7 @@ class FakeProver:
             raise ProverError(f"fake prover: {kind} proof {index} failed on purpose")
         manifest = prepared.manifest
         for k, state in states.items():
-            if leaf_of_state(manifest, state) != commitment.leaves[k]:
+            if leaf_of_state(manifest, k, state) != commitment.leaves[k]:
                 raise ProverError(f"fake prover: state {k} does not match its leaf")
         self.made.append((kind, index))
         artifact = f"fake circuit {kind} {index} of {manifest.sha256}".encode()

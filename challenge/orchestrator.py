@@ -572,8 +572,9 @@ def _execute(ctx: DisputeContext, model: RegisteredModel,
     return ctx.states.execute(prepared, inputs)
 
 
-def _leaf(ctx: DisputeContext, model: RegisteredModel, state: Sequence[np.ndarray]) -> str:
-    return "0x" + leaf_of_state(ctx.prepared(model).manifest, state).hex()
+def _leaf(ctx: DisputeContext, model: RegisteredModel, k: int,
+          state: Sequence[np.ndarray]) -> str:
+    return "0x" + leaf_of_state(ctx.prepared(model).manifest, k, state).hex()
 
 
 def _watcher_answer(ctx: DisputeContext, loaded: _Loaded, k: int) -> Choice:
@@ -581,7 +582,7 @@ def _watcher_answer(ctx: DisputeContext, loaded: _Loaded, k: int) -> Choice:
     is executed once per drive (kept on ``loaded``); only the states asked about are hashed."""
     if loaded.own_states is None:
         loaded.own_states = _execute(ctx, loaded.model, loaded.trace)
-    agree = _leaf(ctx, loaded.model, loaded.own_states[k]) == loaded.result.leaves[k]
+    agree = _leaf(ctx, loaded.model, k, loaded.own_states[k]) == loaded.result.leaves[k]
     return Choice.AGREE if agree else Choice.DISAGREE
 
 
@@ -601,7 +602,7 @@ def watch(ctx: DisputeContext, result_id: str, now: datetime) -> str | None:
         assert model is not None
     n = len(result.leaves) - 1
     output = _execute(ctx, model, ctx.states.trace(result.trace_blob))[n]
-    if _leaf(ctx, model, output) == result.leaves[n]:
+    if _leaf(ctx, model, n, output) == result.leaves[n]:
         return None
     return open_dispute(ctx, result_id, challenger=SERVICE, lo=0, hi=n,
                         bond=ctx.config.watcher_bond, now=now)

@@ -611,7 +611,7 @@ class _Replay:
         for k, tensors in sorted(self.states.items()):
             self.where = f"states/{k}"
             try:
-                leaf = "0x" + leaf_of_state(manifest, tensors).hex()
+                leaf = "0x" + leaf_of_state(manifest, k, tensors).hex()
             except RefuteError as exc:
                 problems.append((f"cannot be hashed: {exc.reason}", f"states/{k}"))
                 continue

@@ -84,7 +84,7 @@ class Whistleblower:
         """The leaves of this whistleblower's own execution of the job (states 0..N)."""
         own = run_segments(DeterministicExecutor(), prepared.segmentation,
                            validate_inputs(prepared.loaded, inputs))
-        return ["0x" + leaf_of_state(prepared.manifest, s).hex() for s in own]
+        return ["0x" + leaf_of_state(prepared.manifest, k, s).hex() for k, s in enumerate(own)]
 
     def challenge(
         self,

@@ -9,7 +9,9 @@ words of leaves i-1 and i), and its single output is ``maxdiff`` of shape ``[1]`
 Inputs are renamed ``x<j>`` / ``y<j>`` (state order); internal tensors keep their names under a
 ``seg/`` prefix so that no user-chosen name can collide with ours. A scalar tensor of a state is
 an input of shape ``[1]`` (EZKL takes no rank-0 input; the hash is over the same one value),
-reshaped back to a scalar where the segment reads it.
+reshaped back to a scalar where the segment reads it. A model input of whole numbers (an integer
+or boolean input, carried as float32 in the states) is an input of its declared type, so that
+EZKL takes it at scale 0, exactly as its leaf commits it.
 """
 
 from __future__ import annotations
@@ -43,9 +45,15 @@ def adjudication_model(segment: Segment) -> ModelProto:
         helper.make_node("Reshape", [f"x{j}", "scalar_shape"], [f"x{j}/scalar"])
         for j, spec in enumerate(segment.inputs) if not spec.shape
     ]
+    declared = {spec.name: spec.declared for spec in segment.inputs if spec.declared is not None}
     for node in source.graph.node:
         copy = NodeProto()
         copy.CopyFrom(node)
+        if _casts_to_declared(node, declared):
+            # The input already has that type here; EZKL's tract fails to evaluate some
+            # operators (TopK) after a Cast to the same type, so it becomes an Identity.
+            copy.op_type = "Identity"
+            del copy.attribute[:]
         del copy.input[:]
         copy.input.extend(name(i) for i in node.input)
         del copy.output[:]
@@ -104,5 +112,14 @@ def adjudication_bytes(segment: Segment) -> bytes:
     return serialize(adjudication_model(segment))
 
 
+def _casts_to_declared(node: NodeProto, declared: dict[str, int]) -> bool:
+    """Whether ``node`` casts a whole-number input to the type it is declared with."""
+    return (node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in declared
+            and any(a.name == "to" and a.i == declared[node.input[0]] for a in node.attribute))
+
+
 def _vi(name: str, spec: TensorSpec) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, spec.elem_type, list(spec.shape) or [1])
+    """An input as EZKL must see it: a whole-number input with its declared type (EZKL takes
+    it at scale 0, and the segment's own ``Cast`` to that type becomes a no-op)."""
+    elem_type = spec.declared if spec.declared is not None else spec.elem_type
+    return helper.make_tensor_value_info(name, elem_type, list(spec.shape) or [1])

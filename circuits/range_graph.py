@@ -21,12 +21,17 @@ MAXABS = "maxabs"
 def range_model(state: Sequence[TensorSpec], *, opset: int, index: int) -> ModelProto:
     """The ONNX model ``R_k`` over a state with these tensor specs."""
     inputs = [f"v{j}" for j in range(len(state))]
-    nodes, initializers = max_abs(inputs, MAXABS)
+    # A whole-number input is taken with its declared type (at scale 0, as its leaf commits
+    # it) and cast to float for the maximum.
+    casts = [helper.make_node("Cast", [n], [f"{n}/float"], to=TensorProto.FLOAT)
+             for n, s in zip(inputs, state, strict=True) if s.whole]
+    floats = [f"{n}/float" if s.whole else n for n, s in zip(inputs, state, strict=True)]
+    nodes, initializers = max_abs(floats, MAXABS)
     graph = helper.make_graph(
-        nodes,
+        [*casts, *nodes],
         f"refute_range_{index}",
-        [helper.make_tensor_value_info(n, s.elem_type, list(s.shape) or [1])  # scalars as [1]
-         for n, s in zip(inputs, state, strict=True)],
+        [helper.make_tensor_value_info(n, s.declared or s.elem_type, list(s.shape) or [1])
+         for n, s in zip(inputs, state, strict=True)],  # scalars as [1]
         [helper.make_tensor_value_info(MAXABS, TensorProto.FLOAT, [1])],
         initializer=initializers,
     )

@@ -1,10 +1,11 @@
 """Trace commitments: tensor hashes, state leaves and the Merkle root (DESIGN.md "leaf k").
 
 For state k with tensors t1..tm (in state order), each tensor is quantized at the model's scale
-(:mod:`refute.quantize`) and hashed with EZKL's Poseidon (:mod:`refute.poseidon`), the same hash
-EZKL exposes as a public instance for a *hashed* input. The leaf is
-``keccak256(h1 ‖ … ‖ hm)`` with each hash as a 32-byte big-endian word (the uint256 the chain
-sees). The commitment is the list of N+1 leaves and their Merkle root (:mod:`refute.merkle`).
+(:mod:`refute.quantize`; a model input of whole numbers at scale 0) and hashed with EZKL's
+Poseidon (:mod:`refute.poseidon`), the same hash EZKL exposes as a public instance for a
+*hashed* input. The leaf is ``keccak256(h1 ‖ … ‖ hm)`` with each hash as a 32-byte big-endian
+word (the uint256 the chain sees). The commitment is the list of N+1 leaves and their Merkle
+root (:mod:`refute.merkle`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from refute.errors import BundleError, CommitmentError
+from refute.loading import TensorSpec
 from refute.merkle import MerkleProof, keccak256, merkle_proof, merkle_root
 from refute.poseidon import FIELD_MODULUS, poseidon_hash_many
-from refute.quantize import check_scale, quantize
+from refute.quantize import check_scale, quantize, quantize_whole
 
 
 def hash_word(value: int) -> bytes:
@@ -36,14 +38,23 @@ def state_leaf(tensor_hashes: Sequence[int]) -> bytes:
 
 
 def hash_states(
-    states: Sequence[Sequence[np.ndarray]], scale: int, *, workers: int | None = None
+    states: Sequence[Sequence[np.ndarray]],
+    scale: int,
+    *,
+    specs: Sequence[Sequence[TensorSpec]] | None = None,
+    workers: int | None = None,
 ) -> list[list[int]]:
-    """Poseidon hash of every tensor of every state, quantized at ``scale``.
+    """Poseidon hash of every tensor of every state, quantized at ``scale``; a tensor whose
+    spec (``specs``, aligned with ``states``) is whole (:attr:`TensorSpec.whole`) is quantized
+    at scale 0 instead, and must hold whole numbers.
 
     All tensors are hashed in one batch so that work spreads over processes.
     """
     check_scale(scale)
-    flat = [quantize(t, scale) for state in states for t in state]
+    if specs is not None and [len(s) for s in specs] != [len(s) for s in states]:
+        raise CommitmentError("state specs do not match the states")
+    flat = [quantize_whole(t) if specs is not None and specs[k][j].whole else quantize(t, scale)
+            for k, state in enumerate(states) for j, t in enumerate(state)]
     hashes = poseidon_hash_many(flat, workers=workers)
     out: list[list[int]] = []
     position = 0

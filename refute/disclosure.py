@@ -98,7 +98,7 @@ def _read(archive: zipfile.ZipFile, manifest: Manifest,
             .reshape(spec.shape).copy()
             for j, spec in enumerate(manifest.states[k]))
         _check_range(manifest, k, tensors)
-        if "0x" + leaf_of_state(manifest, tensors).hex() != leaves[k]:
+        if "0x" + leaf_of_state(manifest, k, tensors).hex() != leaves[k]:
             raise BundleError(f"state {k} does not match its committed leaf")
         states[k] = tensors
     return states

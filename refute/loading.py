@@ -138,6 +138,15 @@ class TensorSpec:
     name: str
     elem_type: int
     shape: tuple[int, ...]
+    #: For a model input declared integer or boolean and carried as float32: the declared ONNX
+    #: type. Its values are whole numbers, committed and proven at scale 0 (as EZKL takes an
+    #: integer input), not at the model's scale.
+    declared: int | None = None
+
+    @property
+    def whole(self) -> bool:
+        """Whether the tensor holds whole numbers committed at scale 0 (:attr:`declared`)."""
+        return self.declared is not None
 
     @property
     def size(self) -> int:
@@ -150,8 +159,13 @@ class TensorSpec:
         return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
 
     def to_json(self) -> dict[str, object]:
-        """JSON form: ``{"name", "dtype", "shape"}``."""
-        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+        """JSON form: ``{"name", "dtype", "shape"}``, and ``"declared"`` (the declared numpy
+        type name) for a whole-number input."""
+        data: dict[str, object] = {"name": self.name, "dtype": self.dtype.name,
+                                   "shape": list(self.shape)}
+        if self.declared is not None:
+            data["declared"] = np.dtype(helper.tensor_dtype_to_np_dtype(self.declared)).name
+        return data
 
 
 @dataclass(frozen=True)
@@ -243,7 +257,10 @@ def load_model(
     _drop_unused_initializers(model)
     _refuse_unfolded(model)
     tensors = _infer_shapes(model, limits)
-    _refuse_integer_division(model, tensors)
+    if _truncating_integer_division(model, tensors):
+        tensors = _infer_shapes(model, limits)
+    tensors = {**tensors, **{name: dataclasses.replace(tensors[name], declared=declared)
+                             for name, declared in integral.items() if _whole_type(declared)}}
     _explicit_reduce_axes(model, tensors, opset)
     _explicit_strides(model, tensors)
     _check_model_work(model, tensors, limits)
@@ -901,16 +918,61 @@ def _explicit_strides(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> N
             node.attribute.append(helper.make_attribute("strides", [1] * spatial))
 
 
-def _refuse_integer_division(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> None:
-    """Refuse ``Div`` on integers: ONNX truncates the quotient, EZKL 23 proves the exact one
-    (``python -m bench.probe_ezkl``: model ``bitshift`` proves 85/8 = 10.625, not 10)."""
-    for node in model.graph.node:
+def _whole_type(elem_type: int) -> bool:
+    """Whether an ONNX element type holds whole numbers (integers and booleans)."""
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).kind in "iub"
+
+
+def _truncating_integer_division(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> bool:
+    """Make ``Div`` on integers provable. ONNX truncates the quotient toward zero; EZKL 23
+    carries the exact quotient on (``-16 / 3`` is ``-5`` in ONNX Runtime, ``-5.33`` in the
+    circuit) and floors it where a ``Cast`` to an integer type follows. So ``a / b`` by a
+    positive constant becomes ``a < 0 ? -Cast(|a| / b) : Cast(|a| / b)`` (the ``Cast`` to the
+    same integer type is a no-op in ONNX, a floor in the circuit): equal in ONNX, and the
+    truncated quotient in the circuit too. A divisor that is not a positive constant is
+    refused. Returns whether any node was rewritten (shapes must then be inferred again)."""
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    taken = {x for n in graph.node for x in [*n.input, *n.output]} | set(weights)
+    nodes: list[NodeProto] = []
+    for node in graph.node:
         out = tensors.get(node.output[0]) if node.output else None
-        if node.op_type == "Div" and out is not None and out.dtype.kind in "iub":
+        if node.op_type != "Div" or out is None or out.dtype.kind not in "iu":
+            nodes.append(node)
+            continue
+        divisor = weights.get(node.input[1])
+        if divisor is None or not (numpy_helper.to_array(divisor) > 0).all():
             raise UnsupportedOperator(
-                f"node {_node_name(node)} divides {out.dtype} integers, rounding toward zero; "
-                "EZKL 23 proves the exact quotient instead"
+                f"node {_node_name(node)} divides {out.dtype} integers by a divisor that is not "
+                "a positive constant: ONNX truncates the quotient, EZKL 23 floors it"
             )
+        base = node.name or node.output[0]
+        parts = [f"{base}/{p}" for p in ("abs", "exact", "floor", "negative", "negated", "zero")]
+        if taken & set(parts):
+            raise InvalidGraph(f"node {_node_name(node)}: names {parts} are taken")
+        taken.update(parts)
+        dividend, result = node.input[0], node.output[0]
+        if out.dtype.kind == "u":  # no negative quotient: truncating is flooring
+            nodes += [
+                helper.make_node("Div", [dividend, node.input[1]], [parts[1]], name=parts[1]),
+                helper.make_node("Cast", [parts[1]], [result], to=out.elem_type, name=base),
+            ]
+            continue
+        graph.initializer.append(numpy_helper.from_array(np.zeros((), out.dtype), parts[5]))
+        nodes += [
+            helper.make_node("Abs", [dividend], [parts[0]], name=parts[0]),
+            helper.make_node("Div", [parts[0], node.input[1]], [parts[1]], name=parts[1]),
+            helper.make_node("Cast", [parts[1]], [parts[2]], to=out.elem_type, name=parts[2]),
+            # Where rather than Sign: EZKL's tract cannot evaluate Sign on integers.
+            helper.make_node("Less", [dividend, parts[5]], [parts[3]], name=parts[3]),
+            helper.make_node("Neg", [parts[2]], [parts[4]], name=parts[4]),
+            helper.make_node("Where", [parts[3], parts[4], parts[2]], [result], name=base),
+        ]
+    if len(nodes) == len(graph.node):
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
 
 
 def _drop_foreign_imports(model: ModelProto) -> None:

@@ -242,10 +242,17 @@ def _check_finite(data: Any) -> None:
 
 def _spec(data: Mapping[str, Any]) -> TensorSpec:
     import numpy as np
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     dtype = np.dtype(str(data["dtype"]))
     shape = tuple(_int(d, "dimension") for d in data["shape"])
     if any(d <= 0 for d in shape):
         raise ValueError(f"tensor {data['name']!r} has a non-positive dimension")
-    return TensorSpec(str(data["name"]), helper.np_dtype_to_tensor_dtype(dtype), shape)
+    declared = None
+    if "declared" in data:
+        declared = helper.np_dtype_to_tensor_dtype(np.dtype(str(data["declared"])))
+        if dtype != np.float32 or declared == TensorProto.FLOAT:
+            raise ValueError(f"tensor {data['name']!r} declares {data['declared']} but is not "
+                             "a float32 tensor carrying another type")
+    return TensorSpec(str(data["name"]), helper.np_dtype_to_tensor_dtype(dtype), shape,
+                      declared=declared)

@@ -55,6 +55,23 @@ def quantize(values: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(rounded, dtype=np.int64)  # a 0-d input stays an array, not a scalar
 
 
+def quantize_whole(values: np.ndarray) -> np.ndarray:
+    """A tensor of whole numbers (an integer or boolean input carried as float32) as int64, at
+    scale 0, the way EZKL takes an integer input.
+
+    Raises :class:`CommitmentError` as :func:`quantize` does, and on any value that is not a
+    whole number: there is exactly one committed form of such a tensor (rounding would let two
+    different tensors, which the model reads differently, share one hash).
+    """
+    quantized = quantize(values, 0)
+    x = np.asarray(values, dtype=np.float64)
+    if x.size and not np.array_equal(quantized, x):
+        first = int(np.flatnonzero((quantized != x).ravel())[0])
+        raise CommitmentError(f"tensor of whole numbers holds {x.ravel()[first]} at index "
+                              f"{first}")
+    return quantized
+
+
 def dequantize(quantized: np.ndarray, scale: int) -> np.ndarray:
     """The float64 values a quantized tensor stands for."""
     check_scale(scale)

@@ -214,9 +214,13 @@ def node_cost(loaded: LoadedModel, node: NodeProto) -> int:
 
 
 def _float_state(loaded: LoadedModel, liveness: _Liveness, cut: int) -> bool:
-    return all(
-        loaded.tensors[n].elem_type == TensorProto.FLOAT for n in liveness.live_at(loaded, cut)
-    )
+    return all(_carried(loaded.tensors[n], cut) for n in liveness.live_at(loaded, cut))
+
+
+def _carried(spec: TensorSpec, cut: int) -> bool:
+    """Whether a state at ``cut`` may hold ``spec``: float32 tensors, and whole-number inputs
+    in state 0 only (segment 1 casts them to their declared type)."""
+    return spec.elem_type == TensorProto.FLOAT and (cut == 0 or not spec.whole)
 
 
 def _validate_cuts(loaded: LoadedModel, cuts: Sequence[int]) -> None:
@@ -265,9 +269,10 @@ def segment_model(
     states: list[tuple[TensorSpec, ...]] = []
     for k, state in enumerate(names):
         specs = tuple(loaded.tensors[n] for n in state)
-        bad = [s.name for s in specs if s.elem_type != TensorProto.FLOAT]
+        bad = [s.name for s in specs if not _carried(s, full[k])]
         if bad:
-            raise SegmentationError(f"state {k} would hold non-float32 tensors {bad}")
+            raise SegmentationError(f"state {k} would hold non-float32 tensors (or integer "
+                                   f"inputs past state 0) {bad}")
         if not specs:
             raise SegmentationError(f"state {k} would be empty")
         states.append(specs)

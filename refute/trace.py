@@ -78,7 +78,7 @@ class Trace:
         if check_range and manifest.range is not None:
             _check_range(manifest, frozen)
         try:
-            hashes = hash_states(frozen, manifest.scale, workers=workers)
+            hashes = hash_states(frozen, manifest.scale, specs=manifest.states, workers=workers)
         except CommitmentError as exc:
             raise CommitmentError(f"cannot commit the trace: {exc.reason}") from exc
         commitment = TraceCommitment.from_hashes(manifest.scale, hashes)
@@ -289,7 +289,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def leaf_of_state(manifest: Manifest, state: Sequence[np.ndarray]) -> bytes:
-    """Recompute the leaf of one state (e.g. a state revealed during a dispute)."""
-    hashes = hash_states([state], manifest.scale)[0]
+def leaf_of_state(manifest: Manifest, k: int, state: Sequence[np.ndarray]) -> bytes:
+    """Recompute the leaf of state ``k`` (e.g. a state revealed during a dispute)."""
+    hashes = hash_states([state], manifest.scale, specs=[manifest.states[k]])[0]
     return state_leaf(hashes)

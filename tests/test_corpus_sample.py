@@ -28,21 +28,23 @@ from verifier.registry import build_registration
 #: One model per family: trigonometry and its kin; transposed convolution; resize; instance
 #: normalization (three range-check digits); L2 and log-sum-exp reductions; an Lp-pool
 #: decomposition (Sign, Gather folded); hard and smooth activations; Pow on positive inputs;
-#: ArgMax to a one-hot (a scalar shape folded).
+#: ArgMax to a one-hot (a scalar shape folded); a ReduceMean to a scalar, refused by the τ rule
+#: at scale 7 and registered at a finer scale.
 REGISTERED = ["trig", "1l_conv_transpose", "1l_upsample", "1l_instance_norm", "reducel2",
-              "logsumexp", "1l_lppool", "hard_swish", "celu", "1l_powf", "hard_max"]
+              "logsumexp", "1l_lppool", "hard_swish", "celu", "1l_powf", "hard_max", "1l_mean"]
 
-#: Models that load and run but whose circuit EZKL 23 cannot build: indices given as inputs
-#: (gather, scatter) and a top-k of integers; or builds unlike ONNX: a ReduceMean to a scalar
-#: (proven as 0), a padded MaxPool (padded with 0, not -inf, so negative inputs differ).
-#: Refused at registration with the reason.
-REFUSED_BY_EZKL = ["gather_elements", "scatter_nd", "1l_topk", "1l_mean", "1l_max_pool"]
+#: Models that load and run but whose circuit EZKL 23 builds unlike ONNX, at every scale: a
+#: padded MaxPool (padded with 0, not -inf, so negative inputs differ); rounding (a
+#: discontinuity, not retried at a finer scale). Refused at registration with the reason.
+REFUSED_BY_EZKL = ["1l_max_pool", "rounding_ops"]
 
 #: Models disputed end to end: LSTM behind a folded shape sub-graph; a gradient-boosted tree
 #: ensemble (Gather, Less, ArgMax, Softmax, integer output); boolean and integer inputs cast at
 #: the boundary (Cast, Less, Not, Where); Conv, MatMul, Pow and Sigmoid in two segments, with a
-#: cheat convicted.
-DISPUTED = ["lstm", "xgboost", "1l_where", "large_op_graph"]
+#: cheat convicted; indices given as inputs (committed and proven at scale 0); a top-k of
+#: integers; integer division (truncated in the circuit as in ONNX).
+DISPUTED = ["lstm", "xgboost", "1l_where", "large_op_graph", "gather_elements", "1l_topk",
+            "integer_div"]
 
 
 @pytest.fixture(scope="module")
