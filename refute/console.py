@@ -36,6 +36,7 @@ _STAGES = {
     "commit": "Hashing states (Poseidon) and committing",
     "calibrate": "Calibrating each segment's circuit (EZKL)",
     "range": "Calibrating each state's range circuit (EZKL)",
+    "rescale": "Recalibrating at a finer scale (τ over its share of the range)",
 }
 
 
