@@ -209,3 +209,40 @@ def test_shared_models_with_integer_inputs_calibrate_to_one_unit(name: str) -> N
                                    scale=7, bound=2048.0, safety=2.0)
         assert result.reason is None, result.reason
         assert result.tolerance is not None and result.tolerance <= 320
+
+
+@pytest.mark.slow
+@pytest.mark.ezkl
+def test_range_proof_of_a_state_with_a_whole_input_binds_and_convicts(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """State 0 mixes a float table (scale 7) and an int64 index (scale 0): its range proof
+    rebuilds leaf 0 from both hashes, upholds an honest state and convicts an index over R."""
+    import dataclasses
+
+    from prover.calibration import calibrate_model
+    from prover.circuit import CircuitCache
+    from prover.prover import Prover
+    from prover.srs import SrsStore
+    from prover.step import Verdict
+    from refute.provider import random_inputs
+
+    prepared = prepare_model(_gather())
+    manifest, report = calibrate_model(
+        prepared, [random_inputs(prepared.loaded, seed=s) for s in range(2)])
+    assert not report.unsupported and manifest.range is not None
+    prepared = dataclasses.replace(prepared, manifest=manifest)
+    prover = Prover(CircuitCache(tmp_path_factory.mktemp("circuits"),
+                                 SrsStore(dev_cache=tmp_path_factory.mktemp("srs"))))
+    table = np.linspace(-1, 1, 15, dtype=np.float32).reshape(5, 3)
+    states = run_segments(DeterministicExecutor(), prepared.segmentation, validate_inputs(
+        prepared.loaded, {"table": table, "idx": np.array([4.0, 1.0], np.float32)}))
+    trace = Trace.from_states(manifest, states)
+    honest = prover.prove_range(prepared, manifest, 0, trace.states[0])
+    assert prover.verify_range(prepared, manifest, honest, trace.commitment).verdict \
+        is Verdict.CHALLENGER_FAULT
+    over = np.array([4.0, 2 * manifest.range], np.float32)  # whole, but over R
+    bad = Trace.from_states(manifest, [[table, over], *states[1:]], check_range=False)
+    proof = prover.prove_range(prepared, manifest, 0, bad.states[0])
+    outcome = prover.verify_range(prepared, manifest, proof, bad.commitment)
+    assert outcome.verdict is Verdict.PROVIDER_FAULT
+    assert outcome.maxabs_units == 2 * manifest.range * 2**manifest.scale
