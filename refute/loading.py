@@ -61,6 +61,8 @@ from refute.errors import (
 from refute.operators import ALLOWED_OPS, FOLD_ONLY_OPS
 from refute.pinning import Pin, pin_input_shapes
 from refute.quantize import MAX_QUANTIZED, MAX_SCALE
+from refute.rewrites import faithful_rewrites
+from refute.rewrites import node_label as _node_name
 
 __all__ = ["ALLOWED_OPS", "LoadLimits", "LoadedModel", "Pin", "TensorSpec", "load_model",
            "serialize"]
@@ -257,7 +259,7 @@ def load_model(
     _drop_unused_initializers(model)
     _refuse_unfolded(model)
     tensors = _infer_shapes(model, limits)
-    if _truncating_integer_division(model, tensors):
+    if faithful_rewrites(model, tensors):
         tensors = _infer_shapes(model, limits)
     tensors = {**tensors, **{name: dataclasses.replace(tensors[name], declared=declared)
                              for name, declared in integral.items() if _whole_type(declared)}}
@@ -374,11 +376,6 @@ def _type_name(elem_type: int) -> str:
     if elem_type in TensorProto.DataType.values():
         return str(TensorProto.DataType.Name(elem_type))
     return str(elem_type)
-
-
-def _node_name(node: NodeProto) -> str:
-    """How a node is named in reasons: its name, else its first output, else ``'?'``."""
-    return repr(node.name or (node.output[0] if node.output else "?"))[:80]
 
 
 def _attribute_tensors(node: NodeProto) -> Iterable[tuple[str, TensorProto]]:
@@ -921,58 +918,6 @@ def _explicit_strides(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> N
 def _whole_type(elem_type: int) -> bool:
     """Whether an ONNX element type holds whole numbers (integers and booleans)."""
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).kind in "iub"
-
-
-def _truncating_integer_division(model: ModelProto, tensors: Mapping[str, TensorSpec]) -> bool:
-    """Make ``Div`` on integers provable. ONNX truncates the quotient toward zero; EZKL 23
-    carries the exact quotient on (``-16 / 3`` is ``-5`` in ONNX Runtime, ``-5.33`` in the
-    circuit) and floors it where a ``Cast`` to an integer type follows. So ``a / b`` by a
-    positive constant becomes ``a < 0 ? -Cast(|a| / b) : Cast(|a| / b)`` (the ``Cast`` to the
-    same integer type is a no-op in ONNX, a floor in the circuit): equal in ONNX, and the
-    truncated quotient in the circuit too. A divisor that is not a positive constant is
-    refused. Returns whether any node was rewritten (shapes must then be inferred again)."""
-    graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
-    taken = {x for n in graph.node for x in [*n.input, *n.output]} | set(weights)
-    nodes: list[NodeProto] = []
-    for node in graph.node:
-        out = tensors.get(node.output[0]) if node.output else None
-        if node.op_type != "Div" or out is None or out.dtype.kind not in "iu":
-            nodes.append(node)
-            continue
-        divisor = weights.get(node.input[1])
-        if divisor is None or not (numpy_helper.to_array(divisor) > 0).all():
-            raise UnsupportedOperator(
-                f"node {_node_name(node)} divides {out.dtype} integers by a divisor that is not "
-                "a positive constant: ONNX truncates the quotient, EZKL 23 floors it"
-            )
-        base = node.name or node.output[0]
-        parts = [f"{base}/{p}" for p in ("abs", "exact", "floor", "negative", "negated", "zero")]
-        if taken & set(parts):
-            raise InvalidGraph(f"node {_node_name(node)}: names {parts} are taken")
-        taken.update(parts)
-        dividend, result = node.input[0], node.output[0]
-        if out.dtype.kind == "u":  # no negative quotient: truncating is flooring
-            nodes += [
-                helper.make_node("Div", [dividend, node.input[1]], [parts[1]], name=parts[1]),
-                helper.make_node("Cast", [parts[1]], [result], to=out.elem_type, name=base),
-            ]
-            continue
-        graph.initializer.append(numpy_helper.from_array(np.zeros((), out.dtype), parts[5]))
-        nodes += [
-            helper.make_node("Abs", [dividend], [parts[0]], name=parts[0]),
-            helper.make_node("Div", [parts[0], node.input[1]], [parts[1]], name=parts[1]),
-            helper.make_node("Cast", [parts[1]], [parts[2]], to=out.elem_type, name=parts[2]),
-            # Where rather than Sign: EZKL's tract cannot evaluate Sign on integers.
-            helper.make_node("Less", [dividend, parts[5]], [parts[3]], name=parts[3]),
-            helper.make_node("Neg", [parts[2]], [parts[4]], name=parts[4]),
-            helper.make_node("Where", [parts[3], parts[4], parts[2]], [result], name=base),
-        ]
-    if len(nodes) == len(graph.node):
-        return False
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return True
 
 
 def _drop_foreign_imports(model: ModelProto) -> None:

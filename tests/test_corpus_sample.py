@@ -29,14 +29,15 @@ from verifier.registry import build_registration
 #: normalization (three range-check digits); L2 and log-sum-exp reductions; an Lp-pool
 #: decomposition (Sign, Gather folded); hard and smooth activations; Pow on positive inputs;
 #: ArgMax to a one-hot (a scalar shape folded); a ReduceMean to a scalar, refused by the τ rule
-#: at scale 7 and registered at a finer scale.
+#: at scale 7 and registered at a finer scale; a padded MaxPool (padded with its border).
 REGISTERED = ["trig", "1l_conv_transpose", "1l_upsample", "1l_instance_norm", "reducel2",
-              "logsumexp", "1l_lppool", "hard_swish", "celu", "1l_powf", "hard_max", "1l_mean"]
+              "logsumexp", "1l_lppool", "hard_swish", "celu", "1l_powf", "hard_max", "1l_mean",
+              "1l_max_pool"]
 
-#: Models that load and run but whose circuit EZKL 23 builds unlike ONNX, at every scale: a
-#: padded MaxPool (padded with 0, not -inf, so negative inputs differ); rounding (a
-#: discontinuity, not retried at a finer scale). Refused at registration with the reason.
-REFUSED_BY_EZKL = ["1l_max_pool", "rounding_ops"]
+#: A model that loads and runs but whose circuit EZKL 23 builds unlike ONNX at every scale:
+#: rounding (a discontinuity, not retried at a finer scale). Refused at registration with the
+#: reason.
+REFUSED_BY_EZKL = ["rounding_ops"]
 
 #: Models disputed end to end: LSTM behind a folded shape sub-graph; a gradient-boosted tree
 #: ensemble (Gather, Less, ArgMax, Softmax, integer output); boolean and integer inputs cast at
