@@ -34,10 +34,11 @@ REGISTERED = ["trig", "1l_conv_transpose", "1l_upsample", "1l_instance_norm", "r
               "logsumexp", "1l_lppool", "hard_swish", "celu", "1l_powf", "hard_max", "1l_mean",
               "1l_max_pool"]
 
-#: A model that loads and runs but whose circuit EZKL 23 builds unlike ONNX at every scale:
-#: rounding (a discontinuity, not retried at a finer scale). Refused at registration with the
-#: reason.
-REFUSED_BY_EZKL = ["rounding_ops"]
+#: A model that loads and runs but whose one-step circuit is over the proving budget (an
+#: Identity on a large image: hashing its input and output alone needs logrows 19). Refused at
+#: registration with the reason. (rounding_ops, a discontinuity, is refused only when the
+#: calibration samples cross a rounding boundary: left to the bench, see the closing note.)
+REFUSED_BY_EZKL = ["doodles"]
 
 #: Models disputed end to end: LSTM behind a folded shape sub-graph; a gradient-boosted tree
 #: ensemble (Gather, Less, ArgMax, Softmax, integer output); boolean and integer inputs cast at
@@ -74,14 +75,16 @@ def test_shared_model_registers(name: str) -> None:
 @pytest.mark.parametrize("name", REFUSED_BY_EZKL)
 def test_shared_model_ezkl_cannot_prove_is_refused_with_its_reason(name: str) -> None:
     folder = SHARED_MODELS / name
+    sample = folder / "input.json"  # doodles has none
+    options: dict[str, Any] = {"calibration_samples": 1}
+    if sample.is_file():
+        options["sample_input"] = json.loads(sample.read_text())
     with pytest.raises(UnprovableModel) as info:
-        build_registration((folder / "network.onnx").read_bytes(), {
-            "sample_input": json.loads((folder / "input.json").read_text()),
-            "calibration_samples": 1,
-        })
+        build_registration((folder / "network.onnx").read_bytes(), options)
     reason = info.value.reason
     assert reason.startswith("segment 1 cannot be proven: ") and "\n" not in reason
-    assert "EZKL" in reason or "calibration process died" in reason, reason
+    assert any(why in reason for why in ("EZKL", "calibration process died", "proving budget")), \
+        reason
 
 
 @pytest.mark.slow
