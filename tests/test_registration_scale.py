@@ -52,8 +52,10 @@ def _mean() -> PreparedModel:
 
 
 def _padded_max_pool() -> PreparedModel:
+    """A MaxPool padded by ``auto_pad``: refute.rewrites pads one with explicit pads itself (so
+    that EZKL's zero padding never shows), and leaves ``auto_pad`` to EZKL."""
     return _model(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3],
-                                   pads=[1, 1, 1, 1], strides=[1, 1]),
+                                   auto_pad="SAME_UPPER", strides=[1, 1]),
                   [1, 1, 6, 6], [1, 1, 6, 6])
 
 
@@ -192,8 +194,8 @@ def test_a_discontinuity_is_refused_without_retries() -> None:
 
 @pytest.mark.ezkl
 def test_an_error_that_grows_with_the_scale_is_refused_with_the_scales_tried() -> None:
-    """A padded MaxPool: EZKL pads with 0 where ONNX pads with -inf, so on negative inputs the
-    border differs by about 1 whatever the scale (continuous in ONNX: no step). Retried, still
+    """A padded (auto_pad) MaxPool: EZKL pads with 0 where ONNX pads with -inf, so on negative
+    inputs the border differs by about 1 whatever the scale (continuous in ONNX: no step). Retried, still
     refused; the reported attempt is the one at 7, naming the other scales."""
     prepared = _padded_max_pool()
     inputs = [{"x": np.random.default_rng(s).uniform(-2, -1, (1, 1, 6, 6)).astype(np.float32)}
