@@ -195,8 +195,8 @@ def test_a_discontinuity_is_refused_without_retries() -> None:
 @pytest.mark.ezkl
 def test_an_error_that_grows_with_the_scale_is_refused_with_the_scales_tried() -> None:
     """A padded (auto_pad) MaxPool: EZKL pads with 0 where ONNX pads with -inf, so on negative
-    inputs the border differs by about 1 whatever the scale (continuous in ONNX: no step). Retried, still
-    refused; the reported attempt is the one at 7, naming the other scales."""
+    inputs the border differs by about 1 whatever the scale (continuous in ONNX: no step).
+    Retried, still refused; the reported attempt is the one at 7, naming the other scales."""
     prepared = _padded_max_pool()
     inputs = [{"x": np.random.default_rng(s).uniform(-2, -1, (1, 1, 6, 6)).astype(np.float32)}
               for s in range(2)]
