@@ -129,7 +129,8 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
         gas = []
         for i in range(1, manifest.num_segments + 1):
             proof = prover.prove_step(prepared, manifest, i, states[i - 1], states[i])
-            outcome = prover.verify_step(prepared, manifest, proof, trace.commitment)
+            outcome = prover.verify_step(prepared, manifest, proof, trace.commitment,
+                                         states=states[i - 1 : i + 1])
             if outcome.verdict is not Verdict.CHALLENGER_FAULT:
                 raise RuntimeError(f"honest step {i} decided {outcome.verdict.name}")
             gas.append(_verify_on_chain(chain, prover.step_circuit(prepared, manifest, i),
@@ -147,7 +148,8 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
         cheated = [*states[:m], lie, *states[m + 1:]]
         commitment = Trace.from_states(manifest, cheated).commitment
         proof = prover.prove_step(prepared, manifest, m, states[m - 1], lie)
-        outcome = prover.verify_step(prepared, manifest, proof, commitment)
+        outcome = prover.verify_step(prepared, manifest, proof, commitment,
+                                         states=[states[m - 1], lie])
         if outcome.verdict is not Verdict.PROVIDER_FAULT:
             raise RuntimeError(f"cheat at step {m} decided {outcome.verdict.name}")
         _verify_on_chain(chain, prover.step_circuit(prepared, manifest, m), proof.proof)

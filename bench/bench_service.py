@@ -156,12 +156,12 @@ def _spotcheck_cost(console: Console, model_name: str) -> None:
         for i in range(reps):
             from refute.trace import Trace
 
-            loaded = Trace.read(bundle, workers=1)
+            loaded = Trace.read(bundle)
             check_segment(executor, prepared.segmentation, loaded, 1 + i % n)
         check_with_verify = (time.process_time() - start) / reps
         start = time.process_time()
         for i in range(reps * 10):
-            stored = Trace.read(bundle, workers=1, rehash=False)
+            stored = Trace.read(bundle, rehash=False)
             check_segment(executor, prepared.segmentation, stored, 1 + i % n)
         check_stored = (time.process_time() - start) / (reps * 10)
         start = time.process_time()

@@ -126,7 +126,7 @@ class StoredStates:
     def trace(self, key: str) -> Trace:
         """Read a stored trace bundle. It was fully verified at upload and the blob store
         checks its sha256 on read, so its states are not re-hashed here."""
-        return Trace.read(self.blobs.get(key), workers=1, rehash=False)
+        return Trace.read(self.blobs.get(key), rehash=False)
 
     def disclosed(self, manifest: Manifest, leaves: Sequence[str],
                   blobs: Mapping[int, str], needed: set[int]) -> dict[int, State]:

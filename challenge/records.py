@@ -3,7 +3,8 @@
 Every row that matters to money or to a verdict is written before it is acted on; uniqueness
 constraints make re-deliveries harmless (a result signed twice is one row; a spot-check of one
 segment of one result is recorded once). Migrations live in ``verifier/migrations`` (Alembic);
-``0001_initial`` creates exactly these tables.
+``0001``-``0005`` build the tables, ``0006_sha256_leaves`` adds ``results.leaf_format`` and moves
+manifests to ``refute.manifest/2``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from refute.leaves import LEAF_FORMAT
 
 
 def new_id(prefix: str) -> str:
@@ -128,6 +131,10 @@ class Result(Base):
     output_hash: Mapped[str] = mapped_column(String(66))
     trace_root: Mapped[str] = mapped_column(String(66))
     leaves: Mapped[list[str]] = mapped_column(JSON)
+    #: How the leaves were made (:data:`refute.leaves.LEAF_FORMAT`); results stored before
+    #: migration 0006 keep ``poseidon-keccak/1`` and were all closed when it ran.
+    leaf_format: Mapped[str] = mapped_column(String(40), default=LEAF_FORMAT,
+                                             server_default=LEAF_FORMAT)
     signature: Mapped[str] = mapped_column(String(132))
     status: Mapped[ResultStatus] = mapped_column(Enum(ResultStatus, native_enum=False,
                                                       length=20), index=True)
@@ -176,7 +183,7 @@ class DisclosedState(Base):
 
     result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), primary_key=True)
     state: Mapped[int] = mapped_column(Integer, primary_key=True)
-    #: The disclosure bundle (``refute.states/1``) in the blob store that holds this state.
+    #: The disclosure bundle (``refute.states/2``) in the blob store that holds this state.
     blob: Mapped[str] = mapped_column(String(64))
     disclosed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

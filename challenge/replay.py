@@ -1,8 +1,8 @@
-"""Dispute bundles (``refute.dispute/1``) and their offline replay.
+"""Dispute bundles (``refute.dispute/2``) and their offline replay.
 
 A bundle is an uncompressed ZIP holding exactly:
 
-* ``dispute.json`` — ``{"format": "refute.dispute/1", "dispute_id": "..."}``;
+* ``dispute.json`` — ``{"format": "refute.dispute/2", "dispute_id": "..."}``;
 * ``transcript.json`` — the result's hash-chained transcript, its head co-signed with BLS;
 * ``manifest.json`` — the model's manifest, named by its sha256 (``manifest_sha256``) in the
   signed submission event (event 0);
@@ -32,7 +32,8 @@ line of the report (a failed one says where: the member, the event, the field):
 ``proof``      every step and range proof verifies with EZKL (only when the transcript is
                signed by a trusted key and every artifact matched its hash: the expensive,
                native verifier never sees unauthenticated input);
-``binding``    the proof's hash instances are the committed leaves;
+``binding``    the proof's hash instances are Poseidon of the quantized tensors of the states
+               it was made on, states that reproduce their committed leaves;
 ``verdict``    the proven maxdiff (max |v|) and τ (R) are the ones recorded, and the rule holds
                (``refute/verdict.py``, the rule the game and the prover apply).
 
@@ -81,8 +82,8 @@ from challenge.transcript import (
     parse_public_key,
 )
 from refute import safejson
-from refute.commitment import state_leaf
-from refute.errors import RefuteError
+from refute.errors import BindingError, RefuteError
+from refute.instances import check_binding
 from refute.manifest import Manifest, canonical_json
 from refute.merkle import merkle_root
 from refute.trace import leaf_of_state
@@ -95,7 +96,7 @@ from refute.verdict import (
     within_range,
 )
 
-FORMAT = "refute.dispute/1"
+FORMAT = "refute.dispute/2"
 #: Largest member read from a bundle (an SRS for 2^20 rows is 128 MB).
 MAX_MEMBER_BYTES = 1 << 30
 #: Largest JSON member (transcript, manifest, dispute head, settings).
@@ -385,8 +386,10 @@ class _Replay:
             return report.add("bundle", False, "must be an object with exactly 'format' and "
                               "'dispute_id'", "dispute.json")
         if head["format"] != FORMAT:
+            old = (" (SHA-256 leaves replaced Poseidon leaves: bundles made before are not "
+                   "replayed by this version)" if head["format"] == "refute.dispute/1" else "")
             return report.add("bundle", False, f"format {_shorten(head['format'])}, expected "
-                              f"{FORMAT!r}", "dispute.json format")
+                              f"{FORMAT!r}{old}", "dispute.json format")
         dispute_id = head["dispute_id"]
         if type(dispute_id) is not str or not _DISPUTE_ID.fullmatch(dispute_id):
             return report.add("bundle", False, f"malformed dispute id {_shorten(dispute_id)}",
@@ -761,15 +764,20 @@ class _Replay:
             x, y, raw = split_instances(proof, n_inputs)
         except RefuteError as exc:
             raise ReplayError(exc.reason, f"{place}.proof.instances") from exc
-        if kind == "step":
-            bound = ("0x" + state_leaf(x).hex(), "0x" + state_leaf(y).hex())
-            ok = bound == (self.leaves[index - 1], self.leaves[index])
-            names = f"leaves {index - 1} and {index}"
-        else:
-            ok = "0x" + state_leaf(x + y).hex() == self.leaves[index]
-            names = f"leaf {index}"
-        if not report.add("binding", ok, f"instances hash to {names}" if ok
-                          else f"instances do not hash to {names}", f"{place}.proof.instances"):
+        indices = [index - 1, index] if kind == "step" else [index]
+        if any(k not in self.states for k in indices):
+            raise ReplayError(f"the bundle lacks state(s) {indices} the proof was made on",
+                              f"{place}.proof")
+        try:
+            check_binding(scale=manifest.scale, specs=manifest.states, indices=indices,
+                          states=[self.states[k] for k in indices],
+                          leaves=[bytes.fromhex(leaf[2:]) for leaf in self.leaves],
+                          instances=x + y)
+            ok, detail = True, (f"instances are Poseidon of states {indices}, which match "
+                                "their leaves")
+        except BindingError as exc:
+            ok, detail = False, exc.reason
+        if not report.add("binding", ok, detail, f"{place}.proof.instances"):
             return
         self._stage("verdict", place)
         try:

@@ -59,14 +59,16 @@ class EzklProofs:
         if kind == "step":
             proof = self._prover.prove_step(prepared, manifest, index, states[index - 1],
                                             states[index])
-            step = self._prover.verify_step(prepared, manifest, proof, commitment)
+            step = self._prover.verify_step(prepared, manifest, proof, commitment,
+                                            states=[states[index - 1], states[index]])
             assert manifest.tolerances is not None
             measured: dict[str, Any] = {"step": index,
                                         "maxdiff_units": str(step.maxdiff_units),
                                         "tolerance": manifest.tolerances[index - 1]}
         else:
             proof = self._prover.prove_range(prepared, manifest, index, states[index])
-            bound = self._prover.verify_range(prepared, manifest, proof, commitment)
+            bound = self._prover.verify_range(prepared, manifest, proof, commitment,
+                                              state=states[index])
             measured = {"state": index, "max_abs_units": str(bound.maxabs_units),
                         "bound": int(bound.bound_units)}
         files = self._files(circuit)

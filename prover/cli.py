@@ -210,7 +210,8 @@ def prove(
                 circuit = prover.step_circuit(prepared, result.manifest, step)
                 kind = "step"
             report("prove", len(stages), len(stages))
-            bundle = ProofBundle.of(kind, result.manifest, result.commitment, proof, circuit)
+            bundle = ProofBundle.of(kind, result.manifest, result.commitment, proof, circuit,
+                                    states=dict(enumerate(result.states)))
             target = output or trace.with_suffix(f".{kind}{step}.rproof")
             bundle.write(target)
             outcome = check_bundle(bundle, srs_store(settings))

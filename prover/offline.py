@@ -10,10 +10,9 @@ from pathlib import Path
 
 from prover.circuit import META, SETTINGS, VK, Circuit
 from prover.errors import ProofRejected
-from prover.proof_bundle import ProofBundle
+from prover.proof_bundle import ProofBundle, proof_states
 from prover.srs import SrsStore
-from prover.step import maxdiff_units, verify_proof_file
-from refute.commitment import state_leaf
+from prover.step import bind, maxdiff_units, verify_proof_file
 from refute.verdict import (
     Verdict,
     VerdictError,
@@ -70,7 +69,8 @@ def materialize_files(folder: Path, settings: bytes, vk: bytes, srs: bytes,
 
 
 def check_bundle(bundle: ProofBundle, srs: SrsStore) -> BundleOutcome:
-    """Verify the proof, its binding to the commitment's leaves, and apply the verdict rule."""
+    """Verify the proof, its binding to the commitment's leaves through the bundle's states,
+    and apply the verdict rule."""
     manifest, step = bundle.manifest, bundle.step
     if bundle.commitment.num_states != len(manifest.states):
         raise ProofRejected("commitment does not fit the manifest")
@@ -80,15 +80,11 @@ def check_bundle(bundle: ProofBundle, srs: SrsStore) -> BundleOutcome:
         circuit = materialize(bundle, srs, Path(tmp))
         if not verify_proof_file(circuit, step.proof):
             raise ProofRejected("proof does not verify with the bundle's verifying key")
-    leaves = bundle.commitment.leaves
     units = maxdiff_units(step.maxdiff_raw, output_scale=circuit.output_scale,
                           scale=manifest.scale)
     i = step.segment
-    if bundle.kind == "step":
-        if state_leaf(step.x_hashes) != leaves[i - 1] or state_leaf(step.y_hashes) != leaves[i]:
-            raise ProofRejected(f"proof's hashes do not match leaves {i - 1} and {i}")
-    elif state_leaf(step.x_hashes + step.y_hashes) != leaves[i]:
-        raise ProofRejected(f"range proof's hashes do not match leaf {i}")
+    bind(step, manifest, bundle.commitment.leaves,
+         [bundle.states[k] for k in proof_states(bundle.kind, i)], kind=bundle.kind)
     try:
         if bundle.kind == "step":
             threshold = manifest.tolerances[i - 1]

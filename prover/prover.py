@@ -4,7 +4,8 @@
 
     prover = Prover(CircuitCache(cache_dir, SrsStore(dev_cache=srs_dir)))
     proof = prover.prove_step(prepared, manifest, i, state_prev, state_claimed)
-    outcome = prover.verify_step(prepared, manifest, proof, commitment)
+    outcome = prover.verify_step(prepared, manifest, proof, commitment,
+                                 states=[state_prev, state_claimed])
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from prover.errors import CircuitUnsupported, ProofRejected
 from prover.step import (
     StepOutcome,
     StepProof,
+    bind,
     maxdiff_units,
     prove_step,
     verify_proof_file,
     verify_step,
 )
-from refute.commitment import TraceCommitment, state_leaf
+from refute.commitment import TraceCommitment
 from refute.manifest import Manifest
 from refute.provider import PreparedModel
 from refute.verdict import Verdict, VerdictError, range_bound_units, range_verdict
@@ -108,8 +110,11 @@ class Prover:
         manifest: Manifest,
         proof: StepProof,
         commitment: TraceCommitment,
+        *,
+        states: Sequence[Sequence[np.ndarray]],
     ) -> StepOutcome:
-        """Verify a step proof against the commitment and apply the verdict rule."""
+        """Verify a step proof, bind it to the commitment through the revealed ``states`` it
+        was made on (state i-1, state i), and apply the verdict rule."""
         i = proof.segment
         if not 1 <= i <= manifest.num_segments or commitment.num_states != len(manifest.states):
             raise ProofRejected("proof step or commitment does not fit this manifest")
@@ -117,10 +122,8 @@ class Prover:
             raise ProofRejected("commitment scale differs from the manifest's")
         circuit = self.step_circuit(prepared, manifest, i)
         assert manifest.tolerances is not None
-        return verify_step(
-            circuit, proof, leaf_prev=commitment.leaves[i - 1], leaf_claimed=commitment.leaves[i],
-            tolerance=manifest.tolerances[i - 1], scale=manifest.scale,
-        )
+        return verify_step(circuit, proof, manifest=manifest, leaves=commitment.leaves,
+                           state_prev=states[0], state_claimed=states[1])
 
     def prove_range(
         self, prepared: PreparedModel, manifest: Manifest, k: int, state: Sequence[np.ndarray]
@@ -136,8 +139,11 @@ class Prover:
         manifest: Manifest,
         proof: StepProof,
         commitment: TraceCommitment,
+        *,
+        state: Sequence[np.ndarray],
     ) -> RangeOutcome:
-        """Verify a range proof for state ``proof.segment`` against the commitment."""
+        """Verify a range proof for state ``proof.segment`` against the commitment, bound to it
+        through the revealed ``state``."""
         k = proof.segment
         if not 0 <= k < commitment.num_states:
             raise ProofRejected(f"range proof names state {k}, outside the commitment")
@@ -146,9 +152,7 @@ class Prover:
             raise ProofRejected("range proof was made for another circuit")
         if not verify_proof_file(circuit, proof.proof):
             raise ProofRejected("range proof does not verify with the circuit's verifying key")
-        hashes = proof.x_hashes + proof.y_hashes
-        if state_leaf(hashes) != commitment.leaves[k]:
-            raise ProofRejected(f"range proof's hashes do not match leaf {k}")
+        bind(proof, manifest, commitment.leaves, [state], kind="range")
         assert manifest.range is not None
         units = maxdiff_units(proof.maxdiff_raw, output_scale=circuit.output_scale,
                               scale=manifest.scale)

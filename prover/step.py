@@ -3,9 +3,10 @@
 The proof of segment i's adjudication circuit on (state i-1, claimed state i) has public
 instances ``Poseidon(x_1) … Poseidon(x_m), Poseidon(y_1) … Poseidon(y_n), maxdiff``.
 :func:`verify_step` accepts a proof only if EZKL verifies it with the circuit's verifying key
-**and** the hash instances rebuild leaves i-1 and i of the provider's commitment; it then applies
-the verdict rule of :mod:`refute.verdict`: ``maxdiff > τ_i`` → ``PROVIDER_FAULT``, else
-``CHALLENGER_FAULT``.
+**and** it is bound to the result (:func:`refute.instances.check_binding`): the revealed states
+i-1 and i reproduce leaves i-1 and i of the provider's commitment, and the hash instances are
+Poseidon of their quantized tensors. It then applies the verdict rule of :mod:`refute.verdict`:
+``maxdiff > τ_i`` → ``PROVIDER_FAULT``, else ``CHALLENGER_FAULT``.
 
 ``maxdiff`` is read exactly: the instance is an integer at the circuit's output scale o, so in
 quantized units of the model scale s it is ``raw · 2^s / 2^o`` (a fraction, compared exactly;
@@ -27,14 +28,16 @@ import numpy as np
 
 from prover.circuit import Circuit, felt_to_int, witness
 from prover.errors import ProofRejected, ProverError
-from refute.commitment import state_leaf
-from refute.manifest import EZKL_VERSION
+from refute.errors import BindingError
+from refute.instances import check_binding
+from refute.manifest import EZKL_VERSION, Manifest
 from refute.verdict import Verdict, VerdictError, proven_units, step_verdict
 
 __all__ = [
     "StepOutcome",
     "StepProof",
     "Verdict",
+    "bind",
     "maxdiff_units",
     "prove_step",
     "split_instances",
@@ -150,25 +153,40 @@ def verify_proof_file(circuit: Circuit, proof: dict[str, Any]) -> bool:
             return False
 
 
+def bind(step: StepProof, manifest: Manifest, leaves: Sequence[bytes],
+         states: Sequence[Sequence[np.ndarray]], *, kind: str = "step") -> None:
+    """Check the binding of ``step`` (a step proof, or a range proof with ``kind="range"``) to
+    the committed ``leaves`` through the revealed ``states`` it was made on (states i-1 and i of
+    a step, state k of a range); raise :class:`ProofRejected` naming what does not hold."""
+    i = step.segment
+    indices = [i - 1, i] if kind == "step" else [i]
+    try:
+        check_binding(scale=manifest.scale, specs=manifest.states, indices=indices,
+                      states=states, leaves=leaves, instances=step.x_hashes + step.y_hashes)
+    except BindingError as exc:
+        raise ProofRejected(exc.reason) from exc
+
+
 def verify_step(
     circuit: Circuit,
     step: StepProof,
     *,
-    leaf_prev: bytes,
-    leaf_claimed: bytes,
-    tolerance: int,
-    scale: int,
+    manifest: Manifest,
+    leaves: Sequence[bytes],
+    state_prev: Sequence[np.ndarray],
+    state_claimed: Sequence[np.ndarray],
 ) -> StepOutcome:
-    """Verify ``step`` and bind it to the commitment; raise ProofRejected if it does not hold."""
+    """Verify ``step`` and bind it to the commitment's ``leaves`` through the revealed states;
+    raise ProofRejected if it does not hold."""
     if step.circuit_key != circuit.key or step.vk_sha256 != circuit.vk_sha256:
         raise ProofRejected("proof was made for another circuit")
     if not verify_proof_file(circuit, step.proof):
         raise ProofRejected("proof does not verify with the circuit's verifying key")
-    if state_leaf(step.x_hashes) != leaf_prev:
-        raise ProofRejected(f"proof's input hashes do not match leaf {step.segment - 1}")
-    if state_leaf(step.y_hashes) != leaf_claimed:
-        raise ProofRejected(f"proof's claimed-state hashes do not match leaf {step.segment}")
-    units = maxdiff_units(step.maxdiff_raw, output_scale=circuit.output_scale, scale=scale)
+    bind(step, manifest, leaves, [state_prev, state_claimed])
+    assert manifest.tolerances is not None
+    tolerance = manifest.tolerances[step.segment - 1]
+    units = maxdiff_units(step.maxdiff_raw, output_scale=circuit.output_scale,
+                          scale=manifest.scale)
     try:
         verdict = step_verdict(units, tolerance)
     except VerdictError as exc:

@@ -80,7 +80,7 @@ def trace(
     cuts: console.CutsOpt = None,
     max_segments: console.MaxSegOpt = None,
     scale: Annotated[int, typer.Option(help="Fixed-point scale (log2).")] = DEFAULT_SCALE,
-    workers: Annotated[
+    threads: Annotated[
         int | None, typer.Option(min=1, help="Threads for hashing (default: all cores).")
     ] = None,
     manifest: Annotated[
@@ -102,7 +102,7 @@ def trace(
                 )
                 console.print_pins(prepared.loaded)
             feeds = read_inputs_json(inputs, prepared.loaded)
-            result = run_trace(prepared, feeds, workers=workers, progress=progress)
+            result = run_trace(prepared, feeds, threads=threads, progress=progress)
         target = output or inputs.with_suffix(".rtrace")
         result.write(target)
     except RefuteError as exc:

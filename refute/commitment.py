@@ -1,11 +1,9 @@
-"""Trace commitments: tensor hashes, state leaves and the Merkle root (DESIGN.md "leaf k").
+"""Trace commitments: state leaves and their Merkle root (DESIGN.md "leaf k", "trace").
 
-For state k with tensors t1..tm (in state order), each tensor is quantized at the model's scale
-(:mod:`refute.quantize`; a model input of whole numbers at scale 0) and hashed with EZKL's
-Poseidon (:mod:`refute.poseidon`), the same hash EZKL exposes as a public instance for a
-*hashed* input. The leaf is ``keccak256(h1 ‖ … ‖ hm)`` with each hash as a 32-byte big-endian
-word (the uint256 the chain sees). The commitment is the list of N+1 leaves and their Merkle
-root (:mod:`refute.merkle`).
+Leaf k is the SHA-256 chunked root of state k's canonical bytes (:mod:`refute.leaves`); the
+commitment is the list of N+1 leaves and their keccak Merkle root (:mod:`refute.merkle`), the
+word a result carries and its provider signs. Nothing here quantizes or computes Poseidon: that
+happens only over what a proof hashes (:mod:`refute.instances`).
 """
 
 from __future__ import annotations
@@ -17,51 +15,9 @@ from typing import Any
 import numpy as np
 
 from refute.errors import BundleError, CommitmentError
-from refute.loading import TensorSpec
-from refute.merkle import MerkleProof, keccak256, merkle_proof, merkle_root
-from refute.poseidon import FIELD_MODULUS, poseidon_hash_many
-from refute.quantize import check_scale, quantize, quantize_whole
-
-
-def hash_word(value: int) -> bytes:
-    """A field element as the 32-byte big-endian word the chain sees."""
-    if not 0 <= value < FIELD_MODULUS:
-        raise CommitmentError("a Poseidon hash must be a field element")
-    return value.to_bytes(32, "big")
-
-
-def state_leaf(tensor_hashes: Sequence[int]) -> bytes:
-    """The leaf of a state: keccak256 of its tensors' Poseidon hashes, in state order."""
-    if not tensor_hashes:
-        raise CommitmentError("a state must hold at least one tensor")
-    return keccak256(b"".join(hash_word(h) for h in tensor_hashes))
-
-
-def hash_states(
-    states: Sequence[Sequence[np.ndarray]],
-    scale: int,
-    *,
-    specs: Sequence[Sequence[TensorSpec]] | None = None,
-    workers: int | None = None,
-) -> list[list[int]]:
-    """Poseidon hash of every tensor of every state, quantized at ``scale``; a tensor whose
-    spec (``specs``, aligned with ``states``) is whole (:attr:`TensorSpec.whole`) is quantized
-    at scale 0 instead, and must hold whole numbers.
-
-    All tensors are hashed in one batch so that work spreads over processes.
-    """
-    check_scale(scale)
-    if specs is not None and [len(s) for s in specs] != [len(s) for s in states]:
-        raise CommitmentError("state specs do not match the states")
-    flat = [quantize_whole(t) if specs is not None and specs[k][j].whole else quantize(t, scale)
-            for k, state in enumerate(states) for j, t in enumerate(state)]
-    hashes = poseidon_hash_many(flat, workers=workers)
-    out: list[list[int]] = []
-    position = 0
-    for state in states:
-        out.append(hashes[position : position + len(state)])
-        position += len(state)
-    return out
+from refute.leaves import LEAF_FORMAT, state_leaf
+from refute.merkle import MerkleProof, merkle_proof, merkle_root
+from refute.quantize import check_scale
 
 
 @dataclass(frozen=True)
@@ -73,10 +29,16 @@ class TraceCommitment:
     root: bytes
 
     @classmethod
-    def from_hashes(cls, scale: int, tensor_hashes: Sequence[Sequence[int]]) -> TraceCommitment:
-        """Build the commitment from every state's tensor hashes."""
-        leaves = tuple(state_leaf(h) for h in tensor_hashes)
+    def from_leaves(cls, scale: int, leaves: Sequence[bytes]) -> TraceCommitment:
+        """The commitment of the given leaves."""
+        leaves = tuple(leaves)
         return cls(scale=check_scale(scale), leaves=leaves, root=merkle_root(leaves))
+
+    @classmethod
+    def of_states(cls, scale: int, states: Sequence[Sequence[np.ndarray]], *,
+                  threads: int | None = None) -> TraceCommitment:
+        """The commitment of ``states`` (float32 tensors, state order)."""
+        return cls.from_leaves(scale, [state_leaf(s, threads=threads) for s in states])
 
     @property
     def num_states(self) -> int:
@@ -90,6 +52,7 @@ class TraceCommitment:
     def to_json(self) -> dict[str, Any]:
         """JSON form (hex words with 0x prefix)."""
         return {
+            "leaf_format": LEAF_FORMAT,
             "scale": self.scale,
             "leaves": ["0x" + leaf.hex() for leaf in self.leaves],
             "root": "0x" + self.root.hex(),
@@ -98,6 +61,11 @@ class TraceCommitment:
     @classmethod
     def from_json(cls, data: Any) -> TraceCommitment:
         """Parse and check the JSON form: the root must match the leaves."""
+        if isinstance(data, dict) and data.get("leaf_format") != LEAF_FORMAT:
+            raise BundleError(
+                f"the commitment's leaves are {data.get('leaf_format', 'Poseidon leaves')!r}, "
+                f"not {LEAF_FORMAT!r}: commitments made before refute's SHA-256 leaves are "
+                "no longer accepted; trace the input again")
         try:
             leaves = tuple(_parse_word(x) for x in data["leaves"])
             root = _parse_word(data["root"])

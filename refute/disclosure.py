@@ -1,16 +1,17 @@
-"""Disclosing selected committed states (``refute.states/1``), not the whole trace.
+"""Disclosing selected committed states (``refute.states/2``), not the whole trace.
 
 A sampled provider that keeps its trace to itself is asked for exactly the states its
 spot-check needs (DESIGN.md "Spot-checks"); it answers with a *disclosure bundle*: an
 uncompressed ZIP archive holding
 
-* ``states.json`` — ``{"format": "refute.states/1", "manifest_sha256": …, "states": [k, …]}``;
+* ``states.json`` — ``{"format": "refute.states/2", "manifest_sha256": …, "states": [k, …]}``;
 * ``states/<k>/<j>.f32`` — tensor j of state k, raw little-endian float32 in C order (the same
   member layout as a trace bundle).
 
 Reading one trusts nothing in it: the manifest hash is compared first, member sizes are checked
-against the manifest's shapes before any tensor is read, every state must keep the range rule,
-and each state must reproduce its committed leaf. Any mismatch is a :class:`BundleError` naming
+against the manifest's shapes before any tensor is read, every state must keep the rules of
+:func:`~refute.trace.check_state` (finite, whole where declared, within R), and each state must
+reproduce its committed SHA-256 leaf. Any mismatch is a :class:`BundleError` naming
 the state at fault.
 """
 
@@ -22,12 +23,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from refute.errors import BundleError, RefuteError
+from refute.errors import BundleError, CommitmentError, RefuteError
 from refute.manifest import Manifest, canonical_json
 from refute.safejson import loads
-from refute.trace import leaf_of_state
+from refute.trace import check_state, leaf_of_state
 
-FORMAT = "refute.states/1"
+FORMAT = "refute.states/2"
 _INDEX = "states.json"
 _MAX_INDEX_BYTES = 2**20
 
@@ -97,18 +98,11 @@ def _read(archive: zipfile.ZipFile, manifest: Manifest,
             np.frombuffer(archive.read(infos[_member(k, j)]), dtype="<f4")
             .reshape(spec.shape).copy()
             for j, spec in enumerate(manifest.states[k]))
-        _check_range(manifest, k, tensors)
+        try:
+            check_state(manifest, k, tensors)
+        except CommitmentError as exc:
+            raise BundleError(exc.reason) from exc
         if "0x" + leaf_of_state(manifest, k, tensors).hex() != leaves[k]:
             raise BundleError(f"state {k} does not match its committed leaf")
         states[k] = tensors
     return states
-
-
-def _check_range(manifest: Manifest, k: int, tensors: Sequence[np.ndarray]) -> None:
-    bound = manifest.range
-    for spec, tensor in zip(manifest.states[k], tensors, strict=True):
-        if tensor.size and not np.isfinite(tensor).all():
-            raise BundleError(f"state {k} tensor {spec.name!r} holds a non-finite value")
-        if bound is not None and tensor.size and float(np.max(np.abs(tensor))) > bound:
-            raise BundleError(f"state {k} tensor {spec.name!r} breaks the declared range "
-                              f"R={bound}")

@@ -155,6 +155,13 @@ class BundleError(RefuteError):
     code = "bundle_error"
 
 
+class BindingError(RefuteError):
+    """A proof is not bound to the result: a revealed state does not reproduce its committed
+    leaf, or the proof's hash instances are not Poseidon of the revealed states."""
+
+    code = "binding_error"
+
+
 class Conflict(InputError):
     """The request contradicts an existing object (a replayed nonce, a lost race on a write)."""
 

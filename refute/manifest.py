@@ -1,6 +1,6 @@
 """The model manifest a network publishes at registration (DESIGN.md "Registration" step 5).
 
-Format ``refute.manifest/1``, JSON (documented in ``docs/FORMATS.md``). Its identity is the
+Format ``refute.manifest/2``, JSON (documented in ``docs/FORMATS.md``). Its identity is the
 sha256 of its canonical encoding (sorted keys, no whitespace). Fields the prover fills in later
 (``tolerances``, ``range``, ``circuits``) are ``null`` until calibration has run.
 """
@@ -17,12 +17,14 @@ from typing import Any
 
 from refute.errors import BundleError, CommitmentError
 from refute.executor import ORT_VERSION
+from refute.leaves import LEAF_FORMAT
 from refute.loading import TensorSpec
 from refute.quantize import check_scale
 from refute.segmentation import Segmentation
 
-FORMAT = "refute.manifest/1"
-#: The hash behind every leaf, named so a reader knows which Poseidon instance it is.
+FORMAT = "refute.manifest/2"
+#: The hash a proof exposes for each tensor it takes, named so a reader knows which Poseidon
+#: instance it is (leaves are SHA-256: ``leaf``, :data:`refute.leaves.LEAF_FORMAT`).
 POSEIDON_ID = "ezkl-poseidon-bn254-w2r1-rf8rp56"
 #: The EZKL release circuits and hashes are tied to (read without loading the native library).
 EZKL_VERSION: str = importlib.metadata.version("ezkl")
@@ -63,6 +65,7 @@ class Manifest:
     ezkl_version: str = EZKL_VERSION
     onnxruntime_version: str = ORT_VERSION
     poseidon: str = POSEIDON_ID
+    leaf: str = LEAF_FORMAT
 
     @classmethod
     def build(
@@ -110,7 +113,7 @@ class Manifest:
                 raise BundleError(f"segment {entry.index} bytes differ from the manifest's hash")
 
     def to_json(self) -> dict[str, Any]:
-        """JSON form (``refute.manifest/1``)."""
+        """JSON form (``refute.manifest/2``)."""
         return {
             "format": FORMAT,
             "model": {
@@ -133,6 +136,7 @@ class Manifest:
             "circuits": [dict(c) for c in self.circuits] if self.circuits is not None else None,
             "versions": {"ezkl": self.ezkl_version, "onnxruntime": self.onnxruntime_version},
             "poseidon": self.poseidon,
+            "leaf": self.leaf,
         }
 
     @classmethod
@@ -148,6 +152,9 @@ class Manifest:
             if not isinstance(data, Mapping):
                 raise BundleError("malformed manifest: not a JSON object")
             _check_finite(data)
+            if data["format"] == "refute.manifest/1":
+                raise BundleError("a refute.manifest/1 manifest (Poseidon leaves) is no longer "
+                                  f"accepted: register the model again to get a {FORMAT} one")
             if data["format"] != FORMAT:
                 raise BundleError(f"unknown manifest format {str(data['format'])[:60]!r}")
             model = data["model"]
@@ -182,6 +189,7 @@ class Manifest:
                 ezkl_version=str(data["versions"]["ezkl"]),
                 onnxruntime_version=str(data["versions"]["onnxruntime"]),
                 poseidon=str(data["poseidon"]),
+                leaf=str(data["leaf"]),
             )
         except BundleError:
             raise
@@ -205,6 +213,9 @@ class Manifest:
             raise BundleError("manifest has an empty state")
         if self.poseidon != POSEIDON_ID:
             raise BundleError(f"manifest uses an unknown hash {self.poseidon!r}")
+        if self.leaf != LEAF_FORMAT:
+            raise BundleError(f"manifest uses unknown leaves {self.leaf[:60]!r}, not "
+                              f"{LEAF_FORMAT!r}")
 
 
 #: Largest integer a manifest may hold (counts, cuts, dimensions, tolerances).

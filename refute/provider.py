@@ -117,7 +117,7 @@ def run_trace(
     inputs: Mapping[str, np.ndarray],
     *,
     executor: DeterministicExecutor | None = None,
-    workers: int | None = None,
+    threads: int | None = None,
     progress: ProgressFn = _no_progress,
 ) -> Trace:
     """Execute the model segment by segment on ``inputs`` and commit to every state."""
@@ -130,7 +130,7 @@ def run_trace(
         states.append(run_segment(executor, segment, states[-1]))
     progress("execute", len(segments), len(segments))
     progress("commit", 0, 1)
-    trace = Trace.from_states(prepared.manifest, states, workers=workers)
+    trace = Trace.from_states(prepared.manifest, states, threads=threads)
     progress("commit", 1, 1)
     return trace
 

@@ -1,28 +1,30 @@
-"""Traces and the trace bundle format (``refute.trace/1``).
+"""Traces and the trace bundle format (``refute.trace/2``).
 
 A :class:`Trace` is one execution cut into states: the N+1 states (float32 tensors in state
-order), every tensor's Poseidon hash, and the :class:`~refute.commitment.TraceCommitment`.
+order) and the :class:`~refute.commitment.TraceCommitment` to their SHA-256 leaves.
 
 On disk and over the wire a trace is a *bundle*: an uncompressed ZIP archive holding exactly
 
 * ``manifest.json`` — the model manifest (:mod:`refute.manifest`);
 * ``trace.json`` — format tag, manifest sha256, commitment, and per tensor its name, dtype,
-  shape, Poseidon hash and member file;
+  shape and member file;
 * ``states/<k>/<j>.f32`` — tensor j of state k as raw little-endian float32, C order.
 
 Reading a bundle trusts nothing in it: member sizes are checked against the declared shapes
-before anything is read, every tensor is re-quantized and re-hashed, every leaf and the root are
-recomputed, and the states must match the manifest's. Any mismatch is a
-:class:`~refute.errors.BundleError` naming the state (and tensor) at fault. Cheap checks come
-first: a reader that knows which manifest and which leaves to expect (the service does) passes
-them to :meth:`Trace.read`, and a bundle made under another manifest, or claiming other leaves,
-is refused from its two small JSON members before a single state is read or hashed.
+before anything is read, every leaf and the root are recomputed from the states, and the
+states must match the manifest's. Any mismatch is a :class:`~refute.errors.BundleError`
+naming the state (and tensor) at fault. Cheap checks come first: a reader that knows which
+manifest and which leaves to expect (the service does) passes them to :meth:`Trace.read`, and a
+bundle made under another manifest, or claiming other leaves, is refused from its two small
+JSON members before a single state is read or hashed. A ``refute.trace/1`` bundle (Poseidon
+leaves) is refused with a message saying so.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -32,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from refute.commitment import TraceCommitment, hash_states, state_leaf
+from refute.commitment import TraceCommitment
 from refute.errors import BundleError, CommitmentError, RefuteError
+from refute.leaves import state_leaf
 from refute.manifest import Manifest, canonical_json
 from refute.safejson import MAX_DEPTH, json_depth
 
-FORMAT = "refute.trace/1"
+FORMAT = "refute.trace/2"
 _MANIFEST = "manifest.json"
 _TRACE = "trace.json"
 #: Largest JSON member accepted when reading a bundle.
@@ -54,7 +57,6 @@ class Trace:
 
     manifest: Manifest
     states: tuple[tuple[np.ndarray, ...], ...]
-    tensor_hashes: tuple[tuple[int, ...], ...]
     commitment: TraceCommitment
 
     @classmethod
@@ -63,26 +65,24 @@ class Trace:
         manifest: Manifest,
         states: Sequence[Sequence[np.ndarray]],
         *,
-        workers: int | None = None,
+        threads: int | None = None,
         check_range: bool = True,
     ) -> Trace:
         """Commit to ``states`` (which must match the manifest's state specs).
 
-        With ``check_range`` (the default, used for every upload), a value outside the manifest's
-        declared range R is refused (DESIGN.md "Range rule"); a dispute that must reveal such a
-        state turns it off and settles it with the range circuit instead.
+        Every value must be finite, and whole where the manifest declares a whole-number input
+        (:func:`check_state`). With ``check_range`` (the default, used for every upload), a
+        value outside the manifest's declared range R is refused too (DESIGN.md "Range rule"); a
+        dispute that must reveal such a state turns it off and settles it with the range circuit
+        instead.
         """
         frozen = tuple(tuple(np.asarray(t, dtype=np.float32, order="C") for t in s)
                        for s in states)  # np.ascontiguousarray would make a scalar [1]
         _check_states(manifest, frozen)
-        if check_range and manifest.range is not None:
-            _check_range(manifest, frozen)
-        try:
-            hashes = hash_states(frozen, manifest.scale, specs=manifest.states, workers=workers)
-        except CommitmentError as exc:
-            raise CommitmentError(f"cannot commit the trace: {exc.reason}") from exc
-        commitment = TraceCommitment.from_hashes(manifest.scale, hashes)
-        return cls(manifest, frozen, tuple(tuple(h) for h in hashes), commitment)
+        for k, state in enumerate(frozen):
+            check_state(manifest, k, state, check_range=check_range)
+        commitment = TraceCommitment.of_states(manifest.scale, frozen, threads=threads)
+        return cls(manifest, frozen, commitment)
 
     @property
     def outputs(self) -> tuple[np.ndarray, ...]:
@@ -96,14 +96,8 @@ class Trace:
             "manifest_sha256": self.manifest.sha256,
             "commitment": self.commitment.to_json(),
             "states": [
-                [
-                    {**spec.to_json(), "poseidon": "0x" + h.to_bytes(32, "big").hex(),
-                     "file": _member(k, j)}
-                    for j, (spec, h) in enumerate(zip(specs, hashes, strict=True))
-                ]
-                for k, (specs, hashes) in enumerate(
-                    zip(self.manifest.states, self.tensor_hashes, strict=True)
-                )
+                [{**spec.to_json(), "file": _member(k, j)} for j, spec in enumerate(specs)]
+                for k, specs in enumerate(self.manifest.states)
             ],
         }
 
@@ -130,7 +124,7 @@ class Trace:
         cls,
         path: str | os.PathLike[str] | bytes,
         *,
-        workers: int | None = None,
+        threads: int | None = None,
         rehash: bool = True,
         expect_manifest_sha256: str | None = None,
         expect_leaves: Sequence[bytes] | None = None,
@@ -143,8 +137,8 @@ class Trace:
         members are parsed, before any state is read or hashed: a bundle made under another
         manifest, or for another commitment, costs milliseconds, not a full re-hash.
 
-        ``rehash=False`` skips re-quantizing and re-hashing the states (the dominant cost) and
-        trusts the recorded hashes; every structural check still runs. Use it only for a bundle
+        ``rehash=False`` skips re-hashing the states and trusts the recorded leaves; every
+        structural check still runs. Use it only for a bundle
         that was fully verified before and kept in content-addressed storage (the service's own
         blob store, whose key is the sha256 of the bytes).
         """
@@ -153,20 +147,23 @@ class Trace:
                            None if expect_leaves is None else tuple(expect_leaves))
         try:
             with zipfile.ZipFile(source) as archive:
-                return cls._read_archive(archive, workers, rehash, wanted)
+                return cls._read_archive(archive, threads, rehash, wanted)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise BundleError(f"not a readable trace bundle: {exc}") from exc
 
     @classmethod
-    def _read_archive(cls, archive: zipfile.ZipFile, workers: int | None, rehash: bool,
+    def _read_archive(cls, archive: zipfile.ZipFile, threads: int | None, rehash: bool,
                       wanted: _Expected) -> Trace:
         infos = {info.filename: info for info in archive.infolist()}
         manifest = Manifest.from_json(_read_json(archive, infos, _MANIFEST))
         if wanted.manifest_sha256 is not None and manifest.sha256 != wanted.manifest_sha256:
             raise BundleError("the trace was made under another manifest than the model's")
         doc = _read_json(archive, infos, _TRACE)
+        if isinstance(doc, dict) and doc.get("format") == "refute.trace/1":
+            raise BundleError("this is a refute.trace/1 bundle, committed with Poseidon leaves "
+                              f"that refute no longer accepts: trace the input again ({FORMAT})")
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise BundleError("trace.json is not a refute.trace/1 document")
+            raise BundleError(f"trace.json is not a {FORMAT} document")
         if doc.get("manifest_sha256") != manifest.sha256:
             raise BundleError("trace.json names another manifest than the one in the bundle")
         claimed = TraceCommitment.from_json(doc.get("commitment"))
@@ -193,22 +190,21 @@ class Trace:
                 raw = archive.read(info)
                 tensors.append(np.frombuffer(raw, dtype="<f4").reshape(spec.shape).copy())
             states.append(tuple(tensors))
+        listed = doc.get("states")
+        if not isinstance(listed, list) or len(listed) != len(manifest.states) or any(
+                not isinstance(entries, list) or len(entries) != len(specs)
+                for entries, specs in zip(listed, manifest.states, strict=False)):
+            raise BundleError("trace.json must list every state with its tensors")
         if not rehash:
-            listed = doc.get("states")
-            if not isinstance(listed, list):
-                raise BundleError("trace.json lists no states")
-            try:
-                hashes = tuple(tuple(int(t["poseidon"], 16) for t in state) for state in listed)
-            except (TypeError, KeyError, ValueError) as exc:
-                raise BundleError(f"trace.json lists malformed hashes: {exc}") from exc
-            if TraceCommitment.from_hashes(manifest.scale, hashes) != claimed:
-                raise BundleError("recorded hashes do not rebuild the commitment")
-            return cls(manifest, tuple(states), hashes, claimed)
+            return cls(manifest, tuple(states), claimed)
         try:
-            trace = cls.from_states(manifest, states, workers=workers)
+            trace = cls.from_states(manifest, states, threads=threads)
         except RefuteError as exc:
             raise BundleError(f"bundle states cannot be committed: {exc.reason}") from exc
-        _compare(trace, claimed, doc)
+        for k, (mine, theirs) in enumerate(
+                zip(trace.commitment.leaves, claimed.leaves, strict=True)):
+            if mine != theirs:
+                raise BundleError(f"state {k} does not match its committed leaf")
         return trace
 
 
@@ -218,26 +214,6 @@ class _Expected:
 
     manifest_sha256: str | None
     leaves: tuple[bytes, ...] | None
-
-
-def _compare(trace: Trace, claimed: TraceCommitment, doc: dict[str, Any]) -> None:
-    """Pinpoint the first state whose recomputed leaf or hashes differ from the claims."""
-    listed = doc.get("states")
-    if not isinstance(listed, list) or len(listed) != len(trace.states):
-        raise BundleError("trace.json lists a different number of states")
-    for k, (mine, theirs) in enumerate(zip(trace.commitment.leaves, claimed.leaves, strict=True)):
-        if mine != theirs:
-            raise BundleError(f"state {k} does not match its committed leaf")
-        entries = listed[k]
-        if not isinstance(entries, list) or len(entries) != len(trace.tensor_hashes[k]):
-            raise BundleError(f"trace.json state {k} lists the wrong number of tensors")
-        for j, h in enumerate(trace.tensor_hashes[k]):
-            if not isinstance(entries[j], dict) or entries[j].get("poseidon") != (
-                "0x" + h.to_bytes(32, "big").hex()
-            ):
-                raise BundleError(f"state {k} tensor {j} does not match its recorded hash")
-    if trace.commitment.root != claimed.root:  # implied by equal leaves; kept as a guard
-        raise BundleError("commitment root does not match the states")
 
 
 def _check_states(manifest: Manifest, states: Sequence[Sequence[np.ndarray]]) -> None:
@@ -254,16 +230,25 @@ def _check_states(manifest: Manifest, states: Sequence[Sequence[np.ndarray]]) ->
                 )
 
 
-def _check_range(manifest: Manifest, states: Sequence[Sequence[np.ndarray]]) -> None:
-    assert manifest.range is not None
-    for k, (specs, tensors) in enumerate(zip(manifest.states, states, strict=True)):
-        for spec, tensor in zip(specs, tensors, strict=True):
-            if tensor.size and not np.isfinite(tensor).all():
-                raise CommitmentError(f"state {k} tensor {spec.name!r} holds a non-finite value")
-            if tensor.size and float(np.max(np.abs(tensor))) > manifest.range:
-                raise CommitmentError(
-                    f"state {k} tensor {spec.name!r} breaks the declared range R={manifest.range}"
-                )
+def check_state(manifest: Manifest, k: int, state: Sequence[np.ndarray], *,
+                check_range: bool = True) -> None:
+    """The rules every committed state keeps, checked on upload, disclosure and reveal: every
+    value finite, whole where the manifest declares a whole-number input (a circuit takes it at
+    scale 0), and with ``check_range`` within the declared range R (DESIGN.md "Range rule").
+    Raises :class:`CommitmentError` naming the tensor."""
+    bound = manifest.range if check_range else None
+    for spec, tensor in zip(manifest.states[k], state, strict=True):
+        if not tensor.size:
+            continue
+        top = max(float(tensor.max()), -float(tensor.min()))  # NaN and ±inf propagate
+        if not math.isfinite(top):
+            raise CommitmentError(f"state {k} tensor {spec.name!r} holds a non-finite value")
+        if bound is not None and top > bound:
+            raise CommitmentError(
+                f"state {k} tensor {spec.name!r} breaks the declared range R={bound}")
+        if spec.whole and not np.array_equal(tensor, np.round(tensor)):
+            raise CommitmentError(f"state {k} tensor {spec.name!r} is a whole-number input "
+                                  "but holds a value that is not a whole number")
 
 
 def _read_json(
@@ -290,6 +275,10 @@ def _no_constant(name: str) -> Any:
 
 
 def leaf_of_state(manifest: Manifest, k: int, state: Sequence[np.ndarray]) -> bytes:
-    """Recompute the leaf of state ``k`` (e.g. a state revealed during a dispute)."""
-    hashes = hash_states([state], manifest.scale, specs=[manifest.states[k]])[0]
-    return state_leaf(hashes)
+    """Recompute the leaf of state ``k`` (e.g. a state revealed during a dispute); the state
+    must have the manifest's shapes for state ``k``."""
+    specs = manifest.states[k]
+    if len(state) != len(specs) or any(tuple(np.shape(t)) != spec.shape
+                                       for t, spec in zip(state, specs, strict=False)):
+        raise BundleError(f"state {k} does not have the manifest's tensors and shapes")
+    return state_leaf([np.asarray(t, dtype=np.float32) for t in state])

@@ -382,7 +382,7 @@ def t_not_json(rng: random.Random, data: bytes, _other: bytes) -> tuple[str, byt
     parts = members(data)
     name = rng.choice(["transcript.json", "manifest.json", "dispute.json"])
     junk = rng.choice([b"", b"\xff\xfe\x00", b"NaN", b"Infinity", b"[]", b"null", b"1e999999",
-                       b'{"format": "refute.dispute/1"', b'"\\ud800"', b"{}",
+                       b'{"format": "refute.dispute/2"', b'"\\ud800"', b"{}",
                        parts[name][: len(parts[name]) // 2], parts[name] + b"x",
                        b'{"a":1,"a":2}'])
     parts[name] = junk

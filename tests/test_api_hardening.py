@@ -359,13 +359,13 @@ def test_a_bundle_whose_manifest_holds_infinity_is_a_bundle_error() -> None:
 
 def _big_bundle(width: int) -> tuple[bytes, Manifest]:
     """A structurally valid bundle of two float32 states of ``width`` values each, written with
-    made-up tensor hashes (a real commitment of it would take a minute to compute)."""
+    made-up leaves (checking them would hash every state)."""
     from refute.commitment import TraceCommitment
 
     manifest = _manifest(width)
     states = ((np.zeros((1, width), np.float32),), (np.ones((1, width), np.float32),))
-    hashes = ((1,), (2,))
-    trace = Trace(manifest, states, hashes, TraceCommitment.from_hashes(manifest.scale, hashes))
+    trace = Trace(manifest, states,
+                  TraceCommitment.from_leaves(manifest.scale, [b"\1" * 32, b"\2" * 32]))
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr("manifest.json", canonical_json(manifest.to_json()))

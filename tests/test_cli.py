@@ -30,7 +30,7 @@ def test_segment_prints_table_and_json() -> None:
     done = _refute("segment", model.path, "--dim", "batch_size=1", "--json", "--max-segments", "2")
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)
-    assert manifest["format"] == "refute.manifest/1"
+    assert manifest["format"] == "refute.manifest/2"
     assert len(manifest["segments"]) == 2
 
 

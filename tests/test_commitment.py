@@ -1,8 +1,12 @@
-"""Commitments: Poseidon hashes equal EZKL's (incl. the instance in a real proof), leaves, root."""
+"""Commitments: SHA-256 chunked leaves against an independent computation from the documented
+byte layout (docs/FORMATS.md "Leaves"), the root, and Poseidon instances equal to EZKL's
+(incl. the instance in a real proof)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import ezkl
@@ -12,16 +16,68 @@ import pytest
 from onnx import helper, numpy_helper
 
 from prover.circuit import run_args
-from refute.commitment import TraceCommitment, hash_states, hash_word, state_leaf
+from refute.commitment import TraceCommitment
 from refute.errors import BundleError, CommitmentError
-from refute.merkle import keccak256, verify_merkle_proof
-from refute.poseidon import FIELD_MODULUS
+from refute.instances import hash_states
+from refute.leaves import CHUNK, state_leaf
+from refute.merkle import verify_merkle_proof
 from refute.quantize import quantize
 
 
 def _ezkl_hash(values: np.ndarray, scale: int) -> int:
     felts = [ezkl.float_to_felt(float(v), scale) for v in values.ravel()]
     return int.from_bytes(bytes.fromhex(ezkl.poseidon_hash(felts)[0]), "little")
+
+
+def _documented_leaf(state: list[np.ndarray]) -> bytes:
+    """The leaf computed from docs/FORMATS.md alone, with plain hashlib and struct."""
+    data = b""
+    for t in state:
+        data += b"<f4\x00" + struct.pack("<I", t.ndim)
+        data += b"".join(struct.pack("<Q", d) for d in t.shape)
+        data += b"".join(struct.pack("<f", float(v)) for v in t.ravel())
+    nodes = [hashlib.sha256(b"\x00" + data[i : i + 4096]).digest()
+             for i in range(0, max(len(data), 1), 4096)]
+    while len(nodes) > 1:
+        up = [hashlib.sha256(b"\x01" + nodes[i] + nodes[i + 1]).digest()
+              for i in range(0, len(nodes) - 1, 2)]
+        nodes = up + ([nodes[-1]] if len(nodes) % 2 else [])
+    return hashlib.sha256(b"\x02" + struct.pack("<Q", len(data)) + nodes[0]).digest()
+
+
+@pytest.mark.parametrize("shapes", [
+    [()],                                   # a scalar: one short chunk
+    [(1, 5)],
+    [(1, 2, 3), (7,)],
+    [(1, 1024)],                            # header pushes the values past one chunk
+    [(3, 1021), (2, 2048), (5,)],           # chunks straddling tensors, odd counts per level
+    [(1, 8, 64, 64)],                       # 32 chunks: many levels, several threads
+])
+def test_leaf_equals_the_documented_byte_layout(shapes: list[tuple[int, ...]]) -> None:
+    rng = np.random.default_rng(len(shapes))
+    state = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    expected = _documented_leaf(state)
+    assert state_leaf(state, threads=1) == expected
+    assert state_leaf(state, threads=2) == expected
+    assert CHUNK == 4096
+
+
+def test_leaf_binds_values_shapes_order_and_length() -> None:
+    a = np.arange(12, dtype=np.float32)
+    leaf = state_leaf([a])
+    assert state_leaf([a.reshape(3, 4)]) != leaf          # shape
+    assert state_leaf([a[:6], a[6:]]) != leaf             # split into two tensors
+    flipped = a.copy()
+    flipped[5] = np.nextafter(flipped[5], np.float32(100))
+    assert state_leaf([flipped]) != leaf                  # one ulp
+    b = np.ones(3, np.float32)
+    assert state_leaf([a, b]) != state_leaf([b, a])       # order
+    negative_zero = np.zeros(2, np.float32) * -1
+    assert state_leaf([negative_zero]) != state_leaf([np.zeros(2, np.float32)])  # bytes, not =
+    with pytest.raises(CommitmentError, match="float32"):
+        state_leaf([np.ones(2, np.float64)])
+    with pytest.raises(CommitmentError, match="at least one tensor"):
+        state_leaf([])
 
 
 def test_state_hashes_equal_ezkl_binding() -> None:
@@ -36,19 +92,11 @@ def test_state_hashes_equal_ezkl_binding() -> None:
         assert got == [_ezkl_hash(t, 7) for t in state]
 
 
-def test_leaf_is_keccak_of_big_endian_words() -> None:
-    hashes = [1, FIELD_MODULUS - 1, 2**200]
-    expected = keccak256(b"".join(h.to_bytes(32, "big") for h in hashes))
-    assert state_leaf(hashes) == expected
-    with pytest.raises(CommitmentError):
-        state_leaf([])
-    with pytest.raises(CommitmentError):
-        hash_word(FIELD_MODULUS)
-
-
 def test_commitment_json_roundtrip_and_proofs() -> None:
-    hashes = [[i + 1, i + 2] for i in range(5)]
-    commitment = TraceCommitment.from_hashes(7, hashes)
+    rng = np.random.default_rng(2)
+    states = [[rng.standard_normal((2, i + 1)).astype(np.float32)] for i in range(5)]
+    commitment = TraceCommitment.of_states(7, states)
+    assert commitment.leaves == tuple(_documented_leaf(s) for s in states)
     again = TraceCommitment.from_json(json.loads(json.dumps(commitment.to_json())))
     assert again == commitment
     for k in range(commitment.num_states):
@@ -58,10 +106,15 @@ def test_commitment_json_roundtrip_and_proofs() -> None:
     with pytest.raises(BundleError, match="root"):
         TraceCommitment.from_json(forged)
     with pytest.raises(BundleError, match="malformed"):
-        TraceCommitment.from_json({"scale": 7, "leaves": ["0x12"], "root": "0x00"})
+        TraceCommitment.from_json({"leaf_format": "sha256-chunk4k/1", "scale": 7,
+                                   "leaves": ["0x12"], "root": "0x00"})
+    old = commitment.to_json()
+    del old["leaf_format"]  # a commitment of refute's Poseidon leaves
+    with pytest.raises(BundleError, match="no longer accepted"):
+        TraceCommitment.from_json(old)
 
 
-def test_non_finite_state_cannot_be_committed() -> None:
+def test_non_finite_values_cannot_be_quantized_for_a_proof() -> None:
     with pytest.raises(CommitmentError, match="non-finite"):
         hash_states([[np.array([1.0, np.nan], np.float32)]], 7)
 
@@ -103,9 +156,6 @@ def test_hash_equals_instance_in_real_ezkl_proof(tmp_path: Path) -> None:
     instance = int.from_bytes(bytes.fromhex(proof["instances"][0][0]), "little")
     (ours,) = hash_states([[x]], 7, workers=1)[0]
     assert ours == instance
-    # And the big-endian word the chain sees is what the leaf is built from.
-    assert ezkl.felt_to_big_endian(proof["instances"][0][0]) == "0x" + hash_word(ours).hex()
-    assert state_leaf([ours]) == keccak256(hash_word(ours))
     # A different tensor does not hash to that instance.
     other = x.copy()
     other[0, 0] += 1.0 / 128

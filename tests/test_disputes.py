@@ -635,7 +635,7 @@ def test_a_challenge_is_refused_after_the_window_and_below_the_minimum_bond(
 @BOTH_PROVERS
 def test_a_cheat_that_discloses_only_the_step_states_is_proven_wrong(world: World) -> None:
     """A provider that never uploads its trace is challenged at a step; the two states it
-    discloses (``refute.states/1``, not the whole trace) are enough for the proof, which
+    discloses (``refute.states/2``, not the whole trace) are enough for the proof, which
     convicts the lie, and the exported dispute replays."""
     from refute.disclosure import write_states
     from verifier.lifecycle import attach_states

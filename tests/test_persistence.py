@@ -85,6 +85,72 @@ def test_migrations_create_the_schema_and_constraints_hold(database_url: str) ->
     engine.dispose()
 
 
+def _insert_legacy(database_url: str, status: str) -> dict[str, object]:
+    """At revision 0005: a network, a model with a refute.manifest/1 manifest, and one result
+    in ``status`` committed with Poseidon leaves. Returns the old manifest."""
+    import sqlalchemy as sa
+
+    migrate(database_url, "0005")
+    engine = make_engine(database_url)
+    old = {"format": "refute.manifest/1", "scale": 7, "poseidon": "p"}
+    now = datetime.now(UTC)
+    row = {c.name: getattr(_result(1), c.name) for c in Result.__table__.columns
+           if c.name != "leaf_format" and getattr(_result(1), c.name) is not None}
+    with engine.begin() as db:
+        db.execute(sa.text("INSERT INTO networks (id, name, spot_probability, spot_count, "
+                           "challenge_window_s, created_at, min_bond, disclosure_window_s) "
+                           "VALUES ('net_a', 'A', 0.1, 1, 60, :now, '1', 60)"), {"now": now})
+        db.execute(sa.table("models", *(sa.column(c) for c in (
+            "id", "network_id", "model_sha256", "manifest_sha256", "manifest", "model_blob",
+            "created_at")), sa.column("manifest", sa.JSON)).insert().values(
+            id="mdl_a", network_id="net_a", model_sha256="a" * 64, manifest_sha256="b" * 64,
+            manifest=old, model_blob="c" * 64, created_at=now))
+        row.update(status=status, spot_segments=[], spot_pending=False)
+        db.execute(sa.table("results", *(sa.column(c) for c in row if c != "leaves"),
+                            sa.column("leaves", sa.JSON),
+                            sa.column("spot_segments", sa.JSON)).insert().values(**row))
+    engine.dispose()
+    return old
+
+
+def test_migration_to_sha256_leaves_moves_manifests_and_marks_old_results(
+        database_url: str) -> None:
+    import hashlib
+
+    from refute.leaves import LEAF_FORMAT
+    from refute.manifest import canonical_json
+
+    old = _insert_legacy(database_url, "FINALIZED")
+    migrate(database_url)
+    engine = make_engine(database_url)
+    with session_factory(engine)() as s:
+        model = s.get(RegisteredModel, "mdl_a")
+        assert model is not None
+        assert model.manifest == {**old, "format": "refute.manifest/2", "leaf": LEAF_FORMAT}
+        assert model.manifest_sha256 == hashlib.sha256(canonical_json(model.manifest)).hexdigest()
+        legacy = s.get(Result, "res_1")
+        assert legacy is not None and legacy.leaf_format == "poseidon-keccak/1"
+        s.add(_result(2, nonce="2"))
+        s.commit()
+        fresh = s.get(Result, "res_2")
+        assert fresh is not None and fresh.leaf_format == LEAF_FORMAT
+    engine.dispose()
+
+
+def test_migration_to_sha256_leaves_refuses_while_old_results_are_open(
+        database_url: str) -> None:
+    _insert_legacy(database_url, "DISPUTED")
+    with pytest.raises(RuntimeError, match=r"1 result\(s\) committed with Poseidon leaves are "
+                                           r"still open \(e.g. res_1\)"):
+        migrate(database_url)
+    engine = make_engine(database_url)  # nothing changed: still at 0005, manifest untouched
+    with session_factory(engine)() as s:
+        model = s.get(RegisteredModel, "mdl_a")
+        assert model is not None and model.manifest["format"] == "refute.manifest/1"
+    assert "leaf_format" not in {c["name"] for c in inspect(engine).get_columns("results")}
+    engine.dispose()
+
+
 @pytest.mark.parametrize("store_kind", ["local", "memory"])
 def test_blob_store(store_kind: str, tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs") if store_kind == "local" else MemoryBlobStore()

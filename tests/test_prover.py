@@ -103,13 +103,15 @@ def test_honest_upheld_cheat_convicted_off_and_on_chain(
     i = (manifest.num_segments + 1) // 2
     tau = manifest.tolerances[i - 1]
     honest = prover.prove_step(prepared, manifest, i, trace.states[i - 1], trace.states[i])
-    assert prover.verify_step(prepared, manifest, honest, trace.commitment).verdict is (
+    assert prover.verify_step(prepared, manifest, honest, trace.commitment,
+                              states=trace.states[i - 1 : i + 1]).verdict is (
         Verdict.CHALLENGER_FAULT
     )
     lie = _perturb(trace.states[i], 2 * tau / 2**manifest.scale + 0.05)
     lying = Trace.from_states(manifest, [*trace.states[:i], lie, *trace.states[i + 1:]])
     cheat = prover.prove_step(prepared, manifest, i, lying.states[i - 1], lying.states[i])
-    assert prover.verify_step(prepared, manifest, cheat, lying.commitment).verdict is (
+    assert prover.verify_step(prepared, manifest, cheat, lying.commitment,
+                              states=lying.states[i - 1 : i + 1]).verdict is (
         Verdict.PROVIDER_FAULT
     )
     circuit = prover.step_circuit(prepared, manifest, i)
@@ -144,7 +146,9 @@ def test_honest_step_upheld_and_perturbed_step_convicted(
     assert manifest.tolerances is not None and manifest.range is not None
     i = 2
     honest = prover.prove_step(prepared, manifest, i, trace.states[i - 1], trace.states[i])
-    outcome = prover.verify_step(prepared, manifest, honest, trace.commitment)
+    honest_states = trace.states[i - 1 : i + 1]
+    outcome = prover.verify_step(prepared, manifest, honest, trace.commitment,
+                                 states=honest_states)
     assert outcome.verdict is Verdict.CHALLENGER_FAULT
     assert outcome.maxdiff_units <= manifest.tolerances[i - 1]
 
@@ -153,31 +157,39 @@ def test_honest_step_upheld_and_perturbed_step_convicted(
     lie = _perturb(trace.states[i], 3 * tau / 2**manifest.scale)
     lying = Trace.from_states(manifest, [*trace.states[:i], lie, *trace.states[i + 1:]])
     proof = prover.prove_step(prepared, manifest, i, lying.states[i - 1], lying.states[i])
-    convicted = prover.verify_step(prepared, manifest, proof, lying.commitment)
+    lying_states = lying.states[i - 1 : i + 1]
+    convicted = prover.verify_step(prepared, manifest, proof, lying.commitment,
+                                   states=lying_states)
     assert convicted.verdict is Verdict.PROVIDER_FAULT
     assert convicted.maxdiff_units > tau
 
-    # The same proofs are bound to their own commitments: swapping them is rejected.
-    with pytest.raises(ProofRejected, match="leaf"):
-        prover.verify_step(prepared, manifest, proof, trace.commitment)
-    with pytest.raises(ProofRejected, match="leaf"):
-        prover.verify_step(prepared, manifest, honest, lying.commitment)
+    # The same proofs are bound to their own commitments through the revealed states: a
+    # revealed state that is not the committed one is refused, and so is a proof whose
+    # instances are not Poseidon of the revealed states.
+    with pytest.raises(ProofRejected, match="revealed state 2 does not match its committed leaf"):
+        prover.verify_step(prepared, manifest, proof, trace.commitment, states=lying_states)
+    with pytest.raises(ProofRejected, match="not Poseidon of state 2"):
+        prover.verify_step(prepared, manifest, proof, trace.commitment, states=honest_states)
+    with pytest.raises(ProofRejected, match="not Poseidon of state 2"):
+        prover.verify_step(prepared, manifest, honest, lying.commitment, states=lying_states)
     # A proof for another step does not pass as this one.
     other = dataclasses.replace(honest, segment=1)
     with pytest.raises(ProofRejected):
-        prover.verify_step(prepared, manifest, other, trace.commitment)
+        prover.verify_step(prepared, manifest, other, trace.commitment,
+                           states=trace.states[0:2])
     # Tampered proof bytes and tampered instances are rejected.
     tampered = json.loads(json.dumps(honest.proof))
     tampered["proof"][100] ^= 0x01  # EZKL stores the proof bytes as a list of ints
     with pytest.raises(ProofRejected, match="verif"):
         prover.verify_step(prepared, manifest, dataclasses.replace(honest, proof=tampered),
-                           trace.commitment)
+                           trace.commitment, states=honest_states)
     forged = json.loads(json.dumps(honest.proof))
     forged["instances"][0][-1] = "00" * 32  # claim maxdiff 0
     forged_step = StepProof.from_json({**honest.to_json(), "proof": forged},
                                       n_inputs=len(trace.states[i - 1]))
     with pytest.raises(ProofRejected, match="verif"):
-        prover.verify_step(prepared, manifest, forged_step, lying.commitment)
+        prover.verify_step(prepared, manifest, forged_step, lying.commitment,
+                           states=lying_states)
 
 
 def test_range_circuit_convicts_out_of_range_state(conv_fc: Calibrated, prover: Prover) -> None:
@@ -185,7 +197,7 @@ def test_range_circuit_convicts_out_of_range_state(conv_fc: Calibrated, prover: 
     assert manifest.range is not None
     k = 1
     fine = prover.prove_range(prepared, manifest, k, trace.states[k])
-    ok = prover.verify_range(prepared, manifest, fine, trace.commitment)
+    ok = prover.verify_range(prepared, manifest, fine, trace.commitment, state=trace.states[k])
     assert ok.verdict is Verdict.CHALLENGER_FAULT
     bad_state = _perturb(trace.states[k], 3 * manifest.range)
     # Uploading such a trace is refused; revealed in a dispute, the range circuit convicts it.
@@ -194,10 +206,13 @@ def test_range_circuit_convicts_out_of_range_state(conv_fc: Calibrated, prover: 
     bad = Trace.from_states(manifest, [*trace.states[:k], bad_state, *trace.states[k + 1:]],
                             check_range=False)
     proof = prover.prove_range(prepared, manifest, k, bad.states[k])
-    convicted = prover.verify_range(prepared, manifest, proof, bad.commitment)
+    convicted = prover.verify_range(prepared, manifest, proof, bad.commitment,
+                                    state=bad.states[k])
     assert convicted.verdict is Verdict.PROVIDER_FAULT
     with pytest.raises(ProofRejected, match="leaf"):
-        prover.verify_range(prepared, manifest, proof, trace.commitment)
+        prover.verify_range(prepared, manifest, proof, trace.commitment, state=bad.states[k])
+    with pytest.raises(ProofRejected, match="Poseidon"):
+        prover.verify_range(prepared, manifest, proof, trace.commitment, state=trace.states[k])
 
 
 def _build(args: tuple[str, str, bytes, int, str]) -> str:

@@ -264,7 +264,7 @@ def test_unreadable_files_are_a_failed_bundle_check(tmp_path: Path) -> None:
 
 
 def test_a_deeply_nested_or_non_json_transcript_is_a_failed_check(tmp_path: Path) -> None:
-    head = b'{"dispute_id":"dsp_1","format":"refute.dispute/1"}'
+    head = b'{"dispute_id":"dsp_1","format":"refute.dispute/2"}'
     for label, transcript in (("deep", b"[" * 100_000 + b"]" * 100_000),
                               ("deep object", b'{"a":' * 5000 + b"1" + b"}" * 5000),
                               ("not json", b"\xff\xfe"), ("NaN", b"NaN"), ("list", b"[]")):

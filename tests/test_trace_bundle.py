@@ -25,14 +25,13 @@ def prepared() -> PreparedModel:
 
 @pytest.fixture(scope="module")
 def trace(prepared: PreparedModel) -> Trace:
-    return run_trace(prepared, zoo.residual_block().sample_input(0), workers=1)
+    return run_trace(prepared, zoo.residual_block().sample_input(0), threads=1)
 
 
 def test_bundle_roundtrip(trace: Trace, tmp_path: Path) -> None:
     path = trace.write(tmp_path / "t.rtrace")
     again = Trace.read(path)
     assert again.commitment == trace.commitment
-    assert again.tensor_hashes == trace.tensor_hashes
     assert again.manifest == trace.manifest
     for a, b in zip(again.states, trace.states, strict=True):
         for x, y in zip(a, b, strict=True):
@@ -103,8 +102,11 @@ def test_inconsistent_bundles_are_refused(trace: Trace, tmp_path: Path) -> None:
     def set_leaf(doc: dict) -> None:  # type: ignore[type-arg]
         doc["commitment"]["leaves"][1] = "0x" + "11" * 32
 
-    def set_hash(doc: dict) -> None:  # type: ignore[type-arg]
-        doc["states"][0][0]["poseidon"] = "0x" + "22" * 32
+    def flip_value(name: str, data: bytes) -> bytes:
+        return (data[:8] + bytes([data[8] ^ 1]) + data[9:]) if name == "states/1/0.f32" else data
+
+    def old_format(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["format"] = "refute.trace/1"
 
     def set_manifest(doc: dict) -> None:  # type: ignore[type-arg]
         doc["manifest_sha256"] = "0" * 64
@@ -117,7 +119,8 @@ def test_inconsistent_bundles_are_refused(trace: Trace, tmp_path: Path) -> None:
         ("extra", lambda n, d: d, {"../evil": b"x"}, "unexpected"),
         ("size", truncate, {}, "wrong size"),
         ("leaf", _edit_json("trace.json", set_leaf), {}, "root does not match"),
-        ("hash", _edit_json("trace.json", set_hash), {}, "state 0 tensor 0"),
+        ("value", flip_value, {}, "state 1 does not match its committed leaf"),
+        ("format", _edit_json("trace.json", old_format), {}, "refute.trace/1 bundle"),
         ("manifest", _edit_json("trace.json", set_manifest), {}, "another manifest"),
         ("scale", _edit_json("manifest.json", change_scale), {}, "another manifest"),
     ]
@@ -177,13 +180,13 @@ def test_bad_inputs_are_refused(prepared: PreparedModel) -> None:
 def test_trusted_read_skips_rehash_but_not_structure(trace: Trace, tmp_path: Path) -> None:
     good = trace.write(tmp_path / "good.rtrace")
     fast = Trace.read(good, rehash=False)
-    assert fast.commitment == trace.commitment and fast.tensor_hashes == trace.tensor_hashes
+    assert fast.commitment == trace.commitment
 
-    def set_hash(doc: dict) -> None:  # type: ignore[type-arg]
-        doc["states"][1][0]["poseidon"] = "0x" + "22" * 32
+    def drop_tensor(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["states"][1] = []
 
-    bad = _rewrite(good, tmp_path / "bad.rtrace", _edit_json("trace.json", set_hash))
-    with pytest.raises(BundleError, match="rebuild"):
+    bad = _rewrite(good, tmp_path / "bad.rtrace", _edit_json("trace.json", drop_tensor))
+    with pytest.raises(BundleError, match="every state with its tensors"):
         Trace.read(bad, rehash=False)
     with pytest.raises(BundleError, match="not a readable"):
         Trace.read(tmp_path / "absent.rtrace", rehash=False)

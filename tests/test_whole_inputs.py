@@ -17,9 +17,9 @@ from circuits.adjudication import adjudication_bytes, adjudication_model
 from circuits.range_graph import range_model
 from prover.calibration import calibrate_segment
 from prover.circuit import calibrated_settings, felt_to_int, write_input_json
-from refute.commitment import hash_states
 from refute.errors import CommitmentError, SegmentationError, UnsupportedOperator
 from refute.executor import DeterministicExecutor
+from refute.instances import hash_states
 from refute.loading import load_model
 from refute.manifest import Manifest
 from refute.poseidon import FIELD_MODULUS, poseidon_hash
@@ -108,15 +108,15 @@ def test_whole_tensors_hash_at_scale_zero_and_must_be_whole() -> None:
     hashes = hash_states([[table, idx]], 7, specs=[manifest.states[0]])[0]
     assert hashes == [poseidon_hash(quantize(table, 7)), poseidon_hash(np.array([4, 1]))]
     assert hashes[1] != hash_states([[table, idx]], 7)[0][1]  # not the scale-7 hash
-    with pytest.raises(CommitmentError, match="whole numbers"):
-        leaf_of_state(manifest, 0, [table, np.array([4.0, 1.5], dtype=np.float32)])
     states = run_segments(DeterministicExecutor(), prepared.segmentation,
                           validate_inputs(prepared.loaded, {"table": table, "idx": idx}))
     trace = Trace.from_states(manifest, states, check_range=False)
     assert leaf_of_state(manifest, 0, states[0]) == trace.commitment.leaves[0]
     bad = [[table, np.array([4.0, 0.25], dtype=np.float32)], *states[1:]]
-    with pytest.raises(CommitmentError, match="whole numbers"):
+    with pytest.raises(CommitmentError, match="'idx' is a whole-number input but holds a value"):
         Trace.from_states(manifest, bad, check_range=False)
+    with pytest.raises(CommitmentError, match="whole numbers"):  # nor can a proof take it
+        hash_states([bad[0]], 7, specs=[manifest.states[0]])
 
 
 def test_no_state_after_the_first_carries_an_integer_input() -> None:
@@ -238,11 +238,11 @@ def test_range_proof_of_a_state_with_a_whole_input_binds_and_convicts(
         prepared.loaded, {"table": table, "idx": np.array([4.0, 1.0], np.float32)}))
     trace = Trace.from_states(manifest, states)
     honest = prover.prove_range(prepared, manifest, 0, trace.states[0])
-    assert prover.verify_range(prepared, manifest, honest, trace.commitment).verdict \
-        is Verdict.CHALLENGER_FAULT
+    assert prover.verify_range(prepared, manifest, honest, trace.commitment,
+                               state=trace.states[0]).verdict is Verdict.CHALLENGER_FAULT
     over = np.array([4.0, 2 * manifest.range], np.float32)  # whole, but over R
     bad = Trace.from_states(manifest, [[table, over], *states[1:]], check_range=False)
     proof = prover.prove_range(prepared, manifest, 0, bad.states[0])
-    outcome = prover.verify_range(prepared, manifest, proof, bad.commitment)
+    outcome = prover.verify_range(prepared, manifest, proof, bad.commitment, state=bad.states[0])
     assert outcome.verdict is Verdict.PROVIDER_FAULT
     assert outcome.maxabs_units == 2 * manifest.range * 2**manifest.scale

@@ -116,7 +116,7 @@ def attach_trace(session: Session, blobs: BlobStore, result: Result, data: bytes
     model's manifest and the result's signed leaves before any state is read or hashed."""
     model = session.get(RegisteredModel, result.model_id)
     assert model is not None
-    trace = Trace.read(data, workers=1, expect_manifest_sha256=model.manifest_sha256,
+    trace = Trace.read(data, expect_manifest_sha256=model.manifest_sha256,
                        expect_leaves=[_word(leaf) for leaf in result.leaves])
     if trace.manifest.sha256 != model.manifest_sha256:
         raise BundleError("the trace was made under another manifest than the model's")

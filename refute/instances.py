@@ -1,0 +1,93 @@
+"""Poseidon where a proof needs it, and the binding of a proof to a committed result
+(DESIGN.md "Adjudication circuit", "Binding").
+
+A state is committed by its SHA-256 leaf (:mod:`refute.leaves`). A proof hashes what it proves
+with EZKL's Poseidon: each tensor fed to the circuit, quantized exactly as ``ezkl.float_to_felt``
+does at the model's scale (a whole-number model input at scale 0). The proof counts for a result
+only if
+
+1. the revealed states reproduce their committed leaves, and
+2. the proof's hash instances equal Poseidon of the quantized tensors of exactly those states.
+
+:func:`check_binding` checks both and names the first that fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from refute.errors import BindingError, CommitmentError
+from refute.leaves import state_leaf
+from refute.loading import TensorSpec
+from refute.poseidon import poseidon_hash_many
+from refute.quantize import check_scale, quantize, quantize_whole
+
+State = Sequence[np.ndarray]
+
+
+def hash_states(
+    states: Sequence[State],
+    scale: int,
+    *,
+    specs: Sequence[Sequence[TensorSpec]] | None = None,
+    workers: int | None = None,
+) -> list[list[int]]:
+    """Poseidon hash of every tensor of every state, quantized at ``scale``: the hash instances
+    a proof over these states exposes. A tensor whose spec (``specs``, aligned with ``states``)
+    is whole (:attr:`TensorSpec.whole`) is quantized at scale 0 and must hold whole numbers.
+
+    All tensors are hashed in one batch so that work spreads over processes.
+    """
+    check_scale(scale)
+    if specs is not None and [len(s) for s in specs] != [len(s) for s in states]:
+        raise CommitmentError("state specs do not match the states")
+    flat = [quantize_whole(t) if specs is not None and specs[k][j].whole else quantize(t, scale)
+            for k, state in enumerate(states) for j, t in enumerate(state)]
+    hashes = poseidon_hash_many(flat, workers=workers)
+    out: list[list[int]] = []
+    position = 0
+    for state in states:
+        out.append(hashes[position : position + len(state)])
+        position += len(state)
+    return out
+
+
+def check_binding(
+    *,
+    scale: int,
+    specs: Sequence[Sequence[TensorSpec]],
+    indices: Sequence[int],
+    states: Sequence[State],
+    leaves: Sequence[bytes],
+    instances: Sequence[int],
+) -> None:
+    """Check that ``states`` (state ``indices[n]`` of the result, in the order the proof takes
+    them) reproduce their committed ``leaves`` and that the proof's hash ``instances`` are
+    Poseidon of their quantized tensors; ``specs`` holds every state's tensor specs.
+
+    Raises :class:`BindingError` naming the state (and tensor) at fault.
+    """
+    if len(indices) != len(states):
+        raise BindingError("the binding needs one revealed state per state the proof takes")
+    for k, state in zip(indices, states, strict=True):
+        if not 0 <= k < len(leaves):
+            raise BindingError(f"state {k} is outside the commitment")
+        if state_leaf(state) != leaves[k]:
+            raise BindingError(f"revealed state {k} does not match its committed leaf")
+    expected = sum(len(state) for state in states)
+    if len(instances) != expected:
+        raise BindingError(f"the proof has {len(instances)} hash instances, the states it "
+                           f"takes hold {expected} tensors")
+    try:
+        hashes = hash_states(states, scale, specs=[specs[k] for k in indices])
+    except CommitmentError as exc:
+        raise BindingError(f"the revealed states cannot be quantized: {exc.reason}") from exc
+    position = 0
+    for k, state_hashes in zip(indices, hashes, strict=True):
+        for j, h in enumerate(state_hashes):
+            if instances[position] != h:
+                raise BindingError(f"the proof's hash instance {position} is not Poseidon of "
+                                   f"state {k} tensor {specs[k][j].name!r}")
+            position += 1
