@@ -83,6 +83,11 @@ def trace(
     threads: Annotated[
         int | None, typer.Option(min=1, help="Threads for hashing (default: all cores).")
     ] = None,
+    optimized: Annotated[
+        bool, typer.Option(help="Run the whole model once in an optimized multi-threaded ONNX "
+                                "Runtime session (as a provider does) instead of segment by "
+                                "segment under the deterministic executor.")
+    ] = False,
     manifest: Annotated[
         Path | None,
         typer.Option(help="Calibrated manifest (from `refute calibrate`): its pins, cuts and "
@@ -102,7 +107,8 @@ def trace(
                 )
                 console.print_pins(prepared.loaded)
             feeds = read_inputs_json(inputs, prepared.loaded)
-            result = run_trace(prepared, feeds, threads=threads, progress=progress)
+            result = run_trace(prepared, feeds, optimized=optimized, threads=threads,
+                               progress=progress)
         target = output or inputs.with_suffix(".rtrace")
         result.write(target)
     except RefuteError as exc:

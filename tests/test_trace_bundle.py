@@ -12,6 +12,7 @@ import pytest
 
 from refute import zoo
 from refute.errors import BundleError, CommitmentError, InputError
+from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest, canonical_json
 from refute.provider import PreparedModel, prepare_model, read_inputs_json, run_trace
 from refute.trace import Trace
@@ -190,3 +191,27 @@ def test_trusted_read_skips_rehash_but_not_structure(trace: Trace, tmp_path: Pat
         Trace.read(bad, rehash=False)
     with pytest.raises(BundleError, match="not a readable"):
         Trace.read(tmp_path / "absent.rtrace", rehash=False)
+
+
+# --- the provider's optimized run ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [zoo.cnn, zoo.residual_block, zoo.attention_block,
+                                  zoo.multi_output], ids=lambda m: m.__name__)
+def test_optimized_run_gives_every_state_close_to_the_deterministic_one(
+        make: Callable[[], zoo.ZooModel], tmp_path: Path) -> None:
+    model = make()
+    prep = prepare_model(model.onnx_bytes)
+    feeds = model.sample_input(3)
+    exact = run_trace(prep, feeds)
+    fast = run_trace(prep, feeds, optimized=True)
+    assert fast.commitment.leaves[0] == exact.commitment.leaves[0]  # the inputs, as given
+    for k, (a, b) in enumerate(zip(exact.states, fast.states, strict=True)):
+        for spec, x, y in zip(prep.manifest.states[k], a, b, strict=True):
+            assert y.dtype == np.float32 and y.shape == spec.shape
+            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+    # A committed optimized run reads back like any trace.
+    again = Trace.read(fast.write(tmp_path / "fast.rtrace"))
+    assert again.commitment == fast.commitment
+    with pytest.raises(InputError, match="deterministic executor"):
+        run_trace(prep, feeds, optimized=True, executor=DeterministicExecutor())
