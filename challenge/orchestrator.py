@@ -72,11 +72,12 @@ from challenge.result_lifecycle import ResultEvent, advance
 from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
 from challenge.transcript import SigningKey, Transcript, sign_head
 from refute.commitment import TraceCommitment
+from refute.disclosure import write_states
 from refute.errors import Conflict, NotFound, RefuteError
 from refute.manifest import Manifest
 from refute.merkle import merkle_root
 from refute.trace import Trace, leaf_of_state
-from refute.verdict import within_range
+from refute.verdict import agrees, state_tolerance, within_range
 
 SERVICE = "service"
 
@@ -577,18 +578,50 @@ def _leaf(ctx: DisputeContext, model: RegisteredModel, k: int,
     return "0x" + leaf_of_state(ctx.prepared(model).manifest, k, state).hex()
 
 
+def _agrees(ctx: DisputeContext, model: RegisteredModel, k: int, own: Sequence[np.ndarray], *,
+            committed: Sequence[np.ndarray] | None, leaf: str) -> bool:
+    """Whether committed state k agrees with the service's own execution: the same leaf, or
+    every value within τ_k (:func:`refute.verdict.agrees`: a provider's optimized run differs
+    from the deterministic one by float rounding)."""
+    if _leaf(ctx, model, k, own) == leaf:
+        return True
+    manifest = ctx.prepared(model).manifest
+    return committed is not None and agrees(
+        own, committed, scale=manifest.scale,
+        tolerance=state_tolerance(manifest.tolerances, k))
+
+
 def _watcher_answer(ctx: DisputeContext, loaded: _Loaded, k: int) -> Choice:
-    """The service's honest answer: does state k equal its own execution of the model? The job
-    is executed once per drive (kept on ``loaded``); only the states asked about are hashed."""
+    """The service's honest answer: does state k agree with its own execution of the model
+    (:func:`_agrees`)? The job is executed once per drive (kept on ``loaded``)."""
     if loaded.own_states is None:
         loaded.own_states = _execute(ctx, loaded.model, loaded.trace)
-    agree = _leaf(ctx, loaded.model, k, loaded.own_states[k]) == loaded.result.leaves[k]
+    agree = _agrees(ctx, loaded.model, k, loaded.own_states[k], committed=loaded.state(k),
+                    leaf=loaded.result.leaves[k])
     return Choice.AGREE if agree else Choice.DISAGREE
+
+
+def revealed_state(ctx: DisputeContext, dispute_id: str, k: int) -> bytes:
+    """State ``k`` of a dispute as a ``refute.states/2`` bundle, for a challenger to compare
+    with its own execution before it answers (a leaf alone cannot tell an honest optimized run
+    from a lie). Only the states the dispute has put on the table are served: its bounds lo
+    and hi and the pending state; and only once the service holds it."""
+    loaded = _load(ctx, dispute_id)
+    state = state_from_json(loaded.dispute.state)
+    shown = {state.lo, state.hi} | ({state.pending} if state.pending is not None else set())
+    if k not in shown:
+        raise Conflict(f"state {k} is not revealed in dispute {dispute_id}: its states are "
+                       f"{sorted(shown)}")
+    tensors = loaded.state(k)
+    if tensors is None:
+        raise Conflict(f"state {k} is not held yet: the provider has not disclosed it")
+    return write_states(ctx.prepared(loaded.model).manifest, {k: tensors})
 
 
 def watch(ctx: DisputeContext, result_id: str, now: datetime) -> str | None:
     """The watcher checks a whole result itself: it executes the model on the job's input and,
-    when its output differs from the committed one, opens a whole-trace dispute and plays the
+    when its output disagrees with the committed one (:func:`_agrees`: beyond τ_N unless the
+    leaves are equal), opens a whole-trace dispute and plays the
     bisection with its own execution (rule HC-OPEN). Returns the dispute's id, or ``None`` when
     the output agrees. Idempotent (one watcher dispute per result)."""
     with ctx.sessions() as session:
@@ -601,8 +634,9 @@ def watch(ctx: DisputeContext, result_id: str, now: datetime) -> str | None:
         model = session.get(RegisteredModel, result.model_id)
         assert model is not None
     n = len(result.leaves) - 1
-    output = _execute(ctx, model, ctx.states.trace(result.trace_blob))[n]
-    if _leaf(ctx, model, n, output) == result.leaves[n]:
+    trace = ctx.states.trace(result.trace_blob)
+    output = _execute(ctx, model, trace)[n]
+    if _agrees(ctx, model, n, output, committed=trace.states[n], leaf=result.leaves[n]):
         return None
     return open_dispute(ctx, result_id, challenger=SERVICE, lo=0, hi=n,
                         bond=ctx.config.watcher_bond, now=now)

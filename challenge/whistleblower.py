@@ -1,14 +1,18 @@
 """The reference whistleblower: challenge a result through the API and play the bisection.
 
 It knows the job's input, executes the model itself (the deterministic executor), and answers
-each revealed state honestly: AGREE iff the committed leaf of state m equals the leaf of its own
-state m. It signs the challenge and every move with its own key (EIP-712).
+each revealed state honestly: AGREE when the committed leaf of state m equals the leaf of its
+own state m, or else when the revealed state (fetched from the service, checked against its
+leaf) is within τ_m of its own everywhere (:func:`refute.verdict.agrees`: a provider's
+optimized run differs from the deterministic one by float rounding); DISAGREE otherwise. It
+signs the challenge and every move with its own key (EIP-712).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,17 +27,34 @@ from challenge.messages import (
     network_word,
     sign_typed,
 )
+from refute.disclosure import read_states
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
+from refute.manifest import Manifest
 from refute.provider import PreparedModel, validate_inputs
 from refute.segmentation import run_segments
 from refute.trace import leaf_of_state
+from refute.verdict import agrees, state_tolerance
 
 Report = Callable[[str], None]
 
 
 def _quiet(message: str) -> None:
     del message
+
+
+@dataclass(frozen=True)
+class OwnExecution:
+    """The whistleblower's own execution of the job: every state and its leaf."""
+
+    manifest: Manifest
+    states: list[list[np.ndarray]]
+    leaves: list[str]
+
+    def agrees(self, k: int, theirs: list[np.ndarray] | tuple[np.ndarray, ...]) -> bool:
+        """Whether a revealed state k is within τ_k of this execution's state k."""
+        return agrees(self.states[k], theirs, scale=self.manifest.scale,
+                      tolerance=state_tolerance(self.manifest.tolerances, k))
 
 
 class Whistleblower:
@@ -80,11 +101,13 @@ class Whistleblower:
                 "chainId": self.domain.chain_id,
                 "verifyingContract": self.domain.verifying_contract}
 
-    def own_leaves(self, prepared: PreparedModel, inputs: Mapping[str, np.ndarray]) -> list[str]:
-        """The leaves of this whistleblower's own execution of the job (states 0..N)."""
+    def own_execution(self, prepared: PreparedModel,
+                      inputs: Mapping[str, np.ndarray]) -> OwnExecution:
+        """This whistleblower's own execution of the job (states 0..N and their leaves)."""
         own = run_segments(DeterministicExecutor(), prepared.segmentation,
                            validate_inputs(prepared.loaded, inputs))
-        return ["0x" + leaf_of_state(prepared.manifest, k, s).hex() for k, s in enumerate(own)]
+        return OwnExecution(prepared.manifest, own, [
+            "0x" + leaf_of_state(prepared.manifest, k, s).hex() for k, s in enumerate(own)])
 
     def challenge(
         self,
@@ -101,7 +124,7 @@ class Whistleblower:
     ) -> dict[str, Any]:
         """Open a dispute and play it to its verdict; returns the final dispute view."""
         dispute = self.open(result_id, bond=bond, lo=lo, hi=hi, report=report)
-        return self.play(dispute["id"], self.own_leaves(prepared, inputs), poll=poll,
+        return self.play(dispute["id"], self.own_execution(prepared, inputs), poll=poll,
                          timeout=timeout, report=report)
 
     def open(self, result_id: str, *, bond: int, lo: int = 0, hi: int | None = None,
@@ -117,7 +140,7 @@ class Whistleblower:
         report(f"opened dispute {dispute['id']} over states {lo}..{hi}")
         return dispute
 
-    def play(self, dispute_id: str, own_leaves: list[str], *, poll: float = 0.5,
+    def play(self, dispute_id: str, own: OwnExecution, *, poll: float = 0.5,
              timeout: float = 900.0, report: Report = _quiet) -> dict[str, Any]:
         """Play an open dispute to its verdict, answering each revealed state honestly.
 
@@ -126,17 +149,20 @@ class Whistleblower:
         """
         dispute = self._call("GET", f"/v1/disputes/{dispute_id}")
         public = self._call("GET", f"/v1/public/results/{dispute['result_id']}")
-        if len(own_leaves) != len(public["leaves"]):
-            raise RefuteError(f"my execution has {len(own_leaves)} states, the result "
+        if len(own.leaves) != len(public["leaves"]):
+            raise RefuteError(f"my execution has {len(own.leaves)} states, the result "
                               f"commits {len(public['leaves'])}")
         answered: set[int] = set()
         stop = time.monotonic() + timeout
         while dispute["status"] == "OPEN":
             if dispute["phase"] == "answer" and dispute["rounds"] not in answered:
                 m = dispute["pending"]
-                agree = own_leaves[m] == dispute["pending_leaf"]
-                report(f"round {dispute['rounds'] + 1}: state {m} "
-                       f"{'matches' if agree else 'differs from'} my execution → "
+                same = own.leaves[m] == dispute["pending_leaf"]
+                agree = same or own.agrees(m, self.revealed(dispute_id, m, own.manifest,
+                                                            public["leaves"]))
+                how = ("matches" if same else "is within τ of" if agree
+                       else "differs beyond τ from")
+                report(f"round {dispute['rounds'] + 1}: state {m} {how} my execution → "
                        f"{'AGREE' if agree else 'DISAGREE'}")
                 self._answer(public["network_id"], dispute, agree=agree)
                 answered.add(dispute["rounds"])
@@ -147,6 +173,16 @@ class Whistleblower:
             dispute = self._call("GET", f"/v1/disputes/{dispute_id}")
         report(f"verdict {dispute['verdict']}")
         return dict(dispute)
+
+    def revealed(self, dispute_id: str, k: int, manifest: Manifest,
+                 leaves: list[str]) -> list[np.ndarray]:
+        """State k of a dispute, fetched from the service and checked against its committed
+        leaf (a state that does not match is refused, never compared)."""
+        answer = self._request("GET", f"/v1/disputes/{dispute_id}/states/{k}")
+        if answer.status_code >= 400:
+            raise RefuteError(f"GET state {k} of dispute {dispute_id}: HTTP "
+                              f"{answer.status_code}: {answer.text[:200]}")
+        return list(read_states(manifest, answer.content, leaves)[k])
 
     def challenge_body(self, network_id: str, result_id: str, *, lo: int, hi: int, bond: int,
                        nonce: int) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from typing import TypeAlias
 
@@ -165,3 +165,34 @@ def within_range(tensors: Iterable[np.ndarray], bound: float | None) -> bool:
         if bound is not None and float(np.max(np.abs(values))) > bound:
             return False
     return True
+
+
+def agrees(ours: Sequence[np.ndarray], theirs: Sequence[np.ndarray], *, scale: int,
+           tolerance: int) -> bool:
+    """An honest challenger's answer about a revealed state (DESIGN.md "The dispute game",
+    step 2): whether every value of ``theirs`` lies within ``tolerance`` quantized units
+    (``|a − b| · 2^scale ≤ tolerance``) of its own execution ``ours``, the tensors paired in
+    state order. A provider may execute however it likes (optimized, on a GPU): its honest
+    states differ from the challenger's deterministic ones by float rounding, far inside τ, so
+    comparing leaves would make an honest challenger dispute honest states and lose its bond.
+    Use ``tolerance`` τ_k for state k ≥ 1 (:func:`state_tolerance`) and 0 for the inputs.
+    A non-finite value or a shape that differs never agrees.
+    """
+    if len(ours) != len(theirs):
+        return False
+    bound = tolerance / 2**scale
+    for a, b in zip(ours, theirs, strict=True):
+        x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if x.shape != y.shape or not (np.isfinite(x).all() and np.isfinite(y).all()):
+            return False
+        if x.size and float(np.max(np.abs(x - y))) > bound:
+            return False
+    return True
+
+
+def state_tolerance(tolerances: Sequence[int] | None, k: int) -> int:
+    """The tolerance a challenger compares state ``k`` with: τ_k of the segment that produced
+    it, and 0 for the inputs (state 0) or an uncalibrated manifest."""
+    if k == 0 or tolerances is None:
+        return 0
+    return int(tolerances[k - 1])

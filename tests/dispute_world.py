@@ -13,6 +13,8 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+
 from challenge.context import Chain, DisputeContext
 from challenge.fakes import FakeProver, FakeTasks
 from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
@@ -95,22 +97,27 @@ def make_world(workdir: Path, *, network_id: str, model_id: str, ezkl: bool = Tr
 
 
 def add_result(world: World, *, seed: int, lie_at: int | None = None,
-               out_of_range_at: int | None = None, upload: bool = True) -> str:
+               out_of_range_at: int | None = None, upload: bool = True,
+               rounded: bool = False) -> str:
     """Accept a result of the MLP on ``sample_input(seed)``; a cheat moves state ``lie_at`` by
     0.5 (far beyond τ), or puts one value of state ``out_of_range_at`` at 3·R (committed, but an
-    upload would refuse it). The trace is kept as ``<id>.rtrace`` in the working folder, and
+    upload would refuse it). With ``rounded``, every value of states 1..N is moved by one ulp,
+    as a provider's optimized run differs from the deterministic one: honest, but no leaf past
+    the input equals a checker's. The trace is kept as ``<id>.rtrace`` in the working folder, and
     stored as uploaded unless ``upload`` is false. The provider's stake (1000) is locked in the
     result's journal, as at acceptance. Returns the result id."""
     manifest = world.prepared.manifest
     trace = run_trace(world.prepared, zoo.mlp().sample_input(seed))
     states = [list(x) for x in trace.states]
+    if rounded:
+        states[1:] = [[np.nextafter(t, np.float32(np.inf)) for t in s] for s in states[1:]]
     if lie_at is not None:
         states[lie_at][0] = states[lie_at][0] + 0.5
     if out_of_range_at is not None:
         assert manifest.range is not None
         states[out_of_range_at][0] = states[out_of_range_at][0].copy()
         states[out_of_range_at][0].flat[0] = 3 * manifest.range
-    if lie_at is not None or out_of_range_at is not None:
+    if lie_at is not None or out_of_range_at is not None or rounded:
         trace = Trace.from_states(manifest, states, check_range=False)
     rid = new_id("res")
     now = datetime.now(UTC)

@@ -312,7 +312,7 @@ def test_prove_worker_killed_mid_proof_redelivers_to_the_same_verdict(
     blower = _whistleblower(d, 0x90)
     before = _prove_deliveries(d)
     dispute = blower.open(rid, bond=BOND)
-    own = blower.own_leaves(d.prepared, zoo.mlp().sample_input(seed))
+    own = blower.own_execution(d.prepared, zoo.mlp().sample_input(seed))
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         playing = pool.submit(blower.play, dispute["id"], own, timeout=600)
         _wait_phase(d, dispute["id"], "step_proof", timeout=60)
@@ -354,8 +354,8 @@ def test_api_killed_mid_dispute_play_resumes_to_the_same_verdict(deployment: Dep
     d.stack.restart("api")
     restart_s = time.monotonic() - started
     assert restart_s < CLOCK_S / 2, f"the API took {restart_s:.1f} s to restart"
-    final = blower.play(dispute["id"], blower.own_leaves(d.prepared, zoo.mlp().sample_input(seed)),
-                        timeout=300)
+    own = blower.own_execution(d.prepared, zoo.mlp().sample_input(seed))
+    final = blower.play(dispute["id"], own, timeout=300)
     assert final["verdict"] == "PROVIDER_FAULT" and final["hi"] == 3, final
     assert final["rounds"] == 2
     assert _status(d, rid) == "PROVIDER_FAULT"
@@ -385,7 +385,7 @@ def test_api_crash_after_a_committed_answer_does_not_time_out_an_honest_provider
                           {"state": 1, "choice": "agree"})
     assert state.phase.value == "reveal" and state.pending == 2 and effects
     d.stack.restart("api")
-    own = blower.own_leaves(d.prepared, zoo.mlp().sample_input(seed))
+    own = blower.own_execution(d.prepared, zoo.mlp().sample_input(seed))
     final = blower.play(dispute["id"], own, timeout=CLOCK_S + 120)
     _settled_once(d, rid, dispute["id"], str(final["verdict"]),
                   proved=final["verdict"] == "CHALLENGER_FAULT")

@@ -79,9 +79,9 @@ def _proving_at_once(world: World) -> None:
 
 
 def _result(world: World, *, lie_at: int | None, upload: bool = True, seed: int = 0,
-            out_of_range_at: int | None = None) -> str:
+            out_of_range_at: int | None = None, rounded: bool = False) -> str:
     return add_result(world, seed=seed, lie_at=lie_at, out_of_range_at=out_of_range_at,
-                      upload=upload)
+                      upload=upload, rounded=rounded)
 
 
 @pytest.fixture(autouse=True)
@@ -119,9 +119,12 @@ def _books_and_chain(world: World, rid: str) -> list[str]:
     return [e.kind for e in transcript.events]
 
 
+@pytest.mark.parametrize("rounded", [False, True], ids=["deterministic", "optimized"])
 @pytest.mark.parametrize("lie_at", [1, 2, 3])  # first, middle and last segment of 3
-def test_watcher_bisects_and_convicts_a_cheat(world: World, lie_at: int) -> None:
-    rid = _result(world, lie_at=lie_at)
+def test_watcher_bisects_and_convicts_a_cheat(world: World, lie_at: int, rounded: bool) -> None:
+    """Also when the provider's honest states are not the watcher's bit for bit (an optimized
+    run): the watcher agrees with states within τ of its own, and the lie still convicts."""
+    rid = _result(world, lie_at=lie_at, rounded=rounded)
     queued = world.tasks.proofs
     dispute_id = open_dispute(world.disputes, rid, challenger="service", lo=0, hi=3, bond=10,
                               now=datetime.now(UTC))
@@ -203,6 +206,37 @@ def test_whistleblower_through_the_api_convicts_a_cheat(world: World) -> None:
     dispute = {"id": final["id"], "rounds": 0, "pending_leaf": "0x" + "00" * 32}
     with pytest.raises(RefuteError, match="HTTP 40"):
         other._answer("net_d", dispute, agree=True)
+
+
+def test_whistleblower_agrees_with_an_optimized_run_and_convicts_its_lie(world: World) -> None:
+    """The provider's states differ from the whistleblower's execution by float rounding (no
+    leaf past the input matches): the whistleblower fetches each revealed state, checks it
+    against its leaf, agrees with states within τ and convicts the lie at state 2 only."""
+    rid = _result(world, lie_at=2, seed=9, rounded=True)
+    blower, client = _api_whistleblower(world, b"\x25" * 32)
+    log: list[str] = []
+    final = blower.challenge(rid, world.prepared, zoo.mlp().sample_input(9), bond=20,
+                             report=log.append)
+    assert final["verdict"] == "PROVIDER_FAULT" and final["hi"] == 2, log
+    assert any("state 1 is within τ of my execution → AGREE" in line for line in log), log
+    assert any("state 2 differs beyond τ" in line for line in log), log
+    # Only the states the dispute put on the table are served; a missing dispute is 404.
+    refused = client.get(f"/v1/disputes/{final['id']}/states/3")
+    assert refused.status_code == 409 and "not revealed" in refused.json()["error"]["reason"]
+    assert client.get("/v1/disputes/dsp_nope/states/1").status_code == 404
+    served = client.get(f"/v1/disputes/{final['id']}/states/1")
+    assert served.status_code == 200 and served.headers["content-type"] == "application/zip"
+
+
+def test_the_watcher_leaves_an_honest_optimized_run_alone(world: World) -> None:
+    """Its output is not the watcher's bit for bit, but within τ: no dispute. A lie in the
+    same kind of run is disputed and convicted."""
+    _proving_at_once(world)
+    honest = _result(world, lie_at=None, seed=19, rounded=True)
+    assert orchestrator.watch(world.disputes, honest, datetime.now(UTC)) is None
+    cheat = _result(world, lie_at=3, seed=21, rounded=True)
+    assert orchestrator.watch(world.disputes, cheat, datetime.now(UTC)) is not None
+    assert _status(world, cheat) is ResultStatus.PROVIDER_FAULT
 
 
 def test_dishonest_whistleblower_loses_to_an_honest_provider(world: World) -> None:

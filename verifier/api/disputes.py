@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ from challenge.orchestrator import (
     load_transcript,
     move,
     open_dispute,
+    revealed_state,
 )
 from challenge.records import Dispute, Result, ResultStatus, SignedMessage
 from refute.errors import Conflict, NotFound
@@ -217,6 +218,14 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         if dispute is None:
             raise NotFound(f"dispute {dispute_id} not found")
         return _dispute_out(s, dispute)
+
+    @api.get("/v1/disputes/{dispute_id}/states/{k}", response_class=Response, responses=errors)
+    def dispute_state(dispute_id: str, k: int) -> Response:
+        """State k of the dispute (its bounds lo, hi or the pending state) as a
+        ``refute.states/2`` bundle, for the challenger to compare with its own execution; 409
+        for a state the dispute has not revealed or the service does not hold yet."""
+        data = revealed_state(ctx.disputes, dispute_id, k)
+        return Response(content=data, media_type="application/zip")
 
     @api.post("/v1/disputes/{dispute_id}/moves", response_model=DisputeOut, responses=errors)
     def submit_move(dispute_id: str, body: MoveSubmit, s: SessionDep) -> DisputeOut:
