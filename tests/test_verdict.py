@@ -18,10 +18,12 @@ from refute.errors import RefuteError
 from refute.verdict import (
     Verdict,
     VerdictError,
+    agrees,
     proven_units,
     range_bound_units,
     range_fault,
     range_verdict,
+    state_tolerance,
     step_fault,
     step_verdict,
     within_range,
@@ -215,3 +217,20 @@ def test_the_game_refuses_what_the_rule_refuses() -> None:
 
 def test_the_prover_uses_the_same_verdict() -> None:
     assert prover_step.Verdict is Verdict
+
+
+def test_a_challenger_agrees_within_tau_of_its_own_execution() -> None:
+    ours = [np.array([1.0, -2.0, 3.5], np.float32), np.zeros((2, 2), np.float32)]
+    ulp = [np.nextafter(t, np.float32(np.inf)) for t in ours]
+    assert agrees(ours, ulp, scale=7, tolerance=1)         # float rounding: far inside τ
+    assert not agrees(ours, ulp, scale=7, tolerance=0)     # the inputs: exact
+    assert agrees(ours, [t.copy() for t in ours], scale=7, tolerance=0)
+    at_tau = [ours[0] + np.float32(3 / 128), ours[1]]
+    assert agrees(ours, at_tau, scale=7, tolerance=3)      # exactly τ units: agree
+    assert not agrees(ours, at_tau, scale=7, tolerance=2)  # beyond τ: disagree
+    assert not agrees(ours, [ours[0], np.full((2, 2), np.nan, np.float32)], scale=7,
+                      tolerance=10**6)
+    assert not agrees(ours, [ours[0]], scale=7, tolerance=1)             # a tensor missing
+    assert not agrees(ours, [ours[0], np.zeros(4, np.float32)], scale=7, tolerance=1)  # shape
+    assert state_tolerance((5, 9), 0) == 0 and state_tolerance((5, 9), 2) == 9
+    assert state_tolerance(None, 1) == 0
