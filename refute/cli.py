@@ -83,10 +83,10 @@ def trace(
     threads: Annotated[
         int | None, typer.Option(min=1, help="Threads for hashing (default: all cores).")
     ] = None,
-    optimized: Annotated[
-        bool, typer.Option(help="Run the whole model once in an optimized multi-threaded ONNX "
-                                "Runtime session (as a provider does) instead of segment by "
-                                "segment under the deterministic executor.")
+    deterministic: Annotated[
+        bool, typer.Option(help="Run segment by segment under the deterministic executor (the "
+                                "states a checker gets bit for bit) instead of one optimized "
+                                "multi-threaded ONNX Runtime run, as a provider does.")
     ] = False,
     manifest: Annotated[
         Path | None,
@@ -107,7 +107,7 @@ def trace(
                 )
                 console.print_pins(prepared.loaded)
             feeds = read_inputs_json(inputs, prepared.loaded)
-            result = run_trace(prepared, feeds, optimized=optimized, threads=threads,
+            result = run_trace(prepared, feeds, deterministic=deterministic, threads=threads,
                                progress=progress)
         target = output or inputs.with_suffix(".rtrace")
         result.write(target)

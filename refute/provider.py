@@ -124,23 +124,22 @@ def run_trace(
     inputs: Mapping[str, np.ndarray],
     *,
     executor: DeterministicExecutor | None = None,
-    optimized: bool = False,
+    deterministic: bool = False,
     threads: int | None = None,
     progress: ProgressFn = _no_progress,
 ) -> Trace:
     """Execute the model on ``inputs`` and commit to every state.
 
-    By default segment by segment under the deterministic executor (``executor``), the states
-    a checker re-executing the model gets bit for bit. With ``optimized``, the whole model runs
-    once in the provider's optimized session (:attr:`PreparedModel.state_session`: ONNX
-    Runtime's graph optimizations, every core), as a provider on its own hardware does; its
-    states differ from the deterministic ones by float rounding, which τ absorbs.
+    As a provider does: the whole model once, in the optimized session
+    (:attr:`PreparedModel.state_session`: ONNX Runtime's graph optimizations, every core); its
+    states differ from a checker's deterministic ones by float rounding, which τ absorbs and
+    honest challengers allow for (:func:`refute.verdict.agrees`). With ``deterministic`` (or
+    an ``executor``), segment by segment under the deterministic executor instead: the states a
+    checker re-executing the model gets bit for bit.
     """
     feeds = validate_inputs(prepared.loaded, inputs)
     segments = prepared.segmentation.segments
-    if optimized:
-        if executor is not None:
-            raise InputError("an optimized run does not take a deterministic executor")
+    if not deterministic and executor is None:
         progress("execute", 0, 1)
         states = prepared.state_session.run(feeds)
         progress("execute", 1, 1)

@@ -193,7 +193,8 @@ def test_twenty_disputes_played_concurrently_settle_once_and_balance(
     rids = [add_result(world, seed=p.seed, lie_at=p.lie_at) for p in plans]
     # What an honest challenger's own execution commits to, state by state.
     leaves_of = {p.seed: ["0x" + leaf.hex() for leaf in run_trace(
-        world.prepared, zoo.mlp().sample_input(p.seed)).commitment.leaves] for p in plans}
+        world.prepared, zoo.mlp().sample_input(p.seed), deterministic=True).commitment.leaves]
+        for p in plans}
     with world.ctx.sessions() as s:
         deadline = max(s.get_one(Result, rid).challenge_deadline for rid in rids)
     window_closed = (deadline if deadline.tzinfo else deadline.replace(tzinfo=UTC)
@@ -403,7 +404,7 @@ def _play_same_result(world: World, rid: str, seats: list[Seat], seed: int, *,
     prover = world.disputes.prover
     assert isinstance(prover, FakeProver)
     honest_leaves = ["0x" + leaf.hex() for leaf in run_trace(
-        world.prepared, zoo.mlp().sample_input(seed)).commitment.leaves]
+        world.prepared, zoo.mlp().sample_input(seed), deterministic=True).commitment.leaves]
     with world.ctx.sessions() as s:
         deadline = _as_utc(s.get_one(Result, rid).challenge_deadline)
     start, opened = threading.Barrier(len(seats)), threading.Barrier(len(seats))

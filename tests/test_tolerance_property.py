@@ -1,7 +1,7 @@
 """An honest provider is never convicted: over 200 random inputs per model, the circuit's
-fixed-point execution of every segment stays within τ_i of the float execution, whether the
-provider's states come from the deterministic executor or from its optimized whole-model
-session (ONNX Runtime's graph optimizations, every core: the run a provider makes)."""
+fixed-point execution of every segment stays within τ_i of the float execution the provider
+commits: its optimized whole-model session (ONNX Runtime's graph optimizations, every core: the
+run a provider makes) on all 200, and the deterministic executor on 50 of them."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ezkl]
 
 SHARED = {m.name: m for m in shared_models()}
 INPUTS_PER_MODEL = 200
+#: Of those, how many are proven on the deterministic executor's states as well (a provider
+#: runs optimized; the deterministic states are what calibration itself measured).
+DETERMINISTIC = 50
 
 
 def _models() -> list[tuple[str, PreparedModel]]:
@@ -48,8 +51,8 @@ def test_honest_float_execution_stays_within_tolerance(name: str, prepared: Prep
     prepared = dataclasses.replace(prepared, manifest=manifest)
     executor = DeterministicExecutor()
     inputs = [random_inputs(prepared.loaded, seed=1000 + n) for n in range(INPUTS_PER_MODEL)]
-    runs = [*(run_segments(executor, prepared.segmentation, x) for x in inputs),
-            *(prepared.state_session.run(x) for x in inputs)]
+    runs = [*(prepared.state_session.run(x) for x in inputs),
+            *(run_segments(executor, prepared.segmentation, x) for x in inputs[:DETERMINISTIC])]
     for cal, segment in zip(report.segments, prepared.segmentation.segments, strict=True):
         assert cal.settings is not None and cal.tolerance is not None
         tau = manifest.tolerances[segment.index - 1]
