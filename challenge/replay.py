@@ -403,7 +403,7 @@ class _Replay:
             return "member appears twice"
         if not (name in _JSON_MEMBERS or _STATE_MEMBER.fullmatch(name)
                 or _ARTIFACT_MEMBER.fullmatch(name)):
-            return "unexpected member (not part of a refute.dispute/1 bundle)"
+            return "unexpected member (not part of a refute.dispute/2 bundle)"
         if info.flag_bits & 0x1:
             return "encrypted member"
         if info.compress_type != zipfile.ZIP_STORED:

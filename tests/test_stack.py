@@ -76,7 +76,9 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
                 private_key=PROVIDER.key, provider=PROVIDER.address)
             accepted = client.submit_result(body)
             assert accepted.status == "ACCEPTED"
-            bundle = trace.write(tmp_path / f"{n}.rtrace").read_bytes()
+            path = trace.write(tmp_path / f"{n}.rtrace")
+            # Bytes, or streamed from the file in chunks (the path).
+            bundle = path if n == 2 else path.read_bytes()
             assert client.upload_trace(accepted.id, bundle).trace_uploaded
             ids.append(accepted.id)
         cheat = client.wait(ids[1], until=frozenset({"DISPUTED", "PROVIDER_FAULT"}),

@@ -19,7 +19,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -122,6 +123,16 @@ def sign_result(
     }
 
 
+#: Bytes per chunk when a trace is streamed from a file.
+_UPLOAD_CHUNK = 1 << 20
+
+
+def _chunks(source: BinaryIO) -> Iterator[bytes]:
+    """A file's bytes in chunks of :data:`_UPLOAD_CHUNK`."""
+    while chunk := source.read(_UPLOAD_CHUNK):
+        yield chunk
+
+
 class RefuteClient:
     """HTTP client of the refute API for one network (identified by its API key)."""
 
@@ -188,13 +199,20 @@ class RefuteClient:
         """Submit a signed result (see :func:`sign_result`); accepted at once."""
         return ResultView.of(self._call("POST", "/v1/results", json=signed_body))
 
-    def upload_trace(self, result_id: str, bundle: bytes) -> ResultView:
-        """Upload the trace bundle of a result."""
+    def upload_trace(self, result_id: str, bundle: bytes | Path) -> ResultView:
+        """Upload the trace bundle of a result: its bytes, or a path to stream it from (a large
+        trace is sent in chunks, never held in memory here)."""
+        if isinstance(bundle, Path):
+            with bundle.open("rb") as source:
+                return ResultView.of(self._call(
+                    "PUT", f"/v1/results/{result_id}/trace", content=_chunks(source),
+                    headers={"Content-Type": "application/zip",
+                             "Content-Length": str(bundle.stat().st_size)}))
         return ResultView.of(self._call("PUT", f"/v1/results/{result_id}/trace", content=bundle,
                                         headers={"Content-Type": "application/zip"}))
 
     def disclose_states(self, result_id: str, bundle: bytes) -> ResultView:
-        """Disclose committed states of a result (a ``refute.states/1`` bundle made by
+        """Disclose committed states of a result (a ``refute.states/2`` bundle made by
         :func:`refute.disclosure.write_states`): the alternative to uploading the whole trace
         when the result's ``disclosure`` asks for them. Each must reproduce its leaf."""
         return ResultView.of(self._call("PUT", f"/v1/results/{result_id}/states",

@@ -57,7 +57,7 @@ def _submit(client: RefuteClient, network_id: str, model: dict[str, Any], *,
                        stake=1000, nonce=time.time_ns(), deadline=int(time.time()) + 3600,
                        private_key=PROVIDER.key, provider=PROVIDER.address)
     result = client.submit_result(body)
-    client.upload_trace(result.id, trace.write(workdir / f"{result.id}.rtrace").read_bytes())
+    client.upload_trace(result.id, trace.write(workdir / f"{result.id}.rtrace"))  # streamed
     return result.id
 
 

@@ -46,7 +46,7 @@ _OPEN = (ResultStatus.ACCEPTED, ResultStatus.DISPUTED)
 
 def attach_states(session: Session, blobs: BlobStore, result: Result, data: bytes,
                   now: datetime) -> list[int]:
-    """Verify a disclosure bundle (``refute.states/1``) against the result's commitment, store
+    """Verify a disclosure bundle (``refute.states/2``) against the result's commitment, store
     it, and record the states it holds; returns them. Idempotent: a state disclosed twice keeps
     its first record. Nothing is written when any state fails its check."""
     if result.status not in _OPEN:

@@ -351,7 +351,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
                  "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload_trace(result_id: str, request: Request, net: NetworkDep,
                            s: SessionDep) -> ResultOut:
-        """Upload the result's trace bundle (``refute.trace/1``); it must match the commitment."""
+        """Upload the result's trace bundle (``refute.trace/2``); it must match the commitment."""
         data = await _read_limited(request)
         with _write(s):
             row = owned_result(s, net, result_id)
@@ -369,7 +369,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
                  "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
     async def disclose_states(result_id: str, request: Request, net: NetworkDep,
                               s: SessionDep) -> ResultOut:
-        """Disclose committed states (``refute.states/1``) a sampled result's spot-checks need
+        """Disclose committed states (``refute.states/2``) a sampled result's spot-checks need
         (``disclosure`` in the result); each must reproduce its leaf. The alternative to
         uploading the whole trace: only the states a check needs travel."""
         data = await _read_limited(request)
