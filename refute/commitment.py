@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from refute.errors import BundleError, CommitmentError
-from refute.leaves import LEAF_FORMAT, state_leaf
+from refute.leaves import LEAF_FORMAT, state_leaves
 from refute.merkle import MerkleProof, merkle_proof, merkle_root
 from refute.quantize import check_scale
 
@@ -38,7 +38,7 @@ class TraceCommitment:
     def of_states(cls, scale: int, states: Sequence[Sequence[np.ndarray]], *,
                   threads: int | None = None) -> TraceCommitment:
         """The commitment of ``states`` (float32 tensors, state order)."""
-        return cls.from_leaves(scale, [state_leaf(s, threads=threads) for s in states])
+        return cls.from_leaves(scale, state_leaves(states, threads=threads))
 
     @property
     def num_states(self) -> int:

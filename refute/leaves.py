@@ -33,7 +33,7 @@ import numpy as np
 from refute.errors import CommitmentError
 
 __all__ = ["CHUNK", "DTYPE_TAG", "LEAF_FORMAT", "chunk_hashes", "merkle_of_chunks", "state_bytes",
-           "state_leaf"]
+           "state_leaf", "state_leaves"]
 
 #: The name of this leaf definition, recorded in manifests and commitments.
 LEAF_FORMAT: Final[str] = "sha256-chunk4k/1"
@@ -108,9 +108,9 @@ def _hash_chunks(chunks: Sequence[memoryview | bytes]) -> list[bytes]:
     return out
 
 
-def chunk_hashes(state: Sequence[np.ndarray], *, threads: int | None = None) -> list[bytes]:
-    """``sha256(0x00 ‖ chunk)`` of every chunk of the state's canonical bytes, in order."""
-    chunks = _chunks(_pieces(state))
+def _hash_all(chunks: Sequence[memoryview | bytes], threads: int | None) -> list[bytes]:
+    """Chunk hashes in order, spread over ``threads`` (default: every core) when there are
+    enough chunks to pay for the threads (hashlib releases the GIL on a 4 KiB update)."""
     threads = threads if threads is not None else (os.cpu_count() or 1)
     if threads <= 1 or len(chunks) < _PARALLEL_CHUNKS:
         return _hash_chunks(chunks)
@@ -118,6 +118,11 @@ def chunk_hashes(state: Sequence[np.ndarray], *, threads: int | None = None) -> 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         done = pool.map(_hash_chunks, [chunks[i : i + step] for i in range(0, len(chunks), step)])
         return [digest for batch in done for digest in batch]
+
+
+def chunk_hashes(state: Sequence[np.ndarray], *, threads: int | None = None) -> list[bytes]:
+    """``sha256(0x00 ‖ chunk)`` of every chunk of the state's canonical bytes, in order."""
+    return _hash_all(_chunks(_pieces(state)), threads)
 
 
 def merkle_of_chunks(hashes: Sequence[bytes]) -> bytes:
@@ -140,7 +145,24 @@ def state_length(state: Sequence[np.ndarray]) -> int:
     return sum(len(tensor_header(np.shape(t))) + 4 * int(np.size(t)) for t in state)
 
 
+def _leaf(state: Sequence[np.ndarray], hashes: Sequence[bytes]) -> bytes:
+    root = merkle_of_chunks(hashes)
+    return hashlib.sha256(_LEAF_PREFIX + struct.pack("<Q", state_length(state)) + root).digest()
+
+
 def state_leaf(state: Sequence[np.ndarray], *, threads: int | None = None) -> bytes:
     """Leaf of a state: ``sha256(0x02 ‖ uint64 LE byte length ‖ chunk root)``."""
-    root = merkle_of_chunks(chunk_hashes(state, threads=threads))
-    return hashlib.sha256(_LEAF_PREFIX + struct.pack("<Q", state_length(state)) + root).digest()
+    return _leaf(state, chunk_hashes(state, threads=threads))
+
+
+def state_leaves(states: Sequence[Sequence[np.ndarray]], *,
+                 threads: int | None = None) -> list[bytes]:
+    """The leaves of many states at once: every chunk of every state goes to one pool of
+    ``threads``, so that a trace of many small states keeps every core busy too."""
+    cut = [_chunks(_pieces(state)) for state in states]
+    hashes = _hash_all([chunk for chunks in cut for chunk in chunks], threads)
+    leaves, position = [], 0
+    for state, chunks in zip(states, cut, strict=True):
+        leaves.append(_leaf(state, hashes[position : position + len(chunks)]))
+        position += len(chunks)
+    return leaves

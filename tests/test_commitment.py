@@ -97,6 +97,9 @@ def test_commitment_json_roundtrip_and_proofs() -> None:
     states = [[rng.standard_normal((2, i + 1)).astype(np.float32)] for i in range(5)]
     commitment = TraceCommitment.of_states(7, states)
     assert commitment.leaves == tuple(_documented_leaf(s) for s in states)
+    big = [[rng.standard_normal((3, 300, 1000)).astype(np.float32)], *states]  # > 512 chunks
+    assert TraceCommitment.of_states(7, big, threads=2).leaves == tuple(
+        state_leaf(s, threads=1) for s in big)
     again = TraceCommitment.from_json(json.loads(json.dumps(commitment.to_json())))
     assert again == commitment
     for k in range(commitment.num_states):
