@@ -393,13 +393,13 @@ def t_state_values(rng: random.Random, data: bytes, _other: bytes) -> tuple[str,
     parts = members(data)
     name = rng.choice(sorted(n for n in parts if n.startswith("states/")))
     values = np.frombuffer(parts[name], dtype="<f4").copy()
-    choice = rng.choice(["nan", "inf", "huge", "step", "negate", "zero"])
+    choice = rng.choice(["nan", "inf", "huge", "step", "negate", "zero", "ulp"])
     i = rng.randrange(values.size)
-    # Leaves commit to values quantized at the manifest's scale (2^-7 here): an edit below
-    # one quantum is not a change of anything committed, so each edit here moves a quantum.
+    # Leaves commit to the float32 bytes: even a one-ulp edit is a change of the state.
     values[i] = {"nan": np.nan, "inf": np.inf, "huge": 3e38, "step": values[i] + 0.25,
                  "negate": -values[i] if abs(values[i]) > 0.01 else 1.0,
-                 "zero": 0.0 if abs(values[i]) > 0.01 else 0.5}[choice]
+                 "zero": 0.0 if abs(values[i]) > 0.01 else 0.5,
+                 "ulp": np.nextafter(values[i], np.float32(np.inf))}[choice]
     parts[name] = values.astype("<f4").tobytes()
     return f"{name} value {i} {choice}", pack(parts)
 

@@ -21,6 +21,7 @@ import pytest
 
 from challenge.replay import ReplayReport, replay
 from refute import settings as refute_settings
+from refute.manifest import canonical_json
 from tests.tamper import (
     FOREIGN,
     Bundles,
@@ -28,6 +29,7 @@ from tests.tamper import (
     edit_transcript,
     members,
     pack,
+    rechain,
     tamperings,
 )
 
@@ -278,3 +280,46 @@ def test_a_malformed_trusted_key_is_a_failed_signature_check(tmp_path: Path) -> 
     report = replay(_write(tmp_path, b"x"), ["0x1234", "zz" * 48])
     assert [(c.name, c.place.split(" (")[0]) for c in report.failures][:2] == [
         ("signature", "trusted key 1"), ("signature", "trusted key 2")]
+
+
+@pytest.mark.slow
+@pytest.mark.ezkl
+def test_replay_pinpoints_a_proof_not_bound_to_the_revealed_states(bundles: Bundles,
+                                                                   tmp_path: Path) -> None:
+    """A state of the proven step edited together with its signed leaf (and the root, the
+    transcript re-signed by the service's own key): the leaves hold, the proof verifies, and
+    replay names the binding — the proof's instances are not Poseidon of that state. An edited
+    state whose leaf was left alone fails the leaves check instead."""
+    import numpy as np
+
+    from refute.leaves import state_leaf
+    from refute.merkle import merkle_root
+
+    parts = members(bundles.step.read_bytes())
+    doc = json.loads(parts["transcript.json"])
+    submission = next(e for e in doc["events"] if e["kind"] == "submission")["body"]
+    outcome = next(e for e in doc["events"] if e["kind"] == "proofoutcome")["body"]
+    k = int(outcome["step"])  # the claimed state of the proven step
+    names = sorted(n for n in parts if n.startswith(f"states/{k}/"))
+    tensors = [np.frombuffer(parts[n], dtype="<f4").copy() for n in names]
+    tensors[0][0] += np.float32(0.25)
+    edited = dict(parts)
+    edited.update({n: t.tobytes() for n, t in zip(names, tensors, strict=True)})
+    only_state = replay(_write(tmp_path, pack(edited), "state.rdispute"),
+                        [bundles.service_hex])
+    failed = _failed(only_state)
+    assert failed.keys() == {"leaves", "binding"}, only_state.lines
+    assert failed["leaves"].startswith(f"states/{k}")
+    assert f"revealed state {k} does not match its committed leaf" in failed["binding"]
+    manifest = json.loads(parts["manifest.json"])
+    shaped = [t.reshape(spec["shape"]) for t, spec in zip(tensors, manifest["states"][k],
+                                                          strict=True)]
+    leaves = list(submission["leaves"])
+    leaves[k] = "0x" + state_leaf(shaped).hex()
+    submission["leaves"] = leaves
+    submission["trace_root"] = "0x" + merkle_root([bytes.fromhex(x[2:]) for x in leaves]).hex()
+    edited["transcript.json"] = canonical_json(rechain(doc, bundles.service_key))
+    report = replay(_write(tmp_path, pack(edited), "bound.rdispute"), [bundles.service_hex])
+    failed = _failed(report)
+    assert failed.keys() == {"binding"}, report.lines
+    assert f"is not Poseidon of state {k}" in failed["binding"]
