@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,14 @@ def test_calibrate_trace_prove_verify(tmp_path: Path) -> None:
     (tmp_path / "junk.rproof").write_bytes(b"junk")
     done = _refute(home, "verify", tmp_path / "junk.rproof")
     assert done.returncode == 2 and "not a readable proof bundle" in done.stderr
+    # The bundle carries the states the proof was made on: one edited value is refused.
+    edited = tmp_path / "edited.rproof"
+    with zipfile.ZipFile(proof) as source, zipfile.ZipFile(edited, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "states/1/0.f32":
+                data = bytes([data[0] ^ 1]) + data[1:]
+            target.writestr(info, data)
+    done = _refute(home, "verify", edited)
+    assert done.returncode == 2 and "revealed state 1 does not match its committed leaf" \
+        in done.stderr, done.stderr
