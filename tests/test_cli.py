@@ -42,7 +42,7 @@ def test_trace_writes_a_verifiable_bundle(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     root = Trace.read(bundle).commitment.root
     assert f"root     0x{root.hex()}" in done.stdout
-    assert "Executing segments" in done.stderr  # progress is shown
+    assert "Executing the model" in done.stderr  # progress is shown
     done = _refute("inspect", bundle)
     assert done.returncode == 0, done.stderr
     assert f"0x{root.hex()}" in done.stdout
