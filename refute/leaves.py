@@ -15,18 +15,20 @@ unchanged, down to one root; the leaf binds it to the byte length:
 ``sha256(0x02 ‖ uint64 LE length ‖ root)``.
 
 Nothing here quantizes or computes Poseidon: a state is committed as the floats it holds, at the
-speed of SHA-256 (hashlib releases the GIL on large updates, so big states are hashed by several
-threads). Poseidon is computed only over what a proof hashes (:mod:`refute.instances`).
+speed of SHA-256: a native loop (OpenSSL's SHA-256, the GIL released) hashes runs of chunks,
+several threads at once. Poseidon is computed only over what a proof hashes
+(:mod:`refute.instances`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -47,6 +49,11 @@ _NODE_PREFIX: Final[bytes] = b"\x01"
 _LEAF_PREFIX: Final[bytes] = b"\x02"
 #: Below this many chunks a state is hashed on the calling thread.
 _PARALLEL_CHUNKS: Final[int] = 512
+#: Most chunks one native call hashes (1 MiB), so that threads share the work.
+_RUN: Final[int] = 256
+#: The native loop over chunks (``refute/_sha256chunks.c``: OpenSSL's SHA-256, GIL released),
+#: built by ``scripts/bootstrap``; per-chunk calls from Python cost as much as the hashing.
+_native: Any = importlib.import_module("refute._sha256chunks")
 
 
 def tensor_header(shape: Sequence[int]) -> bytes:
@@ -77,10 +84,12 @@ def _pieces(state: Sequence[np.ndarray]) -> list[memoryview]:
     return pieces
 
 
-def _chunks(pieces: Sequence[memoryview]) -> list[memoryview | bytes]:
-    """The canonical bytes cut into CHUNK-byte chunks: slices of the pieces where a chunk lies
-    inside one, a small copy where it straddles two."""
-    chunks: list[memoryview | bytes] = []
+def _runs(pieces: Sequence[memoryview]) -> list[memoryview | bytes]:
+    """The canonical bytes cut for hashing: runs of whole CHUNK-byte chunks lying inside one
+    piece (at most :data:`_RUN` chunks each, so that threads share the work), and a small copy
+    for each chunk that straddles two pieces and for the last, shorter one. Every item holds
+    ``ceil(len / CHUNK)`` chunks, in order."""
+    items: list[memoryview | bytes] = []
     carry = bytearray()
     for piece in pieces:
         offset = 0
@@ -89,40 +98,44 @@ def _chunks(pieces: Sequence[memoryview]) -> list[memoryview | bytes]:
             carry += piece[:offset]
             if len(carry) < CHUNK:
                 continue
-            chunks.append(bytes(carry))
+            items.append(bytes(carry))
             carry.clear()
         whole = offset + (len(piece) - offset) // CHUNK * CHUNK
-        chunks.extend(piece[i : i + CHUNK] for i in range(offset, whole, CHUNK))
+        items.extend(piece[i : min(i + _RUN * CHUNK, whole)]
+                     for i in range(offset, whole, _RUN * CHUNK))
         carry += piece[whole:]
-    if carry or not chunks:
-        chunks.append(bytes(carry))
-    return chunks
+    if carry or not items:
+        items.append(bytes(carry))
+    return items
 
 
-def _hash_chunks(chunks: Sequence[memoryview | bytes]) -> list[bytes]:
-    out = []
-    for chunk in chunks:
-        h = hashlib.sha256(_CHUNK_PREFIX)
-        h.update(chunk)
-        out.append(h.digest())
-    return out
+def _count(item: memoryview | bytes) -> int:
+    return max(1, -(-len(item) // CHUNK))
 
 
-def _hash_all(chunks: Sequence[memoryview | bytes], threads: int | None) -> list[bytes]:
+def _hash_run(item: memoryview | bytes) -> bytes:
+    """``sha256(0x00 ‖ chunk)`` of every chunk of one item, concatenated (native, GIL
+    released)."""
+    size = CHUNK if len(item) >= CHUNK else len(item)
+    digests: bytes = _native.digests(item, _CHUNK_PREFIX[0], size)
+    return digests
+
+
+def _hash_all(items: Sequence[memoryview | bytes], threads: int | None) -> list[bytes]:
     """Chunk hashes in order, spread over ``threads`` (default: every core) when there are
-    enough chunks to pay for the threads (hashlib releases the GIL on a 4 KiB update)."""
+    enough chunks to pay for the threads."""
     threads = threads if threads is not None else (os.cpu_count() or 1)
-    if threads <= 1 or len(chunks) < _PARALLEL_CHUNKS:
-        return _hash_chunks(chunks)
-    step = -(-len(chunks) // threads)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        done = pool.map(_hash_chunks, [chunks[i : i + step] for i in range(0, len(chunks), step)])
-        return [digest for batch in done for digest in batch]
+    if threads <= 1 or sum(_count(item) for item in items) < _PARALLEL_CHUNKS:
+        joined = b"".join(_hash_run(item) for item in items)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            joined = b"".join(pool.map(_hash_run, items))
+    return [joined[i : i + 32] for i in range(0, len(joined), 32)]
 
 
 def chunk_hashes(state: Sequence[np.ndarray], *, threads: int | None = None) -> list[bytes]:
     """``sha256(0x00 ‖ chunk)`` of every chunk of the state's canonical bytes, in order."""
-    return _hash_all(_chunks(_pieces(state)), threads)
+    return _hash_all(_runs(_pieces(state)), threads)
 
 
 def merkle_of_chunks(hashes: Sequence[bytes]) -> bytes:
@@ -159,10 +172,11 @@ def state_leaves(states: Sequence[Sequence[np.ndarray]], *,
                  threads: int | None = None) -> list[bytes]:
     """The leaves of many states at once: every chunk of every state goes to one pool of
     ``threads``, so that a trace of many small states keeps every core busy too."""
-    cut = [_chunks(_pieces(state)) for state in states]
-    hashes = _hash_all([chunk for chunks in cut for chunk in chunks], threads)
+    cut = [_runs(_pieces(state)) for state in states]
+    hashes = _hash_all([item for items in cut for item in items], threads)
     leaves, position = [], 0
-    for state, chunks in zip(states, cut, strict=True):
-        leaves.append(_leaf(state, hashes[position : position + len(chunks)]))
-        position += len(chunks)
+    for state, items in zip(states, cut, strict=True):
+        count = sum(_count(item) for item in items)
+        leaves.append(_leaf(state, hashes[position : position + count]))
+        position += count
     return leaves
