@@ -789,7 +789,8 @@ def _check(drill: _Drill, jobs: list[_Job], *, key: bytes, num_segments: int,
                     report.notes.append(f"{who} convicted with checks {missing} unrecorded")
             else:
                 violations.append(f"honest result punished: {who} ended PROVIDER_FAULT, "
-                                  f"verdicts {found}, checks {dict(recorded)}")
+                                  f"verdicts {found}, checks {dict(recorded)}; its disclosure "
+                                  f"refused: {job.disclose_refused}; errors {job.errors}")
         elif status in TERMINAL:
             violations.append(f"unexpected end: {who} ended {status}")
         else:
