@@ -47,6 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.bench_models import BenchModel, bench_model
+from bench.bench_trace import median_time
 from refute.commitment import TraceCommitment
 from refute.errors import ModelTooLarge
 from refute.instances import hash_states
@@ -72,16 +73,10 @@ COMMIT_TARGET = {"mobilenet_v1": 0.10, "gpt2_small": 0.02}
 RUN_TRACE_TARGET = {"mobilenet_v1": 1.5}
 
 
-def median_time(fn: Callable[[], object], repeat: int, *, warmup: bool = True) -> float:
-    """Median wall-clock seconds of ``repeat`` calls of ``fn`` (after one untimed call)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def warm_median(fn: Callable[[], object], repeat: int) -> float:
+    """:func:`bench.bench_trace.median_time` of ``fn`` after one untimed call."""
+    fn()
+    return median_time(fn, repeat)
 
 
 def elements(states: Sequence[State]) -> int:
@@ -169,17 +164,17 @@ def measure(model: BenchModel, repeat: int, budget: float, console: Console,
     console.print(f"[dim]{model.name}: inference…[/dim]")
     session = ort.InferenceSession(model.onnx_bytes, providers=["CPUExecutionProvider"])
     feeds = {i.name: inputs[i.name] for i in session.get_inputs()}
-    inference_s = median_time(lambda: session.run(None, feeds), repeat)
+    inference_s = warm_median(lambda: session.run(None, feeds), repeat)
 
     console.print(f"[dim]{model.name}: commitment…[/dim]")
-    commit_s = median_time(lambda: TraceCommitment.of_states(SCALE, states), repeat)
-    commit_1t_s = median_time(lambda: TraceCommitment.of_states(SCALE, states, threads=1),
+    commit_s = warm_median(lambda: TraceCommitment.of_states(SCALE, states), repeat)
+    commit_1t_s = warm_median(lambda: TraceCommitment.of_states(SCALE, states, threads=1),
                               repeat)
     console.print(f"[dim]{model.name}: Poseidon…[/dim]")
     poseidon = time_poseidon(states, budget)
     console.print(f"[dim]{model.name}: run_trace…[/dim]")
-    run_trace_s = median_time(lambda: run_trace(prepared, inputs), repeat)
-    deterministic_s = median_time(lambda: run_trace(prepared, inputs, deterministic=True),
+    run_trace_s = warm_median(lambda: run_trace(prepared, inputs), repeat)
+    deterministic_s = warm_median(lambda: run_trace(prepared, inputs, deterministic=True),
                                   max(1, repeat // 5))
 
     disclosed = statistics.mean(sizes[i - 1] + sizes[i] for i in range(1, n + 1))

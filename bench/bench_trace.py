@@ -34,7 +34,8 @@ from refute.segmentation import run_segments, run_whole, segment_model
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 
 
-def _median(fn: Callable[[], object], repeat: int) -> float:
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall-clock seconds of ``repeat`` calls of ``fn``."""
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -63,17 +64,17 @@ def _measure(
     executor = DeterministicExecutor()
     run_whole(executor, loaded, inputs)  # warm the session caches
     states = run_segments(executor, seg, inputs)
-    t_whole = _median(lambda: run_whole(executor, loaded, inputs), repeat)
-    t_segs = _median(lambda: run_segments(executor, seg, inputs), repeat)
+    t_whole = median_time(lambda: run_whole(executor, loaded, inputs), repeat)
+    t_segs = median_time(lambda: run_segments(executor, seg, inputs), repeat)
     default = ort.InferenceSession(loaded.onnx_bytes, providers=["CPUExecutionProvider"])
     default.run(None, inputs)
-    t_default = _median(lambda: default.run(None, inputs), repeat)
+    t_default = median_time(lambda: default.run(None, inputs), repeat)
     elements = sum(t.size for s in states for t in s)
 
     def commit() -> TraceCommitment:
         return TraceCommitment.of_states(7, states, threads=workers)
 
-    t_commit = _median(commit, max(3, repeat // 5))
+    t_commit = median_time(commit, max(3, repeat // 5))
     return [
         name, str(seg.num_segments), f"{elements:,}", f"{t_segment * 1e3:.1f}",
         f"{t_whole * 1e3:.3f}", f"{t_segs * 1e3:.3f}", f"{t_segs / t_whole:.2f}x",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,6 +40,20 @@ def _canonical_sha256(data: Any) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def _rewrite_manifests(bind: Any, old: str,
+                       change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Rewrite every registered manifest of format ``old`` with ``change``, recomputing its
+    ``manifest_sha256``."""
+    models = sa.table("models", sa.column("id", sa.String), sa.column("manifest", sa.JSON),
+                      sa.column("manifest_sha256", sa.String))
+    for row in bind.execute(sa.select(models.c.id, models.c.manifest)).all():
+        if dict(row.manifest).get("format") != old:
+            continue
+        manifest = change(dict(row.manifest))
+        bind.execute(models.update().where(models.c.id == row.id).values(
+            manifest=manifest, manifest_sha256=_canonical_sha256(manifest)))
+
+
 def upgrade() -> None:
     """Apply this revision."""
     bind = op.get_bind()
@@ -57,15 +72,8 @@ def upgrade() -> None:
                                       server_default=LEGACY))
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.alter_column("leaf_format", server_default=CURRENT)
-    models = sa.table("models", sa.column("id", sa.String), sa.column("manifest", sa.JSON),
-                      sa.column("manifest_sha256", sa.String))
-    for row in bind.execute(sa.select(models.c.id, models.c.manifest)).all():
-        manifest = dict(row.manifest)
-        if manifest.get("format") != "refute.manifest/1":
-            continue
-        manifest.update({"format": "refute.manifest/2", "leaf": CURRENT})
-        bind.execute(models.update().where(models.c.id == row.id).values(
-            manifest=manifest, manifest_sha256=_canonical_sha256(manifest)))
+    _rewrite_manifests(bind, "refute.manifest/1",
+                       lambda m: {**m, "format": "refute.manifest/2", "leaf": CURRENT})
 
 
 def downgrade() -> None:
@@ -78,13 +86,5 @@ def downgrade() -> None:
                            "cannot check them")
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.drop_column("leaf_format")
-    models = sa.table("models", sa.column("id", sa.String), sa.column("manifest", sa.JSON),
-                      sa.column("manifest_sha256", sa.String))
-    for row in bind.execute(sa.select(models.c.id, models.c.manifest)).all():
-        manifest = dict(row.manifest)
-        if manifest.get("format") != "refute.manifest/2":
-            continue
-        manifest.pop("leaf", None)
-        manifest["format"] = "refute.manifest/1"
-        bind.execute(models.update().where(models.c.id == row.id).values(
-            manifest=manifest, manifest_sha256=_canonical_sha256(manifest)))
+    _rewrite_manifests(bind, "refute.manifest/2", lambda m: {
+        **{k: v for k, v in m.items() if k != "leaf"}, "format": "refute.manifest/1"})
