@@ -16,6 +16,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from prover.circuit import run_args
+from refute import leaves
 from refute.commitment import TraceCommitment
 from refute.errors import BundleError, CommitmentError
 from refute.instances import hash_states
@@ -60,6 +61,19 @@ def test_leaf_equals_the_documented_byte_layout(shapes: list[tuple[int, ...]]) -
     assert state_leaf(state, threads=1) == expected
     assert state_leaf(state, threads=2) == expected
     assert CHUNK == 4096
+
+
+def test_native_leaves_agree_for_every_thread_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads split the flat chunk list of all states anywhere (inside a state, across state
+    borders, more threads than chunks): every split gives the documented leaves."""
+    monkeypatch.setattr(leaves, "_CHUNKS_PER_THREAD", 1)
+    rng = np.random.default_rng(3)
+    states = [[rng.standard_normal(n).astype(np.float32)] for n in (1, 1019, 1024, 9000, 3)]
+    states.append([rng.standard_normal((7, 333)).astype(np.float32), np.float32(rng.random())])
+    expected = [_documented_leaf([np.asarray(t) for t in s]) for s in states]
+    for threads in (1, 2, 3, 5, 64):
+        assert leaves.state_leaves(states, threads=threads) == expected
+    assert leaves.state_leaves([], threads=2) == []
 
 
 def test_leaf_binds_values_shapes_order_and_length() -> None:
