@@ -161,9 +161,14 @@ def default_cuts(loaded: LoadedModel) -> tuple[int, ...]:
 
 
 def balanced_cuts(loaded: LoadedModel, max_segments: int) -> tuple[int, ...]:
-    """At most ``max_segments`` segments, chosen among the default cuts to balance cost.
+    """At most ``max_segments`` segments of balanced cost, each cut where the state is narrow.
 
-    Cost is an estimate of multiply-accumulates per node (see :func:`node_cost`).
+    Cost is an estimate of multiply-accumulates per node (see :func:`node_cost`). Cuts are
+    chosen among the default cuts to balance cost; each then moves back to the narrowest state
+    (fewest bytes) after the compute-heavy node before it, so that a trace commits, and a check
+    discloses, as little as the model allows: in a transformer that is the residual stream
+    between blocks, not the residual and its normalized copy before the next MatMul. Ties keep
+    the default cut; positions whose state would hold a non-float32 tensor are never cut.
     """
     if max_segments < 1:
         raise SegmentationError("the maximum segment count must be at least 1")
@@ -186,7 +191,45 @@ def balanced_cuts(loaded: LoadedModel, max_segments: int) -> tuple[int, ...]:
             break
         chosen.append(min(usable, key=lambda c: (abs(prefix[c] - target), c)))
     chosen.append(len(loaded.nodes))
-    return tuple(chosen)
+    return _narrowed(loaded, candidates, tuple(chosen))
+
+
+def _narrowed(loaded: LoadedModel, candidates: Sequence[int],
+              cuts: tuple[int, ...]) -> tuple[int, ...]:
+    """Move every interior cut c back to the narrowest usable position after the default cut
+    before it (so the heavy node there stays in the earlier segment); ties keep c."""
+    width, usable = _state_widths(loaded)
+    before = {c: max((p for p in candidates if p < c), default=0) for c in cuts[1:-1]}
+    moved = [cuts[0]]
+    for c in cuts[1:-1]:
+        low = max(before[c], moved[-1]) + 1
+        moved.append(min((p for p in range(low, c + 1) if usable[p]),
+                         key=lambda p: (width[p], -p)))
+    moved.append(cuts[-1])
+    return tuple(moved)
+
+
+def _state_widths(loaded: LoadedModel) -> tuple[list[int], list[bool]]:
+    """For every cut position 0..M: the bytes of the state there, and whether a state may be
+    cut there (every tensor of it carried, see :func:`_carried`). One sweep over the tensors'
+    live ranges (a tensor produced by node p and last used by node l is in states p+1..l)."""
+    liveness = _Liveness.of(loaded)
+    m = len(loaded.nodes)
+    width_step = [0] * (m + 2)
+    bad_step = [0] * (m + 2)
+    for name, produced in liveness.produced_at.items():
+        last = liveness.last_use.get(name)
+        if last is None or last <= produced:
+            continue
+        spec = loaded.tensors[name]
+        width_step[produced + 1] += 4 * spec.size
+        width_step[last + 1] -= 4 * spec.size
+        if not _carried(spec, max(produced + 1, 1)):  # cut 0 is never an interior cut
+            bad_step[produced + 1] += 1
+            bad_step[last + 1] -= 1
+    widths = np.cumsum(width_step[: m + 1]).tolist()
+    usable = [bad == 0 for bad in np.cumsum(bad_step[: m + 1]).tolist()]
+    return widths, usable
 
 
 def node_cost(loaded: LoadedModel, node: NodeProto) -> int:

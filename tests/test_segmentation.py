@@ -159,3 +159,35 @@ def test_max_segments_caps_the_count() -> None:
     for k in range(1, 10):
         seg = segment_model(loaded, max_segments=k)
         assert seg.num_segments == min(k, 8)
+
+
+def _residual_blocks(blocks: int, width: int) -> onnx.ModelProto:
+    """x → blocks of ``r ← r + MatMul(Sigmoid(r), W)``: before each MatMul two tensors are live
+    (r and its Sigmoid), right after each Add only r."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, r = [], [], "x"
+    for b in range(blocks):
+        weights.append(numpy_helper.from_array(
+            rng.standard_normal((width, width)).astype(np.float32), f"w{b}"))
+        nodes += [helper.make_node("Sigmoid", [r], [f"s{b}"]),
+                  helper.make_node("MatMul", [f"s{b}", f"w{b}"], [f"m{b}"]),
+                  helper.make_node("Add", [r, f"m{b}"], [f"r{b}"])]
+        r = f"r{b}"
+    graph = helper.make_graph(
+        nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info(r, TensorProto.FLOAT, [1, width])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_max_segments_cuts_where_the_state_is_narrowest(
+        executor: DeterministicExecutor) -> None:
+    loaded = load_model(_residual_blocks(6, 16).SerializeToString())
+    default = segment_model(loaded)
+    assert [len(s) for s in default.states[1:-1]] == [2] * 5  # r and Sigmoid(r) before MatMul
+    narrow = segment_model(loaded, max_segments=3)
+    assert narrow.num_segments == 3
+    assert [len(s) for s in narrow.states] == [1, 1, 1, 1]  # moved back to just after the Add
+    assert all(loaded.nodes[c - 1].op_type == "Add" for c in narrow.cuts[1:-1])
+    _assert_bit_exact(executor, loaded, None, random_inputs(loaded), max_segments=3)
