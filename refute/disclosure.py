@@ -13,17 +13,23 @@ against the manifest's shapes before any tensor is read, every state must keep t
 :func:`~refute.trace.check_state` (finite, whole where declared, within R), and each state must
 reproduce its committed SHA-256 leaf. Any mismatch is a :class:`BundleError` naming
 the state at fault.
+
+A single state can also travel alone, as its *canonical bytes* (docs/FORMATS.md "Leaves": per
+tensor a header and the float32 values, exactly the bytes its leaf hashes): a provider streams
+them (:func:`state_pieces`, no copy of the tensors), and the service verifies each state as it
+arrives (:func:`read_state`) and keeps it as a one-state bundle.
 """
 
 from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from refute.errors import BundleError, CommitmentError, RefuteError
+from refute.leaves import leaf_of_bytes, tensor_header
 from refute.manifest import Manifest, canonical_json
 from refute.safejson import loads
 from refute.trace import check_state, leaf_of_state
@@ -106,3 +112,57 @@ def _read(archive: zipfile.ZipFile, manifest: Manifest,
             raise BundleError(f"state {k} does not match its committed leaf")
         states[k] = tensors
     return states
+
+
+#: Largest piece :func:`state_pieces` yields.
+PIECE_BYTES = 2**20
+
+
+def state_pieces(state: Sequence[np.ndarray]) -> Iterator[memoryview | bytes]:
+    """The canonical bytes of ``state`` as pieces of at most :data:`PIECE_BYTES` (tensor
+    headers, then views of the values: nothing is copied), for streaming one state."""
+    for tensor in state:
+        yield tensor_header(np.shape(tensor))
+        values = np.ascontiguousarray(tensor, dtype="<f4").reshape(-1).view(np.uint8).data
+        for start in range(0, len(values), PIECE_BYTES):
+            yield values[start : start + PIECE_BYTES]
+
+
+def state_record_length(manifest: Manifest, k: int) -> int:
+    """The length of state ``k``'s canonical bytes under ``manifest``."""
+    _state_index(manifest, k)
+    return sum(len(tensor_header(spec.shape)) + 4 * spec.size for spec in manifest.states[k])
+
+
+def read_state(manifest: Manifest, k: int, data: bytes, leaf: str) -> tuple[np.ndarray, ...]:
+    """State ``k`` from its canonical bytes, verified: the length and every tensor header
+    must be the manifest's, the values must keep :func:`~refute.trace.check_state`, and the
+    bytes must reproduce ``leaf`` (``0x`` hex). Raises :class:`BundleError` naming what is
+    wrong."""
+    expected = state_record_length(manifest, k)
+    if len(data) != expected:
+        raise BundleError(f"state {k} is {expected} bytes in its canonical layout, "
+                          f"got {len(data)}")
+    if "0x" + leaf_of_bytes(data).hex() != leaf:
+        raise BundleError(f"state {k} does not match its committed leaf")
+    tensors, offset = [], 0
+    for spec in manifest.states[k]:
+        header = tensor_header(spec.shape)
+        if data[offset : offset + len(header)] != header:
+            raise BundleError(f"state {k} tensor {spec.name!r}: the header is not that of a "
+                              f"float32 tensor of shape {list(spec.shape)}")
+        offset += len(header)
+        tensors.append(np.frombuffer(data, dtype="<f4", count=spec.size, offset=offset)
+                       .reshape(spec.shape).copy())
+        offset += 4 * spec.size
+    try:
+        check_state(manifest, k, tensors)
+    except CommitmentError as exc:
+        raise BundleError(exc.reason) from exc
+    return tuple(tensors)
+
+
+def _state_index(manifest: Manifest, k: int) -> None:
+    if not 0 <= k < len(manifest.states):
+        raise BundleError(f"state {k} does not exist: the model has states 0..."
+                          f"{len(manifest.states) - 1}")

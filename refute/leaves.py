@@ -33,8 +33,8 @@ import numpy as np
 
 from refute.errors import CommitmentError
 
-__all__ = ["CHUNK", "DTYPE_TAG", "LEAF_FORMAT", "state_bytes", "state_leaf",
-           "state_leaves"]
+__all__ = ["CHUNK", "DTYPE_TAG", "LEAF_FORMAT", "leaf_of_bytes", "state_bytes",
+           "state_leaf", "state_leaves", "tensor_header"]
 
 #: The name of this leaf definition, recorded in manifests and commitments.
 LEAF_FORMAT: Final[str] = "sha256-chunk4k/1"
@@ -89,12 +89,22 @@ def state_leaf(state: Sequence[np.ndarray], *, threads: int | None = None) -> by
     return state_leaves([state], threads=threads)[0]
 
 
+def leaf_of_bytes(data: bytes | memoryview, *, threads: int | None = None) -> bytes:
+    """The leaf of a state given as its canonical bytes (as one state travels alone)."""
+    if not len(data):
+        raise CommitmentError("a state's canonical bytes cannot be empty")
+    return _leaves([[memoryview(data)]], threads)[0]
+
+
 def state_leaves(states: Sequence[Sequence[np.ndarray]], *,
                  threads: int | None = None) -> list[bytes]:
     """The leaves of many states at once: every chunk of every state is hashed in one native
     call spread over ``threads`` (default: every core; fewer when there is too little work to
     share), so that a trace of many small states keeps every core busy too."""
-    pieces = [_pieces(state) for state in states]
+    return _leaves([_pieces(state) for state in states], threads)
+
+
+def _leaves(pieces: Sequence[Sequence[memoryview]], threads: int | None) -> list[bytes]:
     if not pieces:
         return []
     chunks = sum(-(-sum(len(p) for p in state) // CHUNK) for state in pieces)

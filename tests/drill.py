@@ -58,7 +58,6 @@ from sqlalchemy import Engine, create_engine, func, select
 
 from challenge.records import DeadLetter, Dispute, Result, SpotCheck, TaskDelivery
 from refute import zoo
-from refute.disclosure import write_states
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
@@ -298,15 +297,14 @@ class _Drill:
         wanted = set(view.disclosure.states) - job.disclosed
         if not wanted:
             return
-        bundle = write_states(self.prepared.manifest,
-                              {k: job.trace.states[k] for k in sorted(wanted)})
-        try:
-            self.call(f"PUT /v1/results/{rid}/states",
-                      lambda: client.disclose_states(rid, bundle))
-        except ApiError as exc:
-            job.disclose_refused = f"HTTP {exc.status} {exc.code}: {exc}"
-            return
-        job.disclosed |= wanted
+        for k in sorted(wanted):  # one state at a time, streamed as its canonical bytes
+            try:
+                self.call(f"PUT /v1/results/{rid}/states/{k}",
+                          functools.partial(client.disclose_state, rid, k, job.trace.states[k]))
+            except ApiError as exc:
+                job.disclose_refused = f"HTTP {exc.status} {exc.code}: {exc}"
+                return
+            job.disclosed.add(k)
         with self._lock:
             self.report.disclosures += 1
 

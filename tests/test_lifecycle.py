@@ -10,7 +10,8 @@ and Redis path with kills is the fault drill (tests/test_fault_drill.py).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from challenge.orchestrator import tick_due
 from challenge.records import Dispute, Result, SpotCheck, WebhookDelivery
 from prover.calibration import calibrate_model
 from refute import zoo
-from refute.disclosure import write_states
+from refute.disclosure import state_pieces, write_states
 from refute.manifest import Manifest
 from refute.provider import prepare_model, random_inputs
 from refute.settings import Settings
@@ -188,6 +189,50 @@ def test_an_honest_provider_discloses_only_the_sampled_states_and_finalizes(
                                                      {k: trace.states[k] for k in (k0, k1)}))
     assert answer.status_code == 200, answer.text
     assert answer.json()["disclosure"] is None and service.scheduled[-1] == rid
+    checks = run_spotcheck(service.ctx, rid, datetime.now(UTC))
+    assert [c.finding.value for c in checks] == ["PASS"]
+    assert finalize_due(service.ctx, _later(120)) >= 1
+    assert _row(service, rid).status.value == "FINALIZED"
+
+
+def test_states_disclosed_one_by_one_are_verified_as_they_arrive(service: Service) -> None:
+    """The per-state route takes a state's canonical bytes (the bytes its leaf hashes); a lie,
+    a forged header, a wrong length or a state that does not exist is refused with the reason
+    and records nothing; the honest states, sent one at a time, settle the disclosure."""
+    network_id, headers = _network(service, spot_probability=1.0, spot_count=1,
+                                   challenge_window_s=60)
+    rid, trace = _submit(service, network_id, headers)
+    k0, k1 = service.client.get(f"/v1/results/{rid}",
+                                headers=headers).json()["disclosure"]["states"]
+
+    def put(k: int, body: bytes) -> Any:
+        return service.client.put(f"/v1/results/{rid}/states/{k}", content=body,
+                                  headers={**headers, "Content-Type": "application/octet-stream"})
+
+    def canonical(state: Sequence[np.ndarray]) -> bytes:
+        return b"".join(bytes(piece) for piece in state_pieces(state))
+
+    honest = canonical(trace.states[k1])
+    lying = canonical([np.asarray(t) + 1.0 for t in trace.states[k1]])
+    shape = trace.states[k1][0].shape
+    forged = bytearray(honest)  # the same values under another header: another leaf
+    forged[8:16] = struct.pack("<Q", shape[0] + 1)
+    for k, body, status, reason in [
+            (k1, lying, 400, "leaf"), (k1, bytes(forged), 400, "leaf"),
+            (k1, honest[:-4], 400, "bytes in its canonical layout"),
+            (k1, honest + b"\0" * 4, 413, "limited to"),
+            (len(trace.states), honest, 400, "does not exist")]:
+        answer = put(k, body)
+        assert answer.status_code == status, answer.text
+        assert reason in answer.json()["error"]["reason"]
+    assert _row(service, rid).spot_pending  # nothing written
+    assert put(k0, canonical(trace.states[k0])).status_code == 200
+    assert service.client.get(f"/v1/results/{rid}",
+                              headers=headers).json()["disclosure"]["states"] == [k1]
+    answer = put(k1, honest)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["disclosure"] is None and service.scheduled[-1] == rid
+    assert put(k1, honest).status_code == 200  # idempotent
     checks = run_spotcheck(service.ctx, rid, datetime.now(UTC))
     assert [c.finding.value for c in checks] == ["PASS"]
     assert finalize_due(service.ctx, _later(120)) >= 1

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
+import numpy as np
 
 from challenge.messages import Domain, network_word, sign_typed
 from challenge.messages import Result as SignedResult
+from refute.disclosure import state_pieces
 from refute.errors import RefuteError
 from refute.trace import Trace
 
@@ -218,6 +220,18 @@ class RefuteClient:
         return ResultView.of(self._call("PUT", f"/v1/results/{result_id}/states",
                                         content=bundle,
                                         headers={"Content-Type": "application/zip"}))
+
+    def disclose_state(self, result_id: str, k: int,
+                       state: Sequence[np.ndarray]) -> ResultView:
+        """Disclose state ``k`` of a result alone, streamed as its canonical bytes (the bytes
+        its leaf hashes, sent in pieces of at most 1 MiB: no copy of the state is made here);
+        the service verifies it against leaf ``k`` as it arrives."""
+        length = sum(len(piece) for piece in state_pieces(state))
+        return ResultView.of(self._call(
+            "PUT", f"/v1/results/{result_id}/states/{k}",
+            content=(bytes(piece) for piece in state_pieces(state)),
+            headers={"Content-Type": "application/octet-stream",
+                     "Content-Length": str(length)}))
 
     def result(self, result_id: str) -> ResultView:
         """One result."""

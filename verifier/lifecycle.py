@@ -3,8 +3,9 @@
 DESIGN.md "Result lifecycle" and "Spot-checks": the checks a result owes are written with its
 acceptance (:func:`verifier.results.submit_result`); this module
 
-* takes the states a sampled provider discloses on request (:func:`attach_states`), each
-  verified against its leaf, so a provider never has to upload a whole trace;
+* takes the states a sampled provider discloses on request (:func:`attach_states` for a bundle,
+  :func:`attach_state` for one state streamed alone), each verified against its leaf, so a
+  provider never has to upload a whole trace;
 * turns every spot-check fault into the service's dispute naming that step (:func:`watch_faults`);
 * sweeps, on the timers beat (:func:`sweep`): queues again every owed check whose states are
   held but whose task was lost (a Redis restart, a failed enqueue, a killed worker), challenges
@@ -16,7 +17,7 @@ acceptance (:func:`verifier.results.submit_result`); this module
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -33,7 +34,7 @@ from challenge.records import (
     Result,
     ResultStatus,
 )
-from refute.disclosure import read_states
+from refute.disclosure import read_state, read_states, write_states
 from refute.errors import BundleError, RefuteError
 from refute.manifest import Manifest
 from verifier.results import needed_states
@@ -49,13 +50,36 @@ def attach_states(session: Session, blobs: BlobStore, result: Result, data: byte
     """Verify a disclosure bundle (``refute.states/2``) against the result's commitment, store
     it, and record the states it holds; returns them. Idempotent: a state disclosed twice keeps
     its first record. Nothing is written when any state fails its check."""
+    manifest = disclosure_manifest(session, result)
+    states = read_states(manifest, data, result.leaves)
+    return _record(session, result, states, blobs.put(data), now)
+
+
+def attach_state(session: Session, blobs: BlobStore, result: Result, data: bytes, *, k: int,
+                 now: datetime) -> list[int]:
+    """Verify one state sent alone as its canonical bytes against leaf ``k`` of the result
+    (:func:`refute.disclosure.read_state`), store it as a one-state bundle and record it;
+    returns ``[k]``. Idempotent like :func:`attach_states`; nothing is written on a refusal."""
+    manifest = disclosure_manifest(session, result)
+    if not 0 <= k < len(result.leaves):
+        raise BundleError(f"state {k} does not exist: the result commits states "
+                          f"0..{len(result.leaves) - 1}")
+    tensors = read_state(manifest, k, data, result.leaves[k])
+    return _record(session, result, {k: tensors},
+                   blobs.put(write_states(manifest, {k: tensors})), now)
+
+
+def disclosure_manifest(session: Session, result: Result) -> Manifest:
+    """The manifest states of ``result`` are disclosed under; refused once it is closed."""
     if result.status not in _OPEN:
         raise BundleError(f"result {result.id} is {result.status.value}: nothing to disclose")
     model = session.get(RegisteredModel, result.model_id)
     assert model is not None
-    manifest = Manifest.from_json(model.manifest)
-    states = read_states(manifest, data, result.leaves)
-    key = blobs.put(data)
+    return Manifest.from_json(model.manifest)
+
+
+def _record(session: Session, result: Result, states: Mapping[int, object], key: str,
+            now: datetime) -> list[int]:
     known = set(session.scalars(select(DisclosedState.state).where(
         DisclosedState.result_id == result.id)))
     for k in sorted(states):

@@ -14,13 +14,14 @@ nesting of every JSON body before a route decodes it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -32,6 +33,7 @@ from starlette.routing import Match, Route
 
 from challenge.messages import AuthError, Domain
 from challenge.records import Network, RegisteredModel, Result, SpotCheck
+from refute.disclosure import state_record_length
 from refute.errors import ExecutionError, InputError, ModelRejected, RefuteError, ServerFault
 from refute.manifest import Manifest
 from verifier.accounts import add_api_key, authenticate, create_network
@@ -53,7 +55,7 @@ from verifier.api.schemas import (
     WebhookCreated,
 )
 from verifier.auth import is_api_key
-from verifier.lifecycle import attach_states, disclosure_needed
+from verifier.lifecycle import attach_state, attach_states, disclosure_manifest, disclosure_needed
 from verifier.registry import decode_model, register_in_subprocess, store_model
 from verifier.results import attach_trace, list_results, owned_model, owned_result, submit_result
 from verifier.service import ServiceContext, owed_segments
@@ -67,7 +69,8 @@ MAX_SMALL_BODY_BYTES = 2**20
 #: its body is read (its body is decoded before authentication runs).
 LARGE_BODIES = (
     LargeBody("POST", re.compile(r"/v1/models"), MAX_BODY_BYTES, key_header="x-api-key"),
-    LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states)"), MAX_BODY_BYTES),
+    LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states|states/[0-9]+)"),
+              MAX_BODY_BYTES),
 )
 
 log = logging.getLogger(__name__)
@@ -384,6 +387,30 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         s.expire_all()
         return _result_out(s, row)
 
+    @app.put("/v1/results/{result_id}/states/{k}", response_model=ResultOut,
+             responses=ERRORS, tags=["results"], openapi_extra={"requestBody": {
+                 "required": True, "content": {"application/octet-stream": {
+                     "schema": {"type": "string", "format": "binary"}}}}})
+    async def disclose_state(result_id: str, k: Annotated[int, Path(ge=0, le=2**20)],
+                             request: Request, net: NetworkDep, s: SessionDep) -> ResultOut:
+        """Disclose one committed state alone, as its canonical bytes (docs/FORMATS.md "Leaves":
+        the bytes its leaf hashes), streamed; it is verified against its leaf as it arrives and
+        the body is cut off at the state's length. Disclose a sampled result's states one by one
+        this way, or together as a ``refute.states/2`` bundle."""
+        with _write(s):
+            row = owned_result(s, net, result_id)
+            manifest = disclosure_manifest(s, row)
+            data = await _read_limited(request, limit=state_record_length(manifest, k))
+            await asyncio.to_thread(
+                functools.partial(attach_state, k=k, now=ctx.clock.now()), s, ctx.blobs, row,
+                data)
+        schedule(row.id)
+        from challenge.orchestrator import disclose
+
+        await asyncio.to_thread(disclose, ctx.disputes, row.id, ctx.clock.now())
+        s.expire_all()
+        return _result_out(s, row)
+
     @app.post("/v1/webhooks", status_code=201, response_model=WebhookCreated, responses=ERRORS,
               tags=["webhooks"])
     def new_webhook(body: WebhookCreate, net: NetworkDep, s: SessionDep) -> WebhookCreated:
@@ -489,18 +516,19 @@ def _openapi_builder(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-async def _read_limited(request: Request) -> bytes:
-    """The request body, refused past :data:`MAX_BODY_BYTES` (the guard middleware answers 413
-    first; this is the route's own bound)."""
+async def _read_limited(request: Request, *, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes (at most
+    :data:`MAX_BODY_BYTES`; the guard middleware answers 413 first for that one)."""
+    limit = min(limit, MAX_BODY_BYTES)
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BodyTooLarge(f"bodies are limited to {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise BodyTooLarge(f"this body is limited to {limit} bytes")
         chunks.append(chunk)
     if size == 0:
-        raise InputError("the body is empty: send the trace bundle")
+        raise InputError("the body is empty")
     return b"".join(chunks)
 
 
