@@ -379,9 +379,13 @@ GEOMETRIES = st.builds(
 
 @settings(max_examples=50, deadline=None)
 @given(geo=GEOMETRIES)
-def test_random_conv_geometry_is_exact(executor: DeterministicExecutor, geo: _Geometry) -> None:
-    """Blocks longer than 1 are bit-exact; a block of 1 on a longer axis makes ONNX Runtime use
-    its one-row (one-column) kernels, which round differently: within float32 error then."""
+def test_random_conv_geometry_reproduces_the_segment(executor: DeterministicExecutor,
+                                                     geo: _Geometry) -> None:
+    """Every tile of any conv geometry gives its window of the segment within float32 error:
+    ONNX Runtime picks its kernels by shape (one-row and one-column kernels for blocks of 1,
+    other groupings of the sum for some small blocks), so a tile is not always bit-exact; τ,
+    calibrated on tiles, covers the difference (DESIGN.md "Registration" step 4). The named
+    cases above are bit-exact."""
     if (geo.kernel - 1) * geo.dilation + 1 > geo.size + 2 * geo.pad:
         return  # no output
     channels = 4
@@ -391,9 +395,7 @@ def test_random_conv_geometry_is_exact(executor: DeterministicExecutor, geo: _Ge
     shape = segment.outputs[0].shape
     tiling = make_tiling(segment, [1, *(min(b, d) for b, d in zip(geo.blocks, shape[1:],
                                                                     strict=True))])
-    if all(b > 1 or d == 1 for b, d in zip(tiling.blocks, shape, strict=True)):
-        _assert_exact(executor, segment, tiling)
-    else:  # two float32 sums of K terms (|x| <= 2, |w| <= 1, and the bias) differ by at most
-        # 2·K·u·(2K + 1)
-        terms = (1 if geo.depthwise else channels) * geo.kernel**2 + 1
-        _assert_exact(executor, segment, tiling, atol=2 * terms * 2**-24 * (2 * terms + 1))
+    # Two float32 sums of K terms (|x| <= 2, |w| <= 1, and the bias) differ by at most
+    # 2·K·u·(2K + 1).
+    terms = (1 if geo.depthwise else channels) * geo.kernel**2 + 1
+    _assert_exact(executor, segment, tiling, atol=2 * terms * 2**-24 * (2 * terms + 1))
