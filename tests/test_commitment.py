@@ -69,7 +69,8 @@ def test_native_leaves_agree_for_every_thread_split(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(leaves, "_CHUNKS_PER_THREAD", 1)
     rng = np.random.default_rng(3)
     states = [[rng.standard_normal(n).astype(np.float32)] for n in (1, 1019, 1024, 9000, 3)]
-    states.append([rng.standard_normal((7, 333)).astype(np.float32), np.float32(rng.random())])
+    states.append([rng.standard_normal((7, 333)).astype(np.float32),
+                   np.asarray(rng.random(), dtype=np.float32)])  # a scalar tensor
     expected = [_documented_leaf([np.asarray(t) for t in s]) for s in states]
     for threads in (1, 2, 3, 5, 64):
         assert leaves.state_leaves(states, threads=threads) == expected
