@@ -11,13 +11,14 @@
  * The hashing is OpenSSL's (libcrypto, the library Python's hashlib uses). This file walks the
  * chunks without copying them (a chunk that straddles two buffers is gathered into a 4 KiB
  * scratch buffer), spreads the chunks of all states over `threads` POSIX threads with the GIL
- * released, and builds each tree in place, so that committing a trace costs the hash and
- * nothing of the interpreter.
+ * released, and builds each tree in place on the thread that hashed the state's last chunk, so
+ * that committing a trace costs the hash and nothing of the interpreter.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <openssl/evp.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -36,13 +37,15 @@ typedef struct {
     Py_ssize_t length;      /* canonical byte length */
     Py_ssize_t first_chunk; /* index into the flat chunk-hash array */
     Py_ssize_t chunks;
+    atomic_long remaining;  /* chunks not hashed yet: whoever hashes the last builds the tree */
 } state_t;
 
 typedef struct {
     const piece_t *pieces;
-    const state_t *states;
+    state_t *states;
     Py_ssize_t nstates;
     unsigned char *hashes; /* DIGEST bytes per chunk, all states */
+    unsigned char *leaves; /* DIGEST bytes per state */
     Py_ssize_t begin, end; /* this worker's flat chunk range */
     int ok;
 } work_t;
@@ -90,23 +93,6 @@ static int hash_chunk(EVP_MD_CTX *ctx, const work_t *w, const state_t *s, Py_ssi
     return digest3(ctx, 0x00, scratch, (size_t)size, NULL, 0, out);
 }
 
-static void *hash_range(void *arg) {
-    work_t *w = (work_t *)arg;
-    unsigned char scratch[CHUNK];
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    w->ok = ctx != NULL;
-    Py_ssize_t s = 0;
-    for (Py_ssize_t g = w->begin; w->ok && g < w->end; g++) {
-        while (g >= w->states[s].first_chunk + w->states[s].chunks) {
-            s++;
-        }
-        w->ok = hash_chunk(ctx, w, &w->states[s], g - w->states[s].first_chunk, scratch,
-                           w->hashes + DIGEST * g);
-    }
-    EVP_MD_CTX_free(ctx);
-    return NULL;
-}
-
 /* Reduce `count` chunk hashes in place to the root, then write the leaf to out. */
 static int finish_leaf(EVP_MD_CTX *ctx, unsigned char *nodes, Py_ssize_t count,
                        Py_ssize_t length, unsigned char *out) {
@@ -133,8 +119,39 @@ static int finish_leaf(EVP_MD_CTX *ctx, unsigned char *nodes, Py_ssize_t count,
     return digest3(ctx, 0x02, le, 8, nodes, DIGEST, out);
 }
 
-/* Hash every chunk over `threads` threads, then every tree; 1 on success. */
-static int compute(const piece_t *pieces, const state_t *states, Py_ssize_t nstates,
+/* A worker: hash the chunks of its flat range, state by state; the worker that hashes the last
+ * chunk of a state (whichever it is) reduces that state's tree, so trees are built in parallel
+ * too. */
+static void *hash_range(void *arg) {
+    work_t *w = (work_t *)arg;
+    unsigned char scratch[CHUNK];
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    w->ok = ctx != NULL;
+    Py_ssize_t s = 0;
+    for (Py_ssize_t g = w->begin; w->ok && g < w->end;) {
+        state_t *state = &w->states[s];
+        Py_ssize_t stop = state->first_chunk + state->chunks;
+        if (g >= stop) {
+            s++;
+            continue;
+        }
+        Py_ssize_t last = stop < w->end ? stop : w->end;
+        for (Py_ssize_t h = g; w->ok && h < last; h++) {
+            w->ok = hash_chunk(ctx, w, state, h - state->first_chunk, scratch,
+                               w->hashes + DIGEST * h);
+        }
+        if (w->ok && atomic_fetch_sub(&state->remaining, (long)(last - g)) == (long)(last - g)) {
+            w->ok = finish_leaf(ctx, w->hashes + DIGEST * state->first_chunk, state->chunks,
+                                state->length, w->leaves + DIGEST * s);
+        }
+        g = last;
+    }
+    EVP_MD_CTX_free(ctx);
+    return NULL;
+}
+
+/* Hash every chunk and build every tree over `threads` threads; 1 on success. */
+static int compute(const piece_t *pieces, state_t *states, Py_ssize_t nstates,
                    Py_ssize_t total, int threads, unsigned char *hashes, unsigned char *out) {
     work_t work[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
@@ -143,7 +160,7 @@ static int compute(const piece_t *pieces, const state_t *states, Py_ssize_t nsta
         threads = total > 0 ? (int)total : 1;
     }
     for (int t = 0; t < threads; t++) {
-        work[t] = (work_t){pieces, states, nstates, hashes, total * t / threads,
+        work[t] = (work_t){pieces, states, nstates, hashes, out, total * t / threads,
                            total * (t + 1) / threads, 0};
     }
     for (int t = 1; t < threads; t++) {
@@ -160,13 +177,6 @@ static int compute(const piece_t *pieces, const state_t *states, Py_ssize_t nsta
         }
         ok = ok && work[t].ok;
     }
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    ok = ok && ctx != NULL;
-    for (Py_ssize_t s = 0; ok && s < nstates; s++) {
-        ok = finish_leaf(ctx, hashes + DIGEST * states[s].first_chunk, states[s].chunks,
-                         states[s].length, out + DIGEST * s);
-    }
-    EVP_MD_CTX_free(ctx);
     return ok;
 }
 
@@ -227,6 +237,7 @@ static PyObject *leaves(PyObject *self, PyObject *args) {
         if (ok) {
             states[s].first_chunk = total;
             states[s].chunks = (states[s].length + CHUNK - 1) / CHUNK;
+            atomic_init(&states[s].remaining, (long)states[s].chunks);
             total += states[s].chunks;
         }
     }
