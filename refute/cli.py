@@ -93,6 +93,11 @@ def trace(
         typer.Option(help="Calibrated manifest (from `refute calibrate`): its pins, cuts and "
                           "scale are used."),
     ] = None,
+    spool: Annotated[
+        bool, typer.Option(help="Let ONNX Runtime write the states into a file beside the "
+                                "bundle (<out>.spool, removed afterwards) instead of memory: "
+                                "for traces larger than memory.")
+    ] = False,
 ) -> None:
     """Run MODEL on INPUTS, write the trace bundle and print the commitment."""
     try:
@@ -107,10 +112,16 @@ def trace(
                 )
                 console.print_pins(prepared.loaded)
             feeds = read_inputs_json(inputs, prepared.loaded)
-            result = run_trace(prepared, feeds, deterministic=deterministic, threads=threads,
-                               progress=progress)
-        target = output or inputs.with_suffix(".rtrace")
-        result.write(target)
+            target = output or inputs.with_suffix(".rtrace")
+            spool_file = target.with_name(target.name + ".spool") if spool else None
+            ours = spool_file is not None and not spool_file.exists()  # else: refused, kept
+            try:
+                result = run_trace(prepared, feeds, deterministic=deterministic,
+                                   threads=threads, spool=spool_file, progress=progress)
+                result.write(target)
+            finally:
+                if ours and spool_file is not None:
+                    spool_file.unlink(missing_ok=True)
     except RefuteError as exc:
         raise console.fail(exc) from exc
     _print_commitment(result, target)

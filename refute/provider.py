@@ -126,6 +126,7 @@ def run_trace(
     executor: DeterministicExecutor | None = None,
     deterministic: bool = False,
     threads: int | None = None,
+    spool: Path | None = None,
     progress: ProgressFn = _no_progress,
 ) -> Trace:
     """Execute the model on ``inputs`` and commit to every state.
@@ -136,12 +137,20 @@ def run_trace(
     honest challengers allow for (:func:`refute.verdict.agrees`). With ``deterministic`` (or
     an ``executor``), segment by segment under the deterministic executor instead: the states a
     checker re-executing the model gets bit for bit.
+
+    With ``spool`` (the optimized run only), the states are written by ONNX Runtime straight
+    into that file's mapping and the trace's arrays are views of it
+    (:meth:`~refute.provider_session.StateSession.run`): a trace larger than memory stays in
+    the page cache; keep the file until the trace is written or uploaded.
     """
+    if spool is not None and (deterministic or executor is not None):
+        raise InputError("a spool file is for the optimized provider run, not the "
+                         "deterministic one")
     feeds = validate_inputs(prepared.loaded, inputs)
     segments = prepared.segmentation.segments
     if not deterministic and executor is None:
         progress("execute", 0, 1)
-        states = prepared.state_session.run(feeds)
+        states = prepared.state_session.run(feeds, spool=spool)
         progress("execute", 1, 1)
     else:
         executor = executor or DeterministicExecutor()

@@ -102,7 +102,9 @@ class Trace:
         }
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the bundle atomically (temporary file, then rename) and return its path."""
+        """Write the bundle atomically (temporary file, then rename) and return its path.
+        Tensors are copied in pieces of 1 MiB, never whole (a spooled trace's states stay in
+        the page cache)."""
         target = Path(path)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
@@ -112,7 +114,7 @@ class Trace:
                 archive.writestr(_TRACE, canonical_json(self.to_json()))
                 for k, state in enumerate(self.states):
                     for j, tensor in enumerate(state):
-                        archive.writestr(_member(k, j), tensor.astype("<f4").tobytes())
+                        _write_values(archive, _member(k, j), tensor)
             tmp.replace(target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -206,6 +208,17 @@ class Trace:
             if mine != theirs:
                 raise BundleError(f"state {k} does not match its committed leaf")
         return trace
+
+
+#: Largest piece of a tensor written at once.
+_PIECE = 2**20
+
+
+def _write_values(archive: zipfile.ZipFile, name: str, tensor: np.ndarray) -> None:
+    values = np.ascontiguousarray(tensor, dtype="<f4").reshape(-1).view(np.uint8).data
+    with archive.open(name, "w", force_zip64=len(values) >= 2**31) as member:
+        for start in range(0, len(values), _PIECE):
+            member.write(values[start : start + _PIECE])
 
 
 @dataclass(frozen=True)

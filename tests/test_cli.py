@@ -72,3 +72,20 @@ def test_failures_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     assert "pinned batch_size=1 (input[0], input file)" in done.stderr and bundle.exists()
     done = _refute("segment", model.path, "--dim", "batch_size=x")
     assert done.returncode == 2 and "NAME=INTEGER" in done.stderr
+
+
+def test_trace_spools_the_states_and_removes_the_spool(tmp_path: Path) -> None:
+    model = SHARED["1l_mlp"]
+    plain, spooled = tmp_path / "plain.rtrace", tmp_path / "spooled.rtrace"
+    for bundle, extra in ((plain, ()), (spooled, ("--spool",))):
+        done = _refute("trace", model.path, model.input_json, "-o", bundle, *extra)
+        assert done.returncode == 0, done.stderr
+    assert Trace.read(spooled).commitment == Trace.read(plain).commitment
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.rtrace", "spooled.rtrace"]
+    # A file in the spool's place is not the command's to overwrite or remove.
+    (tmp_path / "again.rtrace.spool").write_bytes(b"keep me")
+    done = _refute("trace", model.path, model.input_json, "-o", tmp_path / "again.rtrace",
+                   "--spool")
+    assert done.returncode == 2 and "needs a file of its own" in done.stderr
+    assert (tmp_path / "again.rtrace.spool").read_bytes() == b"keep me"
+    assert not (tmp_path / "again.rtrace").exists()
