@@ -17,7 +17,7 @@ def state_to_json(state: DisputeState) -> dict[str, Any]:
         "provider_clock": state.provider_clock, "challenger_clock": state.challenger_clock,
         "turn_started": state.turn_started, "rounds": state.rounds, "moves": state.moves,
         "verdict": state.verdict.value if state.verdict is not None else None,
-        "reason": state.reason,
+        "reason": state.reason, "tiles": list(state.tiles), "tile": state.tile,
     }
 
 
@@ -36,4 +36,7 @@ def state_from_json(data: dict[str, Any]) -> DisputeState:
         moves=int(data["moves"]),
         verdict=None if data["verdict"] is None else Verdict(data["verdict"]),
         reason=data["reason"],
+        # States stored before tiles existed have neither: no segment tiled, no tile named.
+        tiles=tuple(int(k) for k in data.get("tiles", ())),
+        tile=None if data.get("tile") is None else int(data["tile"]),
     )

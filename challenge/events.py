@@ -12,16 +12,18 @@ move           kind          body
 =============  ============  ===================================================================
 Open           challenge     ``challenger``, ``bond``, ``lo``, ``hi``, ``n``, ``disclosed``,
                              ``clocks`` {``provider``, ``challenger``, ``proof_timeout``}
+                             (+ ``tiles``: tiles per segment, when a segment is tiled)
 Disclose       disclose      ``actor``, ``phase``, ``move_at`` (+ ``trace_blob`` or
                              ``disclosed_states``: what was disclosed)
 Reveal         reveal        ``actor``, ``phase``, ``move_at``, ``state``
 Answer         answer        ``actor``, ``phase``, ``move_at``, ``state``, ``choice``
+NameTile       tile          ``actor``, ``phase``, ``move_at``, ``step``, ``tile``
 Tick           timeout       ``actor``, ``phase``, ``move_at``
 RangeOutcome   rangeoutcome  ``actor``, ``phase``, ``move_at``, ``state``, ``max_abs_units``,
                              ``bound`` (+ the proof: ``circuit``, ``vk_sha256``, ``proof``,
                              ``settings_sha256``, ``srs_sha256``)
 ProofOutcome   proofoutcome  ``actor``, ``phase``, ``move_at``, ``step``, ``maxdiff_units``,
-                             ``tolerance`` (+ the proof, as above)
+                             ``tolerance`` (+ ``tile`` for a tile's proof; + the proof)
 Close          close         ``actor``, ``phase``, ``move_at``, ``by``
 (Resolved)     verdict       ``verdict`` (upper case), ``reason``, ``result_status``
 =============  ============  ===================================================================
@@ -57,6 +59,7 @@ from challenge.game import (
     Close,
     Disclose,
     Move,
+    NameTile,
     Open,
     Phase,
     ProofOutcome,
@@ -95,6 +98,7 @@ KIND_OF: Mapping[type[Move], str] = MappingProxyType({
     Disclose: "disclose",
     Reveal: "reveal",
     Answer: "answer",
+    NameTile: "tile",
     Tick: "timeout",
     RangeOutcome: "rangeoutcome",
     ProofOutcome: "proofoutcome",
@@ -117,8 +121,8 @@ MAX_THRESHOLD = 1 << 255
 
 _ACTOR: Mapping[str, Actor] = MappingProxyType({
     "challenge": Actor.CHALLENGER, "disclose": Actor.PROVIDER, "reveal": Actor.PROVIDER,
-    "answer": Actor.CHALLENGER, "timeout": Actor.SERVICE, "rangeoutcome": Actor.SERVICE,
-    "proofoutcome": Actor.SERVICE, "close": Actor.SERVICE})
+    "answer": Actor.CHALLENGER, "tile": Actor.CHALLENGER, "timeout": Actor.SERVICE,
+    "rangeoutcome": Actor.SERVICE, "proofoutcome": Actor.SERVICE, "close": Actor.SERVICE})
 _FRACTION = re.compile(r"(0|[1-9][0-9]{0,77})(/[1-9][0-9]{0,77})?")
 
 
@@ -186,9 +190,10 @@ def _fields(move: Move) -> dict[str, Any]:
     """The move's own fields as its event body records them."""
     if isinstance(move, Open):
         c = move.clocks
+        tiles = {"tiles": list(move.tiles)} if move.tiles else {}  # untiled bodies as before
         return {"lo": move.lo, "hi": move.hi, "n": move.n, "disclosed": move.disclosed,
                 "clocks": {"provider": c.provider, "challenger": c.challenger,
-                           "proof_timeout": c.proof_timeout}}
+                           "proof_timeout": c.proof_timeout}, **tiles}
     if isinstance(move, Disclose):
         if move.matches_commitment is not True:
             raise EventError("a disclosure that does not match the commitment is never "
@@ -201,6 +206,8 @@ def _fields(move: Move) -> dict[str, Any]:
         return {"state": move.state}
     if isinstance(move, Answer):
         return {"state": move.state, "choice": move.choice.value}
+    if isinstance(move, NameTile):
+        return {"step": move.step, "tile": move.tile}
     if isinstance(move, RangeOutcome | ProofOutcome):
         return outcome_detail(move)
     if isinstance(move, Close):
@@ -211,14 +218,15 @@ def _fields(move: Move) -> dict[str, Any]:
 def outcome_detail(move: RangeOutcome | ProofOutcome) -> dict[str, Any]:
     """The numbers a proof's detail (and its event body) records: ``state``,
     ``max_abs_units``, ``bound`` of a range proof; ``step``, ``maxdiff_units``, ``tolerance``
-    of a step proof. Only a valid proof is recorded."""
+    (and ``tile``, for a tile's proof) of a step proof. Only a valid proof is recorded."""
     if move.valid is not True:
         raise EventError("an invalid proof is never recorded (the game refuses it)")
     if isinstance(move, RangeOutcome):
         return {"state": move.state, "max_abs_units": str(Fraction(move.max_abs_units)),
                 "bound": move.bound}
+    tile = {"tile": move.tile} if move.tile is not None else {}
     return {"step": move.step, "maxdiff_units": str(Fraction(move.maxdiff_units)),
-            "tolerance": move.tolerance}
+            "tolerance": move.tolerance, **tile}
 
 
 def verdict_name(verdict: Verdict) -> str:
@@ -279,6 +287,9 @@ def decode(kind: str, body: Mapping[str, Any], *, at: float, n: int,
                              "choice")
         move = Answer(actor=actor, at=move_at, state=_int(body, "state", 0, n),
                       choice=Choice(choice))
+    elif kind == "tile":
+        move = NameTile(actor=actor, at=move_at, step=_int(body, "step", 1, n),
+                        tile=_int(body, "tile", 0, MAX_INDEX))
     elif kind == "timeout":
         move = Tick(actor=actor, at=move_at)
     elif kind == "close":
@@ -303,8 +314,14 @@ def _open(body: Mapping[str, Any], at: float, n: int) -> Open:
     count = _int(body, "n", 1, n)
     if count != n:
         raise EventError(f"n is {count}, but the commitment has {n} segments", "n")
+    tiles = body.get("tiles", [])
+    if (not isinstance(tiles, list) or (tiles and len(tiles) != n)
+            or not all(type(k) is int and 1 <= k <= MAX_INDEX for k in tiles)):
+        raise EventError(f"tiles must list one tile count (>= 1) per segment, {n} in all",
+                         "tiles")
     return Open(actor=Actor.CHALLENGER, at=_time(at, "at"), n=count, lo=_int(body, "lo", 0, n),
-                hi=_int(body, "hi", 0, n), clocks=control, disclosed=disclosed)
+                hi=_int(body, "hi", 0, n), clocks=control, disclosed=disclosed,
+                tiles=tuple(tiles))
 
 
 def outcome_move(kind: str, detail: Mapping[str, Any], *, at: float,
@@ -320,9 +337,11 @@ def outcome_move(kind: str, detail: Mapping[str, Any], *, at: float,
                             max_abs_units=_fraction(detail, "max_abs_units"),
                             bound=_int(detail, "bound", 0, MAX_THRESHOLD), valid=True)
     if kind == "step":
+        tile = None if detail.get("tile") is None else _int(detail, "tile", 0, MAX_INDEX)
         return ProofOutcome(actor=Actor.SERVICE, at=at, step=_int(detail, "step", 1, top),
                             maxdiff_units=_fraction(detail, "maxdiff_units"),
-                            tolerance=_int(detail, "tolerance", 0, MAX_THRESHOLD), valid=True)
+                            tolerance=_int(detail, "tolerance", 0, MAX_THRESHOLD), valid=True,
+                            tile=tile)
     raise EventError(f"a proof is of a step or a range, not {_shorten(kind)}")
 
 

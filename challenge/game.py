@@ -38,6 +38,7 @@ __all__ = [
     "IllegalMove",
     "InvalidDisputeState",
     "Move",
+    "NameTile",
     "Open",
     "Phase",
     "ProofOutcome",
@@ -47,6 +48,7 @@ __all__ = [
     "RequestRangeProof",
     "RequestReveal",
     "RequestStepProof",
+    "RequestTile",
     "Resolved",
     "Reveal",
     "Rule",
@@ -104,8 +106,12 @@ class Phase(enum.Enum):
     """The challenger must AGREE or DISAGREE with state ``pending``; its clock runs."""
     RANGE_PROOF = "range_proof"
     """State ``pending`` was revealed out of range; the service proves its max |v|."""
+    TILE = "tile"
+    """``hi == lo + 1`` and segment ``hi`` is tiled: the challenger must name the tile it
+    disputes (DESIGN.md "The dispute game" step 4); its clock runs."""
     STEP_PROOF = "step_proof"
-    """``hi == lo + 1``: the service proves segment ``hi`` on (state lo, state hi)."""
+    """``hi == lo + 1``: the service proves segment ``hi`` (or its named tile) on
+    (state lo, state hi)."""
     RESOLVED = "resolved"
     """The verdict is final; every further move is illegal."""
 
@@ -172,13 +178,19 @@ class Open:
     disclosed: bool = True
     """The provider's committed states are available to the service (the trace was uploaded).
     If not, the game starts in DISCLOSE, on the provider's clock."""
+    tiles: tuple[int, ...] = ()
+    """Tiles per segment (entry i-1 for segment i; 1: proven whole), from the manifest's
+    tilings; empty when no segment is tiled. A dispute ending at a tiled segment asks the
+    challenger to name a tile (phase TILE)."""
 
     @classmethod
     def whole_trace(
-        cls, *, actor: Actor, at: float, n: int, clocks: TimeControl, disclosed: bool = True
+        cls, *, actor: Actor, at: float, n: int, clocks: TimeControl, disclosed: bool = True,
+        tiles: tuple[int, ...] = (),
     ) -> Open:
         """Dispute the whole trace: lo = 0, hi = n."""
-        return cls(actor=actor, at=at, n=n, lo=0, hi=n, clocks=clocks, disclosed=disclosed)
+        return cls(actor=actor, at=at, n=n, lo=0, hi=n, clocks=clocks, disclosed=disclosed,
+                   tiles=tiles)
 
     @classmethod
     def single_step(
@@ -190,10 +202,12 @@ class Open:
         step: int,
         clocks: TimeControl,
         disclosed: bool = True,
+        tiles: tuple[int, ...] = (),
     ) -> Open:
         """Dispute segment ``step`` directly: lo = step - 1, hi = step."""
         return cls(
-            actor=actor, at=at, n=n, lo=step - 1, hi=step, clocks=clocks, disclosed=disclosed
+            actor=actor, at=at, n=n, lo=step - 1, hi=step, clocks=clocks, disclosed=disclosed,
+            tiles=tiles,
         )
 
 
@@ -236,6 +250,18 @@ class Answer:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class NameTile:
+    """The challenger names the tile of tiled segment ``step`` it disputes (0-based, in the
+    manifest's tile order). An honest challenger names a tile where its own execution differs
+    most from the revealed state ``step``."""
+
+    actor: Actor
+    at: float
+    step: int
+    tile: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RangeOutcome:
     """The verified outcome of the range proof of state ``state``.
 
@@ -256,9 +282,10 @@ class RangeOutcome:
 class ProofOutcome:
     """The verified outcome of the adjudication proof of segment ``step``.
 
-    ``maxdiff_units``: the proven max |f(state lo) - state hi|, in quantized units; ``tolerance``:
-    the segment's τ; ``valid``: the proof verified and its hashed inputs reproduce both leaves.
-    Judged by :func:`refute.verdict.step_fault`.
+    ``maxdiff_units``: the proven max |f(state lo) - state hi|, in quantized units (over the
+    named ``tile`` when the segment is tiled); ``tolerance``: the segment's τ; ``valid``: the
+    proof verified and its hashed inputs reproduce both leaves. Judged by
+    :func:`refute.verdict.step_fault`.
     """
 
     actor: Actor
@@ -267,6 +294,7 @@ class ProofOutcome:
     maxdiff_units: Fraction
     tolerance: int
     valid: bool
+    tile: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -287,7 +315,9 @@ class Close:
     by: str
 
 
-Move: TypeAlias = Open | Disclose | Reveal | Answer | RangeOutcome | ProofOutcome | Tick | Close
+Move: TypeAlias = (
+    Open | Disclose | Reveal | Answer | NameTile | RangeOutcome | ProofOutcome | Tick | Close
+)
 
 
 # --- effects -------------------------------------------------------------------------------
@@ -313,10 +343,21 @@ class RequestAnswer:
 
 
 @dataclass(frozen=True, slots=True)
-class RequestStepProof:
-    """Ask the prover for the adjudication proof of segment ``step`` (a proof deadline runs)."""
+class RequestTile:
+    """Ask the challenger to name one of the ``tiles`` tiles of segment ``step`` (its clock is
+    running)."""
 
     step: int
+    tiles: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStepProof:
+    """Ask the prover for the adjudication proof of segment ``step``, of its ``tile`` when the
+    segment is tiled (a proof deadline runs)."""
+
+    step: int
+    tile: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +379,7 @@ Effect: TypeAlias = (
     RequestDisclosure
     | RequestReveal
     | RequestAnswer
+    | RequestTile
     | RequestStepProof
     | RequestRangeProof
     | Resolved
@@ -351,6 +393,7 @@ _WAITING_FOR: Mapping[Phase, Actor | None] = MappingProxyType(
         Phase.DISCLOSE: Actor.PROVIDER,
         Phase.REVEAL: Actor.PROVIDER,
         Phase.ANSWER: Actor.CHALLENGER,
+        Phase.TILE: Actor.CHALLENGER,
         Phase.RANGE_PROOF: None,
         Phase.STEP_PROOF: None,
         Phase.RESOLVED: None,
@@ -391,6 +434,10 @@ class DisputeState:
     verdict: Verdict | None
     reason: str | None
     """Why the dispute resolved, in one line, or ``None`` while it runs."""
+    tiles: tuple[int, ...]
+    """Tiles per segment, fixed at open (:attr:`Open.tiles`); empty when none is tiled."""
+    tile: int | None
+    """The tile of segment ``hi`` the challenger named (STEP_PROOF and after), else ``None``."""
 
     def __post_init__(self) -> None:
         problem = _inconsistency(self)
@@ -406,6 +453,10 @@ class DisputeState:
     def last_move_at(self) -> float:
         """The timestamp of the last applied move; older moves are refused."""
         return self.turn_started
+
+    def tiles_of(self, step: int) -> int:
+        """How many tiles segment ``step`` is proven on (1: whole)."""
+        return self.tiles[step - 1] if self.tiles else 1
 
     @property
     def resolved(self) -> bool:
@@ -437,18 +488,37 @@ def _inconsistency(s: DisputeState) -> str | None:
         return "a verdict is set exactly when the phase is RESOLVED"
     if (s.verdict is None) != (s.reason is None):
         return "a reason is set exactly when a verdict is"
+    problem = _tile_inconsistency(s)
+    if problem is not None:
+        return problem
     width = s.hi - s.lo
     if s.phase in (Phase.REVEAL, Phase.ANSWER, Phase.RANGE_PROOF):
         if width < 2 or s.pending != (s.lo + s.hi) // 2:
             return f"phase {s.phase.value} needs hi - lo > 1 and pending = (lo+hi)//2"
-    elif s.phase is Phase.STEP_PROOF:
+    elif s.phase in (Phase.TILE, Phase.STEP_PROOF):
         if width != 1 or s.pending != s.hi:
-            return "phase step_proof needs hi = lo + 1 and pending = hi"
+            return f"phase {s.phase.value} needs hi = lo + 1 and pending = hi"
     elif s.phase is Phase.DISCLOSE:
         if s.pending is not None or s.rounds != 0 or s.moves != 1:
             return "phase disclose comes right after the opening, with nothing pending"
     elif s.pending is not None:
         return "a resolved dispute has nothing pending"
+    return None
+
+
+def _tile_inconsistency(s: DisputeState) -> str | None:
+    if s.tiles and (len(s.tiles) != s.n or not all(_is_int(k) and k >= 1 for k in s.tiles)):
+        return "tiles must be empty or one count >= 1 per segment"
+    tile = s.tile
+    if tile is not None:
+        if s.phase not in (Phase.STEP_PROOF, Phase.RESOLVED):
+            return f"no tile is named in phase {s.phase.value}"
+        if not (_is_int(tile) and 0 <= tile < s.tiles_of(s.hi)):
+            return f"tile {tile} is not a tile of segment {s.hi}"
+    if s.phase is Phase.TILE and s.tiles_of(s.hi) < 2:
+        return f"phase tile needs a tiled segment {s.hi}"
+    if s.phase is Phase.STEP_PROOF and (s.tile is None) != (s.tiles_of(s.hi) < 2):
+        return f"phase step_proof needs a named tile exactly when segment {s.hi} is tiled"
     return None
 
 
@@ -480,7 +550,7 @@ def timeout_at(state: DisputeState | None) -> float | None:
         return None
     if state.phase in (Phase.DISCLOSE, Phase.REVEAL):
         return state.turn_started + state.provider_clock
-    if state.phase is Phase.ANSWER:
+    if state.phase in (Phase.ANSWER, Phase.TILE):
         return state.turn_started + state.challenger_clock
     if state.phase in (Phase.RANGE_PROOF, Phase.STEP_PROOF):
         return state.turn_started + state.clocks.proof_timeout
@@ -491,7 +561,8 @@ def timeout_at(state: DisputeState | None) -> float | None:
 
 Transition: TypeAlias = tuple[DisputeState, list[Effect]]
 _Handler: TypeAlias = Callable[[DisputeState | None, Move], Transition]
-_M = TypeVar("_M", Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick, Close)
+_M = TypeVar("_M", Open, Disclose, Reveal, Answer, NameTile, RangeOutcome, ProofOutcome, Tick,
+             Close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,6 +603,10 @@ def _open(state: DisputeState | None, move: Move) -> Transition:
             raise IllegalMove(f"open: the {name} time must be finite and positive, got {value}")
     if not isinstance(move.disclosed, bool):
         raise IllegalMove(f"open: disclosed must be a boolean, got {move.disclosed!r}")
+    tiles = tuple(move.tiles)
+    if tiles and (len(tiles) != move.n or not all(_is_int(k) and k >= 1 for k in tiles)):
+        raise IllegalMove(f"open: tiles must be empty or one count >= 1 for each of the "
+                          f"{move.n} segments")
     if not move.disclosed:
         waiting = DisputeState(
             n=move.n,
@@ -547,6 +622,8 @@ def _open(state: DisputeState | None, move: Move) -> Transition:
             moves=1,
             verdict=None,
             reason=None,
+            tiles=tiles,
+            tile=None,
         )
         return waiting, [RequestDisclosure()]
     return _next_round(
@@ -554,6 +631,7 @@ def _open(state: DisputeState | None, move: Move) -> Transition:
         hi=move.hi,
         at=move.at,
         n=move.n,
+        tiles=tiles,
         clocks=c,
         provider_clock=float(c.provider),
         challenger_clock=float(c.challenger),
@@ -568,17 +646,22 @@ def _next_round(
     hi: int,
     at: float,
     n: int,
+    tiles: tuple[int, ...],
     clocks: TimeControl,
     provider_clock: float,
     challenger_clock: float,
     rounds: int,
     moves: int,
 ) -> Transition:
-    """Start the next bisection round on (lo, hi), or the step proof when hi = lo + 1."""
+    """Start the next bisection round on (lo, hi); when hi = lo + 1, the step proof, or the
+    challenger's choice of a tile first if segment hi is tiled."""
     effect: Effect
+    count = tiles[hi - 1] if tiles else 1
     if hi - lo > 1:
         m = (lo + hi) // 2
         phase, pending, effect = Phase.REVEAL, m, RequestReveal(m)
+    elif count > 1:
+        phase, pending, effect = Phase.TILE, hi, RequestTile(hi, count)
     else:
         phase, pending, effect = Phase.STEP_PROOF, hi, RequestStepProof(hi)
     state = DisputeState(
@@ -595,6 +678,8 @@ def _next_round(
         moves=moves,
         verdict=None,
         reason=None,
+        tiles=tiles,
+        tile=None,
     )
     return state, [effect]
 
@@ -618,6 +703,7 @@ def _disclose(state: DisputeState, move: Disclose) -> Transition:
         hi=state.hi,
         at=move.at,
         n=state.n,
+        tiles=state.tiles,
         clocks=state.clocks,
         provider_clock=spent.provider_clock,
         challenger_clock=spent.challenger_clock,
@@ -656,12 +742,25 @@ def _answer(state: DisputeState, move: Answer) -> Transition:
         hi=hi,
         at=move.at,
         n=state.n,
+        tiles=state.tiles,
         clocks=state.clocks,
         provider_clock=spent.provider_clock,
         challenger_clock=spent.challenger_clock,
         rounds=state.rounds + 1,
         moves=state.moves + 1,
     )
+
+
+def _name_tile(state: DisputeState, move: NameTile) -> Transition:
+    count = state.tiles_of(state.hi)
+    if move.step != state.hi:
+        raise IllegalMove(f"tile: segment {state.hi} is disputed, not segment {move.step}")
+    if not (_is_int(move.tile) and 0 <= move.tile < count):
+        raise IllegalMove(f"tile: segment {state.hi} has tiles 0..{count - 1}, not {move.tile!r}")
+    spent = _charge(state, Actor.CHALLENGER, move.at)
+    new = replace(spent, phase=Phase.STEP_PROOF, tile=move.tile, turn_started=move.at,
+                  moves=state.moves + 1)
+    return new, [RequestStepProof(state.hi, move.tile)]
 
 
 def _range_outcome(state: DisputeState, move: RangeOutcome) -> Transition:
@@ -688,6 +787,9 @@ def _range_outcome(state: DisputeState, move: RangeOutcome) -> Transition:
 def _proof_outcome(state: DisputeState, move: ProofOutcome) -> Transition:
     if move.step != state.hi:
         raise IllegalMove(f"step proof: step {state.hi} is under proof, not step {move.step}")
+    if move.tile != state.tile:
+        raise IllegalMove(f"step proof: tile {state.tile} of step {state.hi} is under proof, "
+                          f"not tile {move.tile}")
     if not move.valid:
         raise IllegalMove(f"step proof: the proof for step {state.hi} is invalid")
     try:
@@ -698,7 +800,8 @@ def _proof_outcome(state: DisputeState, move: ProofOutcome) -> Transition:
         verdict, rel = Verdict.PROVIDER_FAULT, ">"
     else:
         verdict, rel = Verdict.CHALLENGER_FAULT, "<="
-    reason = f"step {state.hi}: maxdiff {move.maxdiff_units} {rel} tolerance {move.tolerance}"
+    where = f"step {state.hi}" + (f" tile {state.tile}" if state.tile is not None else "")
+    reason = f"{where}: maxdiff {move.maxdiff_units} {rel} tolerance {move.tolerance}"
     return _resolve(state, move.at, verdict, reason)
 
 
@@ -728,6 +831,13 @@ def _tick(state: DisputeState, move: Tick) -> Transition:
             move.at,
             Verdict.CHALLENGER_TIMEOUT,
             f"the challenger's clock ran out waiting for its answer about state {state.pending}",
+        )
+    if state.phase is Phase.TILE:
+        return _resolve(
+            replace(state, challenger_clock=0.0),
+            move.at,
+            Verdict.CHALLENGER_TIMEOUT,
+            f"the challenger's clock ran out waiting for it to name a tile of step {state.hi}",
         )
     what = "range" if state.phase is Phase.RANGE_PROOF else "step"
     return _resolve(
@@ -777,6 +887,8 @@ TRANSITIONS: Mapping[tuple[Phase | None, type[Move]], Rule] = MappingProxyType(
         (Phase.REVEAL, Tick): Rule(Actor.SERVICE, _in_game(Tick, _tick)),
         (Phase.ANSWER, Answer): Rule(Actor.CHALLENGER, _in_game(Answer, _answer)),
         (Phase.ANSWER, Tick): Rule(Actor.SERVICE, _in_game(Tick, _tick)),
+        (Phase.TILE, NameTile): Rule(Actor.CHALLENGER, _in_game(NameTile, _name_tile)),
+        (Phase.TILE, Tick): Rule(Actor.SERVICE, _in_game(Tick, _tick)),
         (Phase.RANGE_PROOF, RangeOutcome): Rule(
             Actor.SERVICE, _in_game(RangeOutcome, _range_outcome)
         ),

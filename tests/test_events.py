@@ -39,6 +39,7 @@ from challenge.game import (
     Disclose,
     DisputeState,
     Move,
+    NameTile,
     Open,
     Phase,
     ProofOutcome,
@@ -108,6 +109,13 @@ def test_the_bodies_are_the_ones_the_orchestrator_always_wrote() -> None:
           "maxdiff_units": "7", "tolerance": 4, "circuit": "c"}),
         (Close(actor=S, at=T0 + 7, by="dsp_0"), Phase.RESOLVED, {}, "close",
          {**head, "actor": "service", "phase": "resolved", "move_at": T0 + 7, "by": "dsp_0"}),
+        (NameTile(actor=C, at=T0 + 8, step=3, tile=5), Phase.STEP_PROOF, {}, "tile",
+         {**head, "actor": "challenger", "phase": "step_proof", "move_at": T0 + 8, "step": 3,
+          "tile": 5}),
+        (ProofOutcome(actor=S, at=T0 + 9, step=3, maxdiff_units=Fraction(7), tolerance=4,
+                      valid=True, tile=5), Phase.RESOLVED, {}, "proofoutcome",
+         {**head, "actor": "service", "phase": "resolved", "move_at": T0 + 9, "step": 3,
+          "maxdiff_units": "7", "tolerance": 4, "tile": 5}),
     ]
     for move, phase, extra, kind, body in cases:
         assert encode(move, dispute_id="dsp_1", phase=phase, extra=extra) == (kind, body)
@@ -117,8 +125,8 @@ def test_the_bodies_are_the_ones_the_orchestrator_always_wrote() -> None:
         "verdict", {**head, "verdict": "PROVIDER_FAULT", "reason": "why",
                     "result_status": "PROVIDER_FAULT"})
     assert sorted(DISPUTE_KINDS) == ["answer", "challenge", "close", "disclose",
-                                     "proofoutcome", "rangeoutcome", "reveal", "timeout",
-                                     "verdict"]
+                                     "proofoutcome", "rangeoutcome", "reveal", "tile",
+                                     "timeout", "verdict"]
     assert dict(PROOF_KINDS) == {"step": "proofoutcome", "range": "rangeoutcome"}
 
 
@@ -134,9 +142,10 @@ clocks = st.builds(TimeControl, provider=times, challenger=times, proof_timeout=
 ids = st.from_regex(r"dsp_[a-z0-9]{1,12}", fullmatch=True)
 
 recordable_moves: st.SearchStrategy[Move] = st.one_of(
-    st.builds(lambda at, lo, hi, c, d: Open(actor=C, at=at, n=N, lo=lo, hi=hi, clocks=c,
-                                             disclosed=d),
-              times, states, states, clocks, st.booleans()),
+    st.builds(lambda at, lo, hi, c, d, t: Open(actor=C, at=at, n=N, lo=lo, hi=hi, clocks=c,
+                                                disclosed=d, tiles=t),
+              times, states, states, clocks, st.booleans(),
+              st.just(()) | st.lists(st.integers(1, 64), min_size=N, max_size=N).map(tuple)),
     st.builds(lambda at: Disclose(actor=P, at=at, matches_commitment=True), times),
     st.builds(lambda at, k, r: Reveal(actor=P, at=at, state=k, matches_leaf=True, in_range=r),
               times, states, st.booleans()),
@@ -146,9 +155,11 @@ recordable_moves: st.SearchStrategy[Move] = st.one_of(
     st.builds(lambda at, k, v, b: RangeOutcome(actor=S, at=at, state=k, max_abs_units=v,
                                                 bound=b, valid=True),
               times, states, exact, thresholds),
-    st.builds(lambda at, i, v, t: ProofOutcome(actor=S, at=at, step=i, maxdiff_units=v,
-                                                tolerance=t, valid=True),
-              times, steps, exact, thresholds),
+    st.builds(lambda at, i, v, t, tile: ProofOutcome(actor=S, at=at, step=i, maxdiff_units=v,
+                                                      tolerance=t, valid=True, tile=tile),
+              times, steps, exact, thresholds, st.none() | st.integers(0, 64)),
+    st.builds(lambda at, i, tile: NameTile(actor=C, at=at, step=i, tile=tile),
+              times, steps, st.integers(0, 64)),
     st.builds(lambda at, by: Close(actor=S, at=at, by=by), times, ids),
 )
 
@@ -344,6 +355,14 @@ def test_any_kind_and_body_decode_or_raise_an_event_error(kind: str, body: dict[
          "clocks", "exactly the keys"),
         ("challenge", {"lo": 0, "hi": N, "n": N, "disclosed": "yes", "clocks": {
             "provider": 1, "challenger": 1, "proof_timeout": 1}}, "disclosed", "true or false"),
+        ("challenge", {"lo": 0, "hi": N, "n": N, "tiles": [2] * (N - 1), "clocks": {
+            "provider": 1, "challenger": 1, "proof_timeout": 1}}, "tiles", "one tile count"),
+        ("challenge", {"lo": 0, "hi": N, "n": N, "tiles": [0] * N, "clocks": {
+            "provider": 1, "challenger": 1, "proof_timeout": 1}}, "tiles", "one tile count"),
+        ("tile", {"actor": "challenger", "phase": "step_proof", "step": 0, "tile": 1}, "step",
+         f"[1, {N}]"),
+        ("tile", {"actor": "challenger", "phase": "step_proof", "step": 1, "tile": -1}, "tile",
+         r"\[0,"),
         ("close", {"actor": "service", "phase": "resolved", "by": ""}, "by", "name the dispute"),
         ("verdict", {"verdict": "PROVIDER_FAULT"}, "", "unknown event kind"),
         ("answer", {"phase": "reveal"}, "", "missing field 'actor'"),

@@ -36,6 +36,7 @@ from challenge.game import (
     IllegalMove,
     InvalidDisputeState,
     Move,
+    NameTile,
     Open,
     Phase,
     ProofOutcome,
@@ -45,6 +46,7 @@ from challenge.game import (
     RequestRangeProof,
     RequestReveal,
     RequestStepProof,
+    RequestTile,
     Resolved,
     Reveal,
     Tick,
@@ -90,6 +92,14 @@ def open_step(n: int, step: int, at: float = T0) -> DisputeState:
     return state
 
 
+def open_tiled(n: int = 8, step: int = 3, tiles: int = 4, at: float = T0) -> DisputeState:
+    """Open one step of a trace whose every segment is cut into ``tiles`` tiles."""
+    state, effects = apply(None, Open.single_step(actor=C, at=at, n=n, step=step, clocks=CLOCKS,
+                                                  tiles=(tiles,) * n))
+    assert effects == [RequestTile(step, tiles)] and state.phase is Phase.TILE
+    return state
+
+
 def reveal(state: DisputeState, at: float, *, ok: bool = True, in_range: bool = True) -> Reveal:
     assert state.pending is not None
     return Reveal(actor=P, at=at, state=state.pending, matches_leaf=ok, in_range=in_range)
@@ -100,9 +110,11 @@ def answer(state: DisputeState, at: float, choice: Choice) -> Answer:
     return Answer(actor=C, at=at, state=state.pending, choice=choice)
 
 
-def proof(state: DisputeState, at: float, maxdiff: Fraction | int, *, valid: bool = True) -> Move:
+def proof(state: DisputeState, at: float, maxdiff: Fraction | int, *,
+          valid: bool = True) -> ProofOutcome:
     return ProofOutcome(
-        actor=S, at=at, step=state.hi, maxdiff_units=Fraction(maxdiff), tolerance=TOL, valid=valid
+        actor=S, at=at, step=state.hi, maxdiff_units=Fraction(maxdiff), tolerance=TOL, valid=valid,
+        tile=state.tile,
     )
 
 
@@ -155,26 +167,30 @@ def example_move(move_type: type[Move], state: DisputeState | None, actor: Actor
         return Reveal(actor=actor, at=at, state=pending, matches_leaf=True, in_range=True)
     if move_type is Answer:
         return Answer(actor=actor, at=at, state=pending, choice=Choice.AGREE)
+    if move_type is NameTile:
+        return NameTile(actor=actor, at=at, step=hi, tile=0)
     if move_type is RangeOutcome:
         return RangeOutcome(
             actor=actor, at=at, state=pending, max_abs_units=Fraction(0), bound=R, valid=True
         )
     if move_type is ProofOutcome:
         return ProofOutcome(
-            actor=actor, at=at, step=hi, maxdiff_units=Fraction(0), tolerance=TOL, valid=True
+            actor=actor, at=at, step=hi, maxdiff_units=Fraction(0), tolerance=TOL, valid=True,
+            tile=None if state is None else state.tile,
         )
     if move_type is Close:
         return Close(actor=actor, at=at, by="dsp_convicting")
     return Tick(actor=actor, at=at)
 
 
-MOVE_TYPES: list[type[Move]] = [Open, Disclose, Reveal, Answer, RangeOutcome, ProofOutcome, Tick,
-                                Close]
+MOVE_TYPES: list[type[Move]] = [Open, Disclose, Reveal, Answer, NameTile, RangeOutcome,
+                                ProofOutcome, Tick, Close]
 MOVER: dict[type[Move], Actor] = {
     Open: C,
     Disclose: P,
     Reveal: P,
     Answer: C,
+    NameTile: C,
     RangeOutcome: S,
     ProofOutcome: S,
     Tick: S,
@@ -188,6 +204,8 @@ def state_in(phase: Phase | None) -> DisputeState | None:
         return None
     if phase is Phase.DISCLOSE:
         return open_undisclosed(8)
+    if phase is Phase.TILE:
+        return open_tiled()
     state = open_whole(8)
     if phase is Phase.REVEAL:
         return state
@@ -283,9 +301,20 @@ def test_dispute_state_rejects_inconsistent_fields() -> None:
         {"verdict": Verdict.ABORTED},
         {"phase": Phase.RESOLVED, "pending": None},
         {"moves": 0},
+        {"tile": 0},                       # a tile named while bisecting
+        {"tiles": (2, 2)},                 # not one count per segment
+        {"tiles": (0,) * 8},
     ):
         with pytest.raises(InvalidDisputeState):
             dataclasses.replace(good, **changes)
+    tiled = open_tiled()
+    for changes in ({"tile": 1}, {"phase": Phase.STEP_PROOF},  # no tile named in step_proof
+                    {"tiles": (1,) * 8}):                      # tile phase of a whole segment
+        with pytest.raises(InvalidDisputeState):
+            dataclasses.replace(tiled, **changes)
+    proving = apply(tiled, NameTile(actor=C, at=T0 + 1, step=3, tile=3))[0]
+    with pytest.raises(InvalidDisputeState):
+        dataclasses.replace(proving, tile=4)  # segment 3 has tiles 0..3
 
 
 # --- opening -----------------------------------------------------------------------------------
@@ -572,6 +601,77 @@ def test_negative_maxdiff_or_tolerance_is_refused() -> None:
     refused(state, dataclasses.replace(fractional_tolerance, maxdiff_units=Fraction(5)), "integer")
 
 
+# --- tiles ----------------------------------------------------------------------------------
+
+
+def test_a_tiled_step_waits_for_the_challenger_to_name_a_tile() -> None:
+    state = open_tiled(step=3, tiles=4)
+    assert state.turn is C and timeout_at(state) == T0 + CLOCKS.challenger
+    named, effects = apply(state, NameTile(actor=C, at=T0 + 30, step=3, tile=2))
+    assert effects == [RequestStepProof(3, 2)]
+    assert named.phase is Phase.STEP_PROOF and named.tile == 2 and named.turn is None
+    assert named.challenger_clock == CLOCKS.challenger - 30  # naming a tile is on C's clock
+    done, effects = apply(named, proof(named, T0 + 40, TOL + 1))
+    assert done.verdict is Verdict.PROVIDER_FAULT and done.tile == 2
+    assert effects == [Resolved(Verdict.PROVIDER_FAULT, "step 3 tile 2: maxdiff 5 > tolerance 4")]
+
+
+def test_bisection_ends_on_a_tile_only_where_the_segment_is_tiled() -> None:
+    tiles = (1, 3, 1, 1, 5, 1, 1, 2)
+    for step, count in enumerate(tiles, start=1):
+        state, effects = apply(None, Open.whole_trace(actor=C, at=T0, n=8, clocks=CLOCKS,
+                                                      tiles=tiles))
+        t = T0
+        while state.phase is Phase.REVEAL:  # agree below step, disagree from it on
+            t += 1
+            state, _ = apply(state, reveal(state, t))
+            assert state.pending is not None
+            choice = Choice.AGREE if state.pending < step else Choice.DISAGREE
+            state, effects = apply(state, answer(state, t, choice))
+        assert state.hi == step
+        if count > 1:
+            assert state.phase is Phase.TILE and effects == [RequestTile(step, count)]
+        else:
+            assert state.phase is Phase.STEP_PROOF and effects == [RequestStepProof(step)]
+
+
+def test_bad_tiles_and_tile_moves_are_refused() -> None:
+    refused(None, Open.whole_trace(actor=C, at=T0, n=8, clocks=CLOCKS, tiles=(2, 2)),
+            "one count")
+    refused(None, Open.whole_trace(actor=C, at=T0, n=2, clocks=CLOCKS, tiles=(1, 0)),
+            "one count")
+    state = open_tiled(step=3, tiles=4)
+    refused(state, NameTile(actor=C, at=T0 + 1, step=4, tile=0), "segment 3", "not segment 4")
+    for bad in (-1, 4, True):
+        refused(state, NameTile(actor=C, at=T0 + 1, step=3, tile=bad), "tiles 0..3")
+    refused(state, NameTile(actor=P, at=T0 + 1, step=3, tile=0), "challenger")
+    refused(state, proof(state, T0 + 1, 0), "not a legal move in phase tile")
+    named = apply(state, NameTile(actor=C, at=T0 + 1, step=3, tile=1))[0]
+    wrong_tile = dataclasses.replace(proof(named, T0 + 2, 0), tile=0)
+    refused(named, wrong_tile, "tile 1 of step 3 is under proof", "not tile 0")
+    refused(named, dataclasses.replace(wrong_tile, tile=None), "not tile None")
+
+
+def test_a_challenger_that_names_no_tile_times_out() -> None:
+    state = open_tiled(step=3, tiles=4)
+    early, effects = apply(state, Tick(actor=S, at=T0 + CLOCKS.challenger - 1))
+    assert early is state and effects == []
+    late, effects = apply(state, Tick(actor=S, at=T0 + CLOCKS.challenger))
+    assert late.verdict is Verdict.CHALLENGER_TIMEOUT and late.challenger_clock == 0
+    assert "name a tile of step 3" in (late.reason or "")
+
+
+def test_tiles_survive_the_state_codec_and_old_states_load() -> None:
+    from challenge.codec import state_from_json, state_to_json
+
+    named = apply(open_tiled(step=3, tiles=4), NameTile(actor=C, at=T0 + 1, step=3, tile=2))[0]
+    assert state_from_json(state_to_json(named)) == named
+    plain = open_whole(8)
+    stored = state_to_json(plain)
+    del stored["tiles"], stored["tile"]  # written before tiles existed
+    assert state_from_json(stored) == plain
+
+
 # --- resolution ------------------------------------------------------------------------------
 
 
@@ -750,9 +850,13 @@ def right(k: int, f: int | None) -> bool:
     return f is None or k < f
 
 
-def oracle_maxdiff(lo: int, hi: int, f: int | None) -> Fraction:
-    """Simulated adjudication proof: over τ exactly when state hi is wrong and state lo right."""
-    return Fraction(TOL + 1) if right(lo, f) and not right(hi, f) else Fraction(TOL, 2)
+def oracle_maxdiff(lo: int, hi: int, f: int | None, tile: int | None = None,
+                   lie_tile: int | None = None) -> Fraction:
+    """Simulated adjudication proof: over τ exactly when state hi is wrong and state lo right
+    (and, on a tiled segment, the proven tile is the one holding the lie)."""
+    lie_here = tile is None or tile == lie_tile
+    return (Fraction(TOL + 1) if right(lo, f) and not right(hi, f) and lie_here
+            else Fraction(TOL, 2))
 
 
 @pytest.mark.parametrize("n", range(1, 65))
@@ -904,11 +1008,17 @@ class DisputeMachine(RuleBasedStateMachine):
         else:
             step = data.draw(st.integers(1, n), label="step")
         disclosed = data.draw(st.booleans(), label="trace_uploaded")
+        # Some segments tiled (1-4 tiles each); the lie, if any, sits in one tile of each.
+        self.tiles: tuple[int, ...] = data.draw(
+            st.just(()) | st.lists(st.integers(1, 4), min_size=n, max_size=n).map(tuple),
+            label="tiles")
+        self.lie_tile = data.draw(st.integers(0, 3), label="lie_tile")
         move = (
             Open.single_step(actor=C, at=T0, n=n, step=step, clocks=self.clocks,
-                             disclosed=disclosed)
+                             disclosed=disclosed, tiles=self.tiles)
             if single
-            else Open.whole_trace(actor=C, at=T0, n=n, clocks=self.clocks, disclosed=disclosed)
+            else Open.whole_trace(actor=C, at=T0, n=n, clocks=self.clocks, disclosed=disclosed,
+                                  tiles=self.tiles)
         )
         self.state, effects = apply(None, move)
         self.check_effects(effects)
@@ -933,7 +1043,8 @@ class DisputeMachine(RuleBasedStateMachine):
             Phase.REVEAL: RequestReveal(s.pending or 0),
             Phase.ANSWER: RequestAnswer(s.pending or 0),
             Phase.RANGE_PROOF: RequestRangeProof(s.pending or 0),
-            Phase.STEP_PROOF: RequestStepProof(s.hi),
+            Phase.TILE: RequestTile(s.hi, s.tiles_of(s.hi)),
+            Phase.STEP_PROOF: RequestStepProof(s.hi, s.tile),
             Phase.RESOLVED: Resolved(s.verdict or Verdict.ABORTED, s.reason or ""),
         }
         assert effects == [expected[s.phase]]
@@ -967,6 +1078,12 @@ class DisputeMachine(RuleBasedStateMachine):
             else:
                 choice = self.rng.choice(list(Choice))
             return Answer(actor=C, at=at, state=m, choice=choice)
+        if s.phase is Phase.TILE:  # an honest challenger names the tile holding the lie
+            count = s.tiles_of(s.hi)
+            lie = self.lie_tile % count
+            tile = (lie if self.challenger_honest and not right(s.hi, self.f)
+                    else self.rng.randrange(count))
+            return NameTile(actor=C, at=at, step=s.hi, tile=tile)
         if s.phase is Phase.RANGE_PROOF:
             max_abs = R + 1 if m in self.out_of_range else self.rng.randint(0, R)
             return RangeOutcome(
@@ -976,9 +1093,11 @@ class DisputeMachine(RuleBasedStateMachine):
             actor=S,
             at=at,
             step=s.hi,
-            maxdiff_units=oracle_maxdiff(s.lo, s.hi, self.f),
+            maxdiff_units=oracle_maxdiff(s.lo, s.hi, self.f, s.tile,
+                                         self.lie_tile % s.tiles_of(s.hi)),
             tolerance=TOL,
             valid=True,
+            tile=s.tile,
         )
 
     def play(self) -> None:
