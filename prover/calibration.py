@@ -29,6 +29,7 @@ exactly these circuits from the recorded settings (:mod:`prover.circuit`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import pickle
@@ -56,8 +57,9 @@ from prover.step import maxdiff_units
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, validate_inputs
-from refute.segmentation import run_segments
+from refute.segmentation import Segment, run_segments
 from refute.settings import get_settings
+from refute.tiling import cut_input, cut_output, make_tiling, tile_segment
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -81,13 +83,17 @@ class SegmentCalibration:
     logrows: int | None = None
     estimate: ProvingEstimate | None = None
     seconds: float = 0.0
+    tiling: dict[str, Any] | None = None
+    """For a tiled segment: ``blocks``, ``tiles`` and, per distinct tile model, its
+    ``sha256`` (of the tile's adjudication graph), ``settings`` and ``tolerance``."""
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's circuit entry for this segment."""
+        tiling = {"tiling": self.tiling} if self.tiling is not None else {}
         return {"kind": "step", "segment": self.index, "settings": self.settings,
                 "unsupported": self.reason, "logrows": self.logrows,
                 "estimate": self.estimate.to_json() if self.estimate is not None else None,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), **tiling}
 
 
 @dataclass(frozen=True)
@@ -292,6 +298,59 @@ def calibrate_segment_bounded(
     return replace(outcome, seconds=time.monotonic() - start)
 
 
+#: Most tiles of one tile model whose honest slices calibrate τ (spread over the tiling, the
+#: first and last included): every tile's witness costs an EZKL run per calibration input.
+TILE_SAMPLES = 8
+
+
+def calibrate_tiled_segment(
+    segment: Segment,
+    blocks: Sequence[int],
+    runs: Sequence[Sequence[Sequence[np.ndarray]]],
+    *,
+    scale: int,
+    bound: float,
+    safety: float,
+    max_logrows: int | None,
+    timeout_s: float,
+) -> SegmentCalibration:
+    """Calibrate a segment proven on tiles of ``blocks`` (:func:`refute.tiling.make_tiling`):
+    each distinct tile model (tiles whose weight slices differ have models of their own) is
+    calibrated like a segment, on the honest slices of up to :data:`TILE_SAMPLES` of its tiles
+    in every calibration run; τ is the largest of theirs, so that it holds for the tiles
+    sampled. A tile model that cannot be proven makes the segment unprovable, with its
+    reason."""
+    start = time.monotonic()
+    index = segment.index
+    tiling = make_tiling(segment, blocks)
+    by_model: dict[str, tuple[bytes, list[int]]] = {}
+    for t in tiling.tiles:
+        graph = adjudication_bytes(tile_segment(segment, tiling, t))
+        by_model.setdefault(hashlib.sha256(graph).hexdigest(), (graph, []))[1].append(t.index)
+    models: list[dict[str, Any]] = []
+    worst: SegmentCalibration | None = None
+    for digest, (graph, members) in by_model.items():
+        picked = sorted({members[round(j * (len(members) - 1) / max(TILE_SAMPLES - 1, 1))]
+                         for j in range(min(TILE_SAMPLES, len(members)))})
+        samples = [(cut_input(tiling, tiling.tiles[t], run[index - 1]),
+                    cut_output(tiling, tiling.tiles[t], run[index]))
+                   for run in runs for t in picked]
+        found = calibrate_segment_bounded(graph, index, samples, scale=scale, bound=bound,
+                                          safety=safety, max_logrows=max_logrows,
+                                          timeout_s=timeout_s)
+        if found.settings is None or found.tolerance is None:
+            return replace(found, reason=f"tile model of tiles {members[:3]}…: {found.reason}",
+                           seconds=time.monotonic() - start)
+        models.append({"sha256": digest, "settings": found.settings,
+                       "tolerance": found.tolerance, "tiles": len(members)})
+        if worst is None or (found.tolerance, found.logrows or 0) > (
+                worst.tolerance or 0, worst.logrows or 0):
+            worst = found
+    assert worst is not None  # a tiling has at least one tile
+    record = {"blocks": list(tiling.blocks), "tiles": len(tiling.tiles), "models": models}
+    return replace(worst, tiling=record, seconds=time.monotonic() - start)
+
+
 def _range_settings(
     graph: bytes, sample: Sequence[np.ndarray], *, scale: int, max_logrows: int | None,
 ) -> dict[str, Any] | None:
@@ -314,12 +373,15 @@ def calibrate_model(
     progress: ProgressFn = _no_progress,
     segment_timeout_s: float | None = None,
     max_logrows: int | None = None,
+    tilings: Mapping[int, Sequence[int]] | None = None,
 ) -> tuple[Manifest, CalibrationReport]:
     """Calibrate every segment; return the completed manifest and the report.
 
     ``segment_timeout_s`` bounds each segment's (and each state's range circuit's) calibration
     and ``max_logrows`` caps its circuit; unset, they come from :func:`get_settings`
-    (``calibration_segment_timeout_s``, ``proving_max_logrows``)."""
+    (``calibration_segment_timeout_s``, ``proving_max_logrows``). ``tilings`` maps a segment
+    index to the block sizes it is proven on (:func:`calibrate_tiled_segment`); the others are
+    proven whole."""
     if not inputs:
         raise CircuitUnsupported("calibration needs at least one input")
     if segment_timeout_s is None or max_logrows is None:
@@ -335,8 +397,17 @@ def calibrate_model(
     bound = _range_of(runs, range_margin)
     segments = []
     total = prepared.segmentation.num_segments
+    tiled = dict(tilings or {})
+    unknown = sorted(set(tiled) - set(range(1, total + 1)))
+    if unknown:
+        raise CircuitUnsupported(f"tilings name segments {unknown}, outside 1..{total}")
     for i, segment in enumerate(prepared.segmentation.segments, start=1):
         progress("calibrate", i - 1, total)
+        if i in tiled:
+            segments.append(calibrate_tiled_segment(
+                segment, tiled[i], runs, scale=scale, bound=bound, safety=safety,
+                max_logrows=max_logrows, timeout_s=segment_timeout_s))
+            continue
         samples = [(run[i - 1], run[i]) for run in runs]
         segments.append(calibrate_segment_bounded(
             adjudication_bytes(segment), i, samples, scale=scale, bound=bound, safety=safety,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,6 +34,8 @@ from prover.step import (
 from refute.commitment import TraceCommitment
 from refute.manifest import Manifest
 from refute.provider import PreparedModel
+from refute.segmentation import Segment
+from refute.tiling import Tiling, cut_input, cut_output, make_tiling, tile_segment
 from refute.verdict import Verdict, VerdictError, range_bound_units, range_verdict
 
 StageFn = Callable[[str], None]
@@ -54,6 +57,43 @@ def _entry(manifest: Manifest, kind: str, field: str, index: int) -> dict[str, A
     raise CircuitUnsupported(f"the manifest has no {kind} circuit {index}")
 
 
+def tiling_of(entry: dict[str, Any], segment: Segment) -> Tiling | None:
+    """The tiling a manifest circuit entry records for ``segment`` (``None``: proven whole)."""
+    recorded = entry.get("tiling")
+    if recorded is None:
+        return None
+    try:
+        tiling = make_tiling(segment, [int(b) for b in recorded["blocks"]])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CircuitUnsupported(f"segment {segment.index}: malformed tiling {exc}") from exc
+    if len(tiling.tiles) != recorded.get("tiles"):
+        raise CircuitUnsupported(f"segment {segment.index}: the manifest's tiling has "
+                                 f"{recorded.get('tiles')} tiles, its blocks make "
+                                 f"{len(tiling.tiles)}")
+    return tiling
+
+
+def tile_circuit(entry: dict[str, Any], segment: Segment, tiling: Tiling,
+                 tile: int) -> tuple[bytes, dict[str, Any]]:
+    """The adjudication graph of ``tile`` and the settings calibrated for its tile model."""
+    graph = adjudication_bytes(tile_segment(segment, tiling, tiling.tiles[tile]))
+    digest = hashlib.sha256(graph).hexdigest()
+    for model in entry["tiling"].get("models", []):
+        if model.get("sha256") == digest:
+            return graph, dict(model["settings"])
+    raise CircuitUnsupported(f"segment {segment.index} tile {tile}: its circuit was not "
+                             "calibrated at registration")
+
+
+def _tile_index(i: int, tiling: Tiling, tile: int | None) -> int:
+    if tile is None:
+        raise CircuitUnsupported(f"step {i} is tiled ({len(tiling.tiles)} tiles): name the tile "
+                                 "to prove")
+    if not 0 <= tile < len(tiling.tiles):
+        raise CircuitUnsupported(f"step {i} has tiles 0..{len(tiling.tiles) - 1}, not {tile}")
+    return tile
+
+
 @dataclass(frozen=True)
 class RangeOutcome:
     """A verified range proof: the state's max |v| and R (``⌊R·2^s⌋``), in quantized units, and
@@ -71,15 +111,30 @@ class Prover:
     def __init__(self, cache: CircuitCache) -> None:
         self.cache = cache
 
+    def tiling(self, prepared: PreparedModel, manifest: Manifest, i: int) -> Tiling | None:
+        """Segment i's tiling, rebuilt from the manifest's block sizes (``None``: proven
+        whole)."""
+        entry = _entry(manifest, "step", "segment", i)
+        return tiling_of(entry, prepared.segmentation.segments[i - 1])
+
     def step_circuit(
-        self, prepared: PreparedModel, manifest: Manifest, i: int, progress: StageFn = _quiet
+        self, prepared: PreparedModel, manifest: Manifest, i: int, progress: StageFn = _quiet,
+        *, tile: int | None = None,
     ) -> Circuit:
-        """Segment i's adjudication circuit, built from the manifest's recorded settings."""
+        """Segment i's adjudication circuit (of its ``tile``, when it is tiled), built from
+        the manifest's recorded settings."""
         if not 1 <= i <= manifest.num_segments:
             raise CircuitUnsupported(f"step {i} is outside 1..{manifest.num_segments}")
         entry = _entry(manifest, "step", "segment", i)
-        graph = adjudication_bytes(prepared.segmentation.segments[i - 1])
-        return self.cache.build(graph, manifest.scale, entry["settings"], progress=progress)
+        segment = prepared.segmentation.segments[i - 1]
+        tiling = tiling_of(entry, segment)
+        if tiling is None:
+            if tile is not None:
+                raise CircuitUnsupported(f"step {i} is proven whole, it has no tile {tile}")
+            graph, settings = adjudication_bytes(segment), entry["settings"]
+        else:
+            graph, settings = tile_circuit(entry, segment, tiling, _tile_index(i, tiling, tile))
+        return self.cache.build(graph, manifest.scale, settings, progress=progress)
 
     def range_circuit(
         self, prepared: PreparedModel, manifest: Manifest, k: int, progress: StageFn = _quiet
@@ -97,12 +152,19 @@ class Prover:
         state_prev: Sequence[np.ndarray],
         state_claimed: Sequence[np.ndarray],
         *,
+        tile: int | None = None,
         progress: StageFn = _quiet,
     ) -> StepProof:
-        """Prove step i on (state i-1, claimed state i)."""
-        circuit = self.step_circuit(prepared, manifest, i, progress)
+        """Prove step i on (state i-1, claimed state i); a tiled step on its ``tile`` (the
+        tile's slices are cut from the two states here)."""
+        circuit = self.step_circuit(prepared, manifest, i, progress, tile=tile)
+        tiling = self.tiling(prepared, manifest, i)
+        if tiling is not None and tile is not None:
+            chosen = tiling.tiles[tile]
+            state_prev = cut_input(tiling, chosen, state_prev)
+            state_claimed = cut_output(tiling, chosen, state_claimed)
         progress("prove")
-        return prove_step(circuit, i, state_prev, state_claimed)
+        return prove_step(circuit, i, state_prev, state_claimed, tile=tile)
 
     def verify_step(
         self,
@@ -120,10 +182,14 @@ class Prover:
             raise ProofRejected("proof step or commitment does not fit this manifest")
         if commitment.scale != manifest.scale:
             raise ProofRejected("commitment scale differs from the manifest's")
-        circuit = self.step_circuit(prepared, manifest, i)
+        tiling = self.tiling(prepared, manifest, i)
+        if (tiling is None) != (proof.tile is None):
+            raise ProofRejected(f"step {i} is {'tiled' if tiling else 'proven whole'}, the "
+                                f"proof names tile {proof.tile}")
+        circuit = self.step_circuit(prepared, manifest, i, tile=proof.tile)
         assert manifest.tolerances is not None
         return verify_step(circuit, proof, manifest=manifest, leaves=commitment.leaves,
-                           state_prev=states[0], state_claimed=states[1])
+                           state_prev=states[0], state_claimed=states[1], tiling=tiling)
 
     def prove_range(
         self, prepared: PreparedModel, manifest: Manifest, k: int, state: Sequence[np.ndarray]

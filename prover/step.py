@@ -31,6 +31,7 @@ from prover.errors import ProofRejected, ProverError
 from refute.errors import BindingError
 from refute.instances import check_binding
 from refute.manifest import EZKL_VERSION, Manifest
+from refute.tiling import Tiling
 from refute.verdict import Verdict, VerdictError, proven_units, step_verdict
 
 __all__ = [
@@ -67,9 +68,12 @@ class StepProof:
     x_hashes: tuple[int, ...]
     y_hashes: tuple[int, ...]
     maxdiff_raw: int
+    tile: int | None = None
+    """The tile of a tiled segment the proof is of (``None``: the whole segment)."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (the proof bundle written by ``refute prove``)."""
+        tile = {"tile": self.tile} if self.tile is not None else {}
         return {
             "format": "refute.step-proof/1",
             "segment": self.segment,
@@ -77,6 +81,7 @@ class StepProof:
             "vk_sha256": self.vk_sha256,
             "ezkl_version": self.ezkl_version,
             "proof": self.proof,
+            **tile,
         }
 
     @classmethod
@@ -87,8 +92,11 @@ class StepProof:
                 raise ProofRejected(f"unknown proof format {data['format']!r}")
             proof = dict(data["proof"])
             x, y, raw = split_instances(proof, n_inputs)
+            tile = data.get("tile")
+            if tile is not None and (type(tile) is not int or tile < 0):
+                raise ProofRejected(f"a proof's tile must be a tile index, not {tile!r}"[:120])
             return cls(int(data["segment"]), str(data["circuit_key"]), str(data["vk_sha256"]),
-                       str(data["ezkl_version"]), proof, x, y, raw)
+                       str(data["ezkl_version"]), proof, x, y, raw, tile)
         except (KeyError, TypeError, ValueError) as exc:
             raise ProofRejected(f"malformed proof bundle: {exc}") from exc
 
@@ -114,8 +122,11 @@ def prove_step(
     state_prev: Sequence[np.ndarray],
     state_claimed: Sequence[np.ndarray],
     workdir: Path | None = None,
+    *,
+    tile: int | None = None,
 ) -> StepProof:
-    """Prove segment ``segment``'s adjudication circuit on (state i-1, claimed state i)."""
+    """Prove segment ``segment``'s adjudication circuit on (state i-1, claimed state i), or, for
+    a ``tile`` of a tiled segment, the tile's circuit on the tile's slices of them."""
     with tempfile.TemporaryDirectory(prefix="refute-prove-", dir=workdir) as tmp:
         folder = Path(tmp)
         witness(circuit, [*state_prev, *state_claimed], folder)
@@ -128,7 +139,8 @@ def prove_step(
             raise ProverError(f"EZKL prove failed for segment {segment}: {exc}") from exc
         proof = json.loads(proof_path.read_text())
     x, y, raw = split_instances(proof, len(state_prev))
-    return StepProof(segment, circuit.key, circuit.vk_sha256, EZKL_VERSION, proof, x, y, raw)
+    return StepProof(segment, circuit.key, circuit.vk_sha256, EZKL_VERSION, proof, x, y, raw,
+                     tile)
 
 
 @dataclass(frozen=True)
@@ -154,15 +166,27 @@ def verify_proof_file(circuit: Circuit, proof: dict[str, Any]) -> bool:
 
 
 def bind(step: StepProof, manifest: Manifest, leaves: Sequence[bytes],
-         states: Sequence[Sequence[np.ndarray]], *, kind: str = "step") -> None:
+         states: Sequence[Sequence[np.ndarray]], *, kind: str = "step",
+         tiling: Tiling | None = None) -> None:
     """Check the binding of ``step`` (a step proof, or a range proof with ``kind="range"``) to
     the committed ``leaves`` through the revealed ``states`` it was made on (states i-1 and i of
-    a step, state k of a range); raise :class:`ProofRejected` naming what does not hold."""
+    a step, state k of a range; for a tile's proof, ``tiling`` is the segment's, and the tile's
+    slices are cut from them); raise :class:`ProofRejected` naming what does not hold."""
     i = step.segment
     indices = [i - 1, i] if kind == "step" else [i]
+    if (step.tile is None) != (tiling is None):
+        raise ProofRejected(f"step {i} is proven on a tile exactly when it is tiled: the proof "
+                            f"names tile {step.tile}, the segment is "
+                            f"{'tiled' if tiling is not None else 'proven whole'}")
+    chosen = None
+    if tiling is not None and step.tile is not None:
+        if not 0 <= step.tile < len(tiling.tiles):
+            raise ProofRejected(f"step {i} has tiles 0..{len(tiling.tiles) - 1}, not {step.tile}")
+        chosen = (tiling, tiling.tiles[step.tile])
     try:
         check_binding(scale=manifest.scale, specs=manifest.states, indices=indices,
-                      states=states, leaves=leaves, instances=step.x_hashes + step.y_hashes)
+                      states=states, leaves=leaves, instances=step.x_hashes + step.y_hashes,
+                      tile=chosen)
     except BindingError as exc:
         raise ProofRejected(exc.reason) from exc
 
@@ -175,14 +199,16 @@ def verify_step(
     leaves: Sequence[bytes],
     state_prev: Sequence[np.ndarray],
     state_claimed: Sequence[np.ndarray],
+    tiling: Tiling | None = None,
 ) -> StepOutcome:
-    """Verify ``step`` and bind it to the commitment's ``leaves`` through the revealed states;
-    raise ProofRejected if it does not hold."""
+    """Verify ``step`` and bind it to the commitment's ``leaves`` through the revealed states
+    (cut to the proof's tile with the segment's ``tiling`` when it is tiled); raise
+    ProofRejected if it does not hold."""
     if step.circuit_key != circuit.key or step.vk_sha256 != circuit.vk_sha256:
         raise ProofRejected("proof was made for another circuit")
     if not verify_proof_file(circuit, step.proof):
         raise ProofRejected("proof does not verify with the circuit's verifying key")
-    bind(step, manifest, leaves, [state_prev, state_claimed])
+    bind(step, manifest, leaves, [state_prev, state_claimed], tiling=tiling)
     assert manifest.tolerances is not None
     tolerance = manifest.tolerances[step.segment - 1]
     units = maxdiff_units(step.maxdiff_raw, output_scale=circuit.output_scale,

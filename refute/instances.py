@@ -7,7 +7,9 @@ does at the model's scale (a whole-number model input at scale 0). The proof cou
 only if
 
 1. the revealed states reproduce their committed leaves, and
-2. the proof's hash instances equal Poseidon of the quantized tensors of exactly those states.
+2. the proof's hash instances equal Poseidon of the quantized tensors of exactly those states
+   (of the slices a tile's proof takes, cut from them by the manifest's tiling:
+   :func:`refute.tiling.cut_input` of state i-1, :func:`refute.tiling.cut_output` of state i).
 
 :func:`check_binding` checks both and names the first that fails.
 """
@@ -23,6 +25,7 @@ from refute.leaves import state_leaf
 from refute.loading import TensorSpec
 from refute.poseidon import poseidon_hash_many
 from refute.quantize import check_scale, quantize, quantize_whole
+from refute.tiling import Tile, Tiling, cut_input, cut_output
 
 State = Sequence[np.ndarray]
 
@@ -62,10 +65,13 @@ def check_binding(
     states: Sequence[State],
     leaves: Sequence[bytes],
     instances: Sequence[int],
+    tile: tuple[Tiling, Tile] | None = None,
 ) -> None:
     """Check that ``states`` (state ``indices[n]`` of the result, in the order the proof takes
     them) reproduce their committed ``leaves`` and that the proof's hash ``instances`` are
-    Poseidon of their quantized tensors; ``specs`` holds every state's tensor specs.
+    Poseidon of their quantized tensors; ``specs`` holds every state's tensor specs. With
+    ``tile`` (a step's two states), the instances are of the tile's slices, cut here from the
+    revealed states.
 
     Raises :class:`BindingError` naming the state (and tensor) at fault.
     """
@@ -76,6 +82,11 @@ def check_binding(
             raise BindingError(f"state {k} is outside the commitment")
         if state_leaf(state) != leaves[k]:
             raise BindingError(f"revealed state {k} does not match its committed leaf")
+    if tile is not None:
+        if len(states) != 2:
+            raise BindingError("a tile's proof takes states i-1 and i")
+        tiling, chosen = tile
+        states = [cut_input(tiling, chosen, states[0]), cut_output(tiling, chosen, states[1])]
     expected = sum(len(state) for state in states)
     if len(instances) != expected:
         raise BindingError(f"the proof has {len(instances)} hash instances, the states it "
