@@ -20,7 +20,10 @@ from fractions import Fraction
 from typing import Any
 
 from prover.calibration import CalibrationReport, SegmentCalibration
+from refute.errors import RefuteError
 from refute.provider import PreparedModel
+from refute.segmentation import Segment
+from refute.tiling import plan_tiling
 from refute.verdict import range_bound_units
 
 #: The largest share of the range bound ⌊R·2^s⌋ that τ may take: beyond it the circuit does not
@@ -123,7 +126,8 @@ def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
     if reason is None and estimate is not None and not fits:
         reason = (f"its circuit (logrows {estimate.logrows}) needs about "
                   f"{estimate.peak_bytes / 2**30:.1f} GiB to prove, over the proving budget of "
-                  f"{budget / 2**30:.1f} GiB")
+                  f"{budget / 2**30:.1f} GiB; "
+                  f"{tiling_outlook(segment, estimate.peak_bytes, budget)}")
     return SegmentReport(
         index=cal.index,
         ops=segment.op_types,
@@ -139,6 +143,22 @@ def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
         reason=reason,
         precision_limited=precision_limited,
     )
+
+
+def tiling_outlook(segment: Segment, peak_bytes: int, budget: int) -> str:
+    """What tiling could do for a segment over the budget, in one clause: the tiles
+    :func:`refute.tiling.plan_tiling` would cut, for tiles sized as if the circuit shrank with
+    its element count (a planning guess, not a calibration), or why it cannot be tiled. Tiled
+    segments are proven through :meth:`prover.prover.Prover.prove_step`, but the service does
+    not open disputes on them yet, so the segment is still refused."""
+    elements = sum(t.size for t in (*segment.inputs, *segment.outputs))
+    bound = max(1, int(elements * budget / peak_bytes / 2))
+    try:
+        tiling = plan_tiling(segment, bound)
+    except RefuteError as exc:
+        return f"it cannot be tiled either: {exc.reason}"
+    return (f"it could be proven on {len(tiling.tiles)} tiles of output block "
+            f"{list(tiling.blocks)} (tiled disputes are not served yet)")
 
 
 def registration_report(prepared: PreparedModel, calibration: CalibrationReport,

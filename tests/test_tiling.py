@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -399,3 +400,22 @@ def test_random_conv_geometry_reproduces_the_segment(executor: DeterministicExec
     # 2·K·u·(2K + 1).
     terms = (1 if geo.depthwise else channels) * geo.kernel**2 + 1
     _assert_exact(executor, segment, tiling, atol=2 * terms * 2**-24 * (2 * terms + 1))
+
+
+def test_the_registration_report_says_what_tiling_could_do() -> None:
+    """A segment over the proving budget is refused with the tiling that would fit (tiles sized
+    by the budget's share of the estimated peak), or with why it cannot be tiled."""
+    from prover.report import tiling_outlook
+
+    segment = _conv(3, 8, 16, after=["Relu"])
+    outlook = tiling_outlook(segment, peak_bytes=16 * 2**30, budget=2**30)
+    match = re.fullmatch(r"it could be proven on (\d+) tiles of output block \[1, (\d+), (\d+), "
+                         r"(\d+)\] \(tiled disputes are not served yet\)", outlook)
+    assert match is not None, outlook
+    assert int(match[1]) > 1
+    assert tiling_outlook(segment, peak_bytes=2**60, budget=1).startswith(
+        "it cannot be tiled either: ")
+    reshaping = _segment([helper.make_node("Relu", ["x"], ["r"]),
+                          helper.make_node("Reshape", ["r", "shape"], ["y"])],
+                         {"x": [1, 4, 6]}, "y", {"shape": np.array([1, 24], np.int64)})
+    assert "Reshape" in tiling_outlook(reshaping, peak_bytes=2**34, budget=2**33)
