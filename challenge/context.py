@@ -52,12 +52,15 @@ class Prover(Protocol):
     """Makes and verifies the proof a dispute waits for."""
 
     def prove(self, prepared: PreparedModel, kind: ProofKind, index: int,
-              states: Mapping[int, State], commitment: TraceCommitment) -> ProofMade:
-        """Prove step ``index`` (on states index-1 and index) or the range of state ``index``,
-        verify the proof against ``commitment``, and return what it established."""
+              states: Mapping[int, State], commitment: TraceCommitment, *,
+              tile: int | None = None) -> ProofMade:
+        """Prove step ``index`` (on states index-1 and index; on its ``tile`` when the segment
+        is tiled) or the range of state ``index``, verify the proof against ``commitment``,
+        and return what it established."""
         ...
 
-    def artifacts(self, prepared: PreparedModel, kind: ProofKind, index: int) -> list[bytes]:
+    def artifacts(self, prepared: PreparedModel, kind: ProofKind, index: int, *,
+                  tile: int | None = None) -> list[bytes]:
         """The circuit's settings, verifying key and SRS (for a bundle, when the blob store
         does not hold them)."""
         ...

@@ -22,10 +22,12 @@ import numpy as np
 from challenge.context import ProofKind, State
 from prover.adapter import ProofMade
 from prover.errors import ProverError
+from prover.prover import manifest_tiling
 from refute.commitment import TraceCommitment
 from refute.executor import DeterministicExecutor
 from refute.provider import PreparedModel
 from refute.segmentation import step_difference_units
+from refute.tiling import tile_difference_units
 from refute.trace import leaf_of_state
 from refute.verdict import range_bound_units
 
@@ -42,8 +44,10 @@ class FakeProver:
         self.fail = 0
 
     def prove(self, prepared: PreparedModel, kind: ProofKind, index: int,
-              states: Mapping[int, State], commitment: TraceCommitment) -> ProofMade:
-        """What the proof of ``(kind, index)`` would establish, as its transcript detail."""
+              states: Mapping[int, State], commitment: TraceCommitment, *,
+              tile: int | None = None) -> ProofMade:
+        """What the proof of ``(kind, index)`` (of ``tile``, for a tiled step) would
+        establish, as its transcript detail."""
         if self.fail:
             self.fail -= 1
             raise ProverError(f"fake prover: {kind} proof {index} failed on purpose")
@@ -59,11 +63,21 @@ class FakeProver:
                   "proof": {"fake": True, "kind": str(kind), "index": index}}
         if kind is ProofKind.STEP:
             assert manifest.tolerances is not None
-            units = step_difference_units(self.executor,
-                                          prepared.segmentation.segments[index - 1],
-                                          states[index - 1], states[index], manifest.scale)
+            segment = prepared.segmentation.segments[index - 1]
+            tiling = manifest_tiling(prepared, manifest, index) if manifest.circuits else None
+            if (tiling is None) != (tile is None):
+                raise ProverError(f"fake prover: step {index} is tiled exactly when a tile is "
+                                  f"named (tile {tile})")
+            if tiling is not None and tile is not None:
+                units = tile_difference_units(self.executor, segment, states[index - 1],
+                                              states[index], tiling=tiling,
+                                              tile=tiling.tiles[tile], scale=manifest.scale)
+            else:
+                units = step_difference_units(self.executor, segment, states[index - 1],
+                                              states[index], manifest.scale)
             measured: dict[str, Any] = {"step": index, "maxdiff_units": str(units),
-                                        "tolerance": manifest.tolerances[index - 1]}
+                                        "tolerance": manifest.tolerances[index - 1],
+                                        **({"tile": tile} if tile is not None else {})}
         else:
             assert manifest.range is not None
             top = max((float(np.max(np.abs(t))) for t in states[index] if t.size), default=0.0)
@@ -72,8 +86,10 @@ class FakeProver:
                         "bound": range_bound_units(manifest.range, manifest.scale)}
         return ProofMade(detail={**measured, **common}, files=(artifact,))
 
-    def artifacts(self, prepared: PreparedModel, kind: ProofKind, index: int) -> list[bytes]:
+    def artifacts(self, prepared: PreparedModel, kind: ProofKind, index: int, *,
+                  tile: int | None = None) -> list[bytes]:
         """The fake circuit's one artifact."""
+        del tile
         return [f"fake circuit {kind} {index} of {prepared.manifest.sha256}".encode()]
 
 

@@ -38,6 +38,7 @@ from challenge.game import (
     Effect,
     IllegalMove,
     Move,
+    NameTile,
     Open,
     Phase,
     RequestAnswer,
@@ -45,6 +46,7 @@ from challenge.game import (
     RequestRangeProof,
     RequestReveal,
     RequestStepProof,
+    RequestTile,
     Resolved,
     Reveal,
     Tick,
@@ -55,6 +57,7 @@ from challenge.game import (
 )
 from challenge.outbox import enqueue
 from challenge.records import (
+    WHOLE_SEGMENT,
     Challenge,
     DisclosedState,
     Dispute,
@@ -76,6 +79,7 @@ from refute.disclosure import write_states
 from refute.errors import Conflict, NotFound, RefuteError
 from refute.manifest import Manifest
 from refute.merkle import merkle_root
+from refute.tiling import segment_tiling, tile_counts, worst_tile
 from refute.trace import Trace, leaf_of_state
 from refute.verdict import agrees, state_tolerance, within_range
 
@@ -241,8 +245,13 @@ def open_dispute(
                                f"{network.min_bond}")
         n = len(result.leaves) - 1
         disclosed = result.trace_blob is not None
+        model = session.get(RegisteredModel, result.model_id)
+        assert model is not None
+        prepared = ctx.prepared(model)
         opening = Open(actor=Actor.CHALLENGER, at=now.timestamp(), n=n, lo=lo, hi=hi,
-                       clocks=clocks, disclosed=disclosed)
+                       clocks=clocks, disclosed=disclosed,
+                       tiles=tile_counts(prepared.manifest.circuits,
+                                         prepared.segmentation.segments))
         state, effects = apply(None, opening)
         dispute_id = new_id("dsp")
         ledger = load_ledger(session, result_id)
@@ -513,6 +522,11 @@ def drive(ctx: DisputeContext, dispute_id: str, effects: Sequence[Effect], now: 
             game_move = Answer(actor=Actor.CHALLENGER, at=state.turn_started,
                                state=effect.state, choice=choice)
             detail = {"state": effect.state, "choice": choice.value}
+        elif isinstance(effect, RequestTile) and loaded.dispute.challenger == SERVICE:
+            tile = _watcher_tile(ctx, loaded, effect.step)
+            game_move = NameTile(actor=Actor.CHALLENGER, at=state.turn_started,
+                                 step=effect.step, tile=tile)
+            detail = {"step": effect.step, "tile": tile}
         elif isinstance(effect, RequestStepProof | RequestRangeProof):
             queue_proof(ctx, dispute_id, now)
             continue
@@ -601,6 +615,20 @@ def _watcher_answer(ctx: DisputeContext, loaded: _Loaded, k: int) -> Choice:
     return Choice.AGREE if agree else Choice.DISAGREE
 
 
+def _watcher_tile(ctx: DisputeContext, loaded: _Loaded, step: int) -> int:
+    """The service's honest choice of a tile of tiled segment ``step``: the tile where the
+    committed state differs most from its own execution (:func:`refute.tiling.worst_tile`)."""
+    prepared = ctx.prepared(loaded.model)
+    segment = prepared.segmentation.segments[step - 1]
+    tiling = segment_tiling(prepared.manifest.circuits, segment)
+    committed = loaded.state(step)
+    if tiling is None or committed is None:
+        raise DisputeError(f"step {step} has no tiling, or its state is not held")
+    if loaded.own_states is None:
+        loaded.own_states = _execute(ctx, loaded.model, loaded.trace)
+    return worst_tile(tiling, loaded.own_states[step], committed).index
+
+
 def revealed_state(ctx: DisputeContext, dispute_id: str, k: int) -> bytes:
     """State ``k`` of a dispute as a ``refute.states/2`` bundle, for a challenger to compare
     with its own execution before it answers (a leaf alone cannot tell an honest optimized run
@@ -645,6 +673,28 @@ def watch(ctx: DisputeContext, result_id: str, now: datetime) -> str | None:
 # --- proving ----------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """What one shared proof establishes: step ``index`` (its ``tile``, when it is tiled) or
+    the range of state ``index``."""
+
+    kind: ProofKind
+    index: int
+    tile: int | None = None
+
+    @property
+    def key_tile(self) -> int:
+        """``SharedProof.tile``."""
+        return WHOLE_SEGMENT if self.tile is None else self.tile
+
+    def waited_by(self, state: DisputeState) -> bool:
+        """Whether a dispute in ``state`` waits for exactly this proof."""
+        if self.kind is ProofKind.STEP:
+            return (state.phase is Phase.STEP_PROOF and state.hi == self.index
+                    and state.tile == self.tile)
+        return state.phase is Phase.RANGE_PROOF and state.pending == self.index
+
+
 def prove_pending(ctx: DisputeContext, dispute_id: str, now: datetime) -> DisputeState | None:
     """Prove what a dispute waits for — the step, or the range of a revealed state — and apply
     the outcome (idempotent: does nothing unless a proof is due).
@@ -669,23 +719,26 @@ def prove_pending(ctx: DisputeContext, dispute_id: str, now: datetime) -> Disput
         kind, index = ProofKind.STEP, state.hi
     else:
         return None
-    detail = _shared_proof(ctx, loaded, kind, index, now)
+    target = _Target(kind, index, state.tile)
+    detail = _shared_proof(ctx, loaded, target, now)
     if detail is None:
         return None  # being proven by another task, which applies it here too
-    return _apply_shared(ctx, loaded.result.id, kind, index, detail, now=now,
-                         asked_by=dispute_id)
+    return _apply_shared(ctx, loaded.result.id, target, detail, now=now, asked_by=dispute_id)
 
 
-def _prove(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: int) -> dict[str, Any]:
-    """Make the proof (step ``index``, or the range of state ``index``), verified by the prover
-    port (and on chain when the context has one); keep its artifacts in the blob store and
-    return its transcript detail (what the proof established, the circuit and the proof)."""
+
+def _prove(ctx: DisputeContext, loaded: _Loaded, target: _Target) -> dict[str, Any]:
+    """Make the proof (step ``index`` or one tile of it, or the range of state ``index``),
+    verified by the prover port (and on chain when the context has one); keep its artifacts in
+    the blob store and return its transcript detail (what the proof established, the circuit
+    and the proof)."""
     prepared = ctx.prepared(loaded.model)
-    needed = (index - 1, index) if kind is ProofKind.STEP else (index,)
+    index = target.index
+    needed = (index - 1, index) if target.kind is ProofKind.STEP else (index,)
     states = {k: held for k in needed if (held := loaded.state(k)) is not None}
     assert len(states) == len(needed)  # checked by prove_pending
-    made = ctx.prover.prove(prepared, kind, index, states,
-                            loaded.commitment(prepared.manifest.scale))
+    made = ctx.prover.prove(prepared, target.kind, index, states,
+                            loaded.commitment(prepared.manifest.scale), tile=target.tile)
     for data in made.files:
         ctx.blobs.put(data)
     detail = dict(made.detail)
@@ -696,12 +749,13 @@ def _prove(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: int) ->
     return detail
 
 
-def _shared_proof(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: int,
+def _shared_proof(ctx: DisputeContext, loaded: _Loaded, target: _Target,
                   now: datetime) -> dict[str, Any] | None:
-    """The stored detail of the result's one proof of ``(kind, index)``, or this task's new
-    proof (claimed before proving); ``None`` while another live task is proving it. A claim
-    older than the task time limit belongs to a dead task and is taken over."""
-    key = (loaded.result.id, kind, index)
+    """The stored detail of the result's one proof of ``target``, or this task's new proof
+    (claimed before proving); ``None`` while another live task is proving it. A claim older
+    than the task time limit belongs to a dead task and is taken over."""
+    kind, index = target.kind, target.index
+    key = (loaded.result.id, kind, index, target.key_tile)
     with _one_writer(), ctx.sessions() as session, session.begin():
         row = session.get(SharedProof, key, with_for_update=True)
         if row is not None and row.outcome is not None:
@@ -710,7 +764,7 @@ def _shared_proof(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: 
             try:
                 with session.begin_nested():
                     session.add(SharedProof(result_id=key[0], kind=kind, index=index,
-                                            claimed_at=now))
+                                            tile=target.key_tile, claimed_at=now))
             except IntegrityError:
                 return None  # claimed by a concurrent task, which applies it here too
         elif now.timestamp() - _timestamp(row.claimed_at) > ctx.config.claim_expiry_s:
@@ -718,26 +772,28 @@ def _shared_proof(ctx: DisputeContext, loaded: _Loaded, kind: ProofKind, index: 
         else:
             return None
     try:
-        detail = _prove(ctx, loaded, kind, index)
+        detail = _prove(ctx, loaded, target)
     except BaseException:
         with ctx.sessions() as session, session.begin():  # let the next task prove it at once
             session.execute(delete(SharedProof).where(
                 SharedProof.result_id == key[0], SharedProof.kind == kind,
-                SharedProof.index == index, SharedProof.outcome.is_(None)))
+                SharedProof.index == index, SharedProof.tile == target.key_tile,
+                SharedProof.outcome.is_(None)))
         raise
     with ctx.sessions() as session, session.begin():
         row = session.get(SharedProof, key, with_for_update=True)
         if row is not None and row.outcome is not None:
             return dict(row.outcome)  # a taken-over claim finished meanwhile: one outcome
         if row is None:
-            session.add(SharedProof(result_id=key[0], kind=kind, index=index, claimed_at=now,
-                                    outcome=detail, done_at=now))
+            session.add(SharedProof(result_id=key[0], kind=kind, index=index,
+                                    tile=target.key_tile, claimed_at=now, outcome=detail,
+                                    done_at=now))
         else:
             row.outcome, row.done_at = detail, now
     return detail
 
 
-def _apply_shared(ctx: DisputeContext, result_id: str, kind: ProofKind, index: int,
+def _apply_shared(ctx: DisputeContext, result_id: str, target: _Target,
                   detail: dict[str, Any], *, now: datetime,
                   asked_by: str) -> DisputeState | None:
     """Apply a proof's outcome to every open dispute of the result waiting for exactly that
@@ -747,12 +803,9 @@ def _apply_shared(ctx: DisputeContext, result_id: str, kind: ProofKind, index: i
             select(Dispute).where(Dispute.result_id == result_id, Dispute.status == "OPEN"))]
     mine: DisputeState | None = None
     for dispute_id, state in waiting:
-        waits = (state.phase is Phase.STEP_PROOF and state.hi == index
-                 if kind is ProofKind.STEP
-                 else state.phase is Phase.RANGE_PROOF and state.pending == index)
-        if not waits:
+        if not target.waited_by(state):
             continue
-        game_move = events.outcome_move(kind, detail, at=now.timestamp(), n=state.n)
+        game_move = events.outcome_move(target.kind, detail, at=now.timestamp(), n=state.n)
         try:
             new_state, effects = move(ctx, dispute_id, game_move, now, detail)
         except (IllegalMove, DisputeError):
@@ -892,7 +945,9 @@ def export_dispute(ctx: DisputeContext, dispute_id: str, path: Path) -> Path:
         for digest in sorted(d for d in digests if ctx.blobs.exists(d)):
             files[f"artifacts/{digest}"] = ctx.blobs.get(digest)
         if any(not ctx.blobs.exists(d) for d in digests):  # from the prover's circuit cache
-            for data in ctx.prover.artifacts(prepared, kind, index):
+            tile = body.get("tile")
+            for data in ctx.prover.artifacts(prepared, kind, index,
+                                             tile=tile if isinstance(tile, int) else None):
                 digest = hashlib.sha256(data).hexdigest()
                 if digest in digests:
                     files[f"artifacts/{digest}"] = data
@@ -915,8 +970,10 @@ def resume(ctx: DisputeContext, dispute_id: str, now: datetime) -> None:
         effects = [RequestReveal(state=state.pending)]
     elif state.phase is Phase.ANSWER and state.pending is not None:
         effects = [RequestAnswer(state=state.pending)]
+    elif state.phase is Phase.TILE:
+        effects = [RequestTile(step=state.hi, tiles=state.tiles_of(state.hi))]
     elif state.phase is Phase.STEP_PROOF:
-        effects = [RequestStepProof(step=state.hi)]
+        effects = [RequestStepProof(step=state.hi, tile=state.tile)]
     elif state.phase is Phase.RANGE_PROOF and state.pending is not None:
         effects = [RequestRangeProof(state=state.pending)]
     drive(ctx, dispute_id, effects, now)

@@ -188,9 +188,14 @@ class DisclosedState(Base):
     disclosed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+#: ``SharedProof.tile`` of a proof of a whole segment or of a range.
+WHOLE_SEGMENT = -1
+
+
 class SharedProof(Base):
-    """The one proof of a disputed step (or of a revealed state's range) of a result, shared by
-    every dispute that reaches it: claimed by the first prove task, then filled in."""
+    """The one proof of a disputed step (of one tile of it, when the segment is tiled) or of a
+    revealed state's range of a result, shared by every dispute that reaches it: claimed by the
+    first prove task, then filled in."""
 
     __tablename__ = "shared_proofs"
 
@@ -198,6 +203,8 @@ class SharedProof(Base):
     #: ``step`` (index = the segment) or ``range`` (index = the state).
     kind: Mapped[str] = mapped_column(String(10), primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The tile of a tiled step; :data:`WHOLE_SEGMENT` for a whole segment or a range proof.
+    tile: Mapped[int] = mapped_column(Integer, primary_key=True, server_default="-1")
     claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: What the proof established and its transcript detail; None while it is being proven.
     outcome: Mapped[dict[str, object] | None] = mapped_column(JSON, nullable=True)

@@ -764,6 +764,11 @@ class _Replay:
             x, y, raw = split_instances(proof, n_inputs)
         except RefuteError as exc:
             raise ReplayError(exc.reason, f"{place}.proof.instances") from exc
+        if event.body.get("tile") is not None:
+            report.add("binding", False, "a tile's proof takes slices of states i-1 and i cut "
+                       "by the segment's graph, which dispute bundles do not carry yet: its "
+                       "binding cannot be replayed", f"{place}.tile")
+            return
         indices = [index - 1, index] if kind == "step" else [index]
         if any(k not in self.states for k in indices):
             raise ReplayError(f"the bundle lacks state(s) {indices} the proof was made on",

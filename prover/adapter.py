@@ -46,25 +46,29 @@ class EzklProofs:
     def _prover(self) -> Prover:
         return self._make_prover()
 
-    def _circuit(self, prepared: PreparedModel, kind: str, index: int) -> Circuit:
+    def _circuit(self, prepared: PreparedModel, kind: str, index: int,
+                 tile: int | None) -> Circuit:
         if kind == "step":
-            return self._prover.step_circuit(prepared, prepared.manifest, index)
+            return self._prover.step_circuit(prepared, prepared.manifest, index, tile=tile)
         return self._prover.range_circuit(prepared, prepared.manifest, index)
 
     def prove(self, prepared: PreparedModel, kind: str, index: int,
-              states: Mapping[int, State], commitment: TraceCommitment) -> ProofMade:
-        """Prove and verify step ``index`` or the range of state ``index``."""
+              states: Mapping[int, State], commitment: TraceCommitment, *,
+              tile: int | None = None) -> ProofMade:
+        """Prove and verify step ``index`` (its ``tile``, when it is tiled) or the range of
+        state ``index``."""
         manifest = prepared.manifest
-        circuit = self._circuit(prepared, kind, index)
+        circuit = self._circuit(prepared, kind, index, tile)
         if kind == "step":
             proof = self._prover.prove_step(prepared, manifest, index, states[index - 1],
-                                            states[index])
+                                            states[index], tile=tile)
             step = self._prover.verify_step(prepared, manifest, proof, commitment,
                                             states=[states[index - 1], states[index]])
             assert manifest.tolerances is not None
             measured: dict[str, Any] = {"step": index,
                                         "maxdiff_units": str(step.maxdiff_units),
-                                        "tolerance": manifest.tolerances[index - 1]}
+                                        "tolerance": manifest.tolerances[index - 1],
+                                        **({"tile": tile} if tile is not None else {})}
         else:
             proof = self._prover.prove_range(prepared, manifest, index, states[index])
             bound = self._prover.verify_range(prepared, manifest, proof, commitment,
@@ -78,9 +82,10 @@ class EzklProofs:
                     "srs_sha256": _sha256(files[2])},
             files=tuple(files))
 
-    def artifacts(self, prepared: PreparedModel, kind: str, index: int) -> list[bytes]:
+    def artifacts(self, prepared: PreparedModel, kind: str, index: int, *,
+                  tile: int | None = None) -> list[bytes]:
         """The circuit's settings, verifying key and SRS."""
-        return self._files(self._circuit(prepared, kind, index))
+        return self._files(self._circuit(prepared, kind, index, tile))
 
     @staticmethod
     def _files(circuit: Circuit) -> list[bytes]:

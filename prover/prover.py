@@ -35,7 +35,7 @@ from refute.commitment import TraceCommitment
 from refute.manifest import Manifest
 from refute.provider import PreparedModel
 from refute.segmentation import Segment
-from refute.tiling import Tiling, cut_input, cut_output, make_tiling, tile_segment
+from refute.tiling import Tiling, cut_input, cut_output, recorded_tiling, tile_segment
 from refute.verdict import Verdict, VerdictError, range_bound_units, range_verdict
 
 StageFn = Callable[[str], None]
@@ -57,20 +57,10 @@ def _entry(manifest: Manifest, kind: str, field: str, index: int) -> dict[str, A
     raise CircuitUnsupported(f"the manifest has no {kind} circuit {index}")
 
 
-def tiling_of(entry: dict[str, Any], segment: Segment) -> Tiling | None:
-    """The tiling a manifest circuit entry records for ``segment`` (``None``: proven whole)."""
-    recorded = entry.get("tiling")
-    if recorded is None:
-        return None
-    try:
-        tiling = make_tiling(segment, [int(b) for b in recorded["blocks"]])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CircuitUnsupported(f"segment {segment.index}: malformed tiling {exc}") from exc
-    if len(tiling.tiles) != recorded.get("tiles"):
-        raise CircuitUnsupported(f"segment {segment.index}: the manifest's tiling has "
-                                 f"{recorded.get('tiles')} tiles, its blocks make "
-                                 f"{len(tiling.tiles)}")
-    return tiling
+def manifest_tiling(prepared: PreparedModel, manifest: Manifest, i: int) -> Tiling | None:
+    """Segment i's tiling, rebuilt from the manifest's block sizes (``None``: proven whole)."""
+    entry = _entry(manifest, "step", "segment", i)
+    return recorded_tiling(entry, prepared.segmentation.segments[i - 1])
 
 
 def tile_circuit(entry: dict[str, Any], segment: Segment, tiling: Tiling,
@@ -112,10 +102,8 @@ class Prover:
         self.cache = cache
 
     def tiling(self, prepared: PreparedModel, manifest: Manifest, i: int) -> Tiling | None:
-        """Segment i's tiling, rebuilt from the manifest's block sizes (``None``: proven
-        whole)."""
-        entry = _entry(manifest, "step", "segment", i)
-        return tiling_of(entry, prepared.segmentation.segments[i - 1])
+        """Segment i's tiling (:func:`manifest_tiling`)."""
+        return manifest_tiling(prepared, manifest, i)
 
     def step_circuit(
         self, prepared: PreparedModel, manifest: Manifest, i: int, progress: StageFn = _quiet,
@@ -127,7 +115,7 @@ class Prover:
             raise CircuitUnsupported(f"step {i} is outside 1..{manifest.num_segments}")
         entry = _entry(manifest, "step", "segment", i)
         segment = prepared.segmentation.segments[i - 1]
-        tiling = tiling_of(entry, segment)
+        tiling = recorded_tiling(entry, segment)
         if tiling is None:
             if tile is not None:
                 raise CircuitUnsupported(f"step {i} is proven whole, it has no tile {tile}")

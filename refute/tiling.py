@@ -57,10 +57,18 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from refute.errors import InputError, SegmentationError, UnprovableModel
+from refute.errors import (
+    BundleError,
+    InputError,
+    RefuteError,
+    SegmentationError,
+    UnprovableModel,
+)
+from refute.executor import DeterministicExecutor
 from refute.loading import serialize
+from refute.quantize import quantize
 from refute.rewrites import node_label
-from refute.segmentation import Segment, standalone_model
+from refute.segmentation import Segment, run_segment, standalone_model
 
 #: ``(start, stop)`` along one axis.
 Span = tuple[int, int]
@@ -880,3 +888,80 @@ def place_output(tiling: Tiling, tile: Tile, tile_outputs: Sequence[np.ndarray],
         inside = tuple(slice(o0 - w0, o1 - w0) for (o0, o1), (w0, _) in zip(owned, window,
                                                                             strict=True))
         full[tuple(slice(a, b) for a, b in owned)] = np.asarray(part)[inside]
+
+
+def tile_difference_units(executor: DeterministicExecutor, segment: Segment,
+                          before: Sequence[np.ndarray], after: Sequence[np.ndarray], *,
+                          tiling: Tiling, tile: Tile, scale: int) -> int:
+    """Re-execute ``segment`` on ``before`` and return the largest difference from ``after``
+    over ``tile``'s window, both quantized at ``scale``: what a proof of that tile bounds
+    (:func:`refute.segmentation.step_difference_units` for a whole segment)."""
+    mine = cut_output(tiling, tile, run_segment(executor, segment, tuple(before)))
+    theirs = cut_output(tiling, tile, after)
+    worst = 0
+    for a, b in zip(mine, theirs, strict=True):
+        diff = np.abs(quantize(a, scale) - quantize(b, scale))
+        worst = max(worst, int(diff.max()) if diff.size else 0)
+    return worst
+
+
+def recorded_tiling(entry: Mapping[str, Any], segment: Segment) -> Tiling | None:
+    """The tiling a manifest's step circuit entry records for ``segment`` (its ``tiling``:
+    ``blocks`` and ``tiles``, docs/FORMATS.md), rebuilt with :func:`make_tiling`; ``None`` for
+    a segment proven whole. A record that does not rebuild is a :class:`BundleError`."""
+    recorded = entry.get("tiling")
+    if recorded is None:
+        return None
+    try:
+        tiling = make_tiling(segment, [int(b) for b in recorded["blocks"]])
+    except (KeyError, TypeError, ValueError, RefuteError) as exc:
+        raise BundleError(f"segment {segment.index}: the manifest's tiling does not rebuild: "
+                          f"{exc}"[:300]) from exc
+    if len(tiling.tiles) != recorded.get("tiles"):
+        raise BundleError(f"segment {segment.index}: the manifest's tiling has "
+                          f"{recorded.get('tiles')} tiles, its blocks make {len(tiling.tiles)}")
+    return tiling
+
+
+def segment_tiling(circuits: Sequence[Mapping[str, Any]] | None,
+                   segment: Segment) -> Tiling | None:
+    """The tiling the manifest's step ``circuits`` record for ``segment`` (``None``: whole)."""
+    for entry in circuits or ():
+        if entry.get("kind") == "step" and entry.get("segment") == segment.index:
+            return recorded_tiling(entry, segment)
+    return None
+
+
+def worst_tile(tiling: Tiling, own: Sequence[np.ndarray], claimed: Sequence[np.ndarray]) -> Tile:
+    """The tile owning the element where ``claimed`` (a segment's output state) differs most
+    from ``own`` (the challenger's own execution): the tile an honest challenger names. A
+    non-finite claim counts as the largest difference."""
+    best: tuple[float, tuple[int, ...]] | None = None
+    for mine, theirs in zip(own, claimed, strict=True):
+        diff = np.abs(np.asarray(mine, np.float64) - np.asarray(theirs, np.float64))
+        diff = np.where(np.isfinite(diff), diff, np.inf)
+        if diff.size == 0:
+            continue
+        flat = int(np.argmax(diff))
+        position = tuple(int(p) for p in np.unravel_index(flat, diff.shape))
+        if best is None or diff.flat[flat] > best[0]:
+            best = (float(diff.flat[flat]), position)
+    if best is None:
+        return tiling.tiles[0]
+    return tile_at(tiling, best[1])
+
+
+def tile_counts(circuits: Sequence[Mapping[str, Any]] | None,
+                segments: Sequence[Segment]) -> tuple[int, ...]:
+    """Tiles per segment (1: proven whole) as the manifest's step ``circuits`` record them, or
+    ``()`` when no segment is tiled: what a dispute opens with."""
+    tilings = {int(e["segment"]): e for e in circuits or ()
+               if e.get("kind") == "step" and e.get("tiling")}
+    if not tilings:
+        return ()
+    counts = []
+    for segment in segments:
+        entry = tilings.get(segment.index)
+        tiling = recorded_tiling(entry, segment) if entry is not None else None
+        counts.append(1 if tiling is None else len(tiling.tiles))
+    return tuple(counts)

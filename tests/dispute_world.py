@@ -10,10 +10,13 @@ dispute takes milliseconds. Both queue background work in a :class:`FakeTasks` t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 from challenge.context import Chain, DisputeContext
 from challenge.fakes import FakeProver, FakeTasks
@@ -27,6 +30,7 @@ from refute.executor import DeterministicExecutor
 from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
 from refute.segmentation import run_segments
 from refute.settings import Settings
+from refute.tiling import make_tiling
 from refute.trace import Trace
 from verifier.db import migrate
 from verifier.service import ServiceContext
@@ -46,6 +50,8 @@ class World:
     network_id: str
     model_id: str
     tasks: FakeTasks
+    model: zoo.ZooModel = dataclasses.field(default_factory=zoo.mlp)
+    """The registered model (its ``sample_input`` makes each result's input)."""
 
     @property
     def disputes(self) -> DisputeContext:
@@ -53,8 +59,29 @@ class World:
         return self.ctx.disputes
 
 
-def _fake_calibration(prepared: PreparedModel) -> PreparedModel:
-    """Tolerances and a range bound without circuits: what the game and the fake prover use."""
+def tiled_conv() -> zoo.ZooModel:
+    """Two segments: a 3×3 convolution (3 → 4 channels on 8×8) with its Relu, then a 1×1
+    convolution to 2 channels: small enough for real proofs, with a first segment to tile."""
+    rng = np.random.default_rng(7)
+    w1 = numpy_helper.from_array(rng.uniform(-0.5, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.uniform(-0.1, 0.1, 4).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.uniform(-0.5, 0.5, (2, 4, 1, 1)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(
+        nodes, "tiled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], [w1, b1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return zoo.ZooModel("tiled_conv", model.SerializeToString(), "conv 3→4 + relu, conv 1×1")
+
+
+def _fake_calibration(prepared: PreparedModel,
+                      tilings: Mapping[int, Sequence[int]] | None = None) -> PreparedModel:
+    """Tolerances and a range bound without circuits: what the game and the fake prover use;
+    with ``tilings`` (segment → block sizes), step entries recording them (and placeholder
+    settings: the fake prover builds no circuit)."""
     executor = DeterministicExecutor()
     runs = [run_segments(executor, prepared.segmentation, random_inputs(prepared.loaded, seed=s))
             for s in range(3)]
@@ -62,29 +89,47 @@ def _fake_calibration(prepared: PreparedModel) -> PreparedModel:
     manifest = dataclasses.replace(
         prepared.manifest, scale_source="calibrated",
         tolerances=(FAKE_TOLERANCE,) * prepared.segmentation.num_segments,
-        range=float(4 * top), circuits=())
+        range=float(4 * top), circuits=_fake_circuits(prepared, tilings or {}))
     return dataclasses.replace(prepared, manifest=manifest)
 
 
+def _fake_circuits(prepared: PreparedModel,
+                   tilings: Mapping[int, Sequence[int]]) -> tuple[dict[str, Any], ...]:
+    if not tilings:
+        return ()
+    entries: list[dict[str, Any]] = []
+    for segment in prepared.segmentation.segments:
+        entry: dict[str, Any] = {"kind": "step", "segment": segment.index,
+                                 "settings": {"fake": True}}
+        if segment.index in tilings:
+            tiling = make_tiling(segment, tilings[segment.index])
+            entry["tiling"] = {"blocks": list(tiling.blocks), "tiles": len(tiling.tiles)}
+        entries.append(entry)
+    return tuple(entries)
+
+
 def make_world(workdir: Path, *, network_id: str, model_id: str, ezkl: bool = True,
-               database_url: str | None = None, chain: Chain | None = None) -> World:
-    """Migrate a fresh database under ``workdir`` and register the calibrated zoo MLP; with
+               database_url: str | None = None, chain: Chain | None = None,
+               model: zoo.ZooModel | None = None,
+               tilings: Mapping[int, Sequence[int]] | None = None) -> World:
+    """Migrate a fresh database under ``workdir`` and register ``model`` (the zoo MLP by
+    default), calibrated (``tilings``: segments proven on tiles of those block sizes); with
     ``chain``, every proof is verified again on it (the context's chain port)."""
     settings = Settings(database_url=database_url or f"sqlite:///{workdir / 'd.db'}",
                         blob_dir=workdir / "blobs", spot_key="ab" * 16, home=workdir / "home")
     migrate(settings.database_url)
     tasks = FakeTasks()
-    model = zoo.mlp()
+    model = model or zoo.mlp()
     prepared = prepare_model(model.onnx_bytes)
     if ezkl:
         ctx = ServiceContext.create(settings, tasks=tasks, chain=chain,
                                     prover=EzklProofs(lambda: make_prover(settings)))
         manifest, _ = calibrate_model(prepared, [random_inputs(prepared.loaded, seed=s)
-                                                 for s in range(3)])
+                                                 for s in range(3)], tilings=tilings)
         prepared = dataclasses.replace(prepared, manifest=manifest)
     else:
         ctx = ServiceContext.create(settings, tasks=tasks, prover=FakeProver(), chain=chain)
-        prepared = _fake_calibration(prepared)
+        prepared = _fake_calibration(prepared, tilings)
     manifest = prepared.manifest
     now = datetime.now(UTC)
     with ctx.sessions() as s, s.begin():
@@ -93,25 +138,29 @@ def make_world(workdir: Path, *, network_id: str, model_id: str, ezkl: bool = Tr
                               model_sha256=manifest.model_sha256,
                               manifest_sha256=manifest.sha256, manifest=manifest.to_json(),
                               model_blob=ctx.blobs.put(model.onnx_bytes), created_at=now))
-    return World(ctx, prepared, workdir, network_id, model_id, tasks)
+    return World(ctx, prepared, workdir, network_id, model_id, tasks, model)
 
 
 def add_result(world: World, *, seed: int, lie_at: int | None = None,
                out_of_range_at: int | None = None, upload: bool = True,
-               rounded: bool = False) -> str:
-    """Accept a result of the MLP on ``sample_input(seed)``; a cheat moves state ``lie_at`` by
-    0.5 (far beyond τ), or puts one value of state ``out_of_range_at`` at 3·R (committed, but an
+               rounded: bool = False, lie_element: tuple[int, ...] | None = None) -> str:
+    """Accept a result of the world's model on ``sample_input(seed)``; a cheat moves state
+    ``lie_at`` by 0.5 (far beyond τ; only its element ``lie_element`` when given), or puts one
+    value of state ``out_of_range_at`` at 3·R (committed, but an
     upload would refuse it). With ``rounded``, every value of states 1..N is moved by one ulp,
     as a provider's optimized run differs from the deterministic one: honest, but no leaf past
     the input equals a checker's. The trace is kept as ``<id>.rtrace`` in the working folder, and
     stored as uploaded unless ``upload`` is false. The provider's stake (1000) is locked in the
     result's journal, as at acceptance. Returns the result id."""
     manifest = world.prepared.manifest
-    trace = run_trace(world.prepared, zoo.mlp().sample_input(seed))
+    trace = run_trace(world.prepared, world.model.sample_input(seed))
     states = [list(x) for x in trace.states]
     if rounded:
         states[1:] = [[np.nextafter(t, np.float32(np.inf)) for t in s] for s in states[1:]]
-    if lie_at is not None:
+    if lie_at is not None and lie_element is not None:
+        states[lie_at][0] = states[lie_at][0].copy()
+        states[lie_at][0][lie_element] += 0.5
+    elif lie_at is not None:
         states[lie_at][0] = states[lie_at][0] + 0.5
     if out_of_range_at is not None:
         assert manifest.range is not None

@@ -151,6 +151,36 @@ def test_migration_to_sha256_leaves_refuses_while_old_results_are_open(
     engine.dispose()
 
 
+def test_migration_to_tile_proofs_keeps_whole_proofs_and_keys_tiles(database_url: str) -> None:
+    """0007: a proof stored before tiles is of a whole step (tile -1); afterwards two tiles of
+    one step are two proofs, and one tile is still proven once."""
+    import sqlalchemy as sa
+
+    from challenge.records import WHOLE_SEGMENT, SharedProof
+
+    _insert_legacy(database_url, "FINALIZED")
+    migrate(database_url, "0006")
+    engine = make_engine(database_url)
+    now = datetime.now(UTC)
+    with engine.begin() as db:
+        db.execute(sa.text('INSERT INTO shared_proofs (result_id, kind, "index", claimed_at) '
+                           "VALUES ('res_1', 'step', 2, :now)"), {"now": now})
+    engine.dispose()
+    migrate(database_url)
+    engine = make_engine(database_url)
+    sessions = session_factory(engine)
+    with sessions() as s:
+        [old] = s.scalars(select(SharedProof)).all()
+        assert (old.kind, old.index, old.tile) == ("step", 2, WHOLE_SEGMENT)
+        s.add_all([SharedProof(result_id="res_1", kind="step", index=2, tile=t, claimed_at=now)
+                   for t in (0, 1)])
+        s.commit()
+    with sessions() as s, pytest.raises(IntegrityError):
+        s.add(SharedProof(result_id="res_1", kind="step", index=2, tile=1, claimed_at=now))
+        s.commit()
+    engine.dispose()
+
+
 @pytest.mark.parametrize("store_kind", ["local", "memory"])
 def test_blob_store(store_kind: str, tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs") if store_kind == "local" else MemoryBlobStore()

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from prover.calibration import calibrate_model
 from prover.circuit import CircuitCache
@@ -19,29 +17,13 @@ from prover.step import Verdict
 from refute.provider import PreparedModel, prepare_model, random_inputs, run_trace
 from refute.tiling import Tiling
 from refute.trace import Trace
+from tests.dispute_world import tiled_conv
 
 pytestmark = [pytest.mark.slow, pytest.mark.ezkl]
 
 #: Segment 1 (a 3×3 convolution, 3 → 4 channels on 8×8, and its Relu) on tiles of 2 output
 #: channels × 4 rows × 8 columns: 4 tiles, 2 tile models (the channel blocks' weights differ).
 BLOCKS = [1, 2, 4, 8]
-
-
-def _conv_model() -> bytes:
-    rng = np.random.default_rng(7)
-    w1 = numpy_helper.from_array(rng.uniform(-0.5, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1")
-    b1 = numpy_helper.from_array(rng.uniform(-0.1, 0.1, 4).astype(np.float32), "b1")
-    w2 = numpy_helper.from_array(rng.uniform(-0.5, 0.5, (2, 4, 1, 1)).astype(np.float32), "w2")
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3],
-                              pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["y"], kernel_shape=[1, 1])]
-    graph = helper.make_graph(
-        nodes, "tiled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], [w1, b1, w2])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    data: bytes = model.SerializeToString()
-    return data
 
 
 @dataclasses.dataclass
@@ -54,7 +36,7 @@ class Tiled:
 
 @pytest.fixture(scope="module")
 def tiled(tmp_path_factory: pytest.TempPathFactory) -> Tiled:
-    prepared = prepare_model(_conv_model())
+    prepared = prepare_model(tiled_conv().onnx_bytes)
     assert prepared.segmentation.num_segments == 2
     manifest, report = calibrate_model(
         prepared, [random_inputs(prepared.loaded, seed=s) for s in range(3)],

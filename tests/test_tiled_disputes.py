@@ -1,0 +1,96 @@
+"""Disputes that end at a tiled segment (issue 13): the dispute opens with the manifest's tile
+counts, the bisection ends in phase TILE, the challenger names a tile (the service's watcher
+names the one where its own execution differs most), and the proof is of that tile, shared by
+the disputes that name the same tile and only by them. The fake prover measures each tile by
+re-execution (:mod:`challenge.fakes`); real tile proofs are in ``test_tiled_step.py``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from challenge.codec import state_from_json
+from challenge.game import Actor, NameTile, Phase, Verdict
+from challenge.orchestrator import SERVICE, drive, load_transcript, move, open_dispute
+from challenge.orchestrator import prove_pending as prove
+from challenge.records import Dispute, SharedProof
+from tests.dispute_world import World, add_result, make_world, tiled_conv
+
+#: Segment 1 on tiles of 2 channels × 4 rows × 8 columns: tiles 0..3, the tile of output
+#: element (0, c, h, w) is 2·(c // 2) + h // 4.
+BLOCKS = [1, 2, 4, 8]
+#: An element of tile 3 (channels 2-3, rows 4-7).
+IN_TILE_3 = (0, 3, 6, 5)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return make_world(tmp_path_factory.mktemp("tiled"), network_id="net_t", model_id="mdl_t",
+                      ezkl=False, model=tiled_conv(), tilings={1: BLOCKS})
+
+
+def _events(world: World, rid: str, dispute_id: str) -> list[tuple[str, dict[str, Any]]]:
+    with world.ctx.sessions() as s:
+        transcript = load_transcript(s, rid)
+    transcript.verify_chain()
+    return [(e.kind, e.body) for e in transcript.events if e.body.get("dispute_id") == dispute_id]
+
+
+def test_the_watcher_names_the_tile_of_the_lie_and_convicts_on_it(world: World) -> None:
+    rid = add_result(world, seed=1, lie_at=1, lie_element=IN_TILE_3)
+    world.tasks.proofs.clear()
+    dispute_id = open_dispute(world.disputes, rid, challenger=SERVICE, lo=0, hi=2, bond=10,
+                              now=datetime.now(UTC))
+    assert world.tasks.proofs == [dispute_id]  # bisected, tile named, the tile's proof queued
+    state = prove(world.disputes, dispute_id, datetime.now(UTC))
+    assert state is not None and state.verdict is Verdict.PROVIDER_FAULT
+    assert (state.hi, state.tile, state.tiles) == (1, 3, (4, 1))
+    recorded = _events(world, rid, dispute_id)
+    [named] = [body for kind, body in recorded if kind == "tile"]
+    assert (named["actor"], named["phase"], named["step"], named["tile"]) == (
+        "challenger", "step_proof", 1, 3)
+    [proof] = [body for kind, body in recorded if kind == "proofoutcome"]
+    assert proof["tile"] == 3 and proof["step"] == 1
+    [opening] = [body for kind, body in recorded if kind == "challenge"]
+    assert opening["tiles"] == [4, 1]
+
+
+def test_disputes_naming_other_tiles_get_proofs_of_their_own(world: World) -> None:
+    """A whistleblower names tile 0, which holds no lie: its own proof upholds the provider;
+    the watcher's dispute of the same step names tile 3 and convicts. Two shared proofs."""
+    rid = add_result(world, seed=2, lie_at=1, lie_element=IN_TILE_3)
+    now = datetime.now(UTC)
+    whistle = open_dispute(world.disputes, rid, challenger="0x" + "be" * 20, lo=0, hi=1,
+                           bond=10, now=now)
+    with world.ctx.sessions() as s:
+        row = s.get(Dispute, whistle)
+        assert row is not None
+        waiting = state_from_json(row.state)
+    assert waiting.phase is Phase.TILE and waiting.turn is Actor.CHALLENGER
+    new_state, effects = move(world.disputes, whistle,
+                              NameTile(actor=Actor.CHALLENGER, at=now.timestamp(), step=1,
+                                       tile=0), now, {"step": 1, "tile": 0})
+    drive(world.disputes, whistle, effects, now)
+    assert new_state.tile == 0
+    upheld = prove(world.disputes, whistle, now)
+    assert upheld is not None and upheld.verdict is Verdict.CHALLENGER_FAULT
+    watcher = open_dispute(world.disputes, rid, challenger=SERVICE, lo=0, hi=1, bond=10,
+                           now=now)
+    convicted = prove(world.disputes, watcher, now)
+    assert convicted is not None and convicted.verdict is Verdict.PROVIDER_FAULT
+    assert convicted.tile == 3
+    with world.ctx.sessions() as s:
+        proofs = {(p.index, p.tile) for p in s.query(SharedProof).filter_by(result_id=rid)}
+    assert proofs == {(1, 0), (1, 3)}
+
+
+def test_an_honest_provider_is_upheld_on_the_tile_the_watcher_names(world: World) -> None:
+    rid = add_result(world, seed=3)
+    now = datetime.now(UTC)
+    dispute_id = open_dispute(world.disputes, rid, challenger=SERVICE, lo=0, hi=1, bond=10,
+                              now=now)
+    state = prove(world.disputes, dispute_id, now)
+    assert state is not None and state.verdict is Verdict.CHALLENGER_FAULT
+    assert state.tile is not None and 0 <= state.tile < 4
