@@ -56,6 +56,7 @@ __all__ = [
     "MAX_DEADLINE_AHEAD",
     "MOVE_AGREE",
     "MOVE_DISAGREE",
+    "MOVE_TILE",
     "MOVE_TYPE",
     "RESULT_TYPE",
     "SECP256K1_N",
@@ -288,8 +289,8 @@ class Challenge(_TypedStruct):
 
 @dataclass(frozen=True)
 class Move(_TypedStruct):
-    """One signed move of a dispute game; ``kind`` is :data:`MOVE_AGREE` or
-    :data:`MOVE_DISAGREE` (uint8)."""
+    """One signed move of a dispute game; ``kind`` is :data:`MOVE_AGREE`,
+    :data:`MOVE_DISAGREE` or :data:`MOVE_TILE` (uint8)."""
 
     PRIMARY_TYPE: ClassVar[str] = "Move"
     FIELDS: ClassVar[tuple[tuple[str, str, str], ...]] = (
@@ -311,9 +312,12 @@ class Move(_TypedStruct):
     deadline: int
 
 
-#: ``Move.kind`` values: the challenger agrees, or disagrees, with the revealed state.
+#: ``Move.kind`` values: the challenger agrees, or disagrees, with the revealed state (the
+#: payload is its leaf), or names a tile of the tiled step (the payload is the tile index,
+#: uint256 big-endian).
 MOVE_AGREE = 1
 MOVE_DISAGREE = 2
+MOVE_TILE = 3
 
 #: Any message the service signs or verifies.
 SignedObject = Result | Challenge | Move

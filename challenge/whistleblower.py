@@ -21,6 +21,7 @@ import numpy as np
 from challenge.messages import (
     MOVE_AGREE,
     MOVE_DISAGREE,
+    MOVE_TILE,
     Challenge,
     Domain,
     Move,
@@ -32,7 +33,8 @@ from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, validate_inputs
-from refute.segmentation import run_segments
+from refute.segmentation import Segment, run_segments
+from refute.tiling import segment_tiling, worst_tile
 from refute.trace import leaf_of_state
 from refute.verdict import agrees, state_tolerance
 
@@ -50,11 +52,21 @@ class OwnExecution:
     manifest: Manifest
     states: list[list[np.ndarray]]
     leaves: list[str]
+    segments: tuple[Segment, ...] = ()
+    """The model's segments (to name a tile of a tiled step)."""
 
     def agrees(self, k: int, theirs: list[np.ndarray] | tuple[np.ndarray, ...]) -> bool:
         """Whether a revealed state k is within τ_k of this execution's state k."""
         return agrees(self.states[k], theirs, scale=self.manifest.scale,
                       tolerance=state_tolerance(self.manifest.tolerances, k))
+
+    def worst_tile(self, step: int, theirs: list[np.ndarray]) -> int:
+        """The tile of tiled segment ``step`` where the revealed state ``step`` differs most
+        from this execution (:func:`refute.tiling.worst_tile`)."""
+        tiling = segment_tiling(self.manifest.circuits, self.segments[step - 1])
+        if tiling is None:
+            raise RefuteError(f"segment {step} is not tiled in the manifest")
+        return worst_tile(tiling, self.states[step], theirs).index
 
 
 class Whistleblower:
@@ -107,7 +119,8 @@ class Whistleblower:
         own = run_segments(DeterministicExecutor(), prepared.segmentation,
                            validate_inputs(prepared.loaded, inputs))
         return OwnExecution(prepared.manifest, own, [
-            "0x" + leaf_of_state(prepared.manifest, k, s).hex() for k, s in enumerate(own)])
+            "0x" + leaf_of_state(prepared.manifest, k, s).hex() for k, s in enumerate(own)],
+            prepared.segmentation.segments)
 
     def challenge(
         self,
@@ -153,6 +166,7 @@ class Whistleblower:
             raise RefuteError(f"my execution has {len(own.leaves)} states, the result "
                               f"commits {len(public['leaves'])}")
         answered: set[int] = set()
+        named = False
         stop = time.monotonic() + timeout
         while dispute["status"] == "OPEN":
             if dispute["phase"] == "answer" and dispute["rounds"] not in answered:
@@ -166,6 +180,15 @@ class Whistleblower:
                        f"{'AGREE' if agree else 'DISAGREE'}")
                 self._answer(public["network_id"], dispute, agree=agree)
                 answered.add(dispute["rounds"])
+            elif dispute["phase"] == "tile" and not named:
+                step = dispute["hi"]
+                tile = own.worst_tile(step, self.revealed(dispute_id, step, own.manifest,
+                                                          public["leaves"]))
+                report(f"step {step} is tiled ({dispute['tiles']} tiles): naming tile {tile}, "
+                       f"where state {step} differs most from my execution")
+                self._move(public["network_id"], dispute, kind=MOVE_TILE,
+                           payload=tile.to_bytes(32, "big"))
+                named = True
             elif time.monotonic() > stop:
                 raise RefuteError(f"dispute {dispute_id} undecided after {timeout:.0f} s")
             else:
@@ -199,10 +222,17 @@ class Whistleblower:
     def move_body(self, network_id: str, dispute: dict[str, Any], *, agree: bool,
                   nonce: int) -> dict[str, Any]:
         """The signed request body answering the dispute's pending state in its current round."""
+        return self.signed_move(network_id, dispute,
+                                kind=MOVE_AGREE if agree else MOVE_DISAGREE,
+                                payload=bytes.fromhex(dispute["pending_leaf"][2:]), nonce=nonce)
+
+    def signed_move(self, network_id: str, dispute: dict[str, Any], *, kind: int,
+                    payload: bytes, nonce: int) -> dict[str, Any]:
+        """The signed request body of a move of ``kind`` (``challenge.messages.MOVE_*``) in
+        the dispute's current round."""
         deadline = int(time.time()) + 600
         signed = Move(network=network_word(network_id), dispute=network_word(dispute["id"]),
-                      round=dispute["rounds"], kind=MOVE_AGREE if agree else MOVE_DISAGREE,
-                      payload=bytes.fromhex(dispute["pending_leaf"][2:]), nonce=nonce,
+                      round=dispute["rounds"], kind=kind, payload=payload, nonce=nonce,
                       deadline=deadline)
         return {"player": self.address, "domain": self._domain_json(),
                 "signature": "0x" + sign_typed(signed, self.domain, self.key).hex(),
@@ -213,4 +243,10 @@ class Whistleblower:
 
     def _answer(self, network_id: str, dispute: dict[str, Any], *, agree: bool) -> None:
         body = self.move_body(network_id, dispute, agree=agree, nonce=time.time_ns())
+        self._call("POST", f"/v1/disputes/{dispute['id']}/moves", json=body)
+
+    def _move(self, network_id: str, dispute: dict[str, Any], *, kind: int,
+              payload: bytes) -> None:
+        body = self.signed_move(network_id, dispute, kind=kind, payload=payload,
+                                nonce=time.time_ns())
         self._call("POST", f"/v1/disputes/{dispute['id']}/moves", json=body)

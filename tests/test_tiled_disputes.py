@@ -10,13 +10,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from eth_account import Account
+from fastapi.testclient import TestClient
 
 from challenge.codec import state_from_json
 from challenge.game import Actor, NameTile, Phase, Verdict
+from challenge.messages import MOVE_TILE
 from challenge.orchestrator import SERVICE, drive, load_transcript, move, open_dispute
 from challenge.orchestrator import prove_pending as prove
 from challenge.records import Dispute, SharedProof
+from challenge.whistleblower import Whistleblower
 from tests.dispute_world import World, add_result, make_world, tiled_conv
+from verifier.api.app import create_app
 
 #: Segment 1 on tiles of 2 channels × 4 rows × 8 columns: tiles 0..3, the tile of output
 #: element (0, c, h, w) is 2·(c // 2) + h // 4.
@@ -94,3 +99,45 @@ def test_an_honest_provider_is_upheld_on_the_tile_the_watcher_names(world: World
     state = prove(world.disputes, dispute_id, now)
     assert state is not None and state.verdict is Verdict.CHALLENGER_FAULT
     assert state.tile is not None and 0 <= state.tile < 4
+
+
+def test_a_whistleblower_names_the_tile_through_the_api_and_convicts(world: World) -> None:
+    """The whistleblower client plays the whole dispute over HTTP: it answers the bisection,
+    then signs the tile where the revealed state differs most from its own execution
+    (``Move`` kind 3, the tile index as payload)."""
+    world.tasks.inline["proofs"] = lambda d: prove(world.disputes, d, datetime.now(UTC))
+    try:
+        rid = add_result(world, seed=4, lie_at=1, lie_element=IN_TILE_3)
+        client = TestClient(create_app(world.ctx), raise_server_exceptions=True)
+        account = Account.from_key(b"\x31" * 32)
+        blower = Whistleblower("http://testserver", account.key, account.address,
+                               client=client)
+        log: list[str] = []
+        final = blower.challenge(rid, world.prepared, world.model.sample_input(4), bond=20,
+                                 report=log.append)
+    finally:
+        world.tasks.inline.clear()
+    assert final["verdict"] == "PROVIDER_FAULT" and (final["hi"], final["tile"]) == (1, 3)
+    assert any("naming tile 3" in line for line in log), log
+    dispute = client.get(f"/v1/disputes/{final['id']}").json()
+    assert dispute["tile"] == 3 and dispute["tiles"] is None  # named: no longer asked
+
+
+def test_a_tile_move_out_of_turn_or_out_of_range_is_refused(world: World) -> None:
+    rid = add_result(world, seed=6, lie_at=1, lie_element=IN_TILE_3)
+    client = TestClient(create_app(world.ctx), raise_server_exceptions=True)
+    account = Account.from_key(b"\x41" * 32)
+    blower = Whistleblower("http://testserver", account.key, account.address, client=client)
+    opened = blower.open(rid, bond=20, lo=0, hi=1)
+    dispute = client.get(f"/v1/disputes/{opened['id']}").json()
+    assert (dispute["phase"], dispute["tiles"]) == ("tile", 4)
+    network = client.get(f"/v1/public/results/{rid}").json()["network_id"]
+    for tile in (4, 2**64):
+        body = blower.signed_move(network, dispute, kind=MOVE_TILE,
+                                  payload=tile.to_bytes(32, "big"), nonce=tile)
+        refused = client.post(f"/v1/disputes/{opened['id']}/moves", json=body)
+        assert refused.status_code in (401, 403) and "tiles 0..3" in refused.text
+    answer = blower.move_body(network, {**dispute, "pending_leaf": "0x" + "00" * 32},
+                              agree=True, nonce=7)
+    refused = client.post(f"/v1/disputes/{opened['id']}/moves", json=answer)
+    assert refused.status_code in (401, 403) and "not waiting for an answer" in refused.text

@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from challenge.codec import state_from_json
-from challenge.game import Actor, Answer, Choice, Phase
+from challenge.game import Actor, Answer, Choice, DisputeState, NameTile, Phase
 from challenge.messages import (
     MOVE_AGREE,
     MOVE_DISAGREE,
+    MOVE_TILE,
     AuthError,
     Domain,
     network_word,
@@ -66,7 +67,8 @@ class ChallengeOpen(BaseModel):
 
 
 class MoveMessage(BaseModel):
-    """The EIP-712 ``Move`` message: kind 1 = AGREE, 2 = DISAGREE with the revealed state."""
+    """The EIP-712 ``Move`` message: kind 1 = AGREE, 2 = DISAGREE with the revealed state,
+    3 = the tile named (its index in ``payload``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     network: str = Field(pattern=HEX32)
@@ -104,6 +106,10 @@ class DisputeOut(BaseModel):
     timeout_at: float | None
     opened_at: datetime
     pending_leaf: str | None = None
+    tiles: int | None = None
+    """In phase ``tile``: how many tiles segment ``hi`` has (name one, 0-based)."""
+    tile: int | None = None
+    """The tile of segment ``hi`` the challenger named (once named)."""
 
 
 class WatchQueued(BaseModel):
@@ -147,7 +153,9 @@ def _dispute_out(s: Session, dispute: Dispute) -> DisputeOut:
                       else "closed",
                       lo=state.lo, hi=state.hi, pending=state.pending, rounds=state.rounds,
                       timeout_at=dispute.timeout_at, opened_at=dispute.opened_at,
-                      pending_leaf=pending_leaf)
+                      pending_leaf=pending_leaf,
+                      tiles=state.tiles_of(state.hi) if state.phase is Phase.TILE else None,
+                      tile=state.tile)
 
 
 def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
@@ -229,7 +237,10 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
 
     @api.post("/v1/disputes/{dispute_id}/moves", response_model=DisputeOut, responses=errors)
     def submit_move(dispute_id: str, body: MoveSubmit, s: SessionDep) -> DisputeOut:
-        """The challenger's AGREE/DISAGREE on the revealed state (signed, round-bound)."""
+        """The challenger's signed move (round-bound): AGREE/DISAGREE on the revealed state
+        (``kind`` 1/2, ``payload`` its leaf), or, in phase ``tile``, the tile of segment
+        ``hi`` it disputes (``kind`` 3, ``payload`` the tile index as a 32-byte big-endian
+        number)."""
         dispute = s.get(Dispute, dispute_id)
         if dispute is None:
             raise NotFound(f"dispute {dispute_id} not found")
@@ -253,13 +264,16 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
                             nonce=m.nonce, kind="move")
         if s.get(SignedMessage, claim.digest) is not None:
             return _dispute_out(s, dispute)  # a retry of an applied move: applied once
+        if m.kind == MOVE_TILE:
+            return _name_tile(s, dispute, state, signed, claim=claim, signature=body.signature,
+                              now=now)
         if state.phase is not Phase.ANSWER or state.pending is None:
             raise AuthError(f"the dispute is not waiting for an answer (phase "
                             f"{state.phase.value})")
         if m.round != state.rounds or "0x" + signed.payload.hex() != result.leaves[state.pending]:
             raise AuthError("the move is for another round or another revealed state")
         if m.kind not in (MOVE_AGREE, MOVE_DISAGREE):
-            raise AuthError("kind must be 1 (AGREE) or 2 (DISAGREE)")
+            raise AuthError("kind must be 1 (AGREE), 2 (DISAGREE) or 3 (TILE)")
         choice = Choice.AGREE if m.kind == MOVE_AGREE else Choice.DISAGREE
         s.rollback()
         answer = Answer(actor=Actor.CHALLENGER, at=now.timestamp(), state=state.pending,
@@ -270,6 +284,26 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         drive(ctx.disputes, dispute_id, effects, now)
         s.expire_all()
         fresh = s.get(Dispute, dispute_id)
+        assert fresh is not None
+        return _dispute_out(s, fresh)
+
+    def _name_tile(s: Session, dispute: Dispute, state: DisputeState, signed: SignedMove, *,
+                   claim: SignedClaim, signature: str, now: datetime) -> DisputeOut:
+        """Apply the challenger's signed choice of a tile (phase ``tile``)."""
+        if state.phase is not Phase.TILE:
+            raise AuthError(f"the dispute is not waiting for a tile (phase {state.phase.value})")
+        tile = int.from_bytes(signed.payload, "big")
+        if signed.round != state.rounds or not 0 <= tile < state.tiles_of(state.hi):
+            raise AuthError(f"the move is for another round, or names no tile of segment "
+                            f"{state.hi} (tiles 0..{state.tiles_of(state.hi) - 1})")
+        s.rollback()
+        named = NameTile(actor=Actor.CHALLENGER, at=now.timestamp(), step=state.hi, tile=tile)
+        _state, effects = move(ctx.disputes, dispute.id, named, now,
+                               {"step": state.hi, "tile": tile, "signature": signature},
+                               signed=claim)
+        drive(ctx.disputes, dispute.id, effects, now)
+        s.expire_all()
+        fresh = s.get(Dispute, dispute.id)
         assert fresh is not None
         return _dispute_out(s, fresh)
 
