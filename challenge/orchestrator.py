@@ -931,6 +931,7 @@ def export_dispute(ctx: DisputeContext, dispute_id: str, path: Path) -> Path:
     manifest = prepared.manifest
     wanted: set[int] = set()
     files: dict[str, bytes] = {}
+    graphs: dict[int, bytes] = {}
     for event in transcript.events:
         body = event.body
         if body.get("dispute_id") != dispute_id:
@@ -940,6 +941,8 @@ def export_dispute(ctx: DisputeContext, dispute_id: str, path: Path) -> Path:
         if target is None:
             continue
         kind, index = ProofKind(target[0]), target[1]
+        if body.get("tile") is not None:  # replay cuts the tile's slices with the graph
+            graphs[index] = prepared.segmentation.segments[index - 1].onnx_bytes
         digests = {str(body[f]) for f in ("settings_sha256", "vk_sha256", "srs_sha256")
                    if body.get(f)}
         for digest in sorted(d for d in digests if ctx.blobs.exists(d)):
@@ -953,7 +956,8 @@ def export_dispute(ctx: DisputeContext, dispute_id: str, path: Path) -> Path:
                     files[f"artifacts/{digest}"] = data
     states = {k: held for k in sorted(wanted) if (held := loaded.state(k)) is not None}
     return write_bundle(path, transcript=transcript.to_json(), manifest=manifest,
-                        dispute_id=dispute_id, states=states, circuit_files=files)
+                        dispute_id=dispute_id, states=states, circuit_files=files,
+                        segment_graphs=graphs)
 
 
 def resume(ctx: DisputeContext, dispute_id: str, now: datetime) -> None:

@@ -9,7 +9,10 @@ A bundle is an uncompressed ZIP holding exactly:
 * ``states/<k>/<j>.f32`` — tensor j of state k (raw little-endian float32), for every state the
   dispute revealed, and states i-1, i of a proven step and k of a range proof;
 * ``artifacts/<sha256>`` — every settings file, verifying key and SRS a proof event of the
-  dispute names by hash (``settings_sha256``, ``vk_sha256``, ``srs_sha256``), content-addressed.
+  dispute names by hash (``settings_sha256``, ``vk_sha256``, ``srs_sha256``), content-addressed;
+* ``segments/<i>.onnx`` — the graph of every tiled segment i whose tile a proof event proves
+  (its sha256 is the manifest's segment hash): a tile's slices of states i-1 and i are cut by
+  that graph's receptive fields.
 
 :func:`replay` takes nothing in the bundle on its own word. Its checks, in order, each one a
 line of the report (a failed one says where: the member, the event, the field):
@@ -33,7 +36,9 @@ line of the report (a failed one says where: the member, the event, the field):
                signed by a trusted key and every artifact matched its hash: the expensive,
                native verifier never sees unauthenticated input);
 ``binding``    the proof's hash instances are Poseidon of the quantized tensors of the states
-               it was made on, states that reproduce their committed leaves;
+               it was made on (of the named tile's slices of them, cut by the segment graph
+               the manifest's hash authenticates), states that reproduce their committed
+               leaves;
 ``verdict``    the proven maxdiff (max |v|) and τ (R) are the ones recorded, and the rule holds
                (``refute/verdict.py``, the rule the game and the prover apply).
 
@@ -58,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from challenge.events import (
     DISPUTE_KINDS,
@@ -81,11 +87,14 @@ from challenge.transcript import (
     parse_events,
     parse_public_key,
 )
+from circuits.adjudication import adjudication_bytes
 from refute import safejson
 from refute.errors import BindingError, RefuteError
 from refute.instances import check_binding
 from refute.manifest import Manifest, canonical_json
 from refute.merkle import merkle_root
+from refute.segmentation import Segment
+from refute.tiling import Tile, Tiling, segment_tiling, tile_segment
 from refute.trace import leaf_of_state
 from refute.verdict import (
     VerdictError,
@@ -115,6 +124,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LEAF = re.compile(r"0x[0-9a-f]{64}")
 _DISPUTE_ID = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 _JSON_MEMBERS = ("dispute.json", "transcript.json", "manifest.json")
+_SEGMENT_MEMBER = re.compile(r"segments/([1-9][0-9]{0,5})\.onnx")
 
 
 class ReplayError(RefuteError):
@@ -187,9 +197,11 @@ def sha256_hex(data: bytes) -> str:
 
 def write_bundle(path: Path, *, transcript: dict[str, Any], manifest: Manifest,
                  dispute_id: str, states: dict[int, tuple[np.ndarray, ...]],
-                 circuit_files: dict[str, bytes]) -> Path:
+                 circuit_files: dict[str, bytes],
+                 segment_graphs: dict[int, bytes] | None = None) -> Path:
     """Write a dispute bundle (see the module docstring); ``circuit_files`` maps member names
-    (``artifacts/<sha256>``) to bytes. The archive is canonical (:func:`archive_bytes`)."""
+    (``artifacts/<sha256>``) to bytes, ``segment_graphs`` a tiled segment's index to its ONNX
+    bytes. The archive is canonical (:func:`archive_bytes`)."""
     members = {"dispute.json": canonical_json({"format": FORMAT, "dispute_id": dispute_id}),
                "transcript.json": canonical_json(transcript),
                "manifest.json": canonical_json(manifest.to_json())}
@@ -197,6 +209,7 @@ def write_bundle(path: Path, *, transcript: dict[str, Any], manifest: Manifest,
         for j, tensor in enumerate(tensors):
             members[f"states/{k}/{j}.f32"] = np.asarray(tensor).astype("<f4").tobytes()
     members.update(circuit_files)
+    members.update({f"segments/{i}.onnx": data for i, data in (segment_graphs or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(archive_bytes(members))
     return path
@@ -204,10 +217,13 @@ def write_bundle(path: Path, *, transcript: dict[str, Any], manifest: Manifest,
 
 def _member_order(name: str) -> tuple[int, int, int, str]:
     state = _STATE_MEMBER.fullmatch(name)
+    segment = _SEGMENT_MEMBER.fullmatch(name)
     if name in _JSON_MEMBERS:
         return (0, _JSON_MEMBERS.index(name), 0, name)
     if state is not None:
         return (1, int(state.group(1)), int(state.group(2)), name)
+    if segment is not None:
+        return (3, int(segment.group(1)), 0, name)
     return (2, 0, 0, name)
 
 
@@ -402,7 +418,7 @@ class _Replay:
         if name in self.members:
             return "member appears twice"
         if not (name in _JSON_MEMBERS or _STATE_MEMBER.fullmatch(name)
-                or _ARTIFACT_MEMBER.fullmatch(name)):
+                or _ARTIFACT_MEMBER.fullmatch(name) or _SEGMENT_MEMBER.fullmatch(name)):
             return "unexpected member (not part of a refute.dispute/2 bundle)"
         if info.flag_bits & 0x1:
             return "encrypted member"
@@ -533,6 +549,11 @@ class _Replay:
                        and n.removeprefix("artifacts/") not in named)
         if problem is None and extra:
             problem = ("no proof event of this dispute names this artifact", extra[0])
+        tiled = {_circuit_of(e)[2] for e in proofs if e.body.get("tile") is not None}
+        graphs = sorted(n for n in self.members if (match := _SEGMENT_MEMBER.fullmatch(n))
+                        and int(match.group(1)) not in tiled)
+        if problem is None and graphs:
+            problem = ("no tile proof of this dispute needs this segment graph", graphs[0])
         if problem is not None:
             report.add("artifacts", False, problem[0], problem[1])
         elif proofs:
@@ -549,11 +570,59 @@ class _Replay:
         kind, field_name, index = _circuit_of(event)
         for entry in manifest.circuits or ():
             if entry.get("kind") == kind and entry.get(field_name) == index:
-                expected = _canonical(entry.get("settings"))
+                if event.body.get("tile") is not None:
+                    model = self._tile_model(event, manifest, entry)
+                    expected = _canonical(model.get("settings"))
+                else:
+                    expected = _canonical(entry.get("settings"))
                 if expected is not None and expected == _canonical(settings):
                     return None
                 return (f"settings differ from the manifest's {kind} circuit {index}", member)
         return (f"the manifest has no {kind} circuit {index}", "manifest.json circuits")
+
+    def _tiled(self, event: Event, manifest: Manifest) -> tuple[Segment, Tiling, Tile]:
+        """The segment a tile proof event proves (its graph from the bundle, authenticated by
+        the manifest's segment hash), its tiling as the manifest records it, and the tile the
+        event names."""
+        place = f"{_at(event)} body"
+        _kind, _field, index = _circuit_of(event)
+        member = f"segments/{index}.onnx"
+        data = self.members.get(member)
+        if data is None:
+            raise ReplayError("missing: a tile's proof needs its segment's graph", member)
+        if not 1 <= index <= manifest.num_segments:
+            raise ReplayError(f"names step {index}, outside the manifest", f"{place}.step")
+        entry = manifest.segments[index - 1]
+        if sha256_hex(data) != entry.sha256:
+            raise ReplayError(f"hashes differently from segment {index} of the manifest",
+                              member)
+        try:
+            outputs = tuple(o.name for o in onnx.load_model_from_string(data).graph.output)
+            segment = Segment(index=index, start=entry.start, end=entry.end,
+                              inputs=manifest.states[index - 1],
+                              outputs=manifest.states[index], op_types=entry.ops,
+                              onnx_bytes=data, graph_outputs=outputs)
+            tiling = segment_tiling(manifest.circuits, segment)
+        except Exception as exc:  # an authenticated graph the tiler refuses: report, go on
+            raise ReplayError(f"the segment's tiling does not rebuild: {exc}"[:200],
+                              member) from exc
+        tile = event.body.get("tile")
+        if tiling is None or type(tile) is not int or not 0 <= tile < len(tiling.tiles):
+            raise ReplayError(f"names no tile of tiled segment {index}", f"{place}.tile")
+        return segment, tiling, tiling.tiles[tile]
+
+    def _tile_model(self, event: Event, manifest: Manifest,
+                    entry: Any) -> dict[str, Any]:
+        """The manifest's record of the tile model a tile proof event proves (by the sha256
+        of the tile's adjudication graph)."""
+        segment, tiling, tile = self._tiled(event, manifest)
+        graph = adjudication_bytes(tile_segment(segment, tiling, tile))
+        digest = hashlib.sha256(graph).hexdigest()
+        for model in (entry.get("tiling") or {}).get("models", []):
+            if isinstance(model, dict) and model.get("sha256") == digest:
+                return model
+        raise ReplayError(f"the manifest records no circuit for tile {tile.index}'s model",
+                          "manifest.json circuits")
 
     def _calibrated(self) -> Manifest:
         manifest = self.manifest
@@ -764,11 +833,10 @@ class _Replay:
             x, y, raw = split_instances(proof, n_inputs)
         except RefuteError as exc:
             raise ReplayError(exc.reason, f"{place}.proof.instances") from exc
+        cut = None
         if event.body.get("tile") is not None:
-            report.add("binding", False, "a tile's proof takes slices of states i-1 and i cut "
-                       "by the segment's graph, which dispute bundles do not carry yet: its "
-                       "binding cannot be replayed", f"{place}.tile")
-            return
+            _segment, tiling, tile = self._tiled(event, manifest)
+            cut = (tiling, tile)
         indices = [index - 1, index] if kind == "step" else [index]
         if any(k not in self.states for k in indices):
             raise ReplayError(f"the bundle lacks state(s) {indices} the proof was made on",
@@ -777,9 +845,10 @@ class _Replay:
             check_binding(scale=manifest.scale, specs=manifest.states, indices=indices,
                           states=[self.states[k] for k in indices],
                           leaves=[bytes.fromhex(leaf[2:]) for leaf in self.leaves],
-                          instances=x + y)
-            ok, detail = True, (f"instances are Poseidon of states {indices}, which match "
-                                "their leaves")
+                          instances=x + y, tile=cut)
+            sliced = "" if cut is None else f"tile {cut[1].index}'s slices of "
+            ok, detail = True, (f"instances are Poseidon of {sliced}states {indices}, which "
+                                "match their leaves")
         except BindingError as exc:
             ok, detail = False, exc.reason
         if not report.add("binding", ok, detail, f"{place}.proof.instances"):

@@ -6,6 +6,7 @@ re-execution (:mod:`challenge.fakes`); real tile proofs are in ``test_tiled_step
 
 from __future__ import annotations
 
+import zipfile
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,9 +17,18 @@ from fastapi.testclient import TestClient
 from challenge.codec import state_from_json
 from challenge.game import Actor, NameTile, Phase, Verdict
 from challenge.messages import MOVE_TILE
-from challenge.orchestrator import SERVICE, drive, load_transcript, move, open_dispute
+from challenge.orchestrator import (
+    SERVICE,
+    drive,
+    export_dispute,
+    load_transcript,
+    move,
+    open_dispute,
+    service_signing_key,
+)
 from challenge.orchestrator import prove_pending as prove
 from challenge.records import Dispute, SharedProof
+from challenge.replay import archive_bytes, replay
 from challenge.whistleblower import Whistleblower
 from tests.dispute_world import World, add_result, make_world, tiled_conv
 from verifier.api.app import create_app
@@ -141,3 +151,36 @@ def test_a_tile_move_out_of_turn_or_out_of_range_is_refused(world: World) -> Non
                               agree=True, nonce=7)
     refused = client.post(f"/v1/disputes/{opened['id']}/moves", json=answer)
     assert refused.status_code in (401, 403) and "not waiting for an answer" in refused.text
+
+
+@pytest.mark.slow
+@pytest.mark.ezkl
+def test_a_tiled_dispute_with_real_proofs_replays_and_a_swapped_graph_is_caught(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With EZKL: the watcher's tile proof convicts, the exported bundle carries the segment's
+    graph, replay cuts the tile's slices with it and passes every check; a bundle whose graph
+    is swapped for another segment's is refused by the manifest's segment hash."""
+    real = make_world(tmp_path_factory.mktemp("tiled-ezkl"), network_id="net_e",
+                      model_id="mdl_e", ezkl=True, model=tiled_conv(), tilings={1: BLOCKS})
+    real.tasks.inline["proofs"] = lambda d: prove(real.disputes, d, datetime.now(UTC))
+    rid = add_result(real, seed=5, lie_at=1, lie_element=IN_TILE_3)
+    dispute_id = open_dispute(real.disputes, rid, challenger=SERVICE, lo=0, hi=2, bond=10,
+                              now=datetime.now(UTC))
+    with real.ctx.sessions() as s:
+        row = s.get(Dispute, dispute_id)
+        assert row is not None and row.verdict == "PROVIDER_FAULT"
+    workdir = tmp_path_factory.mktemp("bundles")
+    bundle = export_dispute(real.disputes, dispute_id, workdir / "t.rdispute")
+    key = "0x" + service_signing_key(real.disputes).public_key.hex()
+    report = replay(bundle, [key])
+    assert report.ok, report.lines
+    binding = next(d for n, _ok, d in report.lines if n == "binding")
+    assert "tile 3's slices of states [0, 1]" in binding
+    with zipfile.ZipFile(bundle) as archive:
+        members = {i.filename: archive.read(i) for i in archive.infolist()}
+    assert "segments/1.onnx" in members
+    members["segments/1.onnx"] = real.prepared.segmentation.segments[1].onnx_bytes
+    swapped = workdir / "swapped.rdispute"
+    swapped.write_bytes(archive_bytes(members))
+    failed = {line.name: line.text() for line in replay(swapped, [key]).failures}
+    assert "hashes differently from segment 1" in " ".join(failed.values()), failed
