@@ -54,12 +54,13 @@ from prover.budget import ProvingEstimate, estimate
 from prover.circuit import _ezkl, calibrated_settings, felt_to_int, write_input_json
 from prover.errors import CircuitUnsupported
 from prover.step import maxdiff_units
+from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, validate_inputs
 from refute.segmentation import Segment, run_segments
 from refute.settings import get_settings
-from refute.tiling import cut_input, cut_output, make_tiling, tile_segment
+from refute.tiling import cut_input, cut_output, make_tiling, plan_tiling, tile_segment
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -351,6 +352,54 @@ def calibrate_tiled_segment(
     return replace(worst, tiling=record, seconds=time.monotonic() - start)
 
 
+#: Most tile sizes :func:`tile_to_budget` tries, each a quarter of the last.
+TILE_ATTEMPTS = 4
+
+
+def _over_budget(found: SegmentCalibration, budget_bytes: int) -> bool:
+    """Whether a segment's whole circuit is over the budget, or too large for EZKL to build
+    within the logrows cap or the time limit."""
+    if found.estimate is not None:
+        return not found.estimate.fits(budget_bytes)
+    reason = found.reason or ""
+    return _about_size(reason) or "gave up after" in reason
+
+
+def tile_to_budget(
+    segment: Segment,
+    whole: SegmentCalibration,
+    runs: Sequence[Sequence[Sequence[np.ndarray]]],
+    *,
+    budget_bytes: int,
+    scale: int,
+    bound: float,
+    safety: float,
+    max_logrows: int | None,
+    timeout_s: float,
+) -> SegmentCalibration:
+    """Tile a segment whose whole circuit is over ``budget_bytes`` (DESIGN.md "Registration"
+    step 4): tiles of at most B elements (:func:`refute.tiling.plan_tiling`), B first sized as
+    if the circuit shrank with its element count (from the whole circuit's estimate, else 4096),
+    then a quarter of that, up to :data:`TILE_ATTEMPTS` sizes, until the tile circuits fit. A
+    segment that cannot be tiled, or whose tiles never fit, keeps ``whole`` (the registration
+    report then refuses it, saying why)."""
+    elements = sum(t.size for t in (*segment.inputs, *segment.outputs))
+    size = (max(1, int(elements * budget_bytes / whole.estimate.peak_bytes / 2))
+            if whole.estimate is not None else 4096)
+    for _ in range(TILE_ATTEMPTS):
+        try:
+            tiling = plan_tiling(segment, size)
+        except RefuteError:
+            return whole
+        found = calibrate_tiled_segment(segment, tiling.blocks, runs, scale=scale, bound=bound,
+                                        safety=safety, max_logrows=max_logrows,
+                                        timeout_s=timeout_s)
+        if found.estimate is not None and found.estimate.fits(budget_bytes):
+            return replace(found, seconds=found.seconds + whole.seconds)
+        size = max(1, size // 4)
+    return whole
+
+
 def _range_settings(
     graph: bytes, sample: Sequence[np.ndarray], *, scale: int, max_logrows: int | None,
 ) -> dict[str, Any] | None:
@@ -374,6 +423,7 @@ def calibrate_model(
     segment_timeout_s: float | None = None,
     max_logrows: int | None = None,
     tilings: Mapping[int, Sequence[int]] | None = None,
+    budget_bytes: int | None = None,
 ) -> tuple[Manifest, CalibrationReport]:
     """Calibrate every segment; return the completed manifest and the report.
 
@@ -381,7 +431,8 @@ def calibrate_model(
     and ``max_logrows`` caps its circuit; unset, they come from :func:`get_settings`
     (``calibration_segment_timeout_s``, ``proving_max_logrows``). ``tilings`` maps a segment
     index to the block sizes it is proven on (:func:`calibrate_tiled_segment`); the others are
-    proven whole."""
+    proven whole, unless ``budget_bytes`` is given and the whole circuit would need more to
+    prove (or is too large to build): such a segment is tiled (:func:`tile_to_budget`)."""
     if not inputs:
         raise CircuitUnsupported("calibration needs at least one input")
     if segment_timeout_s is None or max_logrows is None:
@@ -409,9 +460,15 @@ def calibrate_model(
                 max_logrows=max_logrows, timeout_s=segment_timeout_s))
             continue
         samples = [(run[i - 1], run[i]) for run in runs]
-        segments.append(calibrate_segment_bounded(
+        whole = calibrate_segment_bounded(
             adjudication_bytes(segment), i, samples, scale=scale, bound=bound, safety=safety,
-            max_logrows=max_logrows, timeout_s=segment_timeout_s))
+            max_logrows=max_logrows, timeout_s=segment_timeout_s)
+        if budget_bytes is not None and _over_budget(whole, budget_bytes):
+            progress("tile", i - 1, total)
+            whole = tile_to_budget(segment, whole, runs, budget_bytes=budget_bytes, scale=scale,
+                                   bound=bound, safety=safety, max_logrows=max_logrows,
+                                   timeout_s=segment_timeout_s)
+        segments.append(whole)
     progress("calibrate", total, total)
     ranges: list[dict[str, Any] | None] = []
     for k, state in enumerate(prepared.segmentation.states):

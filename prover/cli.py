@@ -160,7 +160,8 @@ def _print_report(model: Path, report: RegistrationReport) -> None:
             str(s.index), " ".join(s.ops), f"{s.input_elements:,}/{s.output_elements:,}",
             "" if s.tolerance is None else str(s.tolerance),
             "" if s.logrows is None else str(s.logrows), memory, timing,
-            "fits" if s.fits_budget else "[red]over[/red]" if s.reason is None
+            ("fits" if s.tiles is None else f"fits, {s.tiles} tiles") if s.fits_budget
+            else "[red]over[/red]" if s.reason is None
             else "[red]refused[/red]", f"{s.calibration_seconds:.1f} s",
         )
     console.out.print(table)

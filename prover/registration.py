@@ -236,7 +236,7 @@ def calibrate_for_registration(
     def attempt(at: int) -> tuple[Manifest, CalibrationReport]:
         return calibrate_model(prepared, inputs, scale=at, safety=safety, executor=executor,
                                progress=progress, segment_timeout_s=segment_timeout_s,
-                               max_logrows=max_logrows)
+                               max_logrows=max_logrows, budget_bytes=budget_bytes)
 
     start = prepared.manifest.scale if scale is None else scale
     manifest, calibration = first = attempt(start)

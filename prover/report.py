@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from prover.calibration import CalibrationReport, SegmentCalibration
+from prover.calibration import TILE_ATTEMPTS, CalibrationReport, SegmentCalibration
 from refute.errors import RefuteError
 from refute.provider import PreparedModel
 from refute.segmentation import Segment
@@ -52,6 +52,9 @@ class SegmentReport:
     calibration_seconds: float
     reason: str | None
     precision_limited: bool = False
+    tiles: int | None = None
+    """How many tiles the segment is proven on (``None``: proven whole); the circuit figures
+    are then one tile's."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
@@ -64,7 +67,7 @@ class SegmentReport:
             "estimated_prove_seconds": self.prove_seconds,
             "fits_budget": self.fits_budget,
             "calibration_seconds": round(self.calibration_seconds, 2), "reason": self.reason,
-            "precision_limited": self.precision_limited,
+            "precision_limited": self.precision_limited, "tiles": self.tiles,
         }
 
 
@@ -142,23 +145,24 @@ def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
         calibration_seconds=cal.seconds,
         reason=reason,
         precision_limited=precision_limited,
+        tiles=None if cal.tiling is None else int(cal.tiling["tiles"]),
     )
 
 
 def tiling_outlook(segment: Segment, peak_bytes: int, budget: int) -> str:
-    """What tiling could do for a segment over the budget, in one clause: the tiles
-    :func:`refute.tiling.plan_tiling` would cut, for tiles sized as if the circuit shrank with
-    its element count (a planning guess, not a calibration), or why it cannot be tiled. Tiled
-    segments are proven through :meth:`prover.prover.Prover.prove_step`, but the service does
-    not open disputes on them yet, so the segment is still refused."""
+    """Why tiling did not save a segment over the budget, in one clause: it cannot be tiled
+    (the operator, or its smallest tile), or the tiles :func:`refute.tiling.plan_tiling` cuts
+    for tiles sized as if the circuit shrank with its element count (the first size
+    :func:`prover.calibration.tile_to_budget` tries) did not fit either."""
     elements = sum(t.size for t in (*segment.inputs, *segment.outputs))
     bound = max(1, int(elements * budget / peak_bytes / 2))
     try:
         tiling = plan_tiling(segment, bound)
     except RefuteError as exc:
         return f"it cannot be tiled either: {exc.reason}"
-    return (f"it could be proven on {len(tiling.tiles)} tiles of output block "
-            f"{list(tiling.blocks)} (tiled disputes are not served yet)")
+    return (f"nor did its tiles fit (from {len(tiling.tiles)} tiles of output block "
+            f"{list(tiling.blocks)}, down to a quarter of that size "
+            f"{TILE_ATTEMPTS - 1} times)")
 
 
 def registration_report(prepared: PreparedModel, calibration: CalibrationReport,

@@ -403,14 +403,14 @@ def test_random_conv_geometry_reproduces_the_segment(executor: DeterministicExec
 
 
 def test_the_registration_report_says_what_tiling_could_do() -> None:
-    """A segment over the proving budget is refused with the tiling that would fit (tiles sized
-    by the budget's share of the estimated peak), or with why it cannot be tiled."""
+    """A segment over the proving budget that tiling did not save is refused with why: it
+    cannot be tiled, or its tiles (from the first size tried) did not fit either."""
     from prover.report import tiling_outlook
 
     segment = _conv(3, 8, 16, after=["Relu"])
     outlook = tiling_outlook(segment, peak_bytes=16 * 2**30, budget=2**30)
-    match = re.fullmatch(r"it could be proven on (\d+) tiles of output block \[1, (\d+), (\d+), "
-                         r"(\d+)\] \(tiled disputes are not served yet\)", outlook)
+    match = re.fullmatch(r"nor did its tiles fit \(from (\d+) tiles of output block \[1, (\d+), "
+                         r"(\d+), (\d+)\], down to a quarter of that size 3 times\)", outlook)
     assert match is not None, outlook
     assert int(match[1]) > 1
     assert tiling_outlook(segment, peak_bytes=2**60, budget=1).startswith(
