@@ -356,13 +356,29 @@ def calibrate_tiled_segment(
 TILE_ATTEMPTS = 4
 
 
+#: Fewest circuit rows one hashed element of a step's states costs (EZKL's Poseidon over x and
+#: y): measured 64 on an Identity over 8,192 elements (logrows 19), 41 on a MobileNet
+#: convolution tile with its multiplications; 16 is safely below both.
+ROWS_PER_ELEMENT = 16
+
+
+def _elements(segment: Segment) -> int:
+    return sum(t.size for t in (*segment.inputs, *segment.outputs))
+
+
+def _surely_too_big(segment: Segment, max_logrows: int | None) -> bool:
+    """Whether a segment's whole circuit certainly exceeds ``2^max_logrows`` rows, so that
+    calibrating it whole (minutes of EZKL, up to the time limit) would be wasted."""
+    return max_logrows is not None and _elements(segment) * ROWS_PER_ELEMENT > 2**max_logrows
+
+
 def _over_budget(found: SegmentCalibration, budget_bytes: int) -> bool:
     """Whether a segment's whole circuit is over the budget, or too large for EZKL to build
     within the logrows cap or the time limit."""
     if found.estimate is not None:
         return not found.estimate.fits(budget_bytes)
     reason = found.reason or ""
-    return _about_size(reason) or "gave up after" in reason
+    return _about_size(reason) or "gave up after" in reason or "not calibrated whole" in reason
 
 
 def tile_to_budget(
@@ -383,8 +399,7 @@ def tile_to_budget(
     then a quarter of that, up to :data:`TILE_ATTEMPTS` sizes, until the tile circuits fit. A
     segment that cannot be tiled, or whose tiles never fit, keeps ``whole`` (the registration
     report then refuses it, saying why)."""
-    elements = sum(t.size for t in (*segment.inputs, *segment.outputs))
-    size = (max(1, int(elements * budget_bytes / whole.estimate.peak_bytes / 2))
+    size = (max(1, int(_elements(segment) * budget_bytes / whole.estimate.peak_bytes / 2))
             if whole.estimate is not None else 4096)
     for _ in range(TILE_ATTEMPTS):
         try:
@@ -460,9 +475,15 @@ def calibrate_model(
                 max_logrows=max_logrows, timeout_s=segment_timeout_s))
             continue
         samples = [(run[i - 1], run[i]) for run in runs]
-        whole = calibrate_segment_bounded(
-            adjudication_bytes(segment), i, samples, scale=scale, bound=bound, safety=safety,
-            max_logrows=max_logrows, timeout_s=segment_timeout_s)
+        if budget_bytes is not None and _surely_too_big(segment, max_logrows):
+            whole = SegmentCalibration(i, None, None, None, (
+                f"its {_elements(segment):,} input and output elements alone need more than "
+                f"2^{max_logrows} rows (hashing costs at least {ROWS_PER_ELEMENT} rows an "
+                "element): not calibrated whole"))
+        else:
+            whole = calibrate_segment_bounded(
+                adjudication_bytes(segment), i, samples, scale=scale, bound=bound,
+                safety=safety, max_logrows=max_logrows, timeout_s=segment_timeout_s)
         if budget_bytes is not None and _over_budget(whole, budget_bytes):
             progress("tile", i - 1, total)
             whole = tile_to_budget(segment, whole, runs, budget_bytes=budget_bytes, scale=scale,
