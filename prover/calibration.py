@@ -150,17 +150,21 @@ def calibrate_segment(
     safety: float,
     max_logrows: int | None = None,
     deadline: float | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> SegmentCalibration:
     """Calibrate segment ``index``'s adjudication circuit on honest (x, y) samples, in this
-    process (see :func:`calibrate_segment_bounded` for the bounded version)."""
+    process (see :func:`calibrate_segment_bounded` for the bounded version). With
+    ``settings`` (another tile model's of the same shape), EZKL's search is skipped: the
+    circuit is compiled with them and must run every sample and the extreme one."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"refute-cal{index}-") as tmp:
         workdir = Path(tmp)
         x0, y0 = samples[0]
         extreme = [*x0, *_extreme(y0, bound)]
         try:
-            settings = calibrated_settings(graph, scale, [extreme], workdir / "settings",
-                                           max_logrows=max_logrows, deadline=deadline)
+            if settings is None:
+                settings = calibrated_settings(graph, scale, [extreme], workdir / "settings",
+                                               max_logrows=max_logrows, deadline=deadline)
             compiled = _compile(graph, settings, workdir)
             output_scale = int((settings.get("model_output_scales") or [scale])[0])
             _maxdiff(compiled, extreme, workdir)
@@ -277,6 +281,7 @@ def calibrate_segment_bounded(
     safety: float,
     max_logrows: int | None,
     timeout_s: float,
+    settings: dict[str, Any] | None = None,
 ) -> SegmentCalibration:
     """:func:`calibrate_segment` in a child process killed after ``timeout_s`` seconds; a
     segment that runs out of time (or whose child dies) gets ``settings=None`` and the reason.
@@ -289,7 +294,7 @@ def calibrate_segment_bounded(
         "samples": [([np.asarray(t) for t in x], [np.asarray(t) for t in y]) for x, y in samples],
         "scale": scale, "bound": bound, "safety": safety, "max_logrows": max_logrows,
         # CLOCK_MONOTONIC is system-wide: the child reads the same clock.
-        "deadline": start + timeout_s / 2,
+        "deadline": start + timeout_s / 2, "settings": settings,
     }
     try:
         outcome: SegmentCalibration = _run_bounded("segment", kwargs, timeout_s)
@@ -319,8 +324,10 @@ def calibrate_tiled_segment(
     each distinct tile model (tiles whose weight slices differ have models of their own) is
     calibrated like a segment, on the honest slices of up to :data:`TILE_SAMPLES` of its tiles
     in every calibration run; τ is the largest of theirs, so that it holds for the tiles
-    sampled. A tile model that cannot be proven makes the segment unprovable, with its
-    reason."""
+    sampled. EZKL's settings search runs on the first model only: the others (same shapes,
+    other weights) are compiled with its settings, and searched again only when those do not
+    run their samples. A tile model that cannot be proven makes the segment unprovable, with
+    its reason."""
     start = time.monotonic()
     index = segment.index
     tiling = make_tiling(segment, blocks)
@@ -330,6 +337,7 @@ def calibrate_tiled_segment(
         by_model.setdefault(hashlib.sha256(graph).hexdigest(), (graph, []))[1].append(t.index)
     models: list[dict[str, Any]] = []
     worst: SegmentCalibration | None = None
+    shared: dict[str, Any] | None = None  # the first model's settings, tried on the others
     for digest, (graph, members) in by_model.items():
         picked = sorted({members[round(j * (len(members) - 1) / max(TILE_SAMPLES - 1, 1))]
                          for j in range(min(TILE_SAMPLES, len(members)))})
@@ -338,12 +346,17 @@ def calibrate_tiled_segment(
                    for run in runs for t in picked]
         found = calibrate_segment_bounded(graph, index, samples, scale=scale, bound=bound,
                                           safety=safety, max_logrows=max_logrows,
-                                          timeout_s=timeout_s)
+                                          timeout_s=timeout_s, settings=shared)
+        if shared is not None and found.settings is None:  # its values need settings of its own
+            found = calibrate_segment_bounded(graph, index, samples, scale=scale, bound=bound,
+                                              safety=safety, max_logrows=max_logrows,
+                                              timeout_s=timeout_s)
         if found.settings is None or found.tolerance is None:
             return replace(found, reason=f"tile model of tiles {members[:3]}…: {found.reason}",
                            seconds=time.monotonic() - start)
         models.append({"sha256": digest, "settings": found.settings,
                        "tolerance": found.tolerance, "tiles": len(members)})
+        shared = shared or found.settings
         if worst is None or (found.tolerance, found.logrows or 0) > (
                 worst.tolerance or 0, worst.logrows or 0):
             worst = found
