@@ -82,6 +82,7 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
     )
     from refute.segmentation import check_reproduces, run_segments
     from refute.settings import get_settings
+    from refute.tiling import worst_tile
     from refute.trace import Trace
     from refute.verdict import Verdict
 
@@ -125,18 +126,28 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
     prover = make_prover(get_settings())
     chain = (RpcChain(rpc_url, get_settings().home / "corpus-chain") if rpc_url is not None
              else None)
+    def tile_of(i: int, claimed: list[np.ndarray]) -> int | None:
+        """For a tiled step, the tile an honest challenger names (where ``claimed`` differs
+        most from the honest state)."""
+        tiling = prover.tiling(prepared, manifest, i)
+        return None if tiling is None else worst_tile(tiling, states[i], claimed).index
+
     with stages.stage("honest"):
-        gas = []
+        gas, tiles = [], []
         for i in range(1, manifest.num_segments + 1):
-            proof = prover.prove_step(prepared, manifest, i, states[i - 1], states[i])
+            tile = tile_of(i, states[i])
+            proof = prover.prove_step(prepared, manifest, i, states[i - 1], states[i],
+                                      tile=tile)
             outcome = prover.verify_step(prepared, manifest, proof, trace.commitment,
                                          states=states[i - 1 : i + 1])
             if outcome.verdict is not Verdict.CHALLENGER_FAULT:
                 raise RuntimeError(f"honest step {i} decided {outcome.verdict.name}")
-            gas.append(_verify_on_chain(chain, prover.step_circuit(prepared, manifest, i),
-                                        proof.proof))
+            gas.append(_verify_on_chain(
+                chain, prover.step_circuit(prepared, manifest, i, tile=tile), proof.proof))
+            tiles.append(tile)
         row["honest_steps"] = manifest.num_segments
         row["gas"] = gas
+        row["tiles_proven"] = tiles
     if manifest.num_segments < 2:
         return
     with stages.stage("cheat"):
@@ -147,12 +158,14 @@ def run_model(name: str, rpc_url: str | None, row: dict[str, Any],
         flat[0] = np.float32(-manifest.range / 2 if flat[0] >= 0 else manifest.range / 2)
         cheated = [*states[:m], lie, *states[m + 1:]]
         commitment = Trace.from_states(manifest, cheated).commitment
-        proof = prover.prove_step(prepared, manifest, m, states[m - 1], lie)
+        tile = tile_of(m, lie)
+        proof = prover.prove_step(prepared, manifest, m, states[m - 1], lie, tile=tile)
         outcome = prover.verify_step(prepared, manifest, proof, commitment,
                                          states=[states[m - 1], lie])
         if outcome.verdict is not Verdict.PROVIDER_FAULT:
             raise RuntimeError(f"cheat at step {m} decided {outcome.verdict.name}")
-        _verify_on_chain(chain, prover.step_circuit(prepared, manifest, m), proof.proof)
+        _verify_on_chain(chain, prover.step_circuit(prepared, manifest, m, tile=tile),
+                         proof.proof)
         row["cheat_step"] = m
 
 

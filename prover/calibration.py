@@ -507,6 +507,10 @@ def calibrate_model(
     ranges: list[dict[str, Any] | None] = []
     for k, state in enumerate(prepared.segmentation.states):
         progress("range", k, len(prepared.segmentation.states))
+        if max_logrows is not None and sum(t.size for t in state) * ROWS_PER_ELEMENT > \
+                2**max_logrows:
+            ranges.append(None)  # too large to prove whole; a tile of it is not built yet
+            continue
         graph = range_bytes(state, opset=prepared.loaded.opset, index=k)
         at_bound = [np.full(t.shape, bound, dtype=np.float32) for t in state]
         try:
