@@ -44,6 +44,7 @@ from rich.table import Table
 from bench.bench_commitment import prepare
 from bench.bench_corpus import _verify_on_chain
 from bench.bench_models import bench_model
+from prover.calibration import calibrate_model
 from prover.chain import RpcChain
 from prover.config import make_prover
 from prover.evm import Anvil
@@ -61,10 +62,13 @@ from refute.verdict import Verdict
 LIE = 0.5
 
 
-def register(prepared: PreparedModel, cached: Path, console: Console) -> tuple[Manifest, float]:
+def register(prepared: PreparedModel, cached: Path, console: Console, *,
+             only: list[int] | None = None) -> tuple[Manifest, float]:
     """The calibrated manifest (from ``cached`` when it is this model's) and the seconds the
-    registration took (0 when reused)."""
-    if cached.is_file():
+    registration took (0 when reused). With ``only``, just those segments are calibrated (as
+    registration would: tiled when over the budget), no range circuit, nothing cached: a
+    quicker run of the disputes, not a registration."""
+    if only is None and cached.is_file():
         manifest = Manifest.from_json(json.loads(cached.read_text()))
         if manifest.model_sha256 == prepared.manifest.model_sha256 and \
                 manifest.cuts == prepared.manifest.cuts:
@@ -75,9 +79,17 @@ def register(prepared: PreparedModel, cached: Path, console: Console) -> tuple[M
     def progress(stage: str, done: int, total: int) -> None:
         console.print(f"[dim]{time.perf_counter() - start:7.1f} s {stage} {done}/{total}[/dim]")
 
+    inputs = [random_inputs(prepared.loaded, seed=s) for s in range(2)]
+    if only is not None:
+        manifest, calibration = calibrate_model(
+            prepared, inputs, progress=progress, only=only,
+            budget_bytes=get_settings().proving_budget_bytes)
+        failed = [s.reason for s in calibration.segments if s.index in only and s.reason]
+        if failed:
+            raise SystemExit(f"calibration failed: {failed[0]}")
+        return manifest, time.perf_counter() - start
     manifest, _calibration, report = calibrate_for_registration(
-        prepared, [random_inputs(prepared.loaded, seed=s) for s in range(2)],
-        progress=progress)
+        prepared, inputs, progress=progress)
     if report.refusals:
         raise SystemExit(f"registration refused: {report.refusals[0]}")
     seconds = time.perf_counter() - start
@@ -140,6 +152,8 @@ def main() -> None:
                         "first, middle, last)")
     parser.add_argument("--manifest", type=Path, default=None)
     parser.add_argument("--no-chain", action="store_true")
+    parser.add_argument("--only-steps", action="store_true",
+                        help="calibrate only the disputed steps (quicker; not a registration)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     console = Console()
@@ -149,7 +163,8 @@ def main() -> None:
     steps = ([int(x) for x in args.steps.split(",")] if args.steps
              else sorted({1, (n + 1) // 2, n}))
     manifest, registration_s = register(
-        prepared, args.manifest or Path("out") / f"{args.model}.manifest.json", console)
+        prepared, args.manifest or Path("out") / f"{args.model}.manifest.json", console,
+        only=steps if args.only_steps else None)
     prepared = dataclasses.replace(prepared, manifest=manifest)
     states = run_segments(DeterministicExecutor(), prepared.segmentation,
                           random_inputs(prepared.loaded, seed=7))
@@ -162,7 +177,8 @@ def main() -> None:
         console.print(f"[dim]step {middle}: the honest state, proven on a tile…[/dim]")
         rows.append(dispute(prepared, states, middle, lie=False, chain=chain))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    table = Table(title=f"{args.model}: {n} segments, registration "
+    what = "calibration of the disputed steps" if args.only_steps else "registration"
+    table = Table(title=f"{args.model}: {n} segments, {what} "
                         f"{registration_s:.0f} s{' (reused)' if not registration_s else ''}, "
                         f"process peak {peak_gb:.1f} GB")
     for column in ("step", "claim", "ops", "tiles", "tile in → out", "logrows", "setup s",

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -452,6 +452,7 @@ def calibrate_model(
     max_logrows: int | None = None,
     tilings: Mapping[int, Sequence[int]] | None = None,
     budget_bytes: int | None = None,
+    only: Collection[int] | None = None,
 ) -> tuple[Manifest, CalibrationReport]:
     """Calibrate every segment; return the completed manifest and the report.
 
@@ -460,7 +461,9 @@ def calibrate_model(
     (``calibration_segment_timeout_s``, ``proving_max_logrows``). ``tilings`` maps a segment
     index to the block sizes it is proven on (:func:`calibrate_tiled_segment`); the others are
     proven whole, unless ``budget_bytes`` is given and the whole circuit would need more to
-    prove (or is too large to build): such a segment is tiled (:func:`tile_to_budget`)."""
+    prove (or is too large to build): such a segment is tiled (:func:`tile_to_budget`).
+    ``only`` (for benchmarks) calibrates just those segments and no range circuit: the others
+    are left unprovable (τ 0), so such a manifest never registers."""
     if not inputs:
         raise CircuitUnsupported("calibration needs at least one input")
     if segment_timeout_s is None or max_logrows is None:
@@ -482,6 +485,10 @@ def calibrate_model(
         raise CircuitUnsupported(f"tilings name segments {unknown}, outside 1..{total}")
     for i, segment in enumerate(prepared.segmentation.segments, start=1):
         progress("calibrate", i - 1, total)
+        if only is not None and i not in only:
+            segments.append(SegmentCalibration(i, None, None, None, "not calibrated (only "
+                                               f"segments {sorted(only)} were asked for)"))
+            continue
         if i in tiled:
             segments.append(calibrate_tiled_segment(
                 segment, tiled[i], runs, scale=scale, bound=bound, safety=safety,
@@ -507,9 +514,10 @@ def calibrate_model(
     ranges: list[dict[str, Any] | None] = []
     for k, state in enumerate(prepared.segmentation.states):
         progress("range", k, len(prepared.segmentation.states))
-        if max_logrows is not None and sum(t.size for t in state) * ROWS_PER_ELEMENT > \
-                2**max_logrows:
-            ranges.append(None)  # too large to prove whole; a tile of it is not built yet
+        too_big = max_logrows is not None and \
+            sum(t.size for t in state) * ROWS_PER_ELEMENT > 2**max_logrows
+        if only is not None or too_big:
+            ranges.append(None)  # not asked for, or too large to prove whole (no range tiles)
             continue
         graph = range_bytes(state, opset=prepared.loaded.opset, index=k)
         at_bound = [np.full(t.shape, bound, dtype=np.float32) for t in state]
