@@ -871,9 +871,11 @@ def print_report(console: Console, doc: dict[str, Any]) -> None:
     args = doc["args"]
     for model, survey in doc["surveys"].items():
         console.print(survey_table(model, survey, args["tile_elements"]))
-    console.print(tile_table(doc["cases"], args["mem_gb"]))
-    console.print(proof_table(doc["cases"]))
-    console.print(whole_table(doc["cases"], doc["whole_model"], args["mem_gb"]))
+    if any("tile" in r for r in doc["cases"].values()):
+        console.print(tile_table(doc["cases"], args["mem_gb"]))
+        console.print(proof_table(doc["cases"]))
+    if doc["whole_model"] or any("segment_whole" in r for r in doc["cases"].values()):
+        console.print(whole_table(doc["cases"], doc["whole_model"], args["mem_gb"]))
     console.print(f"total {doc['total_s'] / 60:.1f} min")
 
 
