@@ -1159,18 +1159,21 @@ def matmul_chain(length: int = 4096, width: int = 2) -> bytes:
                              [_vi(OUTPUT_NAME, [1, width])], [weight]))
 
 
-def padded_state_hog(side: int = 4096) -> bytes:
-    """Input [1, 1] padded to [side, side] (2**24 elements, within the tensor limit), then a
-    Mul and a Relu: it loads, but executing and calibrating it needs gigabytes."""
+def padded_state_hog(side: int = 4096, copies: int = 24) -> bytes:
+    """Input [1, 1] padded to [side, side] (2**24 elements, within the tensor limit), then
+    ``copies`` scaled copies of it, every one a model output: it loads, but one execution holds
+    ``copies`` × 64 MiB of states (1.5 GiB), and calibration keeps every run's states. (With
+    one output it used to need gigabytes only to calibrate whole; registration now tiles it.)"""
     pads = numpy_helper.from_array(np.array([0, 0, side - 1, side - 1], np.int64), "pads")
-    scale = numpy_helper.from_array(np.ones((1,), np.float32), "k")
-    nodes = [
-        helper.make_node("Pad", [INPUT_NAME, "pads"], ["p"], name="pad"),
-        helper.make_node("Mul", ["p", "k"], ["q"], name="mul"),
-        helper.make_node("Relu", ["q"], [OUTPUT_NAME], name="relu"),
-    ]
-    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1])], [_vi(OUTPUT_NAME, [side, side])],
-                             [pads, scale]))
+    nodes = [helper.make_node("Pad", [INPUT_NAME, "pads"], ["p"], name="pad")]
+    weights = [pads]
+    outputs = []
+    for i in range(copies):
+        weights.append(numpy_helper.from_array(np.full((1,), 1.0 + i, np.float32), f"k{i}"))
+        name = OUTPUT_NAME if i == 0 else f"{OUTPUT_NAME}{i}"
+        nodes.append(helper.make_node("Mul", ["p", f"k{i}"], [name], name=f"mul{i}"))
+        outputs.append(_vi(name, [side, side]))
+    return _serialize(_model(nodes, [_vi(INPUT_NAME, [1, 1])], outputs, weights))
 
 
 def shared_weight_chain(length: int = 128, width: int = 2048) -> bytes:
