@@ -509,6 +509,7 @@ def calibrate_model(
             whole = tile_to_budget(segment, whole, runs, budget_bytes=budget_bytes, scale=scale,
                                    bound=bound, safety=safety, max_logrows=max_logrows,
                                    timeout_s=segment_timeout_s)
+            progress("tile", i, total)
         segments.append(whole)
     progress("calibrate", total, total)
     ranges: list[dict[str, Any] | None] = []

@@ -35,6 +35,7 @@ _STAGES = {
     "execute": "Executing the model",
     "commit": "Hashing states (SHA-256 leaves) and committing",
     "calibrate": "Calibrating each segment's circuit (EZKL)",
+    "tile": "Tiling segments over the proving budget (EZKL, per tile model)",
     "range": "Calibrating each state's range circuit (EZKL)",
     "rescale": "Recalibrating at a finer scale (τ over its share of the range)",
 }
