@@ -304,6 +304,33 @@ def calibrate_segment_bounded(
     return replace(outcome, seconds=time.monotonic() - start)
 
 
+@dataclass(frozen=True)
+class CalibrationRules:
+    """What every circuit of one model is calibrated under: the scale, the range bound R, the
+    τ safety factor, EZKL's logrows cap and the time limit of each calibration child."""
+
+    scale: int
+    bound: float
+    safety: float
+    max_logrows: int | None
+    timeout_s: float
+
+    def segment(self, graph: bytes, index: int,
+                samples: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]], *,
+                settings: dict[str, Any] | None = None) -> SegmentCalibration:
+        """:func:`calibrate_segment_bounded` of ``graph`` under these rules."""
+        return calibrate_segment_bounded(graph, index, samples, scale=self.scale,
+                                         bound=self.bound, safety=self.safety,
+                                         max_logrows=self.max_logrows,
+                                         timeout_s=self.timeout_s, settings=settings)
+
+    def too_many_rows(self, elements: int) -> bool:
+        """Whether a circuit hashing ``elements`` certainly exceeds ``2^max_logrows`` rows,
+        so that calibrating it (minutes of EZKL, up to the time limit) would be wasted."""
+        return self.max_logrows is not None and \
+            elements * ROWS_PER_ELEMENT > 2**self.max_logrows
+
+
 #: Most tiles of one tile model whose honest slices calibrate τ (spread over the tiling, the
 #: first and last included): every tile's witness costs an EZKL run per calibration input.
 TILE_SAMPLES = 8
@@ -313,12 +340,7 @@ def calibrate_tiled_segment(
     segment: Segment,
     blocks: Sequence[int],
     runs: Sequence[Sequence[Sequence[np.ndarray]]],
-    *,
-    scale: int,
-    bound: float,
-    safety: float,
-    max_logrows: int | None,
-    timeout_s: float,
+    rules: CalibrationRules,
 ) -> SegmentCalibration:
     """Calibrate a segment proven on tiles of ``blocks`` (:func:`refute.tiling.make_tiling`):
     each distinct tile model (tiles whose weight slices differ have models of their own) is
@@ -344,13 +366,9 @@ def calibrate_tiled_segment(
         samples = [(cut_input(tiling, tiling.tiles[t], run[index - 1]),
                     cut_output(tiling, tiling.tiles[t], run[index]))
                    for run in runs for t in picked]
-        found = calibrate_segment_bounded(graph, index, samples, scale=scale, bound=bound,
-                                          safety=safety, max_logrows=max_logrows,
-                                          timeout_s=timeout_s, settings=shared)
+        found = rules.segment(graph, index, samples, settings=shared)
         if shared is not None and found.settings is None:  # its values need settings of its own
-            found = calibrate_segment_bounded(graph, index, samples, scale=scale, bound=bound,
-                                              safety=safety, max_logrows=max_logrows,
-                                              timeout_s=timeout_s)
+            found = rules.segment(graph, index, samples)
         if found.settings is None or found.tolerance is None:
             return replace(found, reason=f"tile model of tiles {members[:3]}…: {found.reason}",
                            seconds=time.monotonic() - start)
@@ -361,7 +379,7 @@ def calibrate_tiled_segment(
                 worst.tolerance or 0, worst.logrows or 0):
             worst = found
     assert worst is not None  # a tiling has at least one tile
-    record = {"blocks": list(tiling.blocks), "tiles": len(tiling.tiles), "models": models}
+    record = {**tiling.to_json(), "models": models}
     return replace(worst, tiling=record, seconds=time.monotonic() - start)
 
 
@@ -379,32 +397,22 @@ def _elements(segment: Segment) -> int:
     return sum(t.size for t in (*segment.inputs, *segment.outputs))
 
 
-def _surely_too_big(segment: Segment, max_logrows: int | None) -> bool:
-    """Whether a segment's whole circuit certainly exceeds ``2^max_logrows`` rows, so that
-    calibrating it whole (minutes of EZKL, up to the time limit) would be wasted."""
-    return max_logrows is not None and _elements(segment) * ROWS_PER_ELEMENT > 2**max_logrows
-
-
 def _over_budget(found: SegmentCalibration, budget_bytes: int) -> bool:
     """Whether a segment's whole circuit is over the budget, or too large for EZKL to build
     within the logrows cap or the time limit."""
     if found.estimate is not None:
         return not found.estimate.fits(budget_bytes)
     reason = found.reason or ""
-    return _about_size(reason) or "gave up after" in reason or "not calibrated whole" in reason
+    return _about_size(reason) or "gave up after" in reason
 
 
 def tile_to_budget(
     segment: Segment,
     whole: SegmentCalibration,
     runs: Sequence[Sequence[Sequence[np.ndarray]]],
+    rules: CalibrationRules,
     *,
     budget_bytes: int,
-    scale: int,
-    bound: float,
-    safety: float,
-    max_logrows: int | None,
-    timeout_s: float,
 ) -> SegmentCalibration:
     """Tile a segment whose whole circuit is over ``budget_bytes`` (DESIGN.md "Registration"
     step 4): tiles of at most B elements (:func:`refute.tiling.plan_tiling`), B first sized as
@@ -419,9 +427,7 @@ def tile_to_budget(
             tiling = plan_tiling(segment, size)
         except RefuteError:
             return whole
-        found = calibrate_tiled_segment(segment, tiling.blocks, runs, scale=scale, bound=bound,
-                                        safety=safety, max_logrows=max_logrows,
-                                        timeout_s=timeout_s)
+        found = calibrate_tiled_segment(segment, tiling.blocks, runs, rules)
         if found.estimate is not None and found.estimate.fits(budget_bytes):
             return replace(found, seconds=found.seconds + whole.seconds)
         size = max(1, size // 4)
@@ -477,6 +483,7 @@ def calibrate_model(
     runs = [run_segments(executor, prepared.segmentation, validate_inputs(prepared.loaded, x))
             for x in inputs]
     bound = _range_of(runs, range_margin)
+    rules = CalibrationRules(scale, bound, safety, max_logrows, segment_timeout_s)
     segments = []
     total = prepared.segmentation.num_segments
     tiled = dict(tilings or {})
@@ -490,34 +497,28 @@ def calibrate_model(
                                                f"segments {sorted(only)} were asked for)"))
             continue
         if i in tiled:
-            segments.append(calibrate_tiled_segment(
-                segment, tiled[i], runs, scale=scale, bound=bound, safety=safety,
-                max_logrows=max_logrows, timeout_s=segment_timeout_s))
+            segments.append(calibrate_tiled_segment(segment, tiled[i], runs, rules))
             continue
-        samples = [(run[i - 1], run[i]) for run in runs]
-        if budget_bytes is not None and _surely_too_big(segment, max_logrows):
+        if budget_bytes is not None and rules.too_many_rows(_elements(segment)):
             whole = SegmentCalibration(i, None, None, None, (
                 f"its {_elements(segment):,} input and output elements alone need more than "
                 f"2^{max_logrows} rows (hashing costs at least {ROWS_PER_ELEMENT} rows an "
                 "element): not calibrated whole"))
+            needs_tiles = True
         else:
-            whole = calibrate_segment_bounded(
-                adjudication_bytes(segment), i, samples, scale=scale, bound=bound,
-                safety=safety, max_logrows=max_logrows, timeout_s=segment_timeout_s)
-        if budget_bytes is not None and _over_budget(whole, budget_bytes):
+            whole = rules.segment(adjudication_bytes(segment), i,
+                                  [(run[i - 1], run[i]) for run in runs])
+            needs_tiles = budget_bytes is not None and _over_budget(whole, budget_bytes)
+        if budget_bytes is not None and needs_tiles:
             progress("tile", i - 1, total)
-            whole = tile_to_budget(segment, whole, runs, budget_bytes=budget_bytes, scale=scale,
-                                   bound=bound, safety=safety, max_logrows=max_logrows,
-                                   timeout_s=segment_timeout_s)
+            whole = tile_to_budget(segment, whole, runs, rules, budget_bytes=budget_bytes)
             progress("tile", i, total)
         segments.append(whole)
     progress("calibrate", total, total)
     ranges: list[dict[str, Any] | None] = []
     for k, state in enumerate(prepared.segmentation.states):
         progress("range", k, len(prepared.segmentation.states))
-        too_big = max_logrows is not None and \
-            sum(t.size for t in state) * ROWS_PER_ELEMENT > 2**max_logrows
-        if only is not None or too_big:
+        if only is not None or rules.too_many_rows(sum(t.size for t in state)):
             ranges.append(None)  # not asked for, or too large to prove whole (no range tiles)
             continue
         graph = range_bytes(state, opset=prepared.loaded.opset, index=k)

@@ -917,6 +917,8 @@ def recorded_tiling(entry: Mapping[str, Any], segment: Segment) -> Tiling | None
     except (KeyError, TypeError, ValueError, RefuteError) as exc:
         raise BundleError(f"segment {segment.index}: the manifest's tiling does not rebuild: "
                           f"{exc}"[:300]) from exc
+    if recorded.get("segment_sha256", segment.sha256) != segment.sha256:
+        raise BundleError(f"segment {segment.index}: the manifest's tiling is of another segment")
     if len(tiling.tiles) != recorded.get("tiles"):
         raise BundleError(f"segment {segment.index}: the manifest's tiling has "
                           f"{recorded.get('tiles')} tiles, its blocks make {len(tiling.tiles)}")

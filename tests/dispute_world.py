@@ -103,7 +103,7 @@ def _fake_circuits(prepared: PreparedModel,
                                  "settings": {"fake": True}}
         if segment.index in tilings:
             tiling = make_tiling(segment, tilings[segment.index])
-            entry["tiling"] = {"blocks": list(tiling.blocks), "tiles": len(tiling.tiles)}
+            entry["tiling"] = tiling.to_json()
         entries.append(entry)
     return tuple(entries)
 
