@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from refute.errors import BundleError, CommitmentError, RefuteError
-from refute.leaves import leaf_of_bytes, tensor_header
+from refute.leaves import canonical_pieces, leaf_of_bytes, tensor_header
 from refute.manifest import Manifest, canonical_json
 from refute.safejson import loads
 from refute.trace import check_state, leaf_of_state
@@ -121,11 +121,9 @@ PIECE_BYTES = 2**20
 def state_pieces(state: Sequence[np.ndarray]) -> Iterator[memoryview | bytes]:
     """The canonical bytes of ``state`` as pieces of at most :data:`PIECE_BYTES` (tensor
     headers, then views of the values: nothing is copied), for streaming one state."""
-    for tensor in state:
-        yield tensor_header(np.shape(tensor))
-        values = np.ascontiguousarray(tensor, dtype="<f4").reshape(-1).view(np.uint8).data
-        for start in range(0, len(values), PIECE_BYTES):
-            yield values[start : start + PIECE_BYTES]
+    for piece in canonical_pieces(state):
+        for start in range(0, len(piece), PIECE_BYTES):
+            yield piece[start : start + PIECE_BYTES]
 
 
 def state_record_length(manifest: Manifest, k: int) -> int:

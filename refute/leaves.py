@@ -33,8 +33,8 @@ import numpy as np
 
 from refute.errors import CommitmentError
 
-__all__ = ["CHUNK", "DTYPE_TAG", "LEAF_FORMAT", "leaf_of_bytes", "state_bytes",
-           "state_leaf", "state_leaves", "tensor_header"]
+__all__ = ["CHUNK", "DTYPE_TAG", "LEAF_FORMAT", "canonical_pieces", "leaf_of_bytes", "state_bytes",
+           "state_leaf", "state_leaves", "tensor_bytes", "tensor_header"]
 
 #: The name of this leaf definition, recorded in manifests and commitments.
 LEAF_FORMAT: Final[str] = "sha256-chunk4k/1"
@@ -56,7 +56,9 @@ def tensor_header(shape: Sequence[int]) -> bytes:
     return DTYPE_TAG + struct.pack(f"<I{len(shape)}Q", len(shape), *shape)
 
 
-def _values(tensor: np.ndarray) -> memoryview:
+def tensor_bytes(tensor: np.ndarray) -> memoryview:
+    """A float32 tensor's values as little-endian bytes in C order (a view when it already is
+    one; copied otherwise)."""
     array = np.asarray(tensor)
     if array.dtype != np.float32:
         raise CommitmentError(f"a state tensor must be float32, got {array.dtype}")
@@ -66,16 +68,18 @@ def _values(tensor: np.ndarray) -> memoryview:
 def state_bytes(state: Sequence[np.ndarray]) -> bytes:
     """The canonical bytes of a state (for reference and tests; :func:`state_leaf` hashes the
     same bytes without building them in one piece)."""
-    return b"".join(tensor_header(t.shape) + bytes(_values(t)) for t in state)
+    return b"".join(tensor_header(t.shape) + bytes(tensor_bytes(t)) for t in state)
 
 
-def _pieces(state: Sequence[np.ndarray]) -> list[memoryview]:
+def canonical_pieces(state: Sequence[np.ndarray]) -> list[memoryview]:
+    """The canonical bytes of a state as pieces (each tensor's header, then its values):
+    concatenated they are :func:`state_bytes`, without building them in one piece."""
     if not state:
         raise CommitmentError("a state must hold at least one tensor")
     pieces: list[memoryview] = []
     for tensor in state:
         pieces.append(memoryview(tensor_header(np.shape(tensor))))
-        pieces.append(_values(tensor))
+        pieces.append(tensor_bytes(tensor))
     return pieces
 
 
@@ -101,7 +105,7 @@ def state_leaves(states: Sequence[Sequence[np.ndarray]], *,
     """The leaves of many states at once: every chunk of every state is hashed in one native
     call spread over ``threads`` (default: every core; fewer when there is too little work to
     share), so that a trace of many small states keeps every core busy too."""
-    return _leaves([_pieces(state) for state in states], threads)
+    return _leaves([canonical_pieces(state) for state in states], threads)
 
 
 def _leaves(pieces: Sequence[Sequence[memoryview]], threads: int | None) -> list[bytes]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from refute.commitment import TraceCommitment
 from refute.errors import BundleError, CommitmentError, RefuteError
-from refute.leaves import state_leaf
+from refute.leaves import state_leaf, tensor_bytes
 from refute.manifest import Manifest, canonical_json
 from refute.safejson import MAX_DEPTH, json_depth
 
@@ -215,7 +215,7 @@ _PIECE = 2**20
 
 
 def _write_values(archive: zipfile.ZipFile, name: str, tensor: np.ndarray) -> None:
-    values = np.ascontiguousarray(tensor, dtype="<f4").reshape(-1).view(np.uint8).data
+    values = tensor_bytes(tensor)
     with archive.open(name, "w", force_zip64=len(values) >= 2**31) as member:
         for start in range(0, len(values), _PIECE):
             member.write(values[start : start + _PIECE])
