@@ -41,6 +41,17 @@ from refute.quantize import quantize
 #: Operators that make a segment of their own under the default policy.
 HEAVY_OPS: frozenset[str] = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"})
 
+#: Operators that read a whole axis to produce each output element, and start a segment of
+#: their own when they follow a heavy node: kept with it, they would make every tile of the
+#: segment (DESIGN.md, "Registration" step 4) compute whole rows of the heavy node (a
+#: LayerNormalization after a 3072→768 MatMul: 2.4M multiply-accumulates per row) or read the
+#: whole input (a global pool after a 1×1 Conv reads every channel at every position).
+#: A normalization keeps the heavy node after it (its segment starts there and the MatMul that
+#: follows needs whole rows of it anyway); a global pool stays alone, since whatever mixes
+#: channels after it needs the whole pooled vector, that is, the whole feature map.
+NORMALIZING_OPS: frozenset[str] = frozenset({"LayerNormalization"})
+POOLING_OPS: frozenset[str] = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+
 PASS_SUFFIX = "::pass"
 
 #: Bound on the weights all segments hold together. Each segment is a standalone model with a
@@ -144,18 +155,25 @@ def state_names(loaded: LoadedModel, cuts: Sequence[int]) -> list[tuple[str, ...
 def default_cuts(loaded: LoadedModel) -> tuple[int, ...]:
     """One segment per compute-heavy node; light nodes merge into the segment before them.
 
-    Light nodes before the first heavy node join the first segment. A candidate cut whose state
-    would hold a non-float32 tensor is skipped (the two segments merge).
+    Light nodes before the first heavy node join the first segment. A normalization or global
+    pool after a heavy node starts a segment (:data:`NORMALIZING_OPS`, :data:`POOLING_OPS`): a
+    normalization's segment goes on through the next heavy node, a pool's ends before it. A
+    candidate cut whose state would hold a non-float32 tensor is skipped (the two segments
+    merge).
     """
     nodes = loaded.nodes
     liveness = _Liveness.of(loaded)
     cuts = [0]
-    seen_heavy = False
+    heavy = False  # the current segment holds a heavy node
+    pooled = False  # the current segment starts with a global pool
     for i, node in enumerate(nodes):
-        if node.op_type in HEAVY_OPS:
-            if seen_heavy and _float_state(loaded, liveness, i):
-                cuts.append(i)
-            seen_heavy = True
+        op = node.op_type
+        starts = (op in HEAVY_OPS and (heavy or pooled)) or \
+            (op in NORMALIZING_OPS | POOLING_OPS and heavy)
+        if starts and i > 0 and _float_state(loaded, liveness, i):
+            cuts.append(i)
+            heavy, pooled = False, op in POOLING_OPS
+        heavy = heavy or op in HEAVY_OPS
     cuts.append(len(nodes))
     return tuple(cuts)
 

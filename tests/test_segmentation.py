@@ -191,3 +191,46 @@ def test_max_segments_cuts_where_the_state_is_narrowest(
     assert [len(s) for s in narrow.states] == [1, 1, 1, 1]  # moved back to just after the Add
     assert all(loaded.nodes[c - 1].op_type == "Add" for c in narrow.cuts[1:-1])
     _assert_bit_exact(executor, loaded, None, random_inputs(loaded), max_segments=3)
+
+
+def _whole_axis_model() -> onnx.ModelProto:
+    """Conv → Relu → GlobalAveragePool → Flatten → Gemm → LayerNorm → MatMul → Relu → MatMul
+    → LayerNorm: the two kinds of node that need a whole axis, each after a heavy node."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "wg"], ["g"]),
+        helper.make_node("LayerNormalization", ["g", "gamma", "beta"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "w1"], ["m1"]),
+        helper.make_node("Relu", ["m1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["m2"]),
+        helper.make_node("LayerNormalization", ["m2", "gamma", "beta"], ["y"], axis=-1),
+    ]
+    weights = [weight("wc", 8, 3, 3, 3), weight("wg", 8, 16), weight("gamma", 16),
+               weight("beta", 16), weight("w1", 16, 16), weight("w2", 16, 16)]
+    graph = helper.make_graph(
+        nodes, "whole_axis", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_normalizations_and_global_pools_after_a_heavy_node_start_a_segment(
+        executor: DeterministicExecutor) -> None:
+    """Kept with the heavy node before them, they would make every tile of that segment
+    compute whole rows of it (or read its whole input); a pool stays alone, a normalization
+    goes on through the next heavy node."""
+    loaded = load_model(_whole_axis_model().SerializeToString())
+    seg = segment_model(loaded)
+    assert [s.op_types for s in seg.segments] == [
+        ("Conv", "Relu"), ("GlobalAveragePool", "Flatten"), ("Gemm",),
+        ("LayerNormalization", "MatMul", "Relu"), ("MatMul",), ("LayerNormalization",)]
+    _assert_bit_exact(executor, loaded, None, random_inputs(loaded))
