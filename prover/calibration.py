@@ -28,15 +28,8 @@ exactly these circuits from the recorded settings (:mod:`prover.circuit`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import os
-import pickle
-import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -53,6 +46,7 @@ from circuits.range_graph import range_bytes
 from prover.budget import ProvingEstimate, estimate
 from prover.circuit import _ezkl, calibrated_settings, felt_to_int, write_input_json
 from prover.errors import CircuitUnsupported
+from prover.isolated import ChildFailed, run_child
 from prover.step import maxdiff_units
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
@@ -186,89 +180,25 @@ def calibrate_segment(
 
 _TIMEOUT_VAR = "REFUTE_CALIBRATION_SEGMENT_TIMEOUT_S"
 _MAX_LOGROWS_VAR = "REFUTE_PROVING_MAX_LOGROWS"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def _about_size(reason: str) -> bool:
     text = reason.lower()
     return any(k in text for k in ("logrows", "suitable parameters", "too many values",
                                    "column size", "synthesis"))
 
 
-def _last_message(log: Path) -> str:
-    """EZKL's last complaint in a child's output (else its last line), on one short line."""
-    try:
-        lines = [_ANSI.sub("", line).strip()
-                 for line in log.read_text(errors="replace").splitlines()]
-    except OSError:
-        return "no output"
-    lines = [line for line in lines if line and not set(line) <= set("+-|= ")]
-    complaints = [line for line in lines if re.search(r"error|fail|panic", line, re.IGNORECASE)]
-    last = (complaints or lines or ["no output"])[-1]
-    return last[:200]
-
-
-def _child() -> None:
-    """Entry point of a bounded calibration child: ``argv = [job, result]`` (pickles).
-
-    The child also ends itself (SIGALRM, whose default action needs no Python code to run
-    while EZKL holds the GIL) a little after its limit, should its parent die first."""
-    job, result = Path(sys.argv[1]), Path(sys.argv[2])
-    name, kwargs, limit_s = pickle.loads(job.read_bytes())  # written by our own parent
-    signal.alarm(math.ceil(limit_s) + 10)
+def calibration_job(job: tuple[str, dict[str, Any]]) -> Any:
+    """The work of a calibration child (:func:`prover.isolated.run_child`): a segment's
+    calibration or a range circuit's settings."""
+    name, kwargs = job
     work: Callable[..., Any] = calibrate_segment if name == "segment" else _range_settings
-    outcome = work(**kwargs)
-    tmp = result.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps(outcome))
-    tmp.replace(result)
-
-
-class _GaveUp(Exception):
-    """A bounded calibration child ran out of time or died; ``reason`` says which."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _kill(child: subprocess.Popen[bytes]) -> None:
-    """End ``child`` (and anything it started: it leads its own session) and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    return work(**kwargs)
 
 
 def _run_bounded(name: str, kwargs: dict[str, Any], timeout_s: float) -> Any:
-    """``name``'s calibration in a fresh Python process, killed after ``timeout_s``.
-
-    A fresh interpreter (not a fork): EZKL's thread pool does not survive a fork, and a
-    registration child is a daemon process that may not use multiprocessing children."""
-    with tempfile.TemporaryDirectory(prefix="refute-calchild-") as tmp:
-        job, result, log = Path(tmp) / "job.pickle", Path(tmp) / "result.pickle", Path(tmp) / "log"
-        job.write_bytes(pickle.dumps((name, kwargs, timeout_s)))
-        root = str(Path(__file__).absolute().parents[1])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        with log.open("wb") as output:
-            child = subprocess.Popen(
-                [sys.executable, "-c", "from prover.calibration import _child; _child()",
-                 str(job), str(result)],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
-            )
-            try:
-                child.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill(child)
-                raise _GaveUp(f"calibration gave up after {timeout_s:g} s ({_TIMEOUT_VAR}); "
-                              f"EZKL's last message: {_last_message(log)}") from None
-            except BaseException:  # interrupted: leave no calibration running
-                _kill(child)
-                raise
-        if child.returncode != 0 or not result.exists():
-            raise _GaveUp(f"calibration process died (exit {child.returncode}): "
-                          f"{_last_message(log)}")
-        return pickle.loads(result.read_bytes())  # written by our own child
+    """``name``'s calibration in a fresh Python process, killed after ``timeout_s``; raises
+    :class:`~prover.isolated.ChildFailed` saying why it gave up."""
+    return run_child("prover.calibration:calibration_job", (name, kwargs), timeout_s=timeout_s,
+                     what="calibration", hint=_TIMEOUT_VAR).value
 
 
 def calibrate_segment_bounded(
@@ -298,7 +228,7 @@ def calibrate_segment_bounded(
     }
     try:
         outcome: SegmentCalibration = _run_bounded("segment", kwargs, timeout_s)
-    except _GaveUp as exc:
+    except ChildFailed as exc:
         return SegmentCalibration(index, None, None, None, exc.reason,
                                   seconds=time.monotonic() - start)
     return replace(outcome, seconds=time.monotonic() - start)
@@ -527,7 +457,7 @@ def calibrate_model(
             ranges.append(_run_bounded("range", {"graph": graph, "sample": at_bound,
                                                  "scale": scale, "max_logrows": max_logrows},
                                        segment_timeout_s))
-        except _GaveUp:
+        except ChildFailed:
             ranges.append(None)
     progress("range", len(prepared.segmentation.states), len(prepared.segmentation.states))
     report = CalibrationReport(scale, bound, tuple(segments), tuple(ranges))

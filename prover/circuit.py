@@ -27,8 +27,10 @@ import ezkl
 import numpy as np
 
 from prover.errors import CircuitUnsupported, ProverError
+from prover.isolated import ChildFailed, run_child
 from prover.srs import SrsStore, file_lock
 from refute.manifest import EZKL_VERSION, canonical_json
+from refute.settings import get_settings
 
 #: ``progress(stage)``: called before each long EZKL step.
 StageFn = Callable[[str], None]
@@ -352,8 +354,13 @@ class CircuitCache:
         logrows = int(settings["run_args"]["logrows"])
         srs = self.srs.for_logrows(logrows)
         progress("setup")
-        _ezkl("setup", lambda: ezkl.setup(
-            str(tmp / COMPILED), str(tmp / VK), str(tmp / PK), srs_path=str(srs.path)))
+        try:
+            done = run_child("prover.circuit:setup_job",
+                             (str(tmp / COMPILED), str(tmp / VK), str(tmp / PK), str(srs.path)),
+                             timeout_s=get_settings().dispute_proof_timeout_s,
+                             what="EZKL setup", hint="REFUTE_DISPUTE_PROOF_TIMEOUT_S")
+        except ChildFailed as exc:
+            raise CircuitUnsupported(exc.reason) from exc
         scales = settings.get("model_output_scales") or [scale]
         meta = {
             "key": key,
@@ -365,8 +372,17 @@ class CircuitCache:
             "vk_sha256": _sha256_file(tmp / VK),
             "settings_sha256": hashlib.sha256(canonical_json(settings)).hexdigest(),
             "ezkl_version": EZKL_VERSION,
+            "setup_seconds": round(done.seconds, 1),
+            "setup_peak_bytes": done.peak_bytes,
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def setup_job(job: tuple[str, str, str, str]) -> None:
+    """EZKL's setup, in a child process of its own (:mod:`prover.isolated`): ``job`` is the
+    compiled circuit, verifying key, proving key and SRS paths."""
+    compiled, vk, pk, srs = job
+    _ezkl("setup", lambda: ezkl.setup(compiled, vk, pk, srs_path=srs))
 
 
 def witness(circuit: Circuit, tensors: Sequence[np.ndarray], workdir: Path) -> dict[str, Any]:

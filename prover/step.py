@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import numpy as np
 
 from prover.circuit import Circuit, felt_to_int, witness
 from prover.errors import ProofRejected, ProverError
+from prover.isolated import ChildFailed, run_child
 from refute.errors import BindingError
 from refute.instances import check_binding
 from refute.manifest import EZKL_VERSION, Manifest
@@ -70,6 +71,10 @@ class StepProof:
     maxdiff_raw: int
     tile: int | None = None
     """The tile of a tiled segment the proof is of (``None``: the whole segment)."""
+    prove_seconds: float | None = field(default=None, compare=False)
+    """How long proving took, when this process proved it (not part of the bundle)."""
+    prove_peak_bytes: int | None = field(default=None, compare=False)
+    """The proving process's peak resident memory, when this process proved it."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (the proof bundle written by ``refute prove``)."""
@@ -131,16 +136,31 @@ def prove_step(
         folder = Path(tmp)
         witness(circuit, [*state_prev, *state_claimed], folder)
         proof_path = folder / "proof.json"
+        job = (str(folder / "witness.json"), str(circuit.compiled_path), str(circuit.pk_path),
+               str(proof_path), str(circuit.srs_path))
         try:
-            proof = ezkl.prove(str(folder / "witness.json"), str(circuit.compiled_path),
-                               str(circuit.pk_path), str(proof_path),
-                               srs_path=str(circuit.srs_path))
-        except Exception as exc:  # EZKL raises bare RuntimeErrors
-            raise ProverError(f"EZKL prove failed for segment {segment}: {exc}") from exc
+            done = run_child("prover.step:prove_job", job, timeout_s=_proof_timeout(),
+                             what=f"EZKL prove of segment {segment}",
+                             hint="REFUTE_DISPUTE_PROOF_TIMEOUT_S")
+        except ChildFailed as exc:
+            raise ProverError(exc.reason) from exc
         proof = json.loads(proof_path.read_text())
     x, y, raw = split_instances(proof, len(state_prev))
     return StepProof(segment, circuit.key, circuit.vk_sha256, EZKL_VERSION, proof, x, y, raw,
-                     tile)
+                     tile, prove_seconds=done.seconds, prove_peak_bytes=done.peak_bytes)
+
+
+def _proof_timeout() -> float:
+    from refute.settings import get_settings
+
+    return get_settings().dispute_proof_timeout_s
+
+
+def prove_job(job: tuple[str, str, str, str, str]) -> None:
+    """EZKL's prove, in a child process of its own (:mod:`prover.isolated`): ``job`` is the
+    witness, compiled circuit, proving key, proof and SRS paths."""
+    witness_path, compiled, pk, proof_path, srs = job
+    ezkl.prove(witness_path, compiled, pk, proof_path, srs_path=srs)
 
 
 @dataclass(frozen=True)

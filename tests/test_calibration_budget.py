@@ -18,11 +18,11 @@ from circuits.adjudication import adjudication_bytes
 from prover.budget import ProvingEstimate, estimate
 from prover.calibration import (
     SegmentCalibration,
-    _last_message,
     calibrate_model,
     calibrate_segment,
     calibrate_segment_bounded,
 )
+from prover.isolated import last_message
 from refute.executor import DeterministicExecutor
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, random_inputs
@@ -121,11 +121,11 @@ def test_last_message_prefers_ezkl_complaints(tmp_path: Path) -> None:
     log = tmp_path / "log"
     log.write_text("+----+\n| mean_error |\n\x1b[31mi-scale: 7, reason: failed to forward: "
                    "[halo2] General synthesis error\x1b[0m\nlow scale values\n\n")
-    assert _last_message(log) == ("i-scale: 7, reason: failed to forward: [halo2] General "
+    assert last_message(log) == ("i-scale: 7, reason: failed to forward: [halo2] General "
                                   "synthesis error")
     log.write_text("just this\n")
-    assert _last_message(log) == "just this"
-    assert _last_message(tmp_path / "missing") == "no output"
+    assert last_message(log) == "just this"
+    assert last_message(tmp_path / "missing") == "no output"
 
 
 # --- bounded calibration (a child process) --------------------------------------------------------
