@@ -665,9 +665,9 @@ class Runner:
         return shown
 
     def _death(self, code: int, log: Path, capped: bool) -> str:
-        from prover.calibration import _last_message
+        from prover.isolated import last_message
 
-        last = _last_message(log)
+        last = last_message(log)
         text = log.read_text(errors="replace") if log.exists() else ""
         if capped and (code == -signal.SIGABRT or "memory allocation" in text
                        or "MemoryError" in text):

@@ -54,7 +54,14 @@ from refute.manifest import Manifest
 from refute.provider import PreparedModel, validate_inputs
 from refute.segmentation import Segment, run_segments
 from refute.settings import get_settings
-from refute.tiling import cut_input, cut_output, make_tiling, plan_tiling, tile_segment
+from refute.tiling import (
+    cut_input,
+    cut_output,
+    make_tiling,
+    plan_tiling,
+    rows_bound,
+    tile_segment,
+)
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -180,6 +187,8 @@ def calibrate_segment(
 
 _TIMEOUT_VAR = "REFUTE_CALIBRATION_SEGMENT_TIMEOUT_S"
 _MAX_LOGROWS_VAR = "REFUTE_PROVING_MAX_LOGROWS"
+
+
 def _about_size(reason: str) -> bool:
     text = reason.lower()
     return any(k in text for k in ("logrows", "suitable parameters", "too many values",
@@ -268,7 +277,7 @@ TILE_SAMPLES = 8
 
 def calibrate_tiled_segment(
     segment: Segment,
-    blocks: Sequence[int],
+    blocks: Sequence[int] | Sequence[Sequence[int]],
     runs: Sequence[Sequence[Sequence[np.ndarray]]],
     rules: CalibrationRules,
 ) -> SegmentCalibration:
@@ -276,10 +285,10 @@ def calibrate_tiled_segment(
     each distinct tile model (tiles whose weight slices differ have models of their own) is
     calibrated like a segment, on the honest slices of up to :data:`TILE_SAMPLES` of its tiles
     in every calibration run; τ is the largest of theirs, so that it holds for the tiles
-    sampled. EZKL's settings search runs on the first model only: the others (same shapes,
-    other weights) are compiled with its settings, and searched again only when those do not
-    run their samples. A tile model that cannot be proven makes the segment unprovable, with
-    its reason."""
+    sampled. EZKL's settings search runs once per tile shape (the tiles of one output, whose
+    models read the same input shapes): the other models of that shape (other weights) are
+    compiled with its settings, and searched again only when those do not run their samples.
+    A tile model that cannot be proven makes the segment unprovable, with its reason."""
     start = time.monotonic()
     index = segment.index
     tiling = make_tiling(segment, blocks)
@@ -289,22 +298,26 @@ def calibrate_tiled_segment(
         by_model.setdefault(hashlib.sha256(graph).hexdigest(), (graph, []))[1].append(t.index)
     models: list[dict[str, Any]] = []
     worst: SegmentCalibration | None = None
-    shared: dict[str, Any] | None = None  # the first model's settings, tried on the others
+    #: Per tile shape, the settings of its first model, tried on the others of that shape.
+    shared: dict[tuple[object, ...], dict[str, Any]] = {}
     for digest, (graph, members) in by_model.items():
+        first = tiling.tiles[members[0]]
+        shape = (first.output_index, first.input_indices, first.input_shapes,
+                 first.output_shape)
         picked = sorted({members[round(j * (len(members) - 1) / max(TILE_SAMPLES - 1, 1))]
                          for j in range(min(TILE_SAMPLES, len(members)))})
         samples = [(cut_input(tiling, tiling.tiles[t], run[index - 1]),
                     cut_output(tiling, tiling.tiles[t], run[index]))
                    for run in runs for t in picked]
-        found = rules.segment(graph, index, samples, settings=shared)
-        if shared is not None and found.settings is None:  # its values need settings of its own
+        found = rules.segment(graph, index, samples, settings=shared.get(shape))
+        if shape in shared and found.settings is None:  # its values need settings of its own
             found = rules.segment(graph, index, samples)
         if found.settings is None or found.tolerance is None:
             return replace(found, reason=f"tile model of tiles {members[:3]}…: {found.reason}",
                            seconds=time.monotonic() - start)
         models.append({"sha256": digest, "settings": found.settings,
                        "tolerance": found.tolerance, "tiles": len(members)})
-        shared = shared or found.settings
+        shared.setdefault(shape, found.settings)
         if worst is None or (found.tolerance, found.logrows or 0) > (
                 worst.tolerance or 0, worst.logrows or 0):
             worst = found
@@ -336,6 +349,21 @@ def _over_budget(found: SegmentCalibration, budget_bytes: int) -> bool:
     return _about_size(reason) or "gave up after" in reason
 
 
+#: Most rows a tile's circuit is first planned for (2^18 at 2 inner columns: about 7 GB at peak
+#: while proving) and fewest (below, a tile is mostly EZKL's fixed overhead).
+TILE_LOGROWS = (10, 18)
+
+
+def tile_logrows(budget_bytes: int, max_logrows: int | None) -> int | None:
+    """The logrows tiles are first planned for: the largest in :data:`TILE_LOGROWS` (and at
+    most ``max_logrows``) whose circuit, at EZKL's default 2 inner columns, is estimated to
+    prove within ``budget_bytes`` (:mod:`prover.budget`); ``None`` when none does."""
+    low, high = TILE_LOGROWS
+    return next((rows for rows in range(min(high, max_logrows or high), low - 1, -1)
+                 if estimate({"run_args": {"logrows": rows, "num_inner_cols": 2}}).fits(
+                     budget_bytes)), None)
+
+
 def tile_to_budget(
     segment: Segment,
     whole: SegmentCalibration,
@@ -345,22 +373,25 @@ def tile_to_budget(
     budget_bytes: int,
 ) -> SegmentCalibration:
     """Tile a segment whose whole circuit is over ``budget_bytes`` (DESIGN.md "Registration"
-    step 4): tiles of at most B elements (:func:`refute.tiling.plan_tiling`), B first sized as
-    if the circuit shrank with its element count (from the whole circuit's estimate, else 4096),
-    then a quarter of that, up to :data:`TILE_ATTEMPTS` sizes, until the tile circuits fit. A
-    segment that cannot be tiled, or whose tiles never fit, keeps ``whole`` (the registration
-    report then refuses it, saying why)."""
-    size = (max(1, int(_elements(segment) * budget_bytes / whole.estimate.peak_bytes / 2))
-            if whole.estimate is not None else 4096)
+    step 4): tiles whose circuits are estimated to need at most 2^L rows
+    (:func:`refute.tiling.plan_tiling` with :func:`refute.tiling.rows_bound`), L first the
+    largest logrows (at most 18 and the logrows cap) that proves within
+    the budget, then one less, up to :data:`TILE_ATTEMPTS` sizes, until the tile circuits, as
+    EZKL calibrates them, fit (2^18 rows at EZKL's default 2 inner columns is about 7 GB at
+    peak while proving, :mod:`prover.budget`). A segment that cannot be tiled, or whose tiles
+    never fit, keeps ``whole`` (the registration report then refuses it, saying why)."""
+    logrows = tile_logrows(budget_bytes, rules.max_logrows)
     for _ in range(TILE_ATTEMPTS):
+        if logrows is None or logrows < TILE_LOGROWS[0]:
+            return whole
         try:
-            tiling = plan_tiling(segment, size)
+            tiling = plan_tiling(segment, rows_bound(logrows))
         except RefuteError:
             return whole
         found = calibrate_tiled_segment(segment, tiling.blocks, runs, rules)
         if found.estimate is not None and found.estimate.fits(budget_bytes):
             return replace(found, seconds=found.seconds + whole.seconds)
-        size = max(1, size // 4)
+        logrows -= 1
     return whole
 
 

@@ -19,11 +19,18 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from prover.calibration import TILE_ATTEMPTS, CalibrationReport, SegmentCalibration
+from prover.calibration import (
+    TILE_ATTEMPTS,
+    TILE_LOGROWS,
+    CalibrationReport,
+    SegmentCalibration,
+    tile_logrows,
+)
 from refute.errors import RefuteError
 from refute.provider import PreparedModel
 from refute.segmentation import Segment
-from refute.tiling import plan_tiling
+from refute.settings import get_settings
+from refute.tiling import plan_tiling, rows_bound
 from refute.verdict import range_bound_units
 
 #: The largest share of the range bound ⌊R·2^s⌋ that τ may take: beyond it the circuit does not
@@ -130,7 +137,7 @@ def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
         reason = (f"its circuit (logrows {estimate.logrows}) needs about "
                   f"{estimate.peak_bytes / 2**30:.1f} GiB to prove, over the proving budget of "
                   f"{budget / 2**30:.1f} GiB; "
-                  f"{tiling_outlook(segment, estimate.peak_bytes, budget)}")
+                  f"{tiling_outlook(segment, budget, get_settings().proving_max_logrows)}")
     return SegmentReport(
         index=cal.index,
         ops=segment.op_types,
@@ -149,20 +156,22 @@ def _segment(prepared: PreparedModel, cal: SegmentCalibration, budget: int,
     )
 
 
-def tiling_outlook(segment: Segment, peak_bytes: int, budget: int) -> str:
+def tiling_outlook(segment: Segment, budget: int, max_logrows: int | None) -> str:
     """Why tiling did not save a segment over the budget, in one clause: it cannot be tiled
     (the operator, or its smallest tile), or the tiles :func:`refute.tiling.plan_tiling` cuts
-    for tiles sized as if the circuit shrank with its element count (the first size
-    :func:`prover.calibration.tile_to_budget` tries) did not fit either."""
-    elements = sum(t.size for t in (*segment.inputs, *segment.outputs))
-    bound = max(1, int(elements * budget / peak_bytes / 2))
+    for the first circuit size :func:`prover.calibration.tile_to_budget` tries did not fit,
+    nor smaller ones."""
+    logrows = tile_logrows(budget, max_logrows)
+    if logrows is None:
+        return (f"it cannot be tiled within the budget either: no circuit of 2^{TILE_LOGROWS[0]} "
+                "rows is estimated to fit it")
     try:
-        tiling = plan_tiling(segment, bound)
+        tiling = plan_tiling(segment, rows_bound(logrows))
     except RefuteError as exc:
         return f"it cannot be tiled either: {exc.reason}"
     return (f"nor did its tiles fit (from {len(tiling.tiles)} tiles of output block "
-            f"{list(tiling.blocks)}, down to a quarter of that size "
-            f"{TILE_ATTEMPTS - 1} times)")
+            f"{tiling.to_json()['blocks']} planned for 2^{logrows} rows, down to "
+            f"2^{max(logrows - TILE_ATTEMPTS + 1, TILE_LOGROWS[0])})")
 
 
 def registration_report(prepared: PreparedModel, calibration: CalibrationReport,

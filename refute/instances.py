@@ -87,18 +87,24 @@ def check_binding(
             raise BindingError("a tile's proof takes states i-1 and i")
         tiling, chosen = tile
         states = [cut_input(tiling, chosen, states[0]), cut_output(tiling, chosen, states[1])]
+        # a tile reads some tensors of state i-1 and computes one of state i
+        taken: list[Sequence[TensorSpec]] = [
+            [specs[indices[0]][j] for j in chosen.input_indices],
+                 [specs[indices[1]][chosen.output_index]]]
+    else:
+        taken = [specs[k] for k in indices]
     expected = sum(len(state) for state in states)
     if len(instances) != expected:
         raise BindingError(f"the proof has {len(instances)} hash instances, the states it "
                            f"takes hold {expected} tensors")
     try:
-        hashes = hash_states(states, scale, specs=[specs[k] for k in indices])
+        hashes = hash_states(states, scale, specs=taken)
     except CommitmentError as exc:
         raise BindingError(f"the revealed states cannot be quantized: {exc.reason}") from exc
     position = 0
-    for k, state_hashes in zip(indices, hashes, strict=True):
+    for k, state_specs, state_hashes in zip(indices, taken, hashes, strict=True):
         for j, h in enumerate(state_hashes):
             if instances[position] != h:
                 raise BindingError(f"the proof's hash instance {position} is not Poseidon of "
-                                   f"state {k} tensor {specs[k][j].name!r}")
+                                   f"state {k} tensor {state_specs[j].name!r}")
             position += 1

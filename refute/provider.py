@@ -39,6 +39,7 @@ from refute.segmentation import (
     run_segments,
     segment_model,
 )
+from refute.settings import get_settings
 from refute.trace import Trace
 
 #: ``progress(stage, done, total)``: called as long work advances.
@@ -79,13 +80,15 @@ def prepare_model(
 ) -> PreparedModel:
     """Load and segment a model, check the segments reproduce it bit for bit, build its manifest.
 
-    Symbolic input dimensions are pinned as :func:`~refute.loading.load_model` does (``dims``
-    and ``shapes`` first, then ``input_sizes`` from an input file, then ``batch_size`` = 1); the
-    manifest records every pin, so the model loads the same way from it. The reproduction check
-    runs on ``check_inputs`` plus one seeded random input, so it always runs at least once.
+    ``limits`` default to the settings' (:func:`configured_limits`). Symbolic input dimensions
+    are pinned as :func:`~refute.loading.load_model` does (``dims`` and ``shapes`` first, then
+    ``input_sizes`` from an input file, then ``batch_size`` = 1); the manifest records every pin,
+    so the model loads the same way from it. The reproduction check runs on ``check_inputs``
+    plus one seeded random input, so it always runs at least once.
     """
     progress("load", 0, 1)
-    loaded = load_model(source, limits=limits, shapes=shapes, dims=dims, input_sizes=input_sizes)
+    loaded = load_model(source, limits=limits or configured_limits(), shapes=shapes, dims=dims,
+                        input_sizes=input_sizes)
     progress("load", 1, 1)
     progress("segment", 0, 1)
     segmentation = segment_model(loaded, cuts=cuts, max_segments=max_segments)
@@ -107,6 +110,15 @@ def prepare_model(
     manifest = Manifest.build(segmentation, scale=scale, pins=pins)
     return PreparedModel(loaded, segmentation, manifest)
 
+
+
+def configured_limits() -> LoadLimits:
+    """The load limits the settings set (``REFUTE_MAX_MODEL_BYTES``,
+    ``REFUTE_MAX_INITIALIZER_BYTES``, ``REFUTE_MAX_MODEL_WORK``), the others at their defaults."""
+    settings = get_settings()
+    return LoadLimits(max_file_bytes=settings.max_model_bytes,
+                      max_initializer_bytes=settings.max_initializer_bytes,
+                      max_model_work=settings.max_model_work)
 
 
 def prepare_for_manifest(source: bytes | str | os.PathLike[str],

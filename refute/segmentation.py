@@ -44,12 +44,13 @@ HEAVY_OPS: frozenset[str] = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"
 #: Operators that read a whole axis to produce each output element, and start a segment of
 #: their own when they follow a heavy node: kept with it, they would make every tile of the
 #: segment (DESIGN.md, "Registration" step 4) compute whole rows of the heavy node (a
-#: LayerNormalization after a 3072→768 MatMul: 2.4M multiply-accumulates per row) or read the
-#: whole input (a global pool after a 1×1 Conv reads every channel at every position).
+#: LayerNormalization after a 3072→768 MatMul: 2.4M multiply-accumulates per row; a Softmax
+#: after Q·Kᵀ: every tile hashes its head's whole Kᵀ) or read the whole input (a global pool
+#: after a 1×1 Conv reads every channel at every position).
 #: A normalization keeps the heavy node after it (its segment starts there and the MatMul that
 #: follows needs whole rows of it anyway); a global pool stays alone, since whatever mixes
 #: channels after it needs the whole pooled vector, that is, the whole feature map.
-NORMALIZING_OPS: frozenset[str] = frozenset({"LayerNormalization"})
+NORMALIZING_OPS: frozenset[str] = frozenset({"LayerNormalization", "Softmax", "LogSoftmax"})
 POOLING_OPS: frozenset[str] = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 
 PASS_SUFFIX = "::pass"

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     #: The largest circuit (log2 of its rows) calibration may choose; a segment that needs more
     #: is reported unprovable. 20 is the largest development SRS refute generates.
     proving_max_logrows: int = Field(default=20, ge=1, le=26)
+    #: Limits on a model at load (:class:`refute.loading.LoadLimits`): its file, its weights
+    #: (initializers and constants) and the work of one run (multiply-accumulates). A
+    #: GPT-2-small-shaped model needs about 340 MB, 340 MB and 2^34; MobileNet v1 fits the
+    #: defaults. Every process that loads models (API, workers, CLI) must use the same values.
+    max_model_bytes: int = Field(default=64 * 2**20, gt=0)
+    max_initializer_bytes: int = Field(default=256 * 2**20, gt=0)
+    max_model_work: int = Field(default=2**32, gt=0)
+    #: Largest trace bundle or state disclosure the API takes in one upload.
+    max_upload_bytes: int = Field(default=64 * 2**20, gt=0)
     #: Memory a proof may use on the prover's machine; each segment's estimated peak
     #: (:mod:`prover.budget`) is compared with it.
     proving_budget_bytes: int = Field(default=8 * 2**30, gt=0)

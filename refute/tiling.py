@@ -5,17 +5,21 @@ the segment's input it depends on. This module finds how a segment can be tiled,
 under a size bound, and builds, for each tile, a standalone ONNX model that computes exactly that
 slice of the segment's output from exactly that region of its input.
 
-Geometry. A tiling cuts the segment's output (every output has the same shape) into blocks, one
-block size per axis. Tile ``t`` *owns* the output elements ``[i·b, min((i+1)·b, D))`` along each
-axis: the owned slices cover the output exactly once. What the tile computes, its *window*, is
-always ``b`` long: an edge tile's window is shifted inward (``[D−b, D)``), so that every tile has
-one output shape and every value a tile model computes is a real value of the segment (padding the
-output instead would make the circuit compare values no segment computes). The input *region* of a
-tile is what its window reads (the receptive field of a Conv, whole rows of a MatMul, …), the same
-shape for every tile. Where a region reaches past the edge of a segment input, into a Conv's or a
-Pad's zero padding, the missing part is zero-filled by :func:`cut_input` and the tile model pads
-nothing itself, so edge tiles run the same model as the others and still compute exactly the
-segment's values.
+Geometry. A tiling cuts each output of the segment on its own into blocks, one block size per
+axis: the tiles of a segment are the tiles of output 0, then those of output 1, … (one global
+tile index), and each tile computes one window of one output from only the inputs that window
+reads (an output that is a segment input passed straight through, the residual stream, is an
+Identity tile over a window of it). Tile ``t`` *owns* the output elements
+``[i·b, min((i+1)·b, D))`` along each axis: the owned slices cover the output exactly once. What
+the tile computes, its *window*, is always ``b`` long: an edge tile's window is shifted inward
+(``[D−b, D)``), so that every tile of an output has one shape and every value a tile model
+computes is a real value of the segment (padding the output instead would make the circuit
+compare values no segment computes). The input *region* of a tile is what its window reads (the
+receptive field of a Conv, whole rows of a MatMul, …), the same shape for every tile of an
+output. Where a region reaches past the edge of a segment input, into a Conv's or a Pad's zero
+padding, the missing part is zero-filled by :func:`cut_input` and the tile model pads nothing
+itself, so edge tiles run the same model as the others and still compute exactly the segment's
+values.
 
 Regions are found by propagating boxes backward through the segment's nodes (each operator has a
 rule; an operator without one cannot be tiled and the segment is refused with its name). A tile
@@ -30,18 +34,22 @@ AveragePool/MaxPool (without padding they cannot express as zeros), global pools
 (constant or activation operands), element-wise operators with broadcasting (incl. Clip,
 BatchNormalization, PRelu, Where), Softmax/LogSoftmax/Hardmax/LayerNormalization/
 InstanceNormalization (their normalized axes stay whole), reductions, Transpose, Concat (its axis
-stays whole), Pad with zeros, Expand, and Reshape/Flatten/Squeeze/Unsqueeze that only add or
-remove axes of size 1. Refused: anything else (Reshape that splits or merges axes, Gather, Slice,
-Split, …), a second output of a node, and padding of a tensor the segment computes itself (only
-the segment's inputs can be zero-filled); the caller refuses the model at registration with the
-reason.
+stays whole), Pad with zeros, Expand, Split (each used output reads its slice of the input),
+and Reshape/Flatten/Squeeze/Unsqueeze: axes of size 1 come and go freely, and a run of axes it
+merges or splits takes boxes aligned to it (a block of a merged H·D axis is whole heads, or
+within one head; the planner offers no other). Refused: anything else (Gather, Slice, …), a used
+output of a multi-output node other than Split, and padding of a tensor the segment computes
+itself (only the segment's inputs can be zero-filled); the caller refuses the model at
+registration with the reason.
 
-Size. A tile's cost is its element count: the elements of its input regions (padded) plus those
-of its output windows. :func:`plan_tiling` shrinks one axis block at a time, always taking the
-step that adds least total work (cost × tile count, so splits that read their input only once,
-such as spatial and row splits, whose tiles share one model, tend to come before channel and
-column splits), until the cost is within the bound. :func:`make_tiling` rebuilds a tiling from
-its block sizes, as a verifier does from the manifest.
+Size. A tile's cost is the EZKL circuit rows it is estimated to need (:class:`TileCost`: the
+larger of the Poseidon hashing of its input regions and output window, and its own cells:
+one-row matrix products and convolutions by their multiply-accumulates, rescaling and lookup
+operators by their elements; constants :data:`ROWS_PER_HASHED` and below, fitted on EZKL's
+settings). :func:`plan_tiling` shrinks one axis block of one output at a time, always taking the
+step that adds least total work (rows × tile count), until the estimate is within the bound,
+then grows back any axis the bound still allows. :func:`make_tiling` rebuilds a tiling from its
+block sizes, as a verifier does from the manifest.
 """
 
 from __future__ import annotations
@@ -78,60 +86,139 @@ Box = tuple[Span, ...]
 
 @dataclass(frozen=True)
 class Tile:
-    """One tile of a segment: the output it owns and computes, and the input it reads."""
+    """One tile of a segment: a window of one of its outputs, and the input that window reads."""
 
     index: int
-    #: Position of the tile in the tiling's grid (one block index per output axis).
+    #: The segment output this tile computes (its position in the segment's outputs).
+    output_index: int
+    #: Position of the tile in its output's grid (one block index per axis of that output).
     grid_position: tuple[int, ...]
-    #: Per segment output: the slice this tile owns (the owned slices of a tiling are disjoint
-    #: and cover the output).
+    #: The slice of output :attr:`output_index` this tile owns, as a one-element tuple (the
+    #: owned slices of an output's tiles are disjoint and cover it).
     outputs: tuple[Box, ...]
-    #: Per segment output: the slice the tile model computes (contains :attr:`outputs`; the same
-    #: shape for every tile, shifted inward at the far edges).
+    #: The slice the tile model computes (contains :attr:`outputs`; one shape for every tile of
+    #: the output, shifted inward at the far edges), as a one-element tuple.
     windows: tuple[Box, ...]
-    #: Per segment input: the region the tile reads, clamped to the input.
+    #: The segment inputs the tile reads (positions in the segment's inputs, ascending): the
+    #: tile model's inputs, in this order.
+    input_indices: tuple[int, ...]
+    #: Per tile input: the region the tile reads, clamped to the input.
     inputs: tuple[Box, ...]
-    #: Per segment input and axis: zeros added ``(before, after)`` the clamped region (a Conv's
+    #: Per tile input and axis: zeros added ``(before, after)`` the clamped region (a Conv's
     #: or a Pad's zero padding at the input's edge).
     input_pads: tuple[tuple[Span, ...], ...]
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The tile model's input shapes (regions with their zero padding)."""
+        return tuple(
+            tuple(b - a + p0 + p1 for (a, b), (p0, p1) in zip(box, pads, strict=True))
+            for box, pads in zip(self.inputs, self.input_pads, strict=True))
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The tile model's output shape (its window)."""
+        return _sizes(self.windows[0])
+
+
+@dataclass(frozen=True)
+class TileCost:
+    """What one tile's adjudication circuit costs (:func:`tile_cost`): the elements it hashes
+    (input regions and output window), its multiply-accumulates (those EZKL lays out one a
+    row, see :data:`ROWS`), the elements through other operators, weighted, and the rows
+    EZKL's circuit is estimated to need."""
+
+    elements: int
+    macs: int
+    op_cells: int
+    rows: int
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """A segment's output cut into equal-shaped tiles."""
+    """A segment's outputs, each cut into equal-shaped tiles: the tiles of output 0, then
+    those of output 1, … (one global tile index)."""
 
     segment_index: int
     #: sha256 of the segment the tiling belongs to (its ONNX bytes).
     segment_sha256: str
-    #: The shape of every output of the segment.
-    output_shape: tuple[int, ...]
-    #: Block size per output axis (the shape of every tile's output window).
-    blocks: tuple[int, ...]
-    #: Shape of every tile's input region, per segment input (zero padding included).
-    input_shapes: tuple[tuple[int, ...], ...]
+    #: The shape of each output of the segment.
+    output_shapes: tuple[tuple[int, ...], ...]
+    #: Per output: block size per axis (the shape of every window of that output's tiles).
+    output_blocks: tuple[tuple[int, ...], ...]
+    #: How many tensors the segment's input (state i-1) holds.
+    input_count: int
     tiles: tuple[Tile, ...] = field(repr=False)
+    #: Per output: the cost of one of its tiles (all of an output's tiles cost the same).
+    costs: tuple[TileCost, ...] = field(default=(), repr=False)
+
+    @property
+    def blocks(self) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+        """The block sizes as :func:`make_tiling` takes them and the manifest records them:
+        one per axis for a segment of one output, else one such tuple per output."""
+        return self.output_blocks[0] if len(self.output_blocks) == 1 else self.output_blocks
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of output 0 (:attr:`output_shapes` holds every output's)."""
+        return self.output_shapes[0]
+
+    @property
+    def grids(self) -> tuple[tuple[int, ...], ...]:
+        """Per output: the number of tiles along each axis."""
+        return tuple(tuple(-(-d // b) for d, b in zip(shape, blocks, strict=True))
+                     for shape, blocks in zip(self.output_shapes, self.output_blocks,
+                                              strict=True))
 
     @property
     def grid(self) -> tuple[int, ...]:
-        """Number of tiles along each output axis."""
-        return tuple(-(-d // b) for d, b in zip(self.output_shape, self.blocks, strict=True))
+        """Number of tiles along each axis of output 0."""
+        return self.grids[0]
 
     @property
     def split_axes(self) -> tuple[int, ...]:
-        """The output axes cut into more than one block."""
+        """The axes of output 0 cut into more than one block."""
         return tuple(a for a, n in enumerate(self.grid) if n > 1)
 
     @property
+    def first_tiles(self) -> tuple[int, ...]:
+        """Per output: the index of its first tile."""
+        starts = [0]
+        for grid in self.grids[:-1]:
+            starts.append(starts[-1] + math.prod(grid))
+        return tuple(starts)
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The input shapes of output 0's tile models (:attr:`Tile.input_shapes` of any tile)."""
+        return self.tiles[0].input_shapes
+
+    @property
     def tile_elements(self) -> int:
-        """The cost of one tile (the same for all): input region and output window elements."""
-        outputs = len(self.tiles[0].windows) * math.prod(self.blocks)
-        return outputs + sum(math.prod(s) for s in self.input_shapes)
+        """The largest tile's input region and output window elements."""
+        return max(c.elements for c in self.costs)
+
+    @property
+    def tile_rows(self) -> int:
+        """The largest tile's estimated EZKL rows (:func:`tile_cost`)."""
+        return max(c.rows for c in self.costs)
 
     def to_json(self) -> dict[str, object]:
-        """JSON form for a manifest; :func:`make_tiling` rebuilds the tiles from ``blocks``."""
-        return {"segment": self.segment_index, "segment_sha256": self.segment_sha256,
-                "output_shape": list(self.output_shape), "blocks": list(self.blocks),
-                "input_shapes": [list(s) for s in self.input_shapes],
+        """JSON form for a manifest; :func:`make_tiling` rebuilds the tiles from ``blocks``.
+        A segment of one output keeps the form it always had (``output_shape``, flat
+        ``blocks``, ``input_shapes``); one of several outputs records per output its shape,
+        blocks, the inputs its tiles read and their shapes."""
+        common = {"segment": self.segment_index, "segment_sha256": self.segment_sha256}
+        if len(self.output_shapes) == 1:
+            return {**common, "output_shape": list(self.output_shape),
+                    "blocks": list(self.output_blocks[0]),
+                    "input_shapes": [list(s) for s in self.input_shapes],
+                    "tiles": len(self.tiles), "tile_elements": self.tile_elements}
+        firsts = [self.tiles[k] for k in self.first_tiles]
+        return {**common, "output_shapes": [list(s) for s in self.output_shapes],
+                "blocks": [list(b) for b in self.output_blocks],
+                "inputs": [list(t.input_indices) for t in firsts],
+                "input_shapes": [[list(s) for s in t.input_shapes] for t in firsts],
                 "tiles": len(self.tiles), "tile_elements": self.tile_elements}
 
 
@@ -454,19 +541,114 @@ def _concat(g: _Graph, node: NodeProto, out: Box) -> _Step:
     return _Step(node, boxes)
 
 
+def _reshape_groups(shape: Sequence[int], out_shape: Sequence[int]
+                    ) -> list[tuple[list[int], list[int]]] | None:
+    """Axes of size above 1 of a Reshape's input and output, grouped into runs of equal
+    product (``[1, 128, 12, 64] → [1, 128, 768]``: ``([1], [1]), ([2, 3], [2])``), or ``None``
+    when the sizes do not pair up."""
+    ins = [a for a, d in enumerate(shape) if d != 1]
+    outs = [a for a, d in enumerate(out_shape) if d != 1]
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(ins) and j < len(outs):
+        group_in, group_out = [ins[i]], [outs[j]]
+        p, q = shape[ins[i]], out_shape[outs[j]]
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q and i < len(ins):
+                group_in.append(ins[i])
+                p, i = p * shape[ins[i]], i + 1
+            elif q < p and j < len(outs):
+                group_out.append(outs[j])
+                q, j = q * out_shape[outs[j]], j + 1
+            else:
+                return None
+        groups.append((group_in, group_out))
+    return groups if i == len(ins) and j == len(outs) else None
+
+
+def _contiguous(spans: Sequence[Span], dims: Sequence[int]) -> Span | None:
+    """The flat (row-major) range a box over ``dims`` covers, if it is one range: single
+    indices on the axes before the first longer span, whole axes after it."""
+    lo, size, longer = 0, 1, False
+    for (a, b), d in zip(spans, dims, strict=True):
+        if longer and (a, b) != (0, d):
+            return None
+        lo = lo * d + a
+        size *= b - a
+        longer = longer or b - a > 1
+    return lo, lo + size
+
+
+def _rectangle(span: Span, dims: Sequence[int]) -> Box | None:
+    """The box over ``dims`` whose row-major elements are exactly the flat range ``span``, if
+    there is one."""
+    a, b = span
+    if len(dims) == 1:
+        return ((a, b),)
+    inner = math.prod(dims[1:])
+    if a // inner == (b - 1) // inner:  # within one index of the outer axis
+        rest = _rectangle((a % inner, a % inner + (b - a)), dims[1:])
+        return None if rest is None else ((a // inner, a // inner + 1), *rest)
+    if a % inner == 0 and b % inner == 0:
+        return ((a // inner, b // inner), *_full(dims[1:]))
+    return None
+
+
 def _reshape(g: _Graph, node: NodeProto, out: Box) -> _Step:
-    """Reshape, Flatten, Squeeze, Unsqueeze that only add or remove axes of size 1: the tile
-    reshapes to its own window shape."""
+    """Reshape, Flatten, Squeeze, Unsqueeze: each run of axes the Reshape merges or splits
+    (:func:`_reshape_groups`) maps a box that is one flat range of it to the input box of the
+    same range, when that is a box: on a merged axis of size H·D, whole multiples of D (heads
+    h0:h1, all of D) or a range within one D (one head, d0:d1); on split axes, single indices
+    before the first partial axis and whole axes after it. The tile reshapes to its own
+    window shape."""
     shape, out_shape = g.shape(node.input[0]), g.shape(node.output[0])
-    if [d for d in shape if d != 1] != [d for d in out_shape if d != 1]:
+    groups = _reshape_groups(shape, out_shape)
+    if groups is None:
         raise _refuse(g, node, f"mixes axes ({list(shape)} to {list(out_shape)})")
-    moving = iter(s for s, d in zip(out, out_shape, strict=True) if d != 1)
-    box = tuple((0, 1) if d == 1 else next(moving) for d in shape)
+    box: list[Span] = [(0, 1)] * len(shape)
+    for group_in, group_out in groups:
+        flat = _contiguous([out[a] for a in group_out], [out_shape[a] for a in group_out])
+        rect = None if flat is None else _rectangle(flat, [shape[a] for a in group_in])
+        if rect is None:
+            raise _Unsplittable(
+                f"Reshape {node_label(node)} mixes axes ({list(shape)} to {list(out_shape)}) "
+                f"and its box {[out[a] for a in group_out]} of output axes {group_out} is not "
+                f"aligned to the input axes {group_in} (a block must hold whole inner axes or "
+                "stay within one)")
+        for a, span in zip(group_in, rect, strict=True):
+            box[a] = span
     target = f"{node.output[0]}::tile_shape"
     tile_node = _rebuilt(node, op_type="Reshape", inputs=[node.input[0], target],
                          drop=[a.name for a in node.attribute])
-    return _Step(tile_node, (box, None),
+    return _Step(tile_node, (tuple(box), None),
                  {target: np.array(_sizes(out), dtype=np.int64)})
+
+
+def _split(g: _Graph, node: NodeProto, boxes: Mapping[int, Box]) -> list[_Step]:
+    """Split: each used output's box is a box of the input offset along the split axis; the
+    tile takes each as an Identity of that slice of the input (cut by a ``Slice``)."""
+    shape = g.shape(node.input[0])
+    axis = _axis(int(_attr(node, "axis", 0)), len(shape))
+    given = _attr(node, "split", None) if g.opset < 13 else None
+    if g.opset >= 13:
+        constant = g.constant(node, 1)
+        given = None if constant is None else constant.tolist()
+    if given:
+        sizes = [int(s) for s in given]
+    else:
+        n = len(node.output)
+        part = -(-shape[axis] // n)
+        sizes = [min(part, max(shape[axis] - part * j, 0)) for j in range(n)]
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    steps = []
+    for j, box in sorted(boxes.items()):
+        source = tuple((a + offsets[j], b + offsets[j]) if k == axis else (a, b)
+                       for k, (a, b) in enumerate(box))
+        identity = helper.make_node("Identity", [node.input[0]], [node.output[j]],
+                                    name=f"{node.name or node.output[0]}::{j}")
+        steps.append(_Step(identity, (source,)))
+    return steps
 
 
 def _expand(g: _Graph, node: NodeProto, out: Box) -> _Step:
@@ -544,25 +726,29 @@ class _Plan:
     steps: tuple[_Step, ...]
 
 
-def _propagate(g: _Graph, window: Box) -> _Plan:
-    """Walk the segment backward from the output window; raise :class:`_Unsplittable` if the
-    window cannot be computed on its own."""
-    need: dict[str, Box] = dict.fromkeys(g.outputs, window)
+def _propagate(g: _Graph, output: int, window: Box) -> _Plan:
+    """Walk the segment backward from ``window`` of output ``output``; raise
+    :class:`_Unsplittable` if the window cannot be computed on its own."""
+    need: dict[str, Box] = {g.outputs[output]: window}
     steps: list[_Step] = []
     for node in reversed(g.nodes):
         used = [j for j, o in enumerate(node.output) if o and o in need]
         if not used:
             continue
-        if used != [0]:
+        if node.op_type == "Split":
+            made = _split(g, node, {j: need[node.output[j]] for j in used})
+        elif used != [0]:
             raise _refuse(g, node, f"has its output {max(used)} used")
-        rule = _RULES.get(node.op_type)
-        if rule is None:
-            raise _refuse(g, node, "has no tiling rule")
-        step = rule(g, node, need[node.output[0]])
-        for name, box in zip(step.node.input, step.boxes, strict=True):
-            if box is not None and name and name not in g.constants:
-                need[name] = _hull(need.get(name), box)
-        steps.append(step)
+        else:
+            rule = _RULES.get(node.op_type)
+            if rule is None:
+                raise _refuse(g, node, "has no tiling rule")
+            made = [rule(g, node, need[node.output[0]])]
+        for step in made:
+            for name, box in zip(step.node.input, step.boxes, strict=True):
+                if box is not None and name and name not in g.constants:
+                    need[name] = _hull(need.get(name), box)
+            steps.append(step)
     for name, box in need.items():
         if name not in g.inputs and any(
                 a < 0 or b > d for (a, b), d in zip(box, g.shape(name), strict=True)):
@@ -572,23 +758,99 @@ def _propagate(g: _Graph, window: Box) -> _Plan:
     return _Plan(need, tuple(reversed(steps)))
 
 
-def _plan_or_refuse(g: _Graph, window: Box, what: str) -> _Plan:
+def _plan_or_refuse(g: _Graph, output: int, window: Box, what: str) -> _Plan:
     try:
-        return _propagate(g, window)
+        return _propagate(g, output, window)
     except _Unsplittable as exc:
         raise UnprovableModel(f"segment {g.index} cannot be tiled {what}: {exc}") from exc
 
 
+# --- the cost of a tile --------------------------------------------------------------------
+
+#: EZKL 23.0.5's circuit rows, measured (``gen_settings`` + ``calibrate_settings``, target
+#: ``resources``, scale 7, 2 inner columns, hashed inputs, fixed parameters) on the adjudication
+#: graphs of 15 one-node models (tests/test_tiling_cost.py holds the table). Its ``num_rows``
+#: is the larger of two regions, not their sum:
+#:
+#: * the Poseidon hashing of the inputs and outputs: exactly ``41·hashed + 4`` rows in every
+#:   case (Relu, Tanh, Softmax, LayerNormalization, Mul, Add, MatMul, Conv);
+#: * the model's own cells over 2 inner columns, ``(10·in + 49·out + MACs + 40·op cells)/2``,
+#:   where *in* and *out* are the hashed input and output elements (quantization, and the
+#:   Sub/Abs/ReduceMax tail of the adjudication graph), *MACs* the multiply-accumulates EZKL
+#:   lays out one a cell (a Conv; a MatMul or Gemm whose tile has one row: a row-vector times a
+#:   matrix is a chain of dot products, 589,824 cells for 1×768 @ 768×768, the GPT-2
+#:   out-projection tile that needed 9.3 GB), and *op cells* the output elements of operators
+#:   that rescale or look up inside a chain (Mul, Div, Tanh, Erf, Exp, Softmax, Relu, …;
+#:   LayerNormalization counts 2.5 times). A MatMul of several rows is laid out by EZKL's einsum
+#:   argument in columns of their own (``total_einsum_col_size`` ≈ its operands and product);
+#:   those cells are counted like MACs, a bound: they did not make any measured circuit taller.
+#:
+#: All 15 estimates are within 2 rows of EZKL's except the GELU chain (1.5 % under). The
+#: estimate is for planning (choosing blocks); the settings EZKL calibrates decide.
+ROWS_PER_HASHED = 41
+ROWS_FIXED = 4
+CELLS_PER_INPUT = 10
+CELLS_PER_OUTPUT = 49
+CELLS_PER_MAC = 1
+CELLS_PER_OP = 40
+INNER_COLUMNS = 2
+
+#: Operators whose every output element costs :data:`CELLS_PER_OP` cells (times the weight).
+_OP_WEIGHTS: Mapping[str, float] = {
+    **dict.fromkeys(("Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Tanh", "Erf", "Exp", "Log",
+                     "Sigmoid", "Softmax", "LogSoftmax", "Relu", "LeakyRelu", "Clip",
+                     "HardSigmoid", "HardSwish", "Max", "Min", "Abs", "ReduceMean", "ReduceMax",
+                     "ReduceSum", "AveragePool", "MaxPool", "GlobalAveragePool",
+                     "GlobalMaxPool", "BatchNormalization", "InstanceNormalization"), 1.0),
+    "LayerNormalization": 2.5,
+}
+
+
+def _macs(g: _Graph, plan: _Plan, step: _Step) -> tuple[int, int]:
+    """(MACs laid out one a cell, einsum cells) of one node of a tile."""
+    node = step.node
+    out = math.prod(_sizes(plan.boxes[node.output[0]]))
+    if node.op_type == "Conv":
+        w_shape = g.shape(node.input[1])
+        return out * math.prod(w_shape[1:]), 0
+    if node.op_type in ("MatMul", "Gemm"):
+        a_box, b_box = step.boxes[0], step.boxes[1]
+        assert a_box is not None and b_box is not None
+        transposed = node.op_type == "Gemm" and int(_attr(node, "transA", 0))
+        rows = _sizes(a_box)[-1 if transposed else -2]
+        depth = _sizes(a_box)[-2 if transposed else -1]
+        if rows == 1:
+            return out * depth, 0
+        return 0, math.prod(_sizes(a_box)) + math.prod(_sizes(b_box)) + out
+    return 0, 0
+
+
+def _estimate(g: _Graph, output: int, plan: _Plan) -> TileCost:
+    inputs = sum(math.prod(_sizes(plan.boxes[x])) for x in g.inputs if x in plan.boxes)
+    outputs = math.prod(_sizes(plan.boxes[g.outputs[output]]))
+    macs = einsum = 0
+    ops = 0.0
+    for step in plan.steps:
+        m, e = _macs(g, plan, step)
+        macs, einsum = macs + m, einsum + e
+        weight = _OP_WEIGHTS.get(step.node.op_type, 0.0)
+        if weight:
+            ops += weight * math.prod(_sizes(plan.boxes[step.node.output[0]]))
+    cells = (CELLS_PER_INPUT * inputs + CELLS_PER_OUTPUT * outputs
+             + CELLS_PER_MAC * (macs + einsum) + CELLS_PER_OP * ops)
+    rows = max(ROWS_PER_HASHED * (inputs + outputs) + ROWS_FIXED,
+               math.ceil(cells / INNER_COLUMNS))
+    return TileCost(inputs + outputs, macs + einsum, math.ceil(ops), rows)
+
+
+def rows_bound(logrows: int) -> int:
+    """The estimated rows (:class:`TileCost`) a tile may have for its circuit to fit
+    ``2^logrows`` rows: EZKL keeps a few rows for blinding, and the estimate is a few percent
+    off, so 6 % is kept free."""
+    return int(2**logrows * 0.94)
+
+
 # --- tilings -------------------------------------------------------------------------------
-
-
-def _output_shape(g: _Graph) -> tuple[int, ...]:
-    shapes = {g.shape(o) for o in g.outputs}
-    if len(shapes) != 1:
-        raise UnprovableModel(
-            f"segment {g.index} cannot be tiled: its outputs have different shapes "
-            f"{sorted(shapes)}; cut the model so that the segment has outputs of one shape")
-    return shapes.pop()
 
 
 def _windows(shape: Sequence[int], blocks: Sequence[int], position: Sequence[int]
@@ -613,119 +875,219 @@ def _region(box: Box, shape: Sequence[int]) -> tuple[Box, tuple[Span, ...]]:
     return tuple(clamped), tuple(pads)
 
 
-def make_tiling(segment: Segment, blocks: Sequence[int]) -> Tiling:
-    """The tiling of ``segment`` with these block sizes (one per output axis).
-
-    Raises :class:`~refute.errors.SegmentationError` for block sizes that do not fit the output,
-    and :class:`~refute.errors.UnprovableModel` if the segment cannot be cut that way."""
-    g = _graph(segment)
-    shape = _output_shape(g)
-    blocks = tuple(int(b) for b in blocks)
-    if len(blocks) != len(shape) or any(not 1 <= b <= d for b, d in zip(blocks, shape,
-                                                                          strict=True)):
+def _per_output(g: _Graph, blocks: Sequence[int] | Sequence[Sequence[int]]
+                ) -> tuple[tuple[int, ...], ...]:
+    """Block sizes per output, from either form :attr:`Tiling.blocks` takes: one size per axis
+    (for every output: they must then all have one rank) or one such list per output."""
+    shapes = [g.shape(o) for o in g.outputs]
+    items: list[object] = list(blocks)
+    try:
+        if all(isinstance(b, (int, np.integer)) for b in items):
+            per = [tuple(int(b) for b in blocks)] * len(shapes)  # type: ignore[arg-type]
+        else:
+            per = [tuple(int(x) for x in b) for b in blocks]  # type: ignore[union-attr]
+    except TypeError as exc:
+        raise SegmentationError(f"blocks {items} are neither sizes nor lists of sizes") from exc
+    if len(per) != len(shapes) or any(
+            len(b) != len(s) or any(not 1 <= x <= d for x, d in zip(b, s, strict=True))
+            for b, s in zip(per, shapes, strict=True)):
         raise SegmentationError(
-            f"blocks {list(blocks)} do not fit segment {g.index}'s output shape {list(shape)}")
+            f"blocks {items} do not fit segment {g.index}'s output shapes "
+            f"{[list(s) for s in shapes]}")
+    return tuple(per)
+
+
+def _tiles_of(g: _Graph, output: int, blocks: Sequence[int], first: int
+              ) -> tuple[list[Tile], TileCost]:
+    shape = g.shape(g.outputs[output])
     grid = [range(-(-d // b)) for d, b in zip(shape, blocks, strict=True)]
     tiles = []
+    cost: TileCost | None = None
     for k, position in enumerate(itertools.product(*grid)):
         owned, window = _windows(shape, blocks, position)
-        plan = _plan_or_refuse(g, window, f"in blocks {list(blocks)}")
-        regions = [_region(plan.boxes.get(x, _full(g.shape(x))), g.shape(x)) for x in g.inputs]
+        plan = _plan_or_refuse(g, output, window, f"in blocks {list(blocks)} of output {output}")
+        cost = cost or _estimate(g, output, plan)
+        read = tuple(j for j, x in enumerate(g.inputs) if x in plan.boxes)
+        regions = [_region(plan.boxes[g.inputs[j]], g.shape(g.inputs[j])) for j in read]
         tiles.append(Tile(
-            index=k, grid_position=tuple(position), outputs=(owned,) * len(g.outputs),
-            windows=(window,) * len(g.outputs), inputs=tuple(r for r, _ in regions),
-            input_pads=tuple(p for _, p in regions)))
-    input_shapes = {_padded_shapes(t) for t in tiles}
-    if len(input_shapes) != 1:  # every rule is translation-invariant; guard the invariant
-        raise SegmentationError(f"tiles of segment {g.index} would have different input shapes")
-    return Tiling(segment.index, segment.sha256, shape, blocks, input_shapes.pop(), tuple(tiles))
+            index=first + k, output_index=output, grid_position=tuple(position),
+            outputs=(owned,), windows=(window,), input_indices=read,
+            inputs=tuple(r for r, _ in regions), input_pads=tuple(p for _, p in regions)))
+    if len({(t.input_indices, t.input_shapes) for t in tiles}) != 1:
+        # every rule is translation-invariant; guard the invariant
+        raise SegmentationError(f"tiles of segment {g.index} output {output} would read "
+                                "different inputs or shapes")
+    assert cost is not None
+    return tiles, cost
 
 
-def _padded_shapes(tile: Tile) -> tuple[tuple[int, ...], ...]:
-    return tuple(
-        tuple(b - a + p0 + p1 for (a, b), (p0, p1) in zip(box, pads, strict=True))
-        for box, pads in zip(tile.inputs, tile.input_pads, strict=True)
-    )
+def make_tiling(segment: Segment, blocks: Sequence[int] | Sequence[Sequence[int]]) -> Tiling:
+    """The tiling of ``segment`` with these block sizes: one per output axis for a segment of
+    one output (or the same for every output), else one list per output (:attr:`Tiling.blocks`,
+    as the manifest records it).
+
+    Raises :class:`~refute.errors.SegmentationError` for block sizes that do not fit the
+    outputs, and :class:`~refute.errors.UnprovableModel` if the segment cannot be cut that way."""
+    g = _graph(segment)
+    per_output = _per_output(g, blocks)
+    tiles: list[Tile] = []
+    costs = []
+    for k, b in enumerate(per_output):
+        made, cost = _tiles_of(g, k, b, len(tiles))
+        tiles += made
+        costs.append(cost)
+    return Tiling(segment.index, segment.sha256, tuple(g.shape(o) for o in g.outputs),
+                  per_output, len(g.inputs), tuple(tiles), tuple(costs))
 
 
-def _cost(g: _Graph, blocks: Sequence[int]) -> int:
-    """Elements of one tile: input regions (padded) and output windows."""
-    plan = _propagate(g, tuple((0, b) for b in blocks))
-    regions = sum(math.prod(_sizes(plan.boxes.get(x, _full(g.shape(x))))) for x in g.inputs)
-    return regions + len(g.outputs) * math.prod(blocks)
+def _starts(d: int, b: int) -> list[int]:
+    return sorted({*range(0, d - b, b), d - b})
 
 
-def _block_candidates(g: _Graph, shape: Sequence[int], axis: int) -> list[int]:
-    """Block sizes the segment can be cut into along ``axis``, largest first (balanced: the
-    smallest block giving each tile count)."""
-    d = shape[axis]
-    sizes = sorted({-(-d // k) for k in range(1, d + 1)}, reverse=True)
-    valid = [d]
-    for b in sizes[1:]:
+class _Candidates:
+    """Balanced block sizes along one axis of one output, largest first, each checked (once,
+    when first asked) to cut the output there: every window along the axis, the other axes
+    whole, must be computable on its own (a Reshape that merges heads needs blocks of whole
+    heads or within one head, a Softmax its axis whole, …)."""
+
+    def __init__(self, g: _Graph, output: int, axis: int) -> None:
+        self.g, self.output, self.axis = g, output, axis
+        self.shape = g.shape(g.outputs[output])
+        d = self.shape[axis]
+        self.sizes = sorted({-(-d // k) for k in range(1, d + 1)}, reverse=True)
+        self.checked: dict[int, bool] = {0: True}
+        #: Why the first size refused was refused.
+        self.refused: str | None = None
+
+    def valid(self, j: int) -> bool:
+        if j not in self.checked:
+            b, d = self.sizes[j], self.shape[self.axis]
+            try:
+                for start in _starts(d, b):
+                    _propagate(self.g, self.output, tuple(
+                        (start, start + b) if a == self.axis else (0, n)
+                        for a, n in enumerate(self.shape)))
+                self.checked[j] = True
+            except _Unsplittable as exc:
+                self.checked[j] = False
+                self.refused = self.refused or str(exc)
+        return self.checked[j]
+
+    def after(self, j: int) -> int | None:
+        """The next valid size after position ``j``."""
+        return next((k for k in range(j + 1, len(self.sizes)) if self.valid(k)), None)
+
+
+def _block_candidates(g: _Graph, output: int, axis: int) -> list[int]:
+    """Block sizes output ``output`` can be cut into along ``axis`` (the other axes whole),
+    largest first (balanced: the smallest block giving each tile count)."""
+    cands = _Candidates(g, output, axis)
+    return [b for j, b in enumerate(cands.sizes) if cands.valid(j)]
+
+
+def _plan_output(g: _Graph, output: int, bound: int) -> tuple[int, ...]:
+    shape = g.shape(g.outputs[output])
+    _plan_or_refuse(g, output, _full(shape), f"at all (output {output})")
+    candidates = [_Candidates(g, output, a) for a in range(len(shape))]
+    choice = [0] * len(shape)
+
+    def blocks_of(chosen: Sequence[int]) -> list[int]:
+        return [c.sizes[i] for c, i in zip(candidates, chosen, strict=True)]
+
+    def cost_of(blocks: Sequence[int]) -> TileCost | None:
         try:
-            for start in (0, d - b):
-                _propagate(g, tuple((start, start + b) if a == axis else (0, n)
-                                    for a, n in enumerate(shape)))
+            return _estimate(g, output, _propagate(g, output, tuple((0, b) for b in blocks)))
         except _Unsplittable:
-            continue
-        valid.append(b)
-    return valid
+            return None
+
+    current = cost_of(blocks_of(choice))
+    assert current is not None
+    while current.rows > bound:
+        options = []
+        for axis, cands in enumerate(candidates):
+            nxt = cands.after(choice[axis])
+            if nxt is None:
+                continue
+            trial = list(choice)
+            trial[axis] = nxt
+            blocks = blocks_of(trial)
+            new = cost_of(blocks)
+            if new is not None and new.rows < current.rows:
+                tiles = math.prod(-(-d // b) for d, b in zip(shape, blocks, strict=True))
+                unit = blocks[axis] == 1
+                options.append((unit, new.rows * tiles, tiles, axis, nxt, new))
+        if not options:
+            why = next((c.refused for c in candidates if c.refused), None)
+            raise UnprovableModel(
+                f"segment {g.index} cannot be tiled under {bound:,} estimated circuit rows per "
+                f"tile: the smallest tile of its output {output} {list(shape)} (blocks "
+                f"{blocks_of(choice)}, as far as its operators allow) needs {current.rows:,} "
+                f"(it hashes {current.elements:,} elements)"
+                + (f"; smaller blocks: {why}" if why else ""))
+        *_, axis, nxt, current = min(options)
+        choice[axis] = nxt
+    # Greedy shrinking can overshoot on one axis while the bound was held up by another (a
+    # tile's rows are the larger of two regions): grow each axis back as far as the bound
+    # allows, fewest tiles first, until no axis can grow.
+    while True:
+        grown = []
+        for axis, cands in enumerate(candidates):
+            for j in range(choice[axis]):
+                if not cands.valid(j):
+                    continue
+                trial = list(choice)
+                trial[axis] = j
+                blocks = blocks_of(trial)
+                new = cost_of(blocks)
+                if new is not None and new.rows <= bound:
+                    tiles = math.prod(-(-d // b) for d, b in zip(shape, blocks, strict=True))
+                    grown.append((tiles, new.rows, axis, j))
+                    break
+        if not grown:
+            return tuple(blocks_of(choice))
+        _, _, axis, j = min(grown)
+        choice[axis] = j
 
 
-def plan_tiling(segment: Segment, max_tile_elements: int) -> Tiling:
-    """A tiling of ``segment`` whose tiles each hold at most ``max_tile_elements`` elements
-    (input regions plus output windows, see :attr:`Tiling.tile_elements`).
+def plan_tiling(segment: Segment, bound: int) -> Tiling:
+    """A tiling of ``segment`` whose every tile's adjudication circuit is estimated to need at
+    most ``bound`` EZKL rows (:class:`TileCost` ``rows``; :func:`rows_bound` gives the bound
+    for a number of logrows): the bound bounds circuit rows, not elements.
 
-    Starting from one whole tile, one axis block at a time is shrunk to the next balanced size,
-    taking the step that adds least total work (tile cost × tile count), until the bound holds.
+    Each output is tiled on its own (its tiles compute a window of it from the inputs that
+    window reads). Starting from one whole tile, one axis block at a time is shrunk to the
+    next balanced size the operators allow, taking the step that adds least total work (tile
+    rows × tile count), until the bound holds.
     A block of 1 along an axis longer than 1 is a last resort: ONNX Runtime runs a matrix
     product with one row or one column (and a depthwise Conv one column wide) by other kernels,
     whose sums round differently, so such tiles match the whole segment only to a few ULP
-    (the tolerance absorbs that; larger blocks match bit for bit).
+    (the tolerance absorbs that; larger blocks match bit for bit). EZKL also lays a one-row
+    matrix product out one multiply-accumulate a cell, so such tiles cost more rows.
     Raises :class:`~refute.errors.UnprovableModel` naming the operator when the segment cannot
     be tiled, or when even its smallest tile exceeds the bound.
     """
-    if max_tile_elements < 1:
-        raise SegmentationError("the tile bound must be at least one element")
+    if bound < 1:
+        raise SegmentationError("the tile bound must be at least one row")
     g = _graph(segment)
-    shape = _output_shape(g)
-    _plan_or_refuse(g, _full(shape), "at all")
-    candidates = [_block_candidates(g, shape, a) for a in range(len(shape))]
-    choice = [0] * len(shape)
-    cost = _cost(g, shape)
-    while cost > max_tile_elements:
-        options = []
-        for axis, cands in enumerate(candidates):
-            if choice[axis] + 1 < len(cands):
-                trial = [c[i] for c, i in zip(candidates, choice, strict=True)]
-                trial[axis] = cands[choice[axis] + 1]
-                tiles = math.prod(-(-d // b) for d, b in zip(shape, trial, strict=True))
-                new = _cost(g, trial)
-                if new < cost:
-                    unit = trial[axis] == 1
-                    options.append((unit, new * tiles, tiles, axis, new))
-        if not options:
-            raise UnprovableModel(
-                f"segment {g.index} cannot be tiled under {max_tile_elements} elements per "
-                f"tile: its smallest tile holds {cost} (axes {list(shape)} split as far as "
-                f"its operators allow)")
-        *_, axis, cost = min(options)
-        choice[axis] += 1
-    return make_tiling(segment, [c[i] for c, i in zip(candidates, choice, strict=True)])
+    return make_tiling(segment, [list(_plan_output(g, k, bound)) for k in range(len(g.outputs))])
 
 
-def tile_at(tiling: Tiling, position: Sequence[int]) -> Tile:
-    """The tile that owns the output element at ``position`` (an index per output axis), e.g.
-    where a challenger's own execution differs most."""
-    if len(position) != len(tiling.output_shape) or any(
-            not 0 <= p < d for p, d in zip(position, tiling.output_shape, strict=True)):
-        raise InputError(f"position {list(position)} is outside the output "
-                         f"{list(tiling.output_shape)}")
-    grid = tiling.grid
+def tile_at(tiling: Tiling, position: Sequence[int], output: int = 0) -> Tile:
+    """The tile that owns the element at ``position`` (an index per axis) of output
+    ``output``, e.g. where a challenger's own execution differs most."""
+    if not 0 <= output < len(tiling.output_shapes):
+        raise InputError(f"the segment has outputs 0..{len(tiling.output_shapes) - 1}, "
+                         f"not {output}")
+    shape = tiling.output_shapes[output]
+    if len(position) != len(shape) or any(
+            not 0 <= p < d for p, d in zip(position, shape, strict=True)):
+        raise InputError(f"position {list(position)} is outside output {output} "
+                         f"{list(shape)}")
     flat = 0
-    for p, b, n in zip(position, tiling.blocks, grid, strict=True):
+    for p, b, n in zip(position, tiling.output_blocks[output], tiling.grids[output],
+                       strict=True):
         flat = flat * n + p // b
-    return tiling.tiles[flat]
+    return tiling.tiles[tiling.first_tiles[output] + flat]
 
 
 # --- tile models ---------------------------------------------------------------------------
@@ -807,27 +1169,29 @@ class _Builder:
 
 
 def tile_model(segment: Segment, tiling: Tiling, tile: Tile) -> ModelProto:
-    """The standalone ONNX model of one tile: its inputs are the segment's inputs cut to the
-    tile's regions (same names, float32, shapes :attr:`Tiling.input_shapes`), its outputs the
-    segment's outputs cut to the tile's windows (same names as ``segment.graph_outputs``).
+    """The standalone ONNX model of one tile: its inputs are the segment inputs the tile reads
+    (:attr:`Tile.input_indices`, same names, float32, cut to the tile's regions: shapes
+    :attr:`Tile.input_shapes`), its one output the segment output :attr:`Tile.output_index`
+    cut to the tile's window (named as in ``segment.graph_outputs``).
 
     Tiles whose weight slices are equal (e.g. every spatial tile of one channel block) get the
     same bytes, so circuits cached by content hash are shared among them."""
     g = _check_tile(segment, tiling, tile)
-    plan = _plan_or_refuse(g, tile.windows[0], f"as tile {tile.index}")
+    window = tile.windows[0]
+    plan = _plan_or_refuse(g, tile.output_index, window, f"as tile {tile.index}")
     builder = _Builder(g, plan)
     for step in plan.steps:
         builder.add(step)
-    outputs = []
-    for produced, window in zip(g.outputs, tile.windows, strict=True):
-        name = produced
-        if plan.boxes[produced] != window:  # the output also feeds a node that reads more of it
-            name = builder.fresh(f"{produced}::tile_out")
-            builder.nodes.append(helper.make_node(
-                "Identity", [builder.activation(produced, window)], [name], name=name))
-        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, _sizes(window)))
-    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(s))
-              for x, s in zip(g.inputs, tiling.input_shapes, strict=True)]
+    produced = g.outputs[tile.output_index]
+    name = produced
+    if plan.boxes[produced] != window or produced in g.inputs:
+        # the output also feeds a node that reads more of it, or is an input passed through
+        name = builder.fresh(f"{produced}::tile_out")
+        builder.nodes.append(helper.make_node(
+            "Identity", [builder.activation(produced, window)], [name], name=name))
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, _sizes(window))]
+    inputs = [helper.make_tensor_value_info(g.inputs[j], TensorProto.FLOAT, list(s))
+              for j, s in zip(tile.input_indices, tile.input_shapes, strict=True)]
     graph = helper.make_graph(builder.nodes, f"refute_segment_{g.index}_tile",
                               inputs, outputs, initializer=list(builder.initializers.values()))
     return standalone_model(graph, opset_imports=g.model.opset_import,
@@ -837,14 +1201,14 @@ def tile_model(segment: Segment, tiling: Tiling, tile: Tile) -> ModelProto:
 
 def tile_segment(segment: Segment, tiling: Tiling, tile: Tile) -> Segment:
     """The tile as a :class:`~refute.segmentation.Segment` (its model, with input and output
-    specs of the tile's shapes), so that whatever takes a segment (``run_segment``, the
-    adjudication graph) takes a tile."""
+    specs of the tile's shapes: the inputs it reads, its one output), so that whatever takes a
+    segment (``run_segment``, the adjudication graph) takes a tile."""
     model = tile_model(segment, tiling, tile)
     return replace(
         segment,
-        inputs=tuple(replace(s, shape=shape)
-                     for s, shape in zip(segment.inputs, tiling.input_shapes, strict=True)),
-        outputs=tuple(replace(s, shape=tiling.blocks) for s in segment.outputs),
+        inputs=tuple(replace(segment.inputs[j], shape=shape)
+                     for j, shape in zip(tile.input_indices, tile.input_shapes, strict=True)),
+        outputs=(replace(segment.outputs[tile.output_index], shape=tile.output_shape),),
         onnx_bytes=serialize(model),
         graph_outputs=tuple(o.name for o in model.graph.output),
     )
@@ -859,35 +1223,36 @@ def _check_arrays(what: str, arrays: Sequence[np.ndarray], count: int) -> None:
 
 
 def cut_input(tiling: Tiling, tile: Tile, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The tile's inputs: each segment input (state i-1, in state order) cut to the tile's
-    region and zero-padded to the tile's input shape."""
-    _check_arrays("input", inputs, len(tiling.input_shapes))
+    """The tile model's inputs, in its input order: of the segment's inputs (state i-1, every
+    tensor, in state order), those the tile reads (:attr:`Tile.input_indices`), each cut to the
+    tile's region and zero-padded to the tile's input shape."""
+    _check_arrays("input", inputs, tiling.input_count)
     cut = []
-    for array, box, pads in zip(inputs, tile.inputs, tile.input_pads, strict=True):
-        part = np.asarray(array)[tuple(slice(a, b) for a, b in box)]
+    for j, box, pads in zip(tile.input_indices, tile.inputs, tile.input_pads, strict=True):
+        part = np.asarray(inputs[j])[tuple(slice(a, b) for a, b in box)]
         cut.append(np.pad(part, pads) if any(p for pair in pads for p in pair) else part.copy())
     return cut
 
 
 def cut_output(tiling: Tiling, tile: Tile, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The tile's window of each segment output (state i, in state order): what its tile model
-    computes."""
-    _check_arrays("output", outputs, len(tile.windows))
-    return [np.asarray(a)[tuple(slice(s, e) for s, e in w)].copy()
-            for a, w in zip(outputs, tile.windows, strict=True)]
+    """What the tile model outputs: of the segment's outputs (state i, every tensor, in state
+    order), the tile's window of output :attr:`Tile.output_index` (a one-element list)."""
+    _check_arrays("output", outputs, len(tiling.output_shapes))
+    window = tile.windows[0]
+    return [np.asarray(outputs[tile.output_index])[tuple(slice(s, e) for s, e in window)].copy()]
 
 
 def place_output(tiling: Tiling, tile: Tile, tile_outputs: Sequence[np.ndarray],
                  into: Sequence[np.ndarray]) -> None:
-    """Write the part of a tile model's outputs that the tile owns into the full outputs
-    ``into`` (in place); placing every tile rebuilds the segment's output."""
-    _check_arrays("output", tile_outputs, len(tile.windows))
-    _check_arrays("output", into, len(tile.windows))
-    for full, part, owned, window in zip(into, tile_outputs, tile.outputs, tile.windows,
-                                         strict=True):
-        inside = tuple(slice(o0 - w0, o1 - w0) for (o0, o1), (w0, _) in zip(owned, window,
-                                                                            strict=True))
-        full[tuple(slice(a, b) for a, b in owned)] = np.asarray(part)[inside]
+    """Write the part of a tile model's output that the tile owns into the segment's outputs
+    ``into`` (every tensor of state i, in place); placing every tile rebuilds them."""
+    _check_arrays("tile output", tile_outputs, 1)
+    _check_arrays("output", into, len(tiling.output_shapes))
+    owned, window = tile.outputs[0], tile.windows[0]
+    inside = tuple(slice(o0 - w0, o1 - w0) for (o0, o1), (w0, _) in zip(owned, window,
+                                                                        strict=True))
+    into[tile.output_index][tuple(slice(a, b) for a, b in owned)] = \
+        np.asarray(tile_outputs[0])[inside]
 
 
 def tile_difference_units(executor: DeterministicExecutor, segment: Segment,
@@ -913,7 +1278,10 @@ def recorded_tiling(entry: Mapping[str, Any], segment: Segment) -> Tiling | None
     if recorded is None:
         return None
     try:
-        tiling = make_tiling(segment, [int(b) for b in recorded["blocks"]])
+        blocks = recorded["blocks"]
+        tiling = make_tiling(segment, [[int(x) for x in b] for b in blocks]
+                             if blocks and isinstance(blocks[0], list)
+                             else [int(b) for b in blocks])
     except (KeyError, TypeError, ValueError, RefuteError) as exc:
         raise BundleError(f"segment {segment.index}: the manifest's tiling does not rebuild: "
                           f"{exc}"[:300]) from exc
@@ -936,10 +1304,10 @@ def segment_tiling(circuits: Sequence[Mapping[str, Any]] | None,
 
 def worst_tile(tiling: Tiling, own: Sequence[np.ndarray], claimed: Sequence[np.ndarray]) -> Tile:
     """The tile owning the element where ``claimed`` (a segment's output state) differs most
-    from ``own`` (the challenger's own execution): the tile an honest challenger names. A
-    non-finite claim counts as the largest difference."""
-    best: tuple[float, tuple[int, ...]] | None = None
-    for mine, theirs in zip(own, claimed, strict=True):
+    from ``own`` (the challenger's own execution), over every output: the tile an honest
+    challenger names. A non-finite claim counts as the largest difference."""
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    for k, (mine, theirs) in enumerate(zip(own, claimed, strict=True)):
         diff = np.abs(np.asarray(mine, np.float64) - np.asarray(theirs, np.float64))
         diff = np.where(np.isfinite(diff), diff, np.inf)
         if diff.size == 0:
@@ -947,10 +1315,10 @@ def worst_tile(tiling: Tiling, own: Sequence[np.ndarray], claimed: Sequence[np.n
         flat = int(np.argmax(diff))
         position = tuple(int(p) for p in np.unravel_index(flat, diff.shape))
         if best is None or diff.flat[flat] > best[0]:
-            best = (float(diff.flat[flat]), position)
+            best = (float(diff.flat[flat]), k, position)
     if best is None:
         return tiling.tiles[0]
-    return tile_at(tiling, best[1])
+    return tile_at(tiling, best[2], best[1])
 
 
 def tile_counts(circuits: Sequence[Mapping[str, Any]] | None,

@@ -25,7 +25,7 @@ from tests.conftest import SHARED_MODELS
 from tests.hostile_models import HOSTILE
 from tests.servers import postgres_server, redis_server
 from tests.signing import signed_result as _signed
-from verifier.api.app import MAX_BODY_BYTES, create_app
+from verifier.api.app import create_app, model_body_bytes
 from verifier.db import migrate
 from verifier.service import ServiceContext
 
@@ -132,8 +132,9 @@ def test_model_registration_refusals(api: Api) -> None:
     reason = _error(api.client.post("/v1/models", headers=headers, json={
         "onnx_base64": base64.b64encode(builder()).decode()}), 422)
     assert "allowlist" in reason, case_id
+    limit = model_body_bytes(api.settings)
     big = api.client.post("/v1/models", headers={**headers,
-                          "Content-Length": str(MAX_BODY_BYTES + 1)}, content=b"{}")
+                          "Content-Length": str(limit + 1)}, content=b"{}")
     _error(big, 413)
 
 

@@ -91,6 +91,11 @@ def _conv(
     return _segment(nodes, {"x": [1, c_in, size, size]}, last, weights)
 
 
+def _whole_rows(segment: Segment) -> int:
+    """The estimated rows of the segment as one tile."""
+    return make_tiling(segment, [list(o.shape) for o in segment.outputs]).tile_rows
+
+
 # --- the check every case runs -------------------------------------------------------------
 
 
@@ -98,27 +103,31 @@ def _assert_exact(executor: DeterministicExecutor, segment: Segment, tiling: Til
                   seed: int = 0, *, atol: float = 0.0) -> None:
     """Every tile model, on its cut input, gives exactly (bit for bit; within ``atol`` if given)
     its window of the whole segment's output; the owned slices cover the output exactly once;
-    every tile has one input and output shape."""
+    every tile of one output has one input and output shape."""
     state = _state(segment, seed)
     whole = run_segment(executor, segment, state)
     rebuilt = [np.full_like(w, np.nan) for w in whole]
     covered = [np.zeros(w.shape, dtype=np.int64) for w in whole]
+    shapes: dict[int, set[object]] = {}
     for tile in tiling.tiles:
         inputs = cut_input(tiling, tile, state)
-        assert [x.shape for x in inputs] == list(tiling.input_shapes)
+        assert [x.shape for x in inputs] == list(tile.input_shapes)
+        shapes.setdefault(tile.output_index, set()).add((tile.input_indices, tile.input_shapes))
         sub = tile_segment(segment, tiling, tile)
         got = run_segment(executor, sub, inputs)
         expected = cut_output(tiling, tile, whole)
+        assert len(got) == len(expected) == 1
         for g, e in zip(got, expected, strict=True):
-            assert g.shape == tiling.blocks
+            assert g.shape == tiling.output_blocks[tile.output_index] == tile.output_shape
             if atol:
                 np.testing.assert_allclose(g, e, rtol=0, atol=atol)
             else:
                 assert g.tobytes() == e.tobytes(), f"tile {tile.index} differs"
         place_output(tiling, tile, got, rebuilt)
-        for count, owned in zip(covered, tile.outputs, strict=True):
-            count[tuple(slice(a, b) for a, b in owned)] += 1
-        assert tile_at(tiling, [a for a, _ in tile.outputs[0]]) == tile
+        covered[tile.output_index][tuple(slice(a, b) for a, b in tile.outputs[0])] += 1
+        assert tile_at(tiling, [a for a, _ in tile.outputs[0]], tile.output_index) == tile
+    assert all(len(v) == 1 for v in shapes.values())
+    assert sorted(shapes) == list(range(len(whole)))
     assert all((c == 1).all() for c in covered)
     for r, w in zip(rebuilt, whole, strict=True):
         assert not np.isnan(r).any()
@@ -145,9 +154,9 @@ def test_conv_tiles_are_exact(
     build: Callable[[], Segment], executor: DeterministicExecutor
 ) -> None:
     segment = build()
-    out = segment.outputs[0].size
-    tiling = plan_tiling(segment, max_tile_elements=out // 3)
-    assert len(tiling.tiles) > 1 and tiling.tile_elements <= out // 3
+    bound = _whole_rows(segment) // 3
+    tiling = plan_tiling(segment, bound)
+    assert len(tiling.tiles) > 1 and tiling.tile_rows <= bound
     _assert_exact(executor, segment, tiling)
 
 
@@ -217,23 +226,40 @@ def test_explicit_pad_before_a_strided_conv(executor: DeterministicExecutor) -> 
     _assert_exact(executor, segment, tiling)
 
 
-def test_two_outputs_one_read_more_widely(executor: DeterministicExecutor) -> None:
-    """Outputs c and Transpose(c): a window of rows of y reads columns of c, so the tile
-    computes more of c than its own window and cuts the output from it."""
+def test_two_outputs_are_tiled_each_on_its_own(executor: DeterministicExecutor) -> None:
+    """Outputs c and Transpose(c): the tiles of c, then those of y; a window of rows of y reads
+    columns of x."""
     nodes = [helper.make_node("Relu", ["x"], ["c"]),
              helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 1])]
     segment = _segment(nodes, {"x": [1, 6, 6]}, ["c", "y"])
     tiling = make_tiling(segment, [1, 2, 6])
-    assert tiling.input_shapes == ((1, 6, 6),)
+    assert [t.output_index for t in tiling.tiles] == [0] * 3 + [1] * 3
+    assert tiling.blocks == ((1, 2, 6), (1, 2, 6))
+    assert tiling.tiles[0].inputs == (((0, 1), (0, 2), (0, 6)),)
+    assert tiling.tiles[3].inputs == (((0, 1), (0, 6), (0, 2)),)
     _assert_exact(executor, segment, tiling)
+    assert tiling.to_json()["blocks"] == [[1, 2, 6], [1, 2, 6]]
+    assert make_tiling(segment, [[1, 2, 6], [1, 2, 6]]) == tiling
 
 
-def test_outputs_of_different_shapes_are_refused() -> None:
+def test_outputs_of_different_shapes_and_a_passthrough(executor: DeterministicExecutor) -> None:
+    """A residual passed straight through, a row sum and a tensor of another shape: each
+    output has its blocks and its tiles read only the inputs their windows depend on."""
     nodes = [helper.make_node("Relu", ["x"], ["c"]),
-             helper.make_node("ReduceSum", ["c", "axes"], ["y"], keepdims=1)]
-    segment = _segment(nodes, {"x": [1, 6, 4]}, ["c", "y"], {"axes": np.array([2], np.int64)})
-    with pytest.raises(UnprovableModel, match="outputs have different shapes"):
-        plan_tiling(segment, max_tile_elements=10)
+             helper.make_node("ReduceSum", ["c", "axes"], ["y"], keepdims=1),
+             helper.make_node("Identity", ["r"], ["r_out"])]
+    segment = _segment(nodes, {"x": [1, 6, 4], "r": [1, 6, 8]}, ["r_out", "c", "y"],
+                       {"axes": np.array([2], np.int64)})
+    tiling = plan_tiling(segment, 41 * 20 + 4)
+    assert [len(b) for b in tiling.output_blocks] == [3, 3, 3]
+    by_output = {t.output_index: t for t in tiling.tiles}
+    assert by_output[0].input_indices == (1,) and by_output[1].input_indices == (0,)
+    assert tiling.output_blocks[2][2] == 1 and tiling.tile_rows <= 41 * 20 + 4
+    _assert_exact(executor, segment, tiling)
+    record = tiling.to_json()
+    assert record["inputs"] == [[1], [0], [0]]
+    again = make_tiling(segment, record["blocks"])  # type: ignore[arg-type]
+    assert again == tiling
 
 
 # --- matrix products and row-wise operators ------------------------------------------------
@@ -244,7 +270,7 @@ def test_gemm_with_bias_and_relu(executor: DeterministicExecutor) -> None:
              helper.make_node("Relu", ["g"], ["y"])]
     weights = {"w": _weights([12, 16]), "b": _weights([12], seed=2)}
     segment = _segment(nodes, {"x": [6, 16]}, "y", weights)
-    tiling = plan_tiling(segment, max_tile_elements=60)
+    tiling = plan_tiling(segment, _whole_rows(segment) // 2)
     assert tiling.split_axes
     _assert_exact(executor, segment, tiling)
     _assert_exact(executor, segment, make_tiling(segment, [4, 5]))
@@ -263,7 +289,7 @@ def test_matmul_on_tokens(executor: DeterministicExecutor) -> None:
     weights = {"w": _weights([32, 24]), "b": _weights([24], seed=2),
                "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32)}
     segment = _segment(nodes, {"x": [1, 10, 32]}, "y", weights)
-    tiling = plan_tiling(segment, max_tile_elements=200)
+    tiling = plan_tiling(segment, make_tiling(segment, [1, 5, 24]).tile_rows)
     assert tiling.grid[1] > 1
     _assert_exact(executor, segment, tiling)
     _assert_exact(executor, segment, make_tiling(segment, [1, 3, 7]))
@@ -275,7 +301,7 @@ def test_elementwise_chain(executor: DeterministicExecutor) -> None:
              helper.make_node("Tanh", ["b"], ["y"])]
     weights = {"k": np.array(0.5, np.float32), "bias": _weights([7])}
     segment = _segment(nodes, {"x": [2, 5, 7]}, "y", weights)
-    tiling = plan_tiling(segment, max_tile_elements=20)
+    tiling = plan_tiling(segment, make_tiling(segment, [1, 1, 7]).tile_rows)
     assert len(tiling.tiles) >= 7
     _assert_exact(executor, segment, tiling)
 
@@ -283,20 +309,21 @@ def test_elementwise_chain(executor: DeterministicExecutor) -> None:
 def test_softmax_keeps_last_axis_whole(executor: DeterministicExecutor) -> None:
     segment = _segment([helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
                        {"x": [1, 6, 10]}, "y")
-    tiling = plan_tiling(segment, max_tile_elements=39)
+    tiling = plan_tiling(segment, 41 * 20 + 4)
     assert tiling.blocks == (1, 1, 10) and len(tiling.tiles) == 6
     _assert_exact(executor, segment, tiling)
     with pytest.raises(UnprovableModel, match="Softmax"):
         make_tiling(segment, [1, 6, 5])
-    with pytest.raises(UnprovableModel, match="smallest tile holds 20"):
-        plan_tiling(segment, max_tile_elements=19)
+    with pytest.raises(UnprovableModel, match=r"needs 824 \(it hashes 20 elements\); smaller "
+                                              r"blocks: Softmax"):
+        plan_tiling(segment, 41 * 20 + 3)
 
 
 def test_layer_normalization(executor: DeterministicExecutor) -> None:
     nodes = [helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1)]
     weights = {"scale": _weights([16]), "bias": _weights([16], seed=2)}
     segment = _segment(nodes, {"x": [1, 6, 16]}, "y", weights)
-    tiling = plan_tiling(segment, max_tile_elements=70)
+    tiling = plan_tiling(segment, 41 * 64 + 4)
     assert tiling.blocks == (1, 2, 16)
     _assert_exact(executor, segment, tiling)
 
@@ -317,11 +344,14 @@ def test_reduce_mean_and_transpose(executor: DeterministicExecutor) -> None:
 
 
 def test_reshape_mixing_axes_is_refused() -> None:
+    """[4, 6] to [3, 8] neither merges nor splits axes: only whole blocks."""
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("Reshape", ["r", "shape"], ["y"])]
-    segment = _segment(nodes, {"x": [1, 4, 6]}, "y", {"shape": np.array([1, 24], np.int64)})
-    with pytest.raises(UnprovableModel, match=r"Reshape .* mixes axes.*cut the model"):
-        plan_tiling(segment, max_tile_elements=10)
+    segment = _segment(nodes, {"x": [1, 4, 6]}, "y", {"shape": np.array([1, 3, 8], np.int64)})
+    with pytest.raises(UnprovableModel, match=r"smaller blocks: Reshape .* mixes axes"):
+        plan_tiling(segment, 500)
+    with pytest.raises(UnprovableModel, match=r"Reshape .* mixes axes"):
+        make_tiling(segment, [1, 1, 8])
 
 
 def test_padding_of_a_computed_tensor_is_refused() -> None:
@@ -329,15 +359,16 @@ def test_padding_of_a_computed_tensor_is_refused() -> None:
              helper.make_node("Conv", ["r", "w"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)]
     segment = _segment(nodes, {"x": [1, 2, 6, 6]}, "y", {"w": _weights([2, 2, 3, 3])})
     with pytest.raises(UnprovableModel, match="only the segment's inputs can be padded"):
-        plan_tiling(segment, max_tile_elements=10)
+        plan_tiling(segment, 10)
 
 
 def test_bound_is_respected_and_shrinking_it_adds_tiles() -> None:
     segment = _conv(3, 8, 16, after=["Relu"])
     counts = []
-    for bound in (4000, 2000, 1000, 500, 250):
-        tiling = plan_tiling(segment, max_tile_elements=bound)
-        assert tiling.tile_elements <= bound
+    whole = _whole_rows(segment)
+    for bound in (whole, whole // 2, whole // 4, whole // 8, whole // 16):
+        tiling = plan_tiling(segment, bound)
+        assert tiling.tile_rows <= bound
         assert len({tuple(t.windows[0][a][1] - t.windows[0][a][0] for a in range(4))
                     for t in tiling.tiles}) == 1
         counts.append(len(tiling.tiles))
@@ -408,14 +439,14 @@ def test_the_registration_report_says_what_tiling_could_do() -> None:
     from prover.report import tiling_outlook
 
     segment = _conv(3, 8, 16, after=["Relu"])
-    outlook = tiling_outlook(segment, peak_bytes=16 * 2**30, budget=2**30)
+    outlook = tiling_outlook(segment, budget=2**30, max_logrows=20)
     match = re.fullmatch(r"nor did its tiles fit \(from (\d+) tiles of output block \[1, (\d+), "
-                         r"(\d+), (\d+)\], down to a quarter of that size 3 times\)", outlook)
+                         r"(\d+), (\d+)\] planned for 2\^15 rows, down to 2\^12\)", outlook)
     assert match is not None, outlook
     assert int(match[1]) > 1
-    assert tiling_outlook(segment, peak_bytes=2**60, budget=1).startswith(
-        "it cannot be tiled either: ")
+    assert tiling_outlook(segment, budget=1, max_logrows=20).startswith(
+        "it cannot be tiled within the budget either: ")
     reshaping = _segment([helper.make_node("Relu", ["x"], ["r"]),
                           helper.make_node("Reshape", ["r", "shape"], ["y"])],
-                         {"x": [1, 4, 6]}, "y", {"shape": np.array([1, 24], np.int64)})
-    assert "Reshape" in tiling_outlook(reshaping, peak_bytes=2**34, budget=2**33)
+                         {"x": [1, 4, 6]}, "y", {"shape": np.array([1, 6, 4], np.int64)})
+    assert "Reshape" in tiling_outlook(reshaping, budget=70 * 10**6, max_logrows=20)

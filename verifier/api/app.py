@@ -7,7 +7,7 @@ answers: unknown routes (404), wrong methods (405), validation errors (422), and
 failures (500). Every request has one id (``X-Request-ID``, see
 :mod:`verifier.api.middleware`); a 5xx is logged with it, with the traceback, and its reason
 ends with it. The pure ASGI :class:`~verifier.api.middleware.Guard` counts the body bytes
-actually received (chunked or not) and answers 413 past :data:`MAX_BODY_BYTES`, and checks the
+actually received (chunked or not) and answers 413 past :func:`large_bodies`, and checks the
 nesting of every JSON body before a route decodes it.
 """
 
@@ -36,6 +36,7 @@ from challenge.records import Network, RegisteredModel, Result, SpotCheck
 from refute.disclosure import state_record_length
 from refute.errors import ExecutionError, InputError, ModelRejected, RefuteError, ServerFault
 from refute.manifest import Manifest
+from refute.settings import Settings
 from verifier.accounts import add_api_key, authenticate, create_network
 from verifier.api.middleware import BodyTooLarge, Guard, LargeBody, request_id, scope_route
 from verifier.api.readiness import readiness
@@ -61,17 +62,28 @@ from verifier.results import attach_trace, list_results, owned_model, owned_resu
 from verifier.service import ServiceContext, owed_segments
 from verifier.webhooks import list_deliveries, register_endpoint
 
-#: Largest body of the routes that take large ones (model registration, trace upload).
-MAX_BODY_BYTES = 64 * 2**20
 #: Largest body of every other route (a result with 4,097 leaves is ~0.3 MiB).
 MAX_SMALL_BODY_BYTES = 2**20
-#: The routes whose bodies may be large; registration needs a well-formed API key header before
-#: its body is read (its body is decoded before authentication runs).
-LARGE_BODIES = (
-    LargeBody("POST", re.compile(r"/v1/models"), MAX_BODY_BYTES, key_header="x-api-key"),
-    LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states|states/[0-9]+)"),
-              MAX_BODY_BYTES),
-)
+
+
+def model_body_bytes(settings: Settings) -> int:
+    """Largest registration body: a model of ``max_model_bytes`` in base64 (4/3 of it) plus
+    1 MiB for the rest of the JSON (calibration inputs, pins)."""
+    return -(-settings.max_model_bytes * 4 // 3) + 2**20
+
+
+def large_bodies(settings: Settings) -> tuple[LargeBody, ...]:
+    """The routes whose bodies may be large, with their limits: registration up to
+    :func:`model_body_bytes` (it needs a well-formed API key header before its body is read:
+    its body is decoded before authentication runs), trace and state uploads up to
+    ``max_upload_bytes``."""
+    return (
+        LargeBody("POST", re.compile(r"/v1/models"), model_body_bytes(settings),
+                  key_header="x-api-key"),
+        LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states|states/[0-9]+)"),
+                  settings.max_upload_bytes),
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +215,8 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
             session.execute(update(Result).where(Result.id == result_id)
                             .values(spot_queued_at=ctx.clock.now()))
 
-    app.add_middleware(Guard, max_body_bytes=MAX_SMALL_BODY_BYTES, large=LARGE_BODIES,
+    app.add_middleware(Guard, max_body_bytes=MAX_SMALL_BODY_BYTES,
+                       large=large_bodies(ctx.settings),
                        key_ok=is_api_key, observe=_observe)
 
     @app.exception_handler(RefuteError)
@@ -516,10 +529,11 @@ def _openapi_builder(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-async def _read_limited(request: Request, *, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes (at most
-    :data:`MAX_BODY_BYTES`; the guard middleware answers 413 first for that one)."""
-    limit = min(limit, MAX_BODY_BYTES)
+async def _read_limited(request: Request, *, limit: int | None = None) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes (at most the settings'
+    ``max_upload_bytes``, the default; the guard middleware answers 413 first for that one)."""
+    ceiling = request.app.state.ctx.settings.max_upload_bytes
+    limit = ceiling if limit is None else min(limit, ceiling)
     chunks = []
     size = 0
     async for chunk in request.stream():
