@@ -270,9 +270,18 @@ class CalibrationRules:
             elements * ROWS_PER_ELEMENT > 2**self.max_logrows
 
 
+#: Most tile models of one tile shape calibrated in EZKL (spread over the shape's models, the
+#: first and last included); the others take their settings and largest τ.
+MODEL_SAMPLES = 3
 #: Most tiles of one tile model whose honest slices calibrate τ (spread over the tiling, the
 #: first and last included): every tile's witness costs an EZKL run per calibration input.
 TILE_SAMPLES = 8
+
+
+def _spread(items: Sequence[Any], count: int) -> list[Any]:
+    """Up to ``count`` of ``items`` spread evenly over them, the first and last included."""
+    return [items[i] for i in sorted({round(j * (len(items) - 1) / max(count - 1, 1))
+                                      for j in range(min(count, len(items)))})]
 
 
 def calibrate_tiled_segment(
@@ -281,14 +290,18 @@ def calibrate_tiled_segment(
     runs: Sequence[Sequence[Sequence[np.ndarray]]],
     rules: CalibrationRules,
 ) -> SegmentCalibration:
-    """Calibrate a segment proven on tiles of ``blocks`` (:func:`refute.tiling.make_tiling`):
-    each distinct tile model (tiles whose weight slices differ have models of their own) is
-    calibrated like a segment, on the honest slices of up to :data:`TILE_SAMPLES` of its tiles
-    in every calibration run; τ is the largest of theirs, so that it holds for the tiles
-    sampled. EZKL's settings search runs once per tile shape (the tiles of one output, whose
-    models read the same input shapes): the other models of that shape (other weights) are
-    compiled with its settings, and searched again only when those do not run their samples.
-    A tile model that cannot be proven makes the segment unprovable, with its reason."""
+    """Calibrate a segment proven on tiles of ``blocks`` (:func:`refute.tiling.make_tiling`).
+
+    Tiles whose weight slices differ have tile models of their own, grouped by tile shape
+    (the output a tile computes and the input shapes it reads). In each group, up to
+    :data:`MODEL_SAMPLES` models spread over it are calibrated like a segment, on the honest
+    slices of up to :data:`TILE_SAMPLES` of their tiles in every calibration run: EZKL's
+    settings search runs on the group's first model, the others are compiled with its settings
+    (and searched again only when those do not run their samples). The group's other models
+    (a GPT-2 MLP segment has a hundred column blocks) take the group's settings and its largest
+    τ, and the manifest records them as ``"calibrated": false``: a registration costs minutes
+    per tile shape, not per column block. τ of the segment is the largest of all. A tile model
+    that cannot be proven makes the segment unprovable, with its reason."""
     start = time.monotonic()
     index = segment.index
     tiling = make_tiling(segment, blocks)
@@ -296,31 +309,40 @@ def calibrate_tiled_segment(
     for t in tiling.tiles:
         graph = adjudication_bytes(tile_segment(segment, tiling, t))
         by_model.setdefault(hashlib.sha256(graph).hexdigest(), (graph, []))[1].append(t.index)
-    models: list[dict[str, Any]] = []
-    worst: SegmentCalibration | None = None
-    #: Per tile shape, the settings of its first model, tried on the others of that shape.
-    shared: dict[tuple[object, ...], dict[str, Any]] = {}
-    for digest, (graph, members) in by_model.items():
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for digest, (_, members) in by_model.items():
         first = tiling.tiles[members[0]]
         shape = (first.output_index, first.input_indices, first.input_shapes,
                  first.output_shape)
-        picked = sorted({members[round(j * (len(members) - 1) / max(TILE_SAMPLES - 1, 1))]
-                         for j in range(min(TILE_SAMPLES, len(members)))})
-        samples = [(cut_input(tiling, tiling.tiles[t], run[index - 1]),
-                    cut_output(tiling, tiling.tiles[t], run[index]))
-                   for run in runs for t in picked]
-        found = rules.segment(graph, index, samples, settings=shared.get(shape))
-        if shape in shared and found.settings is None:  # its values need settings of its own
-            found = rules.segment(graph, index, samples)
-        if found.settings is None or found.tolerance is None:
-            return replace(found, reason=f"tile model of tiles {members[:3]}…: {found.reason}",
-                           seconds=time.monotonic() - start)
-        models.append({"sha256": digest, "settings": found.settings,
-                       "tolerance": found.tolerance, "tiles": len(members)})
-        shared.setdefault(shape, found.settings)
-        if worst is None or (found.tolerance, found.logrows or 0) > (
-                worst.tolerance or 0, worst.logrows or 0):
-            worst = found
+        groups.setdefault(shape, []).append(digest)
+    models: list[dict[str, Any]] = []
+    worst: SegmentCalibration | None = None
+    for digests in groups.values():
+        shared: dict[str, Any] | None = None  # the group's first settings, tried on the others
+        group_tau = 0
+        for digest in _spread(digests, MODEL_SAMPLES):
+            graph, members = by_model[digest]
+            samples = [(cut_input(tiling, tiling.tiles[t], run[index - 1]),
+                        cut_output(tiling, tiling.tiles[t], run[index]))
+                       for run in runs for t in _spread(members, TILE_SAMPLES)]
+            found = rules.segment(graph, index, samples, settings=shared)
+            if shared is not None and found.settings is None:  # it needs settings of its own
+                found = rules.segment(graph, index, samples)
+            if found.settings is None or found.tolerance is None:
+                return replace(found, reason=f"tile model of tiles {members[:3]}…: "
+                                             f"{found.reason}",
+                               seconds=time.monotonic() - start)
+            models.append({"sha256": digest, "settings": found.settings,
+                           "tolerance": found.tolerance, "tiles": len(members)})
+            shared = shared or found.settings
+            group_tau = max(group_tau, found.tolerance)
+            if worst is None or (found.tolerance, found.logrows or 0) > (
+                    worst.tolerance or 0, worst.logrows or 0):
+                worst = found
+        calibrated = {m["sha256"] for m in models}
+        models.extend({"sha256": d, "settings": shared, "tolerance": group_tau,
+                       "tiles": len(by_model[d][1]), "calibrated": False}
+                      for d in digests if d not in calibrated)
     assert worst is not None  # a tiling has at least one tile
     record = {**tiling.to_json(), "models": models}
     return replace(worst, tiling=record, seconds=time.monotonic() - start)
