@@ -1,27 +1,31 @@
 """Benchmark: disputes of a real-size model settled on tiles (issue 13).
 
-For a model of ``bench/bench_models.py`` (MobileNet v1 224×224 by default, default cuts: 28
-segments), this
+For a model of ``bench/bench_models.py`` (MobileNet v1 224×224 by default, default cuts: 29
+segments; or ``--model gpt2``, the GPT-2-small-shaped transformer: 73 segments), this
 
 1. registers it as the service does (:func:`prover.registration.calibrate_for_registration`,
    every segment over the proving budget tiled), or reuses the manifest of an earlier run of the
    same model (``--manifest``, default ``out/<model>.manifest.json``; written after a
    registration), and reports the registration time;
 2. runs one honest trace (deterministic executor);
-3. for each step of ``--steps`` (default: the first, a middle and the last): a provider lying
-   by 0.5 in one output element of that step (inside the range rule) is disputed: the tile an
+3. for each step of ``--steps`` (default: MobileNet's first, a middle and the last; GPT-2's
+   middle attention-score segment, Q·Kᵀ, and middle MLP segment): a provider lying by 0.5 in
+   one element of that step's last output (inside the range rule) is disputed: the tile an
    honest challenger names (where the lie is, :func:`refute.tiling.worst_tile`) is proven,
    verified with the verifying key, bound to the commitment and judged — PROVIDER_FAULT
    expected — and verified again by a transaction on anvil (gas);
 4. at the middle step, the honest state is disputed too: CHALLENGER_FAULT expected.
 
 Printed per proof: step, operators, tiles of the segment, the tile's input and output shapes,
-logrows, circuit setup seconds (cold: compile + keys, cached afterwards per tile model), prove
-seconds, maxdiff against τ, verdict, gas; and the process's peak resident memory. Exits 1 if a
-verdict is not the expected one.
+logrows, the step's calibration seconds, circuit setup seconds (cold: compile + keys, cached
+afterwards per tile model) and the setup process's peak memory, prove seconds and the proving
+process's peak memory (each runs in a child of its own, :mod:`prover.isolated`), maxdiff
+against τ, verdict, gas. "dispute s" is what a dispute's settlement costs cold: setup + prove.
+Exits 1 if a verdict is not the expected one.
 
-Run: ``.venv/bin/python -m bench.bench_tiled_disputes [--model mobilenet_v1] [--steps 1,14,28]
-[--no-chain] [--out FILE]``. A development SRS (unsafe; fine for timing).
+Run: ``.venv/bin/python -m bench.bench_tiled_disputes [--model mobilenet_v1|gpt2]
+[--steps 1,15,29] [--only-steps] [--no-chain] [--out FILE]``. A development SRS (unsafe; fine
+for timing).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from bench.bench_corpus import _verify_on_chain
 from bench.bench_models import bench_model
 from prover.calibration import calibrate_model
 from prover.chain import RpcChain
+from prover.circuit import META
 from prover.config import make_prover
 from prover.evm import Anvil
 from prover.registration import calibrate_for_registration
@@ -60,20 +65,34 @@ from refute.verdict import Verdict
 
 #: How far the lie moves one output element (float units; far beyond τ, inside R).
 LIE = 0.5
+#: ``--model`` aliases to bench_models names.
+ALIASES = {"mobilenet": "mobilenet_v1", "gpt2": "gpt2_small"}
+
+
+def default_steps(prepared: PreparedModel) -> list[int]:
+    """A transformer's middle attention-score segment (Q·Kᵀ) and middle MLP segment (the one
+    with the GELU's Tanh); any other model's first, middle and last segments."""
+    segments = prepared.segmentation.segments
+    n = len(segments)
+    scores = [s.index for s in segments if s.op_types == ("MatMul", "Mul", "Add")]
+    mlp = [s.index for s in segments if "Tanh" in s.op_types]
+    if scores and mlp:
+        return sorted(min(c, key=lambda i: abs(i - n / 2)) for c in (scores, mlp))
+    return sorted({1, (n + 1) // 2, n})
 
 
 def register(prepared: PreparedModel, cached: Path, console: Console, *,
-             only: list[int] | None = None) -> tuple[Manifest, float]:
-    """The calibrated manifest (from ``cached`` when it is this model's) and the seconds the
-    registration took (0 when reused). With ``only``, just those segments are calibrated (as
-    registration would: tiled when over the budget), no range circuit, nothing cached: a
-    quicker run of the disputes, not a registration."""
+             only: list[int] | None = None) -> tuple[Manifest, float, dict[int, float]]:
+    """The calibrated manifest (from ``cached`` when it is this model's), the seconds the
+    registration took (0 when reused) and per segment its calibration seconds. With ``only``,
+    just those segments are calibrated (as registration would: tiled when over the budget), no
+    range circuit, nothing cached: a quicker run of the disputes, not a registration."""
     if only is None and cached.is_file():
         manifest = Manifest.from_json(json.loads(cached.read_text()))
         if manifest.model_sha256 == prepared.manifest.model_sha256 and \
                 manifest.cuts == prepared.manifest.cuts:
             console.print(f"[dim]reusing the registration in {cached}[/dim]")
-            return manifest, 0.0
+            return manifest, 0.0, {}
     start = time.perf_counter()
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -87,15 +106,16 @@ def register(prepared: PreparedModel, cached: Path, console: Console, *,
         failed = [s.reason for s in calibration.segments if s.index in only and s.reason]
         if failed:
             raise SystemExit(f"calibration failed: {failed[0]}")
-        return manifest, time.perf_counter() - start
-    manifest, _calibration, report = calibrate_for_registration(
+        return manifest, time.perf_counter() - start, {
+            s.index: s.seconds for s in calibration.segments if s.index in only}
+    manifest, calibration, report = calibrate_for_registration(
         prepared, inputs, progress=progress)
     if report.refusals:
         raise SystemExit(f"registration refused: {report.refusals[0]}")
     seconds = time.perf_counter() - start
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(manifest.to_json()))
-    return manifest, seconds
+    return manifest, seconds, {s.index: s.seconds for s in calibration.segments}
 
 
 @contextlib.contextmanager
@@ -115,8 +135,8 @@ def dispute(prepared: PreparedModel, states: list[list[np.ndarray]], step: int, 
     manifest = prepared.manifest
     prover = make_prover(get_settings())
     claimed = [t.copy() for t in states[step]]
-    if lie:
-        flat = claimed[0].reshape(-1)
+    if lie:  # in the last output: the one the segment computes (not a residual passed on)
+        flat = claimed[-1].reshape(-1)
         flat[flat.size // 2] += np.float32(LIE)
     trace = Trace.from_states(manifest, [*states[:step], claimed, *states[step + 1:]])
     tiling = prover.tiling(prepared, manifest, step)
@@ -124,6 +144,7 @@ def dispute(prepared: PreparedModel, states: list[list[np.ndarray]], step: int, 
     start = time.perf_counter()
     circuit = prover.step_circuit(prepared, manifest, step, tile=tile)
     setup_s = time.perf_counter() - start
+    built = json.loads((circuit.folder / META).read_text())
     start = time.perf_counter()
     proof = prover.prove_step(prepared, manifest, step, states[step - 1], claimed, tile=tile)
     prove_s = time.perf_counter() - start
@@ -135,9 +156,11 @@ def dispute(prepared: PreparedModel, states: list[list[np.ndarray]], step: int, 
     return {
         "step": step, "lie": lie, "ops": list(segment.op_types),
         "tiles": 1 if tiling is None else len(tiling.tiles), "tile": tile,
-        "tile_input": None if tiling is None else list(tiling.input_shapes[0]),
-        "tile_output": None if chosen is None else [b - a for a, b in chosen.windows[0]],
+        "tile_input": None if chosen is None else [list(s) for s in chosen.input_shapes],
+        "tile_output": None if chosen is None else list(chosen.output_shape),
         "logrows": circuit.logrows, "setup_s": setup_s, "prove_s": prove_s,
+        "setup_peak_gb": (built.get("setup_peak_bytes") or 0) / 2**30,
+        "prove_peak_gb": (proof.prove_peak_bytes or 0) / 2**30,
         "maxdiff_units": float(outcome.maxdiff_units), "tolerance": outcome.tolerance,
         "verdict": outcome.verdict.name, "gas": gas,
         "expected": (Verdict.PROVIDER_FAULT if lie else Verdict.CHALLENGER_FAULT).name,
@@ -157,13 +180,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     console = Console()
-    model = bench_model(args.model)
+    name = ALIASES.get(args.model, args.model)
+    model = bench_model(name)
     prepared, _prepare_s, _refusal = prepare(model, None)
     n = prepared.segmentation.num_segments
-    steps = ([int(x) for x in args.steps.split(",")] if args.steps
-             else sorted({1, (n + 1) // 2, n}))
-    manifest, registration_s = register(
-        prepared, args.manifest or Path("out") / f"{args.model}.manifest.json", console,
+    steps = [int(x) for x in args.steps.split(",")] if args.steps else default_steps(prepared)
+    manifest, registration_s, calibrate_s = register(
+        prepared, args.manifest or Path("out") / f"{name}.manifest.json", console,
         only=steps if args.only_steps else None)
     prepared = dataclasses.replace(prepared, manifest=manifest)
     states = run_segments(DeterministicExecutor(), prepared.segmentation,
@@ -176,25 +199,31 @@ def main() -> None:
         middle = steps[len(steps) // 2]
         console.print(f"[dim]step {middle}: the honest state, proven on a tile…[/dim]")
         rows.append(dispute(prepared, states, middle, lie=False, chain=chain))
+    for r in rows:
+        r["calibrate_s"] = calibrate_s.get(r["step"])
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     what = "calibration of the disputed steps" if args.only_steps else "registration"
-    table = Table(title=f"{args.model}: {n} segments, {what} "
+    table = Table(title=f"{name}: {n} segments, {what} "
                         f"{registration_s:.0f} s{' (reused)' if not registration_s else ''}, "
                         f"process peak {peak_gb:.1f} GB")
-    for column in ("step", "claim", "ops", "tiles", "tile in → out", "logrows", "setup s",
-                   "prove s", "maxdiff / τ", "verdict", "gas"):
+    for column in ("step", "claim", "ops", "tiles", "tile in → out", "logrows", "calibrate s",
+                   "setup s (GB)", "prove s (GB)", "dispute s", "maxdiff / τ", "verdict", "gas"):
         table.add_column(column)
     for r in rows:
+        calibrated = r["calibrate_s"]
         table.add_row(str(r["step"]), "lie" if r["lie"] else "honest", " ".join(r["ops"]),
                       str(r["tiles"]), f"{r['tile_input']} → {r['tile_output']}",
-                      str(r["logrows"]), f"{r['setup_s']:.1f}", f"{r['prove_s']:.1f}",
+                      str(r["logrows"]), "-" if calibrated is None else f"{calibrated:.0f}",
+                      f"{r['setup_s']:.0f} ({r['setup_peak_gb']:.1f})",
+                      f"{r['prove_s']:.0f} ({r['prove_peak_gb']:.1f})",
+                      f"{r['setup_s'] + r['prove_s']:.0f}",
                       f"{r['maxdiff_units']:.1f} / {r['tolerance']}",
                       r["verdict"] if r["verdict"] == r["expected"]
                       else f"[red]{r['verdict']}[/red]",
                       "-" if r["gas"] is None else f"{r['gas']:,}")
     console.print(table)
     if args.out:
-        args.out.write_text(json.dumps({"model": args.model, "segments": n,
+        args.out.write_text(json.dumps({"model": name, "segments": n,
                                         "registration_s": registration_s, "peak_gb": peak_gb,
                                         "disputes": rows}, indent=1))
     if any(r["verdict"] != r["expected"] for r in rows):

@@ -8,13 +8,13 @@ provider's registration cuts them (``prepare_model``), and for each **case** (a 
   the starting bound; how many tiles, which block shape, or the refusal and its reason. The
   segments of the cases are picked here from ``segment.op_types`` and the Conv attributes, and
   printed.
-* **tile**: ``plan_tiling(segment, B)`` with B = ``--tile-elements`` (default 4096 elements per
-  tile: input region + output window). The centre tile's adjudication graph
-  (``adjudication_bytes(tile_segment(...))``) gets uncalibrated EZKL settings (``gen_settings``,
-  a second or so); while the rows they count need more than ``--max-tile-logrows``, the bound
-  becomes :data:`SHRINK` × the tile's elements and the segment is planned again (at most
-  :data:`MAX_SHRINKS` times, every step reported: the element bound does not see the
-  multiply-accumulates of a wide MatMul or Gemm, the rows do). Then, each in its own child:
+* **tile**: ``plan_tiling(segment, B)`` with B = ``--tile-rows`` (default ``rows_bound(18)``:
+  EZKL rows per tile as :class:`refute.tiling.TileCost` estimates them). The centre tile's
+  adjudication graph (``adjudication_bytes(tile_segment(...))``) gets uncalibrated EZKL
+  settings (``gen_settings``, a second or so); while the rows they count need more than
+  ``--max-tile-logrows``, the bound becomes :data:`SHRINK` × the tile's estimated rows and the
+  segment is planned again (at most :data:`MAX_SHRINKS` times, every step reported: the
+  estimate is a fit, EZKL's count is the truth). Then, each in its own child:
   **calibrate** (:func:`prover.circuit.calibrated_settings` at scale 7 on the sample
   registration uses: x the honest tile input, y pushed to ±R by
   :func:`prover.calibration._extreme`); **setup** (:meth:`prover.circuit.CircuitCache.build`:
@@ -50,7 +50,7 @@ attention output projection MatMul 768→768 alone: the default cuts plus one cu
 ``mobilenet_model`` (the whole model in one circuit).
 
 Run: ``.venv/bin/python -m bench.bench_tiles [--cases mobilenet_first,gpt2_proj]
-[--quick] [--tile-elements 4096] [--max-tile-logrows 18] [--mem-gb 12] [--timeout 1800]
+[--quick] [--tile-rows 246415] [--max-tile-logrows 18] [--mem-gb 12] [--timeout 1800]
 [--settings-timeout 600] [--model-timeout 600] [--no-edge] [--no-gas] [--parts tile,segment]
 [--keep] [--out out/bench_tiles.json]``. ``--quick``: only the MobileNet segment-1 tile (no
 edge tile, whole segment or whole model). ``--show FILE`` prints the tables of a saved run. Work
@@ -80,6 +80,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from refute.tiling import rows_bound
 
 if TYPE_CHECKING:
     from refute.provider import PreparedModel
@@ -225,7 +227,7 @@ def _survey(job: dict[str, Any]) -> dict[str, Any]:
             row: dict[str, Any] = {"segment": seg.index, "ops": list(seg.op_types),
                                    "inputs": _shapes(seg.inputs), "outputs": _shapes(seg.outputs)}
             try:
-                tiling = plan_tiling(seg, job["tile_elements"])
+                tiling = plan_tiling(seg, job["tile_rows"])
                 row.update(tiles=len(tiling.tiles), blocks=list(tiling.blocks),
                            tile_inputs=[list(s) for s in tiling.input_shapes],
                            tile_elements=tiling.tile_elements)
@@ -358,7 +360,7 @@ def _tile_prepare(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"segment": segment.index, "ops": list(segment.op_types),
                               "segment_inputs": _shapes(segment.inputs),
                               "segment_outputs": _shapes(segment.outputs), "bounds": []}
-    bound = int(job["tile_elements"])
+    bound = int(job["tile_rows"])
     for _ in range(MAX_SHRINKS + 1):
         try:
             tiling = plan_tiling(segment, bound)
@@ -375,7 +377,7 @@ def _tile_prepare(job: dict[str, Any]) -> dict[str, Any]:
                        f"{size['rows']:,} rows uncalibrated → logrows {size['logrows']}")
         if size["logrows"] <= job["max_tile_logrows"]:
             break
-        bound = int(tiling.tile_elements * SHRINK)
+        bound = int(tiling.tile_rows * SHRINK)
     else:
         return {**result, "status": "refused", "bound": bound,
                 "reason": f"no tile within logrows {job['max_tile_logrows']} after "
@@ -697,7 +699,7 @@ def run_case(runner: Runner, case: str, segment: int, args: argparse.Namespace,
     """Every figure of one case: its tile and (unless disabled) its whole segment."""
     model, cuts, _ = CASES[case]
     base = {"model": model, "cuts": cuts, "segment": segment,
-            "tile_elements": args.tile_elements, "max_tile_logrows": args.max_tile_logrows,
+            "tile_rows": args.tile_rows, "max_tile_logrows": args.max_tile_logrows,
             "edge": not args.no_edge}
     out: dict[str, Any] = {"model": model, "cuts": cuts, "segment": segment}
     parts = args.parts.split(",")
@@ -736,7 +738,7 @@ def _shape(shapes: Any) -> str:
 
 def survey_table(model: str, survey: dict[str, Any], bound: int) -> Table:
     """Every segment of a model under the starting tile bound, identical rows grouped."""
-    table = Table(title=f"{model}: plan_tiling on every segment (bound {bound} elements)")
+    table = Table(title=f"{model}: plan_tiling on every segment (bound {bound:,} estimated rows)")
     for column in ("segments", "ops", "input → output", "tiles", "blocks", "tile input",
                    "elements", "refused"):
         table.add_column(column, overflow="fold")
@@ -870,7 +872,7 @@ def print_report(console: Console, doc: dict[str, Any]) -> None:
     """Every table of a run (as written to ``--out``)."""
     args = doc["args"]
     for model, survey in doc["surveys"].items():
-        console.print(survey_table(model, survey, args["tile_elements"]))
+        console.print(survey_table(model, survey, args["tile_rows"]))
     if any("tile" in r for r in doc["cases"].values()):
         console.print(tile_table(doc["cases"], args["mem_gb"]))
         console.print(proof_table(doc["cases"]))
@@ -900,8 +902,8 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join([*CASES, WHOLE_MODEL])}")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the MobileNet segment-1 tile only")
-    parser.add_argument("--tile-elements", type=int, default=4096,
-                        help="starting bound of plan_tiling (input region + output window)")
+    parser.add_argument("--tile-rows", type=int, default=rows_bound(18),
+                        help="starting bound of plan_tiling (estimated EZKL rows per tile)")
     parser.add_argument("--max-tile-logrows", type=int, default=18,
                         help="lower the bound while the tile circuit needs more logrows")
     parser.add_argument("--mem-gb", type=float, default=12.0, help="memory cap per child")
@@ -939,9 +941,9 @@ def main() -> None:
     for model in sorted({CASES[c][0] for c in cases}):
         mine = [c for c in cases if CASES[c][0] == model]
         surveys[model] = runner.run("survey", {
-            "model": model, "cases": mine, "tile_elements": args.tile_elements,
+            "model": model, "cases": mine, "tile_rows": args.tile_rows,
             "workdir": str(args.workdir / f"survey-{model}")}, f"{model} survey")
-        console.print(survey_table(model, surveys[model], args.tile_elements))
+        console.print(survey_table(model, surveys[model], args.tile_rows))
         for c in mine:
             where = surveys[model].get("picks", {}).get(c)
             console.print(f"  {c}: segment {where}", highlight=False)

@@ -109,15 +109,18 @@ class StepProof:
 def split_instances(
     proof: dict[str, Any], n_inputs: int
 ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """(x hashes, y hashes, maxdiff raw) from a proof's instances; ``n_inputs`` = len(state i-1)."""
+    """(x hashes, y hashes, maxdiff raw) from a proof's instances; ``n_inputs`` = len(state i-1)
+    (a tile's proof may hash fewer: the tensors it reads, then the one it computes; the binding,
+    :func:`refute.instances.check_binding`, checks the count against the tile)."""
     try:
         (column,) = proof["instances"]
         values = [int.from_bytes(bytes.fromhex(v), "little") for v in column]
     except (KeyError, TypeError, ValueError) as exc:
         raise ProofRejected(f"proof has malformed instances: {exc}") from exc
-    if len(values) < n_inputs + 1:
-        raise ProofRejected(f"proof has {len(values)} instances, too few for this step")
+    if len(values) < 2:
+        raise ProofRejected(f"proof has {len(values)} instances, too few for a step")
     raw = felt_to_int(column[-1])
+    n_inputs = min(n_inputs, len(values) - 1)
     return tuple(values[:n_inputs]), tuple(values[n_inputs:-1]), raw
 
 

@@ -90,7 +90,7 @@ def check_binding(
         # a tile reads some tensors of state i-1 and computes one of state i
         taken: list[Sequence[TensorSpec]] = [
             [specs[indices[0]][j] for j in chosen.input_indices],
-                 [specs[indices[1]][chosen.output_index]]]
+            [specs[indices[1]][chosen.output_index]]]
     else:
         taken = [specs[k] for k in indices]
     expected = sum(len(state) for state in states)
