@@ -8,7 +8,8 @@ so the model below is fitted on measured adjudication circuits (EZKL 23.0.5, 2 c
 with other jobs, development SRS; ``bench/bench_circuit_tuning.py``) plus the EZKL-NOTES.md
 table for the times::
 
-    pk_bytes      = 2^logrows × (PK_PER_ROW + PK_PER_ROW_COL × num_inner_cols)
+    pk_bytes      = 2^logrows × (PK_PER_ROW + (PK_PER_ROW_COL + E × PK_PER_ROW_EINSUM_COL)
+                                 × num_inner_cols)      E = 1 if the circuit has einsum columns
     peak_bytes    = PEAK_FIXED + PEAK_PER_PK × pk_bytes        (resident set while proving)
     setup_seconds = SETUP_C × pk_bytes^SETUP_K
     prove_seconds = PROVE_C × pk_bytes^PROVE_K
@@ -30,7 +31,19 @@ EZKL-NOTES dense 64→64             15       2     300     —           15    
 EZKL-NOTES dense 256→256           16       2     599     —           31.5     37
 EZKL-NOTES conv 3→8 16×16          17       2     1,202   —           62.5     68
 EZKL-NOTES LeNet-5 conv1           19       2     6,008   > 9 GB      540      —
+GPT-2 identity tile (residual)     18       1     2,432   4,915       50.3     54.9
+GPT-2 Q·Kᵀ tile (einsum)           18       1     3,473   6,554       73.8     82.5
+GPT-2 MLP-up+GELU tile (einsum)    18       2     5,074   11,059      174.7    121.0
 =================================  =======  ====  ======  ==========  =======  =======
+
+The GPT-2 tiles (``bench/bench_tiled_disputes.py --model gpt2``; setup and proof each in a child
+process, peak = its ``ru_maxrss``) fixed the einsum term: EZKL 23 lays a product of two
+activations (Q·Kᵀ) or a multi-row matrix product out in einsum columns, which
+``total_einsum_col_size`` > 0 announces and which cost about 4,164 bytes per row and inner
+column of proving key (the identity tile, with none, is the no-einsum formula to 0.1 %); a
+product with a constant weight row by row (a conv, a one-row MatMul) has none. The proving
+peak is 1.8–2.0 × the proving key for those three, under the 2.283 fitted on small circuits
+(conservative).
 
 The proving-key model reproduces every measured adjudication circuit within 0.1 % (the
 EZKL-NOTES circuits, without the max |f(x) − y| tail, have about 20 % fewer columns); peak
@@ -63,6 +76,9 @@ POINTS: tuple[tuple[str, int, int, int, int, float, float], ...] = (
 #: Proving-key bytes per row, and per row and inner column (least squares on POINTS).
 PK_PER_ROW = 7489.3
 PK_PER_ROW_COL = 2240.7
+#: More proving-key bytes per row and inner column when the circuit has einsum columns (fitted
+#: on the GPT-2 Q·Kᵀ and MLP tiles: 4,165 and 4,162).
+PK_PER_ROW_EINSUM_COL = 4164.0
 #: Resident memory while proving: a fixed part plus a multiple of the proving key.
 PEAK_FIXED = 38_700_000
 PEAK_PER_PK = 2.283
@@ -114,9 +130,11 @@ def estimate(settings: dict[str, Any] | str) -> ProvingEstimate:
         logrows = int(run_args["logrows"])
         inner = int(run_args.get("num_inner_cols", 2))
         rows = int(settings.get("num_rows", 0))
-    except (KeyError, TypeError, ValueError) as exc:
+        einsum = int((settings.get("einsum_params") or {}).get("total_einsum_col_size") or 0)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProverError(f"EZKL settings without logrows: {exc}") from exc
-    pk = 2**logrows * (PK_PER_ROW + PK_PER_ROW_COL * inner)
+    per_col = PK_PER_ROW_COL + (PK_PER_ROW_EINSUM_COL if einsum > 0 else 0.0)
+    pk = 2**logrows * (PK_PER_ROW + per_col * inner)
     return ProvingEstimate(
         logrows=logrows,
         rows=rows,

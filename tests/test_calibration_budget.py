@@ -76,6 +76,21 @@ def test_estimate_grows_with_logrows_and_round_trips() -> None:
                                     "setup_seconds", "prove_seconds"}
 
 
+def test_einsum_columns_cost_proving_key_as_measured_on_gpt2_tiles() -> None:
+    """The GPT-2 tiles' proving keys (bench_tiled_disputes --model gpt2, logrows 18): an
+    identity tile (no einsum, 1 column), Q·Kᵀ (einsum, 1 column), MLP-up + GELU (einsum, 2)."""
+    def with_einsum(cols: int, size: int) -> dict[str, Any]:
+        return {**_settings(18, cols), "einsum_params": {"total_einsum_col_size": size}}
+
+    measured = [(with_einsum(1, 0), 2_550_663_627), (with_einsum(1, 114_852), 3_642_134_083),
+                (with_einsum(2, 27_030), 5_320_152_355)]
+    for settings, pk in measured:
+        assert abs(estimate(settings).pk_bytes - pk) < 0.002 * pk
+    assert estimate(with_einsum(2, 27_030)).peak_bytes > 8 * 2**30  # over the default budget
+    assert estimate(with_einsum(2, 27_030) | {"run_args": {"logrows": 17, "num_inner_cols": 2}}
+                    ).peak_bytes < 8 * 2**30
+
+
 def test_fits_compares_the_peak_with_the_budget() -> None:
     cost = estimate(_settings(16))
     assert cost.fits(cost.peak_bytes) and not cost.fits(cost.peak_bytes - 1)
