@@ -132,12 +132,21 @@ def stack(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the stack, traces and bundles.")]
     = Path("out/demo"),
+    model: Annotated[str, typer.Option(
+        "--model", metavar="mlp|mobilenet|gpt2",
+        help="mlp: an 8×256 MLP, two networks, two cheats (≈ 4 min). mobilenet: MobileNet v1 "
+        "224×224, one spot-checked network, a cheat in a middle convolution proven on its tile "
+        "(registration ≈ half an hour, up to 16 GB). gpt2: GPT-2 small, a cheat in block 6's "
+        "Q·Kᵀ (registration: hours).")] = "mlp",
 ) -> None:
     """Run a real end-to-end dispute demo (starts and stops its own local stack)."""
-    from verifier.demo import run_demo
+    from verifier.demo import MODELS, run_demo
 
+    if model not in MODELS:
+        raise console.fail(RefuteError(f"unknown --model {model!r}: choose from "
+                                       f"{', '.join(MODELS)}"))
     try:
-        ok = run_demo(workdir, console.out)
+        ok = run_demo(workdir, console.out, model)
     except RefuteError as exc:
         raise console.fail(exc) from exc
     if not ok:
