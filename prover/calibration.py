@@ -353,9 +353,11 @@ TILE_ATTEMPTS = 4
 
 
 #: Fewest circuit rows one hashed element of a step's states costs (EZKL's Poseidon over x and
-#: y): measured 64 on an Identity over 8,192 elements (logrows 19), 41 on a MobileNet
-#: convolution tile with its multiplications; 16 is safely below both.
-ROWS_PER_ELEMENT = 16
+#: y): 41 per element plus 4 on all 15 circuits :class:`refute.tiling.TileCost` was fitted on,
+#: 64 on an Identity over 8,192 elements (logrows 19); 40 stays below both. (At 16, the range
+#: circuit of a MobileNet 1024×7×7 state, 2M rows, was calibrated for minutes before EZKL
+#: gave up.)
+ROWS_PER_ELEMENT = 40
 
 
 def _elements(segment: Segment) -> int:
