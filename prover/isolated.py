@@ -13,6 +13,7 @@ caller records beside the estimate of :mod:`prover.budget`. Calibration children
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import math
 import os
@@ -77,7 +78,7 @@ def run_child(entry: str, job: Any, *, timeout_s: float, what: str, hint: str = 
     naming ``what`` on a timeout, a death (e.g. the kernel's OOM killer) or an exception."""
     with tempfile.TemporaryDirectory(prefix="refute-child-") as tmp:
         job_file, result, log = Path(tmp) / "job", Path(tmp) / "result", Path(tmp) / "log"
-        job_file.write_bytes(pickle.dumps((entry, job, timeout_s)))
+        job_file.write_bytes(pickle.dumps((entry, job, timeout_s, os.getpid())))
         root = str(Path(__file__).absolute().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -109,13 +110,27 @@ def run_child(entry: str, job: Any, *, timeout_s: float, what: str, hint: str = 
         return ChildOutcome(value, peak, time.monotonic() - start)
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (``PR_SET_PDEATHSIG``, Linux),
+    and exit now if the parent is already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _main() -> None:
     """Entry point of a child: ``argv = [job, result]`` (pickles written by :func:`run_child`).
 
-    The child also ends itself (SIGALRM, whose default action needs no Python code to run while
-    EZKL holds the GIL) a little after its limit, should its parent die first."""
+    The child ends with its parent (a prove worker killed mid-proof leaves no proof running:
+    :func:`_die_with`), and ends itself a little after its limit (SIGALRM, whose default action
+    needs no Python code to run while EZKL holds the GIL)."""
     job_file, result = Path(sys.argv[1]), Path(sys.argv[2])
-    entry, job, limit_s = pickle.loads(job_file.read_bytes())  # written by our own parent
+    entry, job, limit_s, parent = pickle.loads(job_file.read_bytes())  # from our own parent
+    _die_with(parent)
     signal.alarm(math.ceil(limit_s) + 10)
     module, name = entry.split(":")
     work = getattr(importlib.import_module(module), name)
