@@ -230,6 +230,8 @@ class _Graph:
     """A segment's graph as the rules read it."""
 
     index: int
+    #: Position in the model of the segment's first node (its own nodes come first, in order).
+    start: int
     model: ModelProto
     nodes: tuple[NodeProto, ...]
     inputs: tuple[str, ...]
@@ -255,7 +257,7 @@ class _Graph:
 
 
 @functools.lru_cache(maxsize=8)
-def _parse(onnx_bytes: bytes, index: int) -> _Graph:
+def _parse(onnx_bytes: bytes, index: int, start: int) -> _Graph:
     model = onnx.load_model_from_string(onnx_bytes)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     graph = inferred.graph
@@ -266,6 +268,7 @@ def _parse(onnx_bytes: bytes, index: int) -> _Graph:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return _Graph(
         index=index,
+        start=start,
         model=model,
         nodes=tuple(model.graph.node),
         inputs=tuple(i.name for i in model.graph.input),
@@ -277,7 +280,7 @@ def _parse(onnx_bytes: bytes, index: int) -> _Graph:
 
 
 def _graph(segment: Segment) -> _Graph:
-    return _parse(segment.onnx_bytes, segment.index)
+    return _parse(segment.onnx_bytes, segment.index, segment.start)
 
 
 class _Unsplittable(Exception):
@@ -286,9 +289,15 @@ class _Unsplittable(Exception):
 
 
 def _refuse(g: _Graph, node: NodeProto, why: str) -> UnprovableModel:
+    """The refusal of a segment because of ``node``, with the cut that would isolate it."""
+    j = next((j for j, n in enumerate(g.nodes) if n.name == node.name and n == node), None)
+    where = "" if j is None else (
+        f" (node positions {g.start + j} and {g.start + j + 1}: --cuts "
+        f"{g.start + j},{g.start + j + 1} beside the others)")
     return UnprovableModel(
         f"segment {g.index} cannot be tiled: {node.op_type} {node_label(node)} {why}; cut the "
-        f"model so that this node sits in a segment small enough to prove whole"
+        f"model right before and after it{where} so that it sits in a segment small enough to "
+        f"prove whole"
     )
 
 

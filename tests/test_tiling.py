@@ -354,6 +354,15 @@ def test_reshape_mixing_axes_is_refused() -> None:
         make_tiling(segment, [1, 1, 8])
 
 
+def test_an_operator_without_a_rule_is_refused_with_the_cut_that_isolates_it() -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Gather", ["r", "idx"], ["y"], axis=2)]
+    segment = _segment(nodes, {"x": [1, 4, 6]}, "y", {"idx": np.array([0, 2, 1], np.int64)})
+    with pytest.raises(UnprovableModel, match=r"Gather 'y' has no tiling rule; cut the model "
+                       r"right before and after it \(node positions 1 and 2: --cuts 1,2 "):
+        plan_tiling(segment, 10)
+
+
 def test_padding_of_a_computed_tensor_is_refused() -> None:
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("Conv", ["r", "w"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)]
