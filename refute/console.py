@@ -6,6 +6,7 @@ on failure. Long work shows a progress display on stderr.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -25,8 +26,19 @@ from refute.errors import RefuteError
 from refute.loading import LoadedModel
 from refute.provider import ProgressFn
 
-out = Console()
-err = Console(stderr=True)
+#: Width of output that goes to a file or a pipe: rich's default there (80 columns) squeezes a
+#: table's cells into many lines; a terminal keeps its own width.
+PIPE_WIDTH = 200
+
+
+def _console(*, stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream is not None and stream.isatty()
+    return Console(stderr=stderr, width=None if tty else PIPE_WIDTH)
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 _STAGES = {
     "load": "Loading model safely",
