@@ -5,7 +5,7 @@ EZKL 23 does not give back what a proving key setup or a proof allocated when th
 (each 4.7–6.6 GB alone) grew it past 23 GB, and the kernel killed it. Each setup and proof
 therefore runs in a child interpreter (not a fork: EZKL's thread pool does not survive one, and a
 Celery prefork worker is a daemon that may not start multiprocessing children), whose memory is
-all returned when it exits. The child reports its peak resident set (``ru_maxrss``), which the
+all returned when it exits. The child reports its peak resident set (``VmHWM``), which the
 caller records beside the estimate of :mod:`prover.budget`. Calibration children
 (:mod:`prover.calibration`) run the same way.
 """
@@ -110,6 +110,16 @@ def run_child(entry: str, job: Any, *, timeout_s: float, what: str, hint: str = 
         return ChildOutcome(value, peak, time.monotonic() - start)
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory since it exec'd (``VmHWM``: ``ru_maxrss`` would
+    also count the parent's resident set it was forked with, which survives the exec)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def _die_with(parent: int) -> None:
     """Have the kernel kill this process when its parent dies (``PR_SET_PDEATHSIG``, Linux),
     and exit now if the parent is already gone."""
@@ -139,7 +149,7 @@ def _main() -> None:
     except Exception as exc:  # reported to the parent, which raises it as its own error
         text = str(exc).strip().splitlines()
         outcome = ("raised", f"{type(exc).__name__}: {text[0] if text else ''}"[:300])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _peak_rss()
     tmp = result.with_suffix(".tmp")
     tmp.write_bytes(pickle.dumps((*outcome, peak)))
     tmp.replace(result)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_child_returns_its_value_with_its_peak_memory() -> None:
     done = run_child("math:factorial", 20, timeout_s=60, what="factorial")
     assert done.value == 2432902008176640000
-    assert 10 * 2**20 < done.peak_bytes < 2**30 and done.seconds > 0
+    assert 2**20 < done.peak_bytes < 2**28 and done.seconds > 0  # its own, not its parent's
 
 
 def test_an_exception_a_timeout_and_a_kill_are_reported_as_such() -> None:
