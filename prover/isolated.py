@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prover.errors import ProverError
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-class ChildFailed(Exception):
+class ChildFailed(ProverError):
     """A child process ran out of time, died, or raised; ``reason`` says which, with the last
-    line it printed. Callers turn it into their own :class:`~refute.errors.RefuteError`."""
+    line it printed."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    code = "child_failed"
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ import ezkl
 import numpy as np
 
 from prover.circuit import Circuit, felt_to_int, witness
-from prover.errors import ProofRejected, ProverError
-from prover.isolated import ChildFailed, run_child
+from prover.errors import ProofRejected
+from prover.isolated import run_child
 from refute.errors import BindingError
 from refute.instances import check_binding
 from refute.manifest import EZKL_VERSION, Manifest
@@ -141,12 +141,9 @@ def prove_step(
         proof_path = folder / "proof.json"
         job = (str(folder / "witness.json"), str(circuit.compiled_path), str(circuit.pk_path),
                str(proof_path), str(circuit.srs_path))
-        try:
-            done = run_child("prover.step:prove_job", job, timeout_s=_proof_timeout(),
-                             what=f"EZKL prove of segment {segment}",
-                             hint="REFUTE_DISPUTE_PROOF_TIMEOUT_S")
-        except ChildFailed as exc:
-            raise ProverError(exc.reason) from exc
+        done = run_child("prover.step:prove_job", job, timeout_s=_proof_timeout(),
+                         what=f"EZKL prove of segment {segment}",
+                         hint="REFUTE_DISPUTE_PROOF_TIMEOUT_S")  # ChildFailed: a ProverError
         proof = json.loads(proof_path.read_text())
     x, y, raw = split_instances(proof, len(state_prev))
     return StepProof(segment, circuit.key, circuit.vk_sha256, EZKL_VERSION, proof, x, y, raw,

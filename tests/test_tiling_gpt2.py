@@ -1,7 +1,7 @@
 """Tiling a GPT-2-shaped transformer: outputs of several shapes, heads merged and split by
 Reshape, the fused QKV projection Split, attention per head and block of queries.
 
-The fast tests run on the benchmark's own block definition (``bench/bench_models.py``) at toy
+The fast tests run on the benchmark's own block definition (``refute/large_models.py``) at toy
 size (1 layer, d 16, 2 heads of 8, 8 tokens, MLP 64), segmented as registration does; the slow
 test plans every segment of ``bench_model("gpt2_small")`` under the budget-derived bound.
 """
@@ -45,10 +45,10 @@ TOKENS, DIM, HEADS = 8, 16, 2
 
 def _export(tokens: int = TOKENS, dim: int = DIM, heads: int = HEADS) -> bytes:
     torch = pytest.importorskip("torch")
-    from bench.bench_models import _gpt2_small
+    from refute.large_models import gpt2_small_module
 
     torch.manual_seed(0)
-    module = _gpt2_small(layers=1, dim=dim, heads=heads, tokens=tokens, hidden=4 * dim).eval()
+    module = gpt2_small_module(layers=1, dim=dim, heads=heads, tokens=tokens, hidden=4 * dim).eval()
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -56,6 +56,7 @@ from refute.provider import PreparedModel, prepare_model, run_trace
 from refute.segmentation import Segmentation, run_segment
 from refute.settings import Settings, get_settings
 from refute.trace import Trace
+from verifier.api.schemas import MAX_SPOT_COUNT
 from verifier.client import RefuteClient, ResultView, sign_result
 from verifier.service import ServiceContext
 from verifier.stack import LocalStack
@@ -83,9 +84,6 @@ LARGE_MODEL_ENV: Mapping[str, str] = {
     "REFUTE_REGISTRATION_MEMORY_MB": str(16 * 1024),
     "REFUTE_TASK_TIME_LIMIT_S": str(3000),
 }
-
-#: The most segments a network may have spot-checked per result (the API's bound).
-MAX_SPOT_COUNT = 64
 
 #: The challenge window of a real-size model's network when every segment is spot-checked,
 #: and when the watcher may have to check a whole result (it must dispute within the window).

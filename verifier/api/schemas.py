@@ -12,6 +12,8 @@ from challenge.outbox import EVENTS
 
 HEX32 = r"^0x[0-9a-fA-F]{64}$"
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+#: The most segments of a result a network may have spot-checked.
+MAX_SPOT_COUNT = 64
 
 
 def _eip55(value: str) -> str:
@@ -49,7 +51,7 @@ class NetworkCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=200, examples=["acme-inference"])
     spot_probability: float = Field(default=0.1, ge=0.0, le=1.0)
-    spot_count: int = Field(default=1, ge=0, le=64)
+    spot_count: int = Field(default=1, ge=0, le=MAX_SPOT_COUNT)
     challenge_window_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
     #: The smallest bond a challenger may post: it covers the proof a dispute can cause.
     min_bond: int = Field(default=1, ge=1, lt=2**256)
