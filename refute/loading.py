@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import AttributeProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 from refute.errors import (
@@ -328,7 +329,23 @@ def _parse(data: bytes) -> ModelProto:
         raise ModelDecodeError(f"not a valid ONNX protobuf: {_first_line(exc)}") from exc
     if not model.HasField("graph") or not model.graph.node:
         raise ModelDecodeError("not an ONNX model: it has no graph or no nodes")
+    _check_text(model, "model")
     return model
+
+
+def _check_text(message: Message, where: str) -> None:
+    """Refuse a string field that is not UTF-8 (ONNX is proto2: the parser lets it through
+    as bytes, and the checker and onnxruntime then fail on it with an untyped error)."""
+    for descriptor, value in message.ListFields():
+        inner = f"{where}.{descriptor.name}"
+        repeated = descriptor.is_repeated
+        if descriptor.type == FieldDescriptor.TYPE_STRING:
+            for text in value if repeated else (value,):
+                if not isinstance(text, str):
+                    raise ModelDecodeError(f"{inner} is not UTF-8 text: {bytes(text)[:40]!r}")
+        elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+            for index, item in enumerate(value if repeated else (value,)):
+                _check_text(item, f"{inner}[{index}]" if repeated else inner)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -616,6 +616,17 @@ _DYNAMIC = dynamic_model_bytes()
 _SMALL_LIMITS = LoadLimits(max_tensor_elements=4096, max_initializer_bytes=2**20)
 
 
+@pytest.mark.parametrize("name", [b"gemm", b"output", b"hostile", b"refute-hostile-corpus"])
+def test_a_string_that_is_not_utf8_is_refused_by_name(name: bytes) -> None:
+    # ONNX is proto2: the parser hands an invalid UTF-8 string back as bytes, and the checker
+    # then raised a bare UnicodeDecodeError (found by the corruption fuzzer below in CI).
+    corrupted = _VALID.replace(name, b"\x80" + name[1:], 1)
+    assert corrupted != _VALID
+    with pytest.raises(ModelRejected, match="is not UTF-8 text") as info:
+        load_model(corrupted, dims={"batch_size": 1}, limits=_SMALL_LIMITS)
+    _check_rejection(info.value, (ModelRejected,))
+
+
 def test_every_proper_prefix_of_a_valid_model_is_rejected() -> None:
     for length in range(len(_VALID)):
         with pytest.raises(ModelRejected) as info:
