@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -116,3 +119,35 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
         listed = client.deliveries()
         assert listed and all(d["status"] == "DELIVERED" for d in listed)
     receiver.shutdown()
+
+
+_OWNER = """
+import sys, time
+from pathlib import Path
+from verifier.stack import LocalStack
+stack = LocalStack(Path(sys.argv[1]))
+child = stack._spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_owner_leaves_no_stack_process_behind(tmp_path: Path) -> None:
+    # A test run or demo killed outright (SIGKILL: no cleanup runs) used to leave its API,
+    # workers and redis-server running, busy, for good.
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    child = int(owner.stdout.readline())
+    os.kill(child, 0)  # running
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie its new parent has not reaped yet
+            if Path(f"/proc/{child}/stat").read_text().split(") ")[1].startswith("Z"):
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"stack process {child} outlived its killed owner")

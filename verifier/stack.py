@@ -37,6 +37,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: A process of the stack is sent SIGTERM by the kernel when the process that started it dies
+#: (``PR_SET_PDEATHSIG`` through util-linux's ``setpriv``), so a killed test run or demo leaves
+#: no server or worker behind; its own session keeps it out of the owner's terminal signals.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"]
+
+
 class LocalStack:
     """redis-server + ``refute serve`` + ``refute worker`` processes on loopback."""
 
@@ -82,7 +88,10 @@ class LocalStack:
         log = (self.workdir / f"{name}.log").open("ab")
         self._logs.append(log)
         own_env = dict(env if env is not None else self._envs.get(name, {}))
-        process = subprocess.Popen(args, env={**self.env, **own_env}, stdout=log,
+        if shutil.which(_DIE_WITH_PARENT[0]) is None:
+            raise StackError("setpriv not found (Debian package util-linux): run scripts/bootstrap")
+        process = subprocess.Popen([*_DIE_WITH_PARENT, *args], env={**self.env, **own_env},
+                                   stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    cwd=self.workdir)
         self._processes.append((name, process))
