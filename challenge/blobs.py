@@ -8,11 +8,12 @@ integrity. :class:`LocalBlobStore` keeps blobs in a folder (``ab/cdef…``) with
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from refute.errors import RefuteError
 
@@ -32,6 +33,10 @@ def blob_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: Streams are hashed and copied in pieces of this many bytes.
+_PIECE = 2**20
+
+
 def _check_key(key: str) -> str:
     if not _KEY.match(key):
         raise BlobError(f"malformed blob key {key[:80]!r}")
@@ -43,6 +48,11 @@ class BlobStore(Protocol):
 
     def put(self, data: bytes) -> str:
         """Store ``data``; return its key (idempotent)."""
+        ...
+
+    def put_stream(self, source: BinaryIO) -> str:
+        """Store what ``source`` holds from where it stands to its end, read in pieces; return
+        its key."""
         ...
 
     def get(self, key: str) -> bytes:
@@ -67,21 +77,32 @@ class LocalBlobStore:
     def put(self, data: bytes) -> str:
         """Store ``data`` (a no-op if present); return its key."""
         key = blob_key(data)
-        path = self._path(key)
-        if path.exists():
-            return key
-        path.parent.mkdir(parents=True, exist_ok=True)
+        return key if self._path(key).exists() else self.put_stream(io.BytesIO(data))
+
+    def put_stream(self, source: BinaryIO) -> str:
+        """Store what ``source`` holds from where it stands (a no-op if present); return its
+        key. It is hashed as it is written, a piece at a time, then moved into place."""
+        self.root.mkdir(parents=True, exist_ok=True)
         # Unique per writer even across containers sharing the volume (PIDs repeat there).
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = self.root / f".incoming.{uuid.uuid4().hex}.tmp"
+        digest = hashlib.sha256()
         try:
             with tmp.open("wb") as handle:
-                handle.write(data)
+                while piece := source.read(_PIECE):
+                    digest.update(piece)
+                    handle.write(piece)
                 handle.flush()
                 os.fsync(handle.fileno())
+            key = digest.hexdigest()
+            path = self._path(key)
+            if path.exists():
+                tmp.unlink()
+                return key
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.replace(path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise BlobError(f"cannot store blob {key}: {exc.strerror}") from exc
+            raise BlobError(f"cannot store blob: {exc.strerror}") from exc
         return key
 
     def get(self, key: str) -> bytes:
@@ -113,6 +134,10 @@ class MemoryBlobStore:
         key = blob_key(data)
         self._blobs[key] = bytes(data)
         return key
+
+    def put_stream(self, source: BinaryIO) -> str:
+        """Store what ``source`` holds from where it stands; return its key."""
+        return self.put(source.read())
 
     def get(self, key: str) -> bytes:
         """The bytes under ``key``."""

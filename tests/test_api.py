@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -136,6 +138,53 @@ def test_model_registration_refusals(api: Api) -> None:
     big = api.client.post("/v1/models", headers={**headers,
                           "Content-Length": str(limit + 1)}, content=b"{}")
     _error(big, 413)
+
+
+def test_registration_as_a_streamed_file(
+        api: Api, registered: tuple[str, dict[str, str], dict[str, Any]]) -> None:
+    """POST /v1/model-files: the model as a multipart file part (spooled to disk, never held
+    whole), options as JSON: the same model as the JSON route, stored as a blob."""
+    _network_id, headers = _network(api, "files")
+    model = zoo.mlp()
+    answer = api.client.post("/v1/model-files", headers=headers,
+                             files={"model": ("mlp.onnx", model.onnx_bytes)},
+                             data={"options": json.dumps({"calibration_samples": 2})})
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    assert body["model_sha256"] == registered[2]["model_sha256"]
+    assert body["manifest"]["states"] == registered[2]["manifest"]["states"]
+    assert body["report"]["segments"]
+    key = hashlib.sha256(model.onnx_bytes).hexdigest()
+    assert (api.settings.blob_dir / key[:2] / key[2:]).read_bytes() == model.onnx_bytes
+    assert not list(api.settings.blob_dir.glob(".incoming.*"))  # nothing left half-written
+
+
+def test_file_registration_refusals_name_the_part_and_store_nothing(api: Api) -> None:
+    _network_id, headers = _network(api, "file-refusals")
+    model = zoo.mlp().onnx_bytes
+    blobs = sorted(p.name for p in api.settings.blob_dir.rglob("*"))
+
+    def post(files: dict[str, Any] | None, data: dict[str, str] | None = None) -> Any:
+        return api.client.post("/v1/model-files", headers=headers, files=files, data=data)
+
+    assert "'model' part is missing" in _error(post(None, {"options": "{}"}), 400)
+    assert "'model' file is empty" in _error(post({"model": ("m.onnx", b"")}), 400)
+    assert "unknown part 'weights'" in _error(post({"weights": ("w", model)}), 400)
+    assert "Too many files" in _error(
+        post({"model": ("m.onnx", model), "weights": ("w", b"1")}), 400)
+    assert "options: cuts" in _error(
+        post({"model": ("m.onnx", model)}, {"options": json.dumps({"cuts": "x"})}), 400)
+    assert "options: colour" in _error(
+        post({"model": ("m.onnx", model)}, {"options": json.dumps({"colour": 1})}), 400)
+    assert "options" in _error(post({"model": ("m.onnx", model)}, {"options": "{"}), 400)
+    case_id, builder, _expected, _kwargs = next(h for h in HOSTILE if h[0] == "unknown_op")
+    assert "allowlist" in _error(post({"model": ("m.onnx", builder())}), 422), case_id
+    too_big = api.settings.max_model_bytes + 1
+    with api.client.stream("POST", "/v1/model-files", headers=headers,
+                           files={"model": ("big.onnx", io.BytesIO(b"\0" * too_big))}) as big:
+        big.read()
+        assert "over the limit" in _error(big, 422)
+    assert sorted(p.name for p in api.settings.blob_dir.rglob("*")) == blobs
 
 
 def test_registration_pins_from_the_sample_input_and_reports_each_segment(api: Api) -> None:

@@ -15,6 +15,7 @@ A provider signs results with :func:`sign_result` (EIP-712, see :mod:`verifier.a
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -184,17 +185,27 @@ class RefuteClient:
         body = self._call("POST", "/v1/networks", headers=headers, json=fields)
         return str(body["id"]), str(body["api_key"])
 
-    def register_model(self, onnx_bytes: bytes, *, dims: dict[str, int] | None = None,
+    def register_model(self, onnx: bytes | Path, *, dims: dict[str, int] | None = None,
                        shapes: dict[str, list[int]] | None = None,
                        cuts: Sequence[int] | None = None, calibration_samples: int = 4,
                        sample_input: dict[str, Any] | None = None) -> dict[str, Any]:
         """Register a model (loads, segments, calibrates); returns id, hashes, manifest and
-        the registration report. ``sample_input`` (EZKL's ``input.json`` form) pins symbolic
-        dimensions and is calibrated on."""
-        body: dict[str, Any] = self._call("POST", "/v1/models", json={
-            "onnx_base64": base64.b64encode(onnx_bytes).decode(), "dims": dims or {},
-            "shapes": shapes or {}, "cuts": list(cuts) if cuts is not None else None,
-            "calibration_samples": calibration_samples, "sample_input": sample_input})
+        the registration report. ``onnx`` is the model's bytes (sent in one JSON body), or the
+        path of its file (streamed as a multipart file, never held in memory: the way to send a
+        large model). ``sample_input`` (EZKL's ``input.json`` form) pins symbolic dimensions
+        and is calibrated on."""
+        options = {"dims": dims or {}, "shapes": shapes or {},
+                   "cuts": list(cuts) if cuts is not None else None,
+                   "calibration_samples": calibration_samples, "sample_input": sample_input}
+        if isinstance(onnx, Path):
+            with onnx.open("rb") as source:
+                body: dict[str, Any] = self._call(
+                    "POST", "/v1/model-files",
+                    files={"model": (onnx.name, source, "application/octet-stream")},
+                    data={"options": json.dumps(options)})
+            return body
+        body = self._call("POST", "/v1/models", json={
+            "onnx_base64": base64.b64encode(onnx).decode(), **options})
         return body
 
     def submit_result(self, signed_body: dict[str, Any]) -> ResultView:

@@ -362,7 +362,7 @@ def _run_large(workdir: Path, rpc_url: str, console: Console, *, large: _Large,
         client = RefuteClient(stack.api_url, key,
                               timeout=settings.registration_timeout_s + 600.0)
         console.print(
-            f"registering {large.title} through the API (POST /v1/models, "
+            f"registering {large.title} through the API (POST /v1/model-files, "
             f"{len(model.onnx_bytes) / 1e6:.0f} MB): safe load, {n} segments, then every "
             "segment's circuit calibrated with EZKL; a segment too large to prove whole is "
             "tiled, and each tile shape is calibrated in EZKL child processes. This takes "
@@ -373,8 +373,11 @@ def _run_large(workdir: Path, rpc_url: str, console: Console, *, large: _Large,
         start = time.monotonic()
         # The request runs on a daemon thread: an interrupted demo stops the stack (which ends
         # the request) instead of waiting for it.
-        call = _Background(lambda: client.register_model(model.onnx_bytes,
-                                                         calibration_samples=2))
+        # Sent as a file (multipart, streamed): the JSON route's base64 body would hold the
+        # whole model in memory on both sides.
+        model_file = workdir / "model.onnx"
+        model_file.write_bytes(model.onnx_bytes)
+        call = _Background(lambda: client.register_model(model_file, calibration_samples=2))
         _watch(console, "registration",
                lambda: (call.done(), probe()),
                timeout=settings.registration_timeout_s + 900.0)

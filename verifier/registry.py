@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
 import signal
 import tempfile
 import threading
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -219,17 +220,23 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def run_isolated(data: bytes, options: dict[str, Any], limits: RegistrationLimits,
+def run_isolated(data: bytes | BinaryIO, options: dict[str, Any], limits: RegistrationLimits,
                  *, on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run :func:`build_registration` in a fresh spawned child bounded in time and memory.
 
-    Returns its ``{"manifest", "report"}`` or raises: the child's own refusal (same code and
-    reason), :class:`RegistrationTimeout`, :class:`RegistrationMemoryExceeded` or
-    :class:`RegistrationCrashed`. ``on_start(pid)`` is called once the child runs (tests use it
-    to kill the child). The child never outlives this call.
+    ``data`` is the model's bytes or a file holding them from where it stands (copied in
+    pieces, never read whole here). Returns its ``{"manifest", "report"}`` or raises: the
+    child's own refusal (same code and reason), :class:`RegistrationTimeout`,
+    :class:`RegistrationMemoryExceeded` or :class:`RegistrationCrashed`. ``on_start(pid)`` is
+    called once the child runs (tests use it to kill the child). The child never outlives this
+    call.
     """
     with tempfile.TemporaryDirectory(prefix="refute-register-") as workdir:
-        (Path(workdir) / "model.onnx").write_bytes(data)
+        with (Path(workdir) / "model.onnx").open("wb") as model:
+            if isinstance(data, bytes):
+                model.write(data)
+            else:
+                shutil.copyfileobj(data, model, 2**20)
         (Path(workdir) / "options.json").write_text(json.dumps(options))
         return _run_child(workdir, limits, on_start)
 
@@ -373,7 +380,7 @@ def _gate(limits: RegistrationLimits) -> _Gate:
         return _GATES.setdefault(limits, _Gate(limits))
 
 
-def register_in_subprocess(data: bytes, options: dict[str, Any], *,
+def register_in_subprocess(data: bytes | BinaryIO, options: dict[str, Any], *,
                            limits: RegistrationLimits | None = None,
                            network_id: str = "",
                            on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -386,9 +393,11 @@ def register_in_subprocess(data: bytes, options: dict[str, Any], *,
         return run_isolated(data, options, limits, on_start=on_start)
 
 
-def store_model(session: Session, blobs: BlobStore, *, network_id: str, data: bytes,
+def store_model(session: Session, blobs: BlobStore, *, network_id: str,
+                data: bytes | BinaryIO,
                 manifest: dict[str, Any], manifest_sha256: str, now: datetime) -> RegisteredModel:
-    """Record a registered model (idempotent per network and manifest)."""
+    """Record a registered model (idempotent per network and manifest); ``data`` is its bytes
+    or a file holding them from where it stands."""
     existing = session.scalars(select(RegisteredModel).where(
         RegisteredModel.network_id == network_id,
         RegisteredModel.manifest_sha256 == manifest_sha256)).first()
@@ -397,6 +406,7 @@ def store_model(session: Session, blobs: BlobStore, *, network_id: str, data: by
     row = RegisteredModel(id=new_id("mdl"), network_id=network_id,
                           model_sha256=str(manifest["model"]["sha256"]),
                           manifest_sha256=manifest_sha256, manifest=manifest,
-                          model_blob=blobs.put(data), created_at=now)
+                          model_blob=blobs.put(data) if isinstance(data, bytes)
+                          else blobs.put_stream(data), created_at=now)
     session.add(row)
     return row

@@ -19,22 +19,31 @@ import logging
 import re
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from challenge.messages import AuthError, Domain
 from challenge.records import Network, RegisteredModel, Result, SpotCheck
 from refute.disclosure import state_record_length
-from refute.errors import ExecutionError, InputError, ModelRejected, RefuteError, ServerFault
+from refute.errors import (
+    ExecutionError,
+    InputError,
+    ModelRejected,
+    ModelTooLarge,
+    RefuteError,
+    ServerFault,
+)
 from refute.manifest import Manifest
 from refute.settings import Settings
 from verifier.accounts import add_api_key, authenticate, create_network
@@ -45,6 +54,7 @@ from verifier.api.schemas import (
     DisclosureRequest,
     ErrorBody,
     Health,
+    ModelOptions,
     ModelOut,
     ModelRegister,
     NetworkCreate,
@@ -73,12 +83,12 @@ def model_body_bytes(settings: Settings) -> int:
 
 
 def large_bodies(settings: Settings) -> tuple[LargeBody, ...]:
-    """The routes whose bodies may be large, with their limits: registration up to
-    :func:`model_body_bytes` (it needs a well-formed API key header before its body is read:
+    """The routes whose bodies may be large, with their limits: registration (JSON or a file)
+    up to :func:`model_body_bytes` (it needs a well-formed API key header before its body is read:
     its body is decoded before authentication runs), trace and state uploads up to
     ``max_upload_bytes``."""
     return (
-        LargeBody("POST", re.compile(r"/v1/models"), model_body_bytes(settings),
+        LargeBody("POST", re.compile(r"/v1/model(?:s|-files)"), model_body_bytes(settings),
                   key_header="x-api-key"),
         LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states|states/[0-9]+)"),
                   settings.max_upload_bytes),
@@ -290,24 +300,13 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
             token = add_api_key(s, net.id, ctx.clock.now())
         return NetworkCreated(id=net.id, name=net.name, api_key=token)
 
-    @app.post("/v1/models", status_code=201, response_model=ModelOut, responses=ERRORS,
-              tags=["models"])
-    async def register(body: ModelRegister, net: NetworkDep, s: SessionDep,
-                       request: Request) -> ModelOut | JSONResponse:
-        """Register a model: safe loading, segmentation, calibration; returns the manifest.
-
-        Each registration runs in its own child process bounded in time and memory (422
-        ``registration_timeout``, ``registration_memory``, ``registration_crashed``); when every
-        slot and the bounded queue are taken the answer is 503 ``registration_busy`` with
-        ``Retry-After``.
-        """
+    async def register_model(data: bytes | BinaryIO, options: dict[str, Any], network_id: str,
+                             s: Session, request: Request) -> ModelOut | JSONResponse:
+        """Build the registration in its bounded child, then store the model and manifest."""
         from verifier.registry import RegistrationBusy, RegistrationLimits
 
-        data = decode_model(body.onnx_base64)
-        options = body.model_dump(exclude={"onnx_base64"})
         options["proving_budget_bytes"] = ctx.settings.proving_budget_bytes
         limits = RegistrationLimits.from_settings(ctx.settings)
-        network_id = net.id
         s.rollback()  # hold no database transaction while the model is built
         try:
             built = await asyncio.to_thread(
@@ -318,11 +317,46 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
             raise ModelRejected(f"the model cannot be run: {exc.reason}") from exc
         manifest_json = built["manifest"]
         manifest = Manifest.from_json(manifest_json)
+        if not isinstance(data, bytes):
+            data.seek(0)
         with _write(s):
-            row = store_model(s, ctx.blobs, network_id=network_id, data=data,
-                              manifest=manifest_json, manifest_sha256=manifest.sha256,
-                              now=ctx.clock.now())
+            row = await asyncio.to_thread(functools.partial(
+                store_model, s, ctx.blobs, network_id=network_id, data=data,
+                manifest=manifest_json, manifest_sha256=manifest.sha256, now=ctx.clock.now()))
         return _model_out(row, report=built["report"])
+
+    @app.post("/v1/models", status_code=201, response_model=ModelOut, responses=ERRORS,
+              tags=["models"])
+    async def register(body: ModelRegister, net: NetworkDep, s: SessionDep,
+                       request: Request) -> ModelOut | JSONResponse:
+        """Register a model: safe loading, segmentation, calibration; returns the manifest.
+
+        Each registration runs in its own child process bounded in time and memory (422
+        ``registration_timeout``, ``registration_memory``, ``registration_crashed``); when every
+        slot and the bounded queue are taken the answer is 503 ``registration_busy`` with
+        ``Retry-After``. A large model is sent as a file: ``POST /v1/model-files``.
+        """
+        data = decode_model(body.onnx_base64)
+        return await register_model(data, body.model_dump(exclude={"onnx_base64"}), net.id, s,
+                                    request)
+
+    @app.post("/v1/model-files", status_code=201, response_model=ModelOut, responses=ERRORS,
+              tags=["models"], openapi_extra={"requestBody": {
+                  "required": True, "content": {"multipart/form-data": {"schema": {
+                      "type": "object", "required": ["model"], "properties": {
+                          "model": {"type": "string", "format": "binary"},
+                          "options": {"type": "string", "description":
+                                      "ModelOptions as JSON (optional)"}}}}}}})
+    async def register_file(net: NetworkDep, s: SessionDep,
+                            request: Request) -> ModelOut | JSONResponse:
+        """Register a model sent as a file (``multipart/form-data``: a ``model`` file part and
+        an optional ``options`` part, :class:`ModelOptions` as JSON). The file is streamed to
+        disk as it arrives and never held in memory, so this is the route for a large model
+        (up to the ``max_model_bytes`` setting); otherwise as ``POST /v1/models``."""
+        async with request.form(max_files=1, max_fields=1,
+                                max_part_size=MAX_SMALL_BODY_BYTES) as form:
+            upload, options = _model_parts(form, ctx.settings.max_model_bytes)
+            return await register_model(upload.file, options, net.id, s, request)
 
     @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=ERRORS,
              tags=["models"])
@@ -544,6 +578,30 @@ async def _read_limited(request: Request, *, limit: int | None = None) -> bytes:
     if size == 0:
         raise InputError("the body is empty")
     return b"".join(chunks)
+
+
+def _model_parts(form: FormData, max_model_bytes: int) -> tuple[UploadFile, dict[str, Any]]:
+    """The ``model`` file and the validated options of a multipart registration."""
+    unknown = sorted(set(form.keys()) - {"model", "options"})
+    if unknown:
+        raise InputError(f"unknown part {unknown[0]!r}: send a 'model' file and 'options'")
+    upload = form.get("model")
+    if not isinstance(upload, UploadFile):
+        raise InputError("the 'model' part is missing or is not a file")
+    if upload.size is None or upload.size == 0:
+        raise InputError("the 'model' file is empty")
+    if upload.size > max_model_bytes:
+        raise ModelTooLarge(f"model is {upload.size} bytes, over the limit of {max_model_bytes}")
+    text = form.get("options") or "{}"
+    if not isinstance(text, str):
+        raise InputError("the 'options' part must be JSON text, not a file")
+    try:
+        options = ModelOptions.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise InputError(f"options: {where}: {first['msg']}") from exc
+    return upload, options.model_dump()
 
 
 def _model_out(row: RegisteredModel, report: dict[str, Any] | None = None) -> ModelOut:

@@ -68,11 +68,11 @@ class NetworkCreated(BaseModel):
     api_key: str = Field(examples=["rk_" + "x" * 43])
 
 
-class ModelRegister(BaseModel):
-    """An ONNX model to register (base64), with optional shape pins and cut choices."""
+class ModelOptions(BaseModel):
+    """How to register a model: optional shape pins, cut choices and calibration inputs (the
+    ``options`` part of a multipart registration, ``POST /v1/model-files``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    onnx_base64: str = Field(min_length=4, max_length=96 * 2**20)
     dims: dict[str, int] = Field(default_factory=dict, examples=[{"batch_size": 1}])
     shapes: dict[str, list[int]] = Field(default_factory=dict)
     cuts: list[int] | None = None
@@ -83,6 +83,13 @@ class ModelRegister(BaseModel):
     #: model's symbolic dimensions and is the first calibration input.
     sample_input: dict[str, Any] | None = Field(
         default=None, examples=[{"input_data": [[0.5, -1.0, 2.0]]}])
+
+
+class ModelRegister(ModelOptions):
+    """An ONNX model to register (base64) in one JSON body, with its options. A model over
+    about 64 MB is sent as a file instead (``POST /v1/model-files``, streamed to disk)."""
+
+    onnx_base64: str = Field(min_length=4, max_length=96 * 2**20)
 
 
 class ModelOut(BaseModel):
