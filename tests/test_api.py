@@ -245,6 +245,43 @@ def test_submit_is_optimistic_idempotent_and_guarded(
     assert api.client.get("/v1/results", headers=other_headers).json()["items"] == []
 
 
+def test_a_batch_accepts_or_refuses_each_result_on_its_own(
+    api: Api, registered: tuple[str, dict[str, str], dict[str, Any]]
+) -> None:
+    network_id, headers, model = registered
+    good = [_signed(network_id, model, nonce=500 + n, seed=n)[0] for n in range(3)]
+    alone, _ = _signed(network_id, model, nonce=510)
+    assert api.client.post("/v1/results", headers=headers, json=alone).status_code == 202
+    expired, _ = _signed(network_id, model, nonce=511, deadline=int(time.time()) - 5)
+    replay, _ = _signed(network_id, model, nonce=500, seed=7)  # the nonce of good[0]
+    bad_leaves, _ = _signed(network_id, model, nonce=512)
+    bad_leaves["leaves"][1] = "0x" + "99" * 32
+    batch = [good[0], expired, good[1], alone, replay, bad_leaves, good[2], good[1]]
+    answer = api.client.post("/v1/result-batches", headers=headers, json={"results": batch})
+    assert answer.status_code == 200, answer.text
+    out = answer.json()
+    assert [i["status"] for i in out["items"]] == [202, 403, 202, 200, 409, 400, 202, 200]
+    assert [i["index"] for i in out["items"]] == list(range(len(batch)))
+    assert (out["accepted"], out["refused"]) == (5, 3)
+    assert "already used" in out["items"][4]["error"]["reason"]
+    assert "trace root" in out["items"][5]["error"]["reason"]
+    assert out["items"][7]["id"] == out["items"][2]["id"]  # the same message: one result
+    for item in out["items"]:
+        if item["error"] is None:  # each accepted one is stored, the refused ones are not
+            got = api.client.get(f"/v1/results/{item['id']}", headers=headers).json()
+            assert got["status"] == "ACCEPTED" and got["challenge_deadline"]
+    listed = {r["id"] for r in api.client.get("/v1/results", headers=headers,
+                                              params={"limit": 200}).json()["items"]}
+    assert {i["id"] for i in out["items"] if i["id"]} <= listed
+    # The batch itself is checked whole: empty, too long, malformed, or without a key.
+    _error(api.client.post("/v1/result-batches", headers=headers, json={"results": []}), 422)
+    _error(api.client.post("/v1/result-batches", headers=headers,
+                           json={"results": [good[0]] * 501}), 422)
+    _error(api.client.post("/v1/result-batches", headers=headers,
+                           json={"results": [{"model_id": "x"}]}), 422)
+    _error(api.client.post("/v1/result-batches", json={"results": [good[0]]}), 401)
+
+
 def test_trace_upload_and_listing(
     api: Api, registered: tuple[str, dict[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -118,6 +118,17 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
         assert (ids[1], "result.finalized") not in events
         listed = client.deliveries()
         assert listed and all(d["status"] == "DELIVERED" for d in listed)
+        # A batch: each result accepted on its own, the repeated message answered as before.
+        batch = [sign_result(
+            network_id=network_id, model_id=registered["id"],
+            model_sha256=registered["model_sha256"],
+            trace=run_trace(prepared, model.sample_input(10 + n)), input_hash=b"\x01" * 32,
+            output_hash=b"\x02" * 32, stake=100, nonce=10 + n, deadline=int(time.time()) + 600,
+            private_key=PROVIDER.key, provider=PROVIDER.address) for n in range(2)]
+        items = client.submit_results([*batch, batch[0]])
+        assert [i.status for i in items] == [202, 202, 200] and items[2].id == items[0].id
+        assert all(i.accepted and i.challenge_deadline for i in items)
+        assert client.result(str(items[1].id)).model_id == registered["id"]
     receiver.shutdown()
 
 

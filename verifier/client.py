@@ -87,6 +87,33 @@ class ResultView:
                    Disclosure.of(data.get("disclosure")))
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """What became of one result of a batch: ``status`` is the answer it would have had alone
+    (202 accepted, 200 already accepted, 4xx refused: ``code`` and ``reason`` say why)."""
+
+    index: int
+    status: int
+    id: str | None
+    challenge_deadline: datetime | None
+    code: str | None = None
+    reason: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the result stands (newly accepted or accepted before)."""
+        return self.status in (200, 202)
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> BatchItem:
+        """Parse one item of the API's JSON."""
+        error = data.get("error") or {}
+        deadline = data.get("challenge_deadline")
+        return cls(int(data["index"]), int(data["status"]), data.get("id"),
+                   datetime.fromisoformat(deadline) if deadline else None,
+                   error.get("code"), error.get("reason"))
+
+
 def sign_result(
     *,
     network_id: str,
@@ -211,6 +238,12 @@ class RefuteClient:
     def submit_result(self, signed_body: dict[str, Any]) -> ResultView:
         """Submit a signed result (see :func:`sign_result`); accepted at once."""
         return ResultView.of(self._call("POST", "/v1/results", json=signed_body))
+
+    def submit_results(self, signed_bodies: Sequence[dict[str, Any]]) -> list[BatchItem]:
+        """Submit up to 500 signed results in one request; each is accepted or refused on its
+        own (:class:`BatchItem`, in order)."""
+        body = self._call("POST", "/v1/result-batches", json={"results": list(signed_bodies)})
+        return [BatchItem.of(item) for item in body["items"]]
 
     def upload_trace(self, result_id: str, bundle: bytes | Path) -> ResultView:
         """Upload the trace bundle of a result: its bytes, or a path to stream it from (a large

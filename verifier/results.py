@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -13,7 +14,7 @@ from challenge.messages import Result as SignedResult
 from challenge.outbox import enqueue
 from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
 from challenge.result_lifecycle import accept
-from refute.errors import BundleError, Conflict, InputError, NotFound
+from refute.errors import BundleError, Conflict, InputError, NotFound, RefuteError
 from refute.manifest import Manifest
 from refute.merkle import merkle_root
 from refute.trace import Trace
@@ -101,6 +102,27 @@ def submit_result(
                  "deadline": disclosure.isoformat(),
                  "how": f"PUT /v1/results/{result_id}/states (or the whole trace)"}, now)
     return result, True
+
+
+def submit_results(
+    session: Session, network: Network, bodies: Sequence[ResultSubmit], *, domain: Domain,
+    now: datetime, spot_key: bytes,
+) -> list[tuple[Result, bool] | RefuteError]:
+    """Accept each of a batch of signed results on its own (:func:`submit_result`), in one
+    transaction the caller commits: a result refused (a 4xx :class:`RefuteError`, returned in
+    its place) is rolled back to its own savepoint and the others stand. A server fault
+    aborts the whole batch."""
+    outcomes: list[tuple[Result, bool] | RefuteError] = []
+    for body in bodies:
+        try:
+            with session.begin_nested():
+                outcomes.append(submit_result(session, network, body, domain=domain, now=now,
+                                              spot_key=spot_key))
+        except RefuteError as exc:
+            if exc.http_status >= 500:
+                raise
+            outcomes.append(exc)
+    return outcomes
 
 
 def needed_states(segments: list[int]) -> list[int]:

@@ -50,15 +50,19 @@ from verifier.accounts import add_api_key, authenticate, create_network
 from verifier.api.middleware import BodyTooLarge, Guard, LargeBody, request_id, scope_route
 from verifier.api.readiness import readiness
 from verifier.api.schemas import (
+    BatchItem,
+    BatchOut,
     DeliveryOut,
     DisclosureRequest,
     ErrorBody,
+    ErrorDetail,
     Health,
     ModelOptions,
     ModelOut,
     ModelRegister,
     NetworkCreate,
     NetworkCreated,
+    ResultBatch,
     ResultOut,
     ResultPage,
     ResultSubmit,
@@ -68,12 +72,23 @@ from verifier.api.schemas import (
 from verifier.auth import is_api_key
 from verifier.lifecycle import attach_state, attach_states, disclosure_manifest, disclosure_needed
 from verifier.registry import decode_model, register_in_subprocess, store_model
-from verifier.results import attach_trace, list_results, owned_model, owned_result, submit_result
+from verifier.results import (
+    attach_trace,
+    list_results,
+    owned_model,
+    owned_result,
+    submit_result,
+    submit_results,
+)
 from verifier.service import ServiceContext, owed_segments
 from verifier.webhooks import list_deliveries, register_endpoint
 
 #: Largest body of every other route (a result with 4,097 leaves is ~0.3 MiB).
 MAX_SMALL_BODY_BYTES = 2**20
+
+
+#: Largest batch of results (500 results of 70 leaves are about 4 MiB).
+BATCH_BODY_BYTES = 16 * 2**20
 
 
 def model_body_bytes(settings: Settings) -> int:
@@ -84,14 +99,16 @@ def model_body_bytes(settings: Settings) -> int:
 
 def large_bodies(settings: Settings) -> tuple[LargeBody, ...]:
     """The routes whose bodies may be large, with their limits: registration (JSON or a file)
-    up to :func:`model_body_bytes` (it needs a well-formed API key header before its body is read:
-    its body is decoded before authentication runs), trace and state uploads up to
-    ``max_upload_bytes``."""
+    up to :func:`model_body_bytes` and batches of results up to :data:`BATCH_BODY_BYTES` (both
+    need a well-formed API key header before the body is read: it is decoded before
+    authentication runs), trace and state uploads up to ``max_upload_bytes``."""
     return (
         LargeBody("POST", re.compile(r"/v1/model(?:s|-files)"), model_body_bytes(settings),
                   key_header="x-api-key"),
         LargeBody("PUT", re.compile(r"/v1/results/[^/]+/(?:trace|states|states/[0-9]+)"),
                   settings.max_upload_bytes),
+        LargeBody("POST", re.compile(r"/v1/result-batches"), BATCH_BODY_BYTES,
+                  key_header="x-api-key"),
     )
 
 
@@ -378,6 +395,27 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         else:
             response.status_code = 200
         return _result_out(s, row)
+
+    @app.post("/v1/result-batches", response_model=BatchOut, responses=ERRORS,
+              tags=["results"])
+    def submit_batch(body: ResultBatch, net: NetworkDep, s: SessionDep) -> BatchOut:
+        """Accept up to 500 signed results in one request (a body of at most 16 MiB), each
+        accepted or refused on its own: ``items[i].status`` is what ``POST /v1/results`` would
+        have answered for ``results[i]`` (202, 200 when already accepted, or a 4xx with its
+        ``error``). The accepted ones are written in one transaction."""
+        with _write(s):
+            outcomes = submit_results(s, net, body.results, domain=domain, now=ctx.clock.now(),
+                                      spot_key=ctx.settings.spot_key_bytes())
+        items = [BatchItem(index=i, status=o.http_status,
+                           error=ErrorDetail(code=o.code, reason=o.reason))
+                 if isinstance(o, RefuteError) else
+                 BatchItem(index=i, status=202 if o[1] else 200, id=o[0].id,
+                           challenge_deadline=o[0].challenge_deadline)
+                 for i, o in enumerate(outcomes)]
+        created = sum(item.status == 202 for item in items)
+        RESULTS.inc(created)
+        refused = sum(item.error is not None for item in items)
+        return BatchOut(items=items, accepted=len(items) - refused, refused=refused)
 
     @app.get("/v1/results", response_model=ResultPage, responses=ERRORS, tags=["results"])
     def results(net: NetworkDep, s: SessionDep,

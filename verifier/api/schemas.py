@@ -142,6 +142,37 @@ class ResultSubmit(BaseModel):
     leaves: list[Hex32] = Field(min_length=2, max_length=4097)
 
 
+#: Most results one batch submission carries.
+MAX_BATCH = 500
+
+
+class ResultBatch(BaseModel):
+    """Signed results submitted together (``POST /v1/results/batch``), each accepted or refused
+    on its own."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    results: list[ResultSubmit] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchItem(BaseModel):
+    """What became of one result of a batch: ``status`` is the answer it would have had alone
+    (202 accepted, 200 already accepted, 4xx refused with ``error``)."""
+
+    index: int
+    status: int
+    id: str | None = None
+    challenge_deadline: datetime | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchOut(BaseModel):
+    """Each result of a batch, in order, and how many were accepted."""
+
+    items: list[BatchItem]
+    accepted: int
+    refused: int
+
+
 class DisclosureRequest(BaseModel):
     """States a sampled provider must disclose (``PUT /v1/results/{id}/states``)."""
 
