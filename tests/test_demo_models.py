@@ -62,7 +62,8 @@ def test_large_model_env_raises_exactly_the_named_limits(
 
 def test_settings_env_is_applied_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
     from refute.settings import get_settings
-    from verifier.demo import LARGE_MODEL_ENV, _settings_env
+    from verifier.demo import _settings_env
+    from verifier.demo_models import LARGE_MODEL_ENV
 
     monkeypatch.delenv("REFUTE_MAX_MODEL_BYTES", raising=False)
     get_settings.cache_clear()
@@ -143,7 +144,8 @@ def test_the_mobilenet_cheat_is_one_faulty_middle_convolution(
     spot-check finds that step (beyond 2·τ) and no other."""
     from refute.provider import random_inputs
     from refute.segmentation import run_segments
-    from verifier.demo import cheat_step, lying_states
+    from verifier.demo import cheat_step
+    from verifier.demo_models import lying_states
 
     segmentation = prepared_mobilenet.segmentation
     step, what = cheat_step("mobilenet", segmentation)
@@ -195,7 +197,7 @@ def test_the_gpt2_cheat_is_the_middle_blocks_attention_scores() -> None:
 
 def test_the_registration_probe_names_the_segment_and_the_processes(
         tmp_path: Path, prepared_mobilenet: PreparedModel) -> None:
-    from verifier.demo import _RegistrationProbe
+    from verifier.demo_models import _RegistrationProbe
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -216,7 +218,7 @@ def test_the_registration_probe_names_the_segment_and_the_processes(
 
 
 def test_the_report_summary_names_tiles_and_logrows() -> None:
-    from verifier.demo import _print_report
+    from verifier.demo_models import _print_report
 
     console = Console(record=True, width=200)
     _print_report(console, {"scale": 7, "scales_tried": [7], "range": 32.0, "segments": [
