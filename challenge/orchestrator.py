@@ -948,9 +948,10 @@ def export_dispute(ctx: DisputeContext, dispute_id: str, path: Path) -> Path:
         for digest in sorted(d for d in digests if ctx.blobs.exists(d)):
             files[f"artifacts/{digest}"] = ctx.blobs.get(digest)
         if any(not ctx.blobs.exists(d) for d in digests):  # from the prover's circuit cache
-            tile = body.get("tile")
+            # a step's tile, or the chunk of a chunked state's range
+            part = body.get("tile" if kind is ProofKind.STEP else "chunk")
             for data in ctx.prover.artifacts(prepared, kind, index,
-                                             tile=tile if isinstance(tile, int) else None):
+                                             tile=part if isinstance(part, int) else None):
                 digest = hashlib.sha256(data).hexdigest()
                 if digest in digests:
                     files[f"artifacts/{digest}"] = data

@@ -37,8 +37,8 @@ line of the report (a failed one says where: the member, the event, the field):
                native verifier never sees unauthenticated input);
 ``binding``    the proof's hash instances are Poseidon of the quantized tensors of the states
                it was made on (of the named tile's slices of them, cut by the segment graph
-               the manifest's hash authenticates), states that reproduce their committed
-               leaves;
+               the manifest's hash authenticates; of the named chunk of a chunked state, which
+               must hold its largest |v|), states that reproduce their committed leaves;
 ``verdict``    the proven maxdiff (max |v|) and τ (R) are the ones recorded, and the rule holds
                (``refute/verdict.py``, the rule the game and the prover apply).
 
@@ -88,8 +88,10 @@ from challenge.transcript import (
     parse_public_key,
 )
 from circuits.adjudication import adjudication_bytes
+from circuits.range_graph import chunk_circuit
 from refute import safejson
-from refute.errors import BindingError, RefuteError
+from refute.chunks import Chunking, range_chunking
+from refute.errors import BindingError, BundleError, RefuteError
 from refute.instances import check_binding
 from refute.manifest import Manifest, canonical_json
 from refute.merkle import merkle_root
@@ -573,6 +575,12 @@ class _Replay:
                 if event.body.get("tile") is not None:
                     model = self._tile_model(event, manifest, entry)
                     expected = _canonical(model.get("settings"))
+                elif kind == "range" and (chunk := self._chunk(event, manifest)) is not None:
+                    chunking, named = chunk
+                    _graph, recorded = chunk_circuit(
+                        entry, chunking.spec(manifest.states[index], named),
+                        opset=manifest.opset)
+                    expected = _canonical(recorded)
                 else:
                     expected = _canonical(entry.get("settings"))
                 if expected is not None and expected == _canonical(settings):
@@ -623,6 +631,23 @@ class _Replay:
                 return model
         raise ReplayError(f"the manifest records no circuit for tile {tile.index}'s model",
                           "manifest.json circuits")
+
+    def _chunk(self, event: Event, manifest: Manifest) -> tuple[Chunking, int] | None:
+        """The chunking of the state a range proof event proves, as the manifest records it,
+        and the chunk the event names (``None``: the state is proven whole)."""
+        _kind, _field_name, k = _circuit_of(event)
+        try:
+            chunking = range_chunking(manifest.circuits, k, manifest.states[k])
+        except BundleError as exc:
+            raise ReplayError(exc.reason, "manifest.json circuits") from exc
+        chunk = event.body.get("chunk")
+        if chunking is None and chunk is None:
+            return None
+        if chunking is None or type(chunk) is not int or not 0 <= chunk < chunking.total:
+            whole = "is proven whole: names no chunk" if chunking is None else (
+                f"is proven on chunks: must name one of 0..{chunking.total - 1}")
+            raise ReplayError(f"the range of state {k} {whole}", f"{_at(event)} body.chunk")
+        return chunking, chunk
 
     def _calibrated(self) -> Manifest:
         manifest = self.manifest
@@ -837,6 +862,7 @@ class _Replay:
         if event.body.get("tile") is not None:
             _segment, tiling, tile = self._tiled(event, manifest)
             cut = (tiling, tile)
+        chunk = self._chunk(event, manifest) if kind == "range" else None
         indices = [index - 1, index] if kind == "step" else [index]
         if any(k not in self.states for k in indices):
             raise ReplayError(f"the bundle lacks state(s) {indices} the proof was made on",
@@ -845,8 +871,10 @@ class _Replay:
             check_binding(scale=manifest.scale, specs=manifest.states, indices=indices,
                           states=[self.states[k] for k in indices],
                           leaves=[bytes.fromhex(leaf[2:]) for leaf in self.leaves],
-                          instances=x + y, tile=cut)
-            sliced = "" if cut is None else f"tile {cut[1].index}'s slices of "
+                          instances=x + y, tile=cut, chunk=chunk)
+            sliced = (f"tile {cut[1].index}'s slices of " if cut is not None
+                      else f"chunk {chunk[1]} (holding its largest |v|) of " if chunk is not None
+                      else "")
             ok, detail = True, (f"instances are Poseidon of {sliced}states {indices}, which "
                                 "match their leaves")
         except BindingError as exc:

@@ -28,7 +28,8 @@ class ProofMade:
 
     detail: dict[str, Any]
     """What the proof established (``maxdiff_units`` and ``tolerance`` of a step, or
-    ``max_abs_units`` and ``bound`` of a state), its ``circuit``, ``vk_sha256`` and ``proof``,
+    ``max_abs_units`` and ``bound`` of a state, and the ``chunk`` proven of a chunked state),
+    its ``circuit``, ``vk_sha256`` and ``proof``,
     and the sha256 of the settings and SRS it was made with (``settings_sha256``,
     ``srs_sha256``)."""
     files: tuple[bytes, ...] = field(default=())
@@ -50,16 +51,17 @@ class EzklProofs:
                  tile: int | None) -> Circuit:
         if kind == "step":
             return self._prover.step_circuit(prepared, prepared.manifest, index, tile=tile)
-        return self._prover.range_circuit(prepared, prepared.manifest, index)
+        return self._prover.range_circuit(prepared, prepared.manifest, index, chunk=tile)
 
     def prove(self, prepared: PreparedModel, kind: str, index: int,
               states: Mapping[int, State], commitment: TraceCommitment, *,
               tile: int | None = None) -> ProofMade:
         """Prove and verify step ``index`` (its ``tile``, when it is tiled) or the range of
-        state ``index``."""
+        state ``index`` (of the chunk holding its largest |v|, when it is chunked: the detail
+        names it, ``chunk``)."""
         manifest = prepared.manifest
-        circuit = self._circuit(prepared, kind, index, tile)
         if kind == "step":
+            circuit = self._circuit(prepared, kind, index, tile)
             proof = self._prover.prove_step(prepared, manifest, index, states[index - 1],
                                             states[index], tile=tile)
             step = self._prover.verify_step(prepared, manifest, proof, commitment,
@@ -71,10 +73,12 @@ class EzklProofs:
                                         **({"tile": tile} if tile is not None else {})}
         else:
             proof = self._prover.prove_range(prepared, manifest, index, states[index])
+            circuit = self._circuit(prepared, kind, index, proof.tile)
             bound = self._prover.verify_range(prepared, manifest, proof, commitment,
                                               state=states[index])
             measured = {"state": index, "max_abs_units": str(bound.maxabs_units),
-                        "bound": int(bound.bound_units)}
+                        "bound": int(bound.bound_units),
+                        **({"chunk": proof.tile} if proof.tile is not None else {})}
         files = self._files(circuit)
         return ProofMade(
             detail={**measured, "circuit": proof.circuit_key, "vk_sha256": proof.vk_sha256,
@@ -84,7 +88,8 @@ class EzklProofs:
 
     def artifacts(self, prepared: PreparedModel, kind: str, index: int, *,
                   tile: int | None = None) -> list[bytes]:
-        """The circuit's settings, verifying key and SRS."""
+        """The circuit's settings, verifying key and SRS (``tile``: a step's tile, or the chunk
+        of a chunked state's range)."""
         return self._files(self._circuit(prepared, kind, index, tile))
 
     @staticmethod

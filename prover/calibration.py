@@ -12,7 +12,9 @@ states. Then:
   unprovable with EZKL's reason;
 * **τ_i** = ``ceil(safety × max honest maxdiff)`` in quantized units (at least 1), where the
   honest maxdiff is the circuit's own fixed-point ``max |f_i(x) − y|`` with y the float output;
-* each state's range circuit is calibrated on a sample at ±R.
+* each state's range circuit is calibrated on a sample at ±R; a state too large for one is
+  proven on chunks of it, by one circuit per chunk size and element type
+  (:func:`calibrate_ranges`, :mod:`refute.chunks`).
 
 Each segment's (and each state's) EZKL calibration runs in a child process of its own, killed
 after ``calibration_segment_timeout_s`` (EZKL holds the GIL, so a thread could not be stopped),
@@ -33,6 +35,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -40,21 +43,25 @@ from typing import Any
 
 import ezkl
 import numpy as np
+import onnx
 
 from circuits.adjudication import adjudication_bytes
-from circuits.range_graph import range_bytes
+from circuits.range_graph import chunk_bytes, range_bytes
 from prover.budget import ProvingEstimate, estimate
 from prover.circuit import _ezkl, calibrated_settings, felt_to_int, write_input_json
 from prover.errors import CircuitUnsupported
 from prover.isolated import ChildFailed, run_child
 from prover.step import maxdiff_units
+from refute.chunks import CHUNKING, Chunking
 from refute.errors import RefuteError
 from refute.executor import DeterministicExecutor
+from refute.loading import TensorSpec
 from refute.manifest import Manifest
 from refute.provider import PreparedModel, validate_inputs
 from refute.segmentation import Segment, run_segments
 from refute.settings import get_settings
 from refute.tiling import (
+    Tiling,
     cut_input,
     cut_output,
     make_tiling,
@@ -246,13 +253,15 @@ def calibrate_segment_bounded(
 @dataclass(frozen=True)
 class CalibrationRules:
     """What every circuit of one model is calibrated under: the scale, the range bound R, the
-    τ safety factor, EZKL's logrows cap and the time limit of each calibration child."""
+    τ safety factor, EZKL's logrows cap, the time limit of each calibration child and how many
+    children run at once."""
 
     scale: int
     bound: float
     safety: float
     max_logrows: int | None
     timeout_s: float
+    workers: int = 1
 
     def segment(self, graph: bytes, index: int,
                 samples: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]], *,
@@ -262,6 +271,19 @@ class CalibrationRules:
                                          bound=self.bound, safety=self.safety,
                                          max_logrows=self.max_logrows,
                                          timeout_s=self.timeout_s, settings=settings)
+
+    def range_settings(self, graph: bytes, shapes: Sequence[tuple[int, ...]]
+                       ) -> dict[str, Any] | None:
+        """EZKL settings of a range ``graph`` over tensors of these shapes, calibrated in a
+        child process on a sample at +R; ``None`` when EZKL cannot build it within the limits."""
+        sample = [np.full(shape, self.bound, dtype=np.float32) for shape in shapes]
+        try:
+            settings: dict[str, Any] | None = _run_bounded(
+                "range", {"graph": graph, "sample": sample, "scale": self.scale,
+                          "max_logrows": self.max_logrows}, self.timeout_s)
+        except ChildFailed:
+            return None
+        return settings
 
     def too_many_rows(self, elements: int) -> bool:
         """Whether a circuit hashing ``elements`` certainly exceeds ``2^max_logrows`` rows,
@@ -289,6 +311,8 @@ def calibrate_tiled_segment(
     blocks: Sequence[int] | Sequence[Sequence[int]],
     runs: Sequence[Sequence[Sequence[np.ndarray]]],
     rules: CalibrationRules,
+    *,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> SegmentCalibration:
     """Calibrate a segment proven on tiles of ``blocks`` (:func:`refute.tiling.make_tiling`).
 
@@ -301,9 +325,15 @@ def calibrate_tiled_segment(
     (a GPT-2 MLP segment has a hundred column blocks) take the group's settings and its largest
     τ, and the manifest records them as ``"calibrated": false``: a registration costs minutes
     per tile shape, not per column block. τ of the segment is the largest of all. A tile model
-    that cannot be proven makes the segment unprovable, with its reason."""
+    that cannot be proven makes the segment unprovable, with its reason.
+
+    ``known`` carries settings between the segments of one model, by the structure of a tile
+    model (:func:`tile_structure`): a transformer's twelve blocks have tiles of the same
+    operators and shapes, and the search, about four fifths of a tile's calibration, runs for
+    the first block only. Settings found this way are held to the same test as a group's:
+    each calibrated model must run its samples and the extreme claim with them, or is searched
+    for again."""
     start = time.monotonic()
-    index = segment.index
     tiling = make_tiling(segment, blocks)
     by_model: dict[str, tuple[bytes, list[int]]] = {}
     for t in tiling.tiles:
@@ -315,37 +345,98 @@ def calibrate_tiled_segment(
         shape = (first.output_index, first.input_indices, first.input_shapes,
                  first.output_shape)
         groups.setdefault(shape, []).append(digest)
-    models: list[dict[str, Any]] = []
+    group = _TileGroups(segment.index, tiling, by_model, runs, rules, known)
+    # The groups are independent: up to ``rules.workers`` calibrate at once (each waits on its
+    # own EZKL children); their results are put together in order, so the record is the same.
+    with ThreadPoolExecutor(max_workers=rules.workers) as pool:
+        outcomes = list(pool.map(group.calibrate, groups.values()))
+    failed = next((o for o in outcomes if isinstance(o, SegmentCalibration)), None)
+    if failed is not None:
+        return replace(failed, seconds=time.monotonic() - start)
+    models = [m for o in outcomes if not isinstance(o, SegmentCalibration) for m in o[0]]
     worst: SegmentCalibration | None = None
-    for digests in groups.values():
-        shared: dict[str, Any] | None = None  # the group's first settings, tried on the others
-        group_tau = 0
-        for digest in _spread(digests, MODEL_SAMPLES):
-            graph, members = by_model[digest]
-            samples = [(cut_input(tiling, tiling.tiles[t], run[index - 1]),
-                        cut_output(tiling, tiling.tiles[t], run[index]))
-                       for run in runs for t in _spread(members, TILE_SAMPLES)]
-            found = rules.segment(graph, index, samples, settings=shared)
-            if shared is not None and found.settings is None:  # it needs settings of its own
-                found = rules.segment(graph, index, samples)
-            if found.settings is None or found.tolerance is None:
-                return replace(found, reason=f"tile model of tiles {members[:3]}…: "
-                                             f"{found.reason}",
-                               seconds=time.monotonic() - start)
-            models.append({"sha256": digest, "settings": found.settings,
-                           "tolerance": found.tolerance, "tiles": len(members)})
-            shared = shared or found.settings
-            group_tau = max(group_tau, found.tolerance)
-            if worst is None or (found.tolerance, found.logrows or 0) > (
+    for o in outcomes:
+        for found in o[1] if not isinstance(o, SegmentCalibration) else ():
+            if worst is None or (found.tolerance or 0, found.logrows or 0) > (
                     worst.tolerance or 0, worst.logrows or 0):
                 worst = found
-        calibrated = {m["sha256"] for m in models}
-        models.extend({"sha256": d, "settings": shared, "tolerance": group_tau,
-                       "tiles": len(by_model[d][1]), "calibrated": False}
-                      for d in digests if d not in calibrated)
     assert worst is not None  # a tiling has at least one tile
     record = {**tiling.to_json(), "models": models}
     return replace(worst, tiling=record, seconds=time.monotonic() - start)
+
+
+@dataclass(frozen=True)
+class _TileGroups:
+    """The tile models of one tiled segment, by digest, and how to calibrate a group of them
+    (the models of one tile shape)."""
+
+    index: int
+    tiling: Tiling
+    by_model: Mapping[str, tuple[bytes, list[int]]]
+    runs: Sequence[Sequence[Sequence[np.ndarray]]]
+    rules: CalibrationRules
+    known: dict[str, dict[str, Any]] | None
+
+    def calibrate(self, digests: Sequence[str]
+                  ) -> tuple[list[dict[str, Any]], list[SegmentCalibration]] | SegmentCalibration:
+        """The manifest records of a group's models and the calibrations that made them, or
+        the failed calibration (its reason names the tiles)."""
+        tiling, index = self.tiling, self.index
+        structure = tile_structure(self.by_model[digests[0]][0])
+        # The group's first settings (or an earlier segment's), tried on the others.
+        shared = self.known.get(structure) if self.known is not None else None
+        models: list[dict[str, Any]] = []
+        calibrations: list[SegmentCalibration] = []
+        for digest in _spread(digests, MODEL_SAMPLES):
+            graph, members = self.by_model[digest]
+            samples = [(cut_input(tiling, tiling.tiles[t], run[index - 1]),
+                        cut_output(tiling, tiling.tiles[t], run[index]))
+                       for run in self.runs for t in _spread(members, TILE_SAMPLES)]
+            found = self.rules.segment(graph, index, samples, settings=shared)
+            if shared is not None and found.settings is None:  # it needs settings of its own
+                found = self.rules.segment(graph, index, samples)
+            if found.settings is None or found.tolerance is None:
+                return replace(found, reason=f"tile model of tiles {members[:3]}…: "
+                                             f"{found.reason}")
+            models.append({"sha256": digest, "settings": found.settings,
+                           "tolerance": found.tolerance, "tiles": len(members)})
+            calibrations.append(found)
+            shared = shared or found.settings
+            if self.known is not None:
+                self.known.setdefault(structure, found.settings)
+        calibrated = {m["sha256"] for m in models}
+        group_tau = max(m["tolerance"] for m in models)
+        models.extend({"sha256": d, "settings": shared, "tolerance": group_tau,
+                       "tiles": len(self.by_model[d][1]), "calibrated": False}
+                      for d in digests if d not in calibrated)
+        return models, calibrations
+
+
+def tile_structure(graph: bytes) -> str:
+    """What a tile model is apart from its names and weights: a hash of its graph with every
+    tensor renamed by order of appearance, node names dropped and initializers reduced to
+    their types and shapes (attributes, constants folded into them, stay)."""
+    model = onnx.load_from_string(graph)
+    names: dict[str, str] = {}
+
+    def canonical(name: str) -> str:
+        return names.setdefault(name, f"t{len(names)}") if name else ""
+
+    g = model.graph
+    for info in [*g.input, *g.initializer]:
+        info.name = canonical(info.name)
+    for tensor in g.initializer:
+        tensor.ClearField("raw_data")
+        for values in ("float_data", "int32_data", "int64_data", "double_data"):
+            tensor.ClearField(values)
+    for node in g.node:
+        node.name = ""
+        node.input[:] = [canonical(n) for n in node.input]
+        node.output[:] = [canonical(n) for n in node.output]
+    for info in [*g.output, *g.value_info]:
+        info.name = canonical(info.name)
+    g.name = ""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
 #: Most tile sizes :func:`tile_to_budget` tries, each a quarter of the last.
@@ -395,6 +486,7 @@ def tile_to_budget(
     rules: CalibrationRules,
     *,
     budget_bytes: int,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> SegmentCalibration:
     """Tile a segment whose whole circuit is over ``budget_bytes`` (DESIGN.md "Registration"
     step 4): tiles whose circuits are estimated to need at most 2^L rows
@@ -403,7 +495,8 @@ def tile_to_budget(
     the budget, then one less, up to :data:`TILE_ATTEMPTS` sizes, until the tile circuits, as
     EZKL calibrates them, fit (2^18 rows at EZKL's default 2 inner columns is about 7 GB at
     peak while proving, :mod:`prover.budget`). A segment that cannot be tiled, or whose tiles
-    never fit, keeps ``whole`` (the registration report then refuses it, saying why)."""
+    never fit, keeps ``whole`` (the registration report then refuses it, saying why).
+    ``known``: settings shared between segments (:func:`calibrate_tiled_segment`)."""
     logrows = tile_logrows(budget_bytes, rules.max_logrows)
     for _ in range(TILE_ATTEMPTS):
         if logrows is None or logrows < TILE_LOGROWS[0]:
@@ -412,7 +505,7 @@ def tile_to_budget(
             tiling = plan_tiling(segment, rows_bound(logrows))
         except RefuteError:
             return whole
-        found = calibrate_tiled_segment(segment, tiling.blocks, runs, rules)
+        found = calibrate_tiled_segment(segment, tiling.blocks, runs, rules, known=known)
         if found.estimate is not None and found.estimate.fits(budget_bytes):
             return replace(found, seconds=found.seconds + whole.seconds)
         logrows -= 1
@@ -428,6 +521,89 @@ def _range_settings(
                                        max_logrows=max_logrows)
         except CircuitUnsupported:
             return None
+
+
+#: Circuit rows a range circuit takes per element of the state (or chunk) it hashes, measured on
+#: chunk circuits of B = 16 … 2,048 elements (EZKL 23.0.5, scale 7, ``resources``): 47·B − 3
+#: (logrows 14 at most 256 elements, the floor set by its range-check table; 16 at 1,024;
+#: 17 at 2,048): the Poseidon hashing (41 an element) and the |v| and maximum cells.
+RANGE_ROWS_PER_ELEMENT = 47
+
+
+def range_chunk_size(logrows: int) -> int:
+    """B, the chunk size of range circuits planned for ``2^logrows`` rows: the largest power of
+    two whose circuit is estimated to fit (:func:`refute.tiling.rows_bound`; a power of two
+    leaves a third of the rows free or more). 4,096 at logrows 18, 256 at 14."""
+    fits = rows_bound(logrows) // RANGE_ROWS_PER_ELEMENT
+    return 1 << max(fits.bit_length() - 1, 0)
+
+
+def range_chunking_plan(state: Sequence[TensorSpec], logrows: int) -> Chunking | None:
+    """How state's range is proven with circuits of at most ``2^logrows`` rows: whole
+    (``None``) when its whole range circuit is estimated to fit, else on chunks of
+    :func:`range_chunk_size`."""
+    if RANGE_ROWS_PER_ELEMENT * sum(t.size for t in state) <= rows_bound(logrows):
+        return None
+    return Chunking.of(state, range_chunk_size(logrows))
+
+
+def _chunked_entry(k: int, state: Sequence[TensorSpec], chunking: Chunking, *, opset: int,
+                   rules: CalibrationRules, calibrated: dict[str, dict[str, Any] | None]
+                   ) -> dict[str, Any]:
+    """The range entry of state k proven on chunks: the chunking and, per chunk circuit its
+    tensors use (one per element type), the graph's sha256 and its settings, calibrated once
+    per model (``calibrated``, shared by every state). Unprovable if any of them is."""
+    models: dict[str, dict[str, Any] | None] = {}
+    first = 0
+    for count in chunking.counts:
+        graph = chunk_bytes(chunking.spec(state, first), opset=opset)
+        digest = hashlib.sha256(graph).hexdigest()
+        if digest not in calibrated:
+            calibrated[digest] = rules.range_settings(graph, [(chunking.size,)])
+        models[digest] = calibrated[digest]
+        first += count
+    settings = list(models.values())
+    if any(s is None for s in settings):
+        return {"kind": "range", "state": k, "settings": None}
+    record = {**chunking.to_json(),
+              "models": [{"sha256": d, "settings": s} for d, s in models.items()]}
+    return {"kind": "range", "state": k, "settings": settings[0], CHUNKING: record}
+
+
+def calibrate_ranges(
+    prepared: PreparedModel,
+    rules: CalibrationRules,
+    *,
+    budget_bytes: int,
+    progress: ProgressFn = _no_progress,
+) -> list[dict[str, Any]]:
+    """The manifest's range entries, one per state (DESIGN.md "Range rule").
+
+    Range circuits are planned for the rows of :func:`tile_logrows` (at most the logrows cap
+    and what proves within ``budget_bytes``): a state whose whole range circuit fits them is
+    calibrated whole; a larger one (a GPT-2 residual stream, a MobileNet feature map) is proven
+    on chunks (:func:`range_chunking_plan`, :mod:`refute.chunks`), whose circuit, one per chunk
+    size and element type, is calibrated once for every such state. A circuit EZKL cannot build
+    within the limits leaves its state's ``settings`` null (no range proof)."""
+    states = prepared.segmentation.states
+    opset = prepared.loaded.opset
+    logrows = tile_logrows(budget_bytes, rules.max_logrows)
+    calibrated: dict[str, dict[str, Any] | None] = {}
+    entries: list[dict[str, Any]] = []
+    for k, state in enumerate(states):
+        progress("range", k, len(states))
+        chunking = None if logrows is None else range_chunking_plan(state, logrows)
+        if logrows is None:
+            entries.append({"kind": "range", "state": k, "settings": None})
+        elif chunking is None:
+            graph = range_bytes(state, opset=opset, index=k)
+            entries.append({"kind": "range", "state": k,
+                            "settings": rules.range_settings(graph, [t.shape for t in state])})
+        else:
+            entries.append(_chunked_entry(k, state, chunking, opset=opset, rules=rules,
+                                          calibrated=calibrated))
+    progress("range", len(states), len(states))
+    return entries
 
 
 def calibrate_model(
@@ -454,7 +630,10 @@ def calibrate_model(
     proven whole, unless ``budget_bytes`` is given and the whole circuit would need more to
     prove (or is too large to build): such a segment is tiled (:func:`tile_to_budget`).
     ``only`` (for benchmarks) calibrates just those segments and no range circuit: the others
-    are left unprovable (τ 0), so such a manifest never registers."""
+    are left unprovable (τ 0), so such a manifest never registers. The states' range circuits
+    are calibrated by :func:`calibrate_ranges`, planned for the rows that prove within
+    ``budget_bytes`` (unset: the configured ``proving_budget_bytes``): a state too large for
+    one is proven on chunks."""
     if not inputs:
         raise CircuitUnsupported("calibration needs at least one input")
     if segment_timeout_s is None or max_logrows is None:
@@ -468,13 +647,15 @@ def calibrate_model(
     runs = [run_segments(executor, prepared.segmentation, validate_inputs(prepared.loaded, x))
             for x in inputs]
     bound = _range_of(runs, range_margin)
-    rules = CalibrationRules(scale, bound, safety, max_logrows, segment_timeout_s)
+    rules = CalibrationRules(scale, bound, safety, max_logrows, segment_timeout_s,
+                             workers=get_settings().calibration_workers)
     segments = []
     total = prepared.segmentation.num_segments
     tiled = dict(tilings or {})
     unknown = sorted(set(tiled) - set(range(1, total + 1)))
     if unknown:
         raise CircuitUnsupported(f"tilings name segments {unknown}, outside 1..{total}")
+    known: dict[str, dict[str, Any]] = {}  # tile settings by tile structure, for later blocks
     for i, segment in enumerate(prepared.segmentation.segments, start=1):
         progress("calibrate", i - 1, total)
         if only is not None and i not in only:
@@ -482,7 +663,8 @@ def calibrate_model(
                                                f"segments {sorted(only)} were asked for)"))
             continue
         if i in tiled:
-            segments.append(calibrate_tiled_segment(segment, tiled[i], runs, rules))
+            segments.append(calibrate_tiled_segment(segment, tiled[i], runs, rules,
+                                                    known=known))
             continue
         if budget_bytes is not None and rules.too_many_rows(_elements(segment)):
             whole = SegmentCalibration(i, None, None, None, (
@@ -496,29 +678,21 @@ def calibrate_model(
             needs_tiles = budget_bytes is not None and _over_budget(whole, budget_bytes)
         if budget_bytes is not None and needs_tiles:
             progress("tile", i - 1, total)
-            whole = tile_to_budget(segment, whole, runs, rules, budget_bytes=budget_bytes)
+            whole = tile_to_budget(segment, whole, runs, rules, budget_bytes=budget_bytes,
+                                   known=known)
             progress("tile", i, total)
         segments.append(whole)
     progress("calibrate", total, total)
-    ranges: list[dict[str, Any] | None] = []
-    for k, state in enumerate(prepared.segmentation.states):
-        progress("range", k, len(prepared.segmentation.states))
-        if only is not None or rules.too_many_rows(sum(t.size for t in state)):
-            ranges.append(None)  # not asked for, or too large to prove whole (no range tiles)
-            continue
-        graph = range_bytes(state, opset=prepared.loaded.opset, index=k)
-        at_bound = [np.full(t.shape, bound, dtype=np.float32) for t in state]
-        try:
-            ranges.append(_run_bounded("range", {"graph": graph, "sample": at_bound,
-                                                 "scale": scale, "max_logrows": max_logrows},
-                                       segment_timeout_s))
-        except ChildFailed:
-            ranges.append(None)
-    progress("range", len(prepared.segmentation.states), len(prepared.segmentation.states))
-    report = CalibrationReport(scale, bound, tuple(segments), tuple(ranges))
-    circuits = [s.to_json() for s in segments] + [
-        {"kind": "range", "state": k, "settings": r} for k, r in enumerate(ranges)
-    ]
+    if only is None:
+        budget = budget_bytes if budget_bytes is not None else \
+            get_settings().proving_budget_bytes
+        ranges = calibrate_ranges(prepared, rules, budget_bytes=budget, progress=progress)
+    else:  # not asked for
+        ranges = [{"kind": "range", "state": k, "settings": None}
+                  for k in range(len(prepared.segmentation.states))]
+    report = CalibrationReport(scale, bound, tuple(segments),
+                               tuple(r["settings"] for r in ranges))
+    circuits = [s.to_json() for s in segments] + ranges
     manifest = replace(
         prepared.manifest,
         scale=scale,

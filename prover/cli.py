@@ -200,7 +200,8 @@ def prove(
             if range_proof:
                 proof = prover.prove_range(prepared, result.manifest, step,
                                            result.states[step])
-                circuit = prover.range_circuit(prepared, result.manifest, step)
+                circuit = prover.range_circuit(prepared, result.manifest, step,
+                                               chunk=proof.tile)
                 kind = "range"
             else:
                 if not 1 <= step <= result.manifest.num_segments:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from circuits.adjudication import adjudication_bytes
-from circuits.range_graph import range_bytes
+from circuits.range_graph import chunk_circuit, range_bytes
 from prover.circuit import Circuit, CircuitCache
 from prover.errors import CircuitUnsupported, ProofRejected
 from prover.step import (
@@ -31,7 +31,9 @@ from prover.step import (
     verify_proof_file,
     verify_step,
 )
+from refute.chunks import range_chunking
 from refute.commitment import TraceCommitment
+from refute.errors import CommitmentError
 from refute.manifest import Manifest
 from refute.provider import PreparedModel
 from refute.segmentation import Segment
@@ -125,12 +127,30 @@ class Prover:
         return self.cache.build(graph, manifest.scale, settings, progress=progress)
 
     def range_circuit(
-        self, prepared: PreparedModel, manifest: Manifest, k: int, progress: StageFn = _quiet
+        self, prepared: PreparedModel, manifest: Manifest, k: int, progress: StageFn = _quiet,
+        *, chunk: int | None = None,
     ) -> Circuit:
-        """State k's range circuit."""
+        """State k's range circuit (for a chunked state, the circuit of its ``chunk``: one per
+        chunk size and element type, shared by every chunked state)."""
         entry = _entry(manifest, "range", "state", k)
-        graph = range_bytes(prepared.segmentation.states[k], opset=prepared.loaded.opset, index=k)
-        return self.cache.build(graph, manifest.scale, entry["settings"], progress=progress)
+        state = manifest.states[k]
+        chunking = range_chunking([entry], k, state)
+        opset = prepared.loaded.opset
+        if chunking is None:
+            if chunk is not None:
+                raise CircuitUnsupported(f"state {k}'s range is proven whole, it has no chunk "
+                                         f"{chunk}")
+            graph, settings = range_bytes(state, opset=opset, index=k), entry["settings"]
+        else:
+            if chunk is None or not 0 <= chunk < chunking.total:
+                raise CircuitUnsupported(f"state {k}'s range is proven on chunks "
+                                         f"0..{chunking.total - 1}: name one, not {chunk}")
+            graph, recorded = chunk_circuit(entry, chunking.spec(state, chunk), opset=opset)
+            if recorded is None:
+                raise CircuitUnsupported(f"state {k} chunk {chunk}: its circuit was not "
+                                         "calibrated at registration")
+            settings = recorded
+        return self.cache.build(graph, manifest.scale, settings, progress=progress)
 
     def prove_step(
         self,
@@ -180,12 +200,22 @@ class Prover:
                            state_prev=states[0], state_claimed=states[1], tiling=tiling)
 
     def prove_range(
-        self, prepared: PreparedModel, manifest: Manifest, k: int, state: Sequence[np.ndarray]
+        self, prepared: PreparedModel, manifest: Manifest, k: int, state: Sequence[np.ndarray],
+        *, chunk: int | None = None,
     ) -> StepProof:
-        """Prove state k's max |v| (a range proof; ``segment`` holds k)."""
-        circuit = self.range_circuit(prepared, manifest, k)
-        proof = prove_step(circuit, k, state, [])
-        return proof
+        """Prove state k's max |v| (a range proof; ``segment`` holds k). A chunked state is
+        proven on the chunk holding its largest |v| (``tile`` holds the chunk), or on
+        ``chunk`` when it is given (a verifier accepts only the former)."""
+        chunking = range_chunking(manifest.circuits, k, manifest.states[k])
+        if chunking is None:
+            return prove_step(self.range_circuit(prepared, manifest, k), k, state, [])
+        if chunk is None:
+            try:
+                chunk = chunking.worst(state)
+            except CommitmentError as exc:
+                raise CircuitUnsupported(f"state {k}: {exc.reason}") from exc
+        circuit = self.range_circuit(prepared, manifest, k, chunk=chunk)
+        return prove_step(circuit, k, [chunking.cut(state, chunk)], [], tile=chunk)
 
     def verify_range(
         self,
@@ -197,11 +227,14 @@ class Prover:
         state: Sequence[np.ndarray],
     ) -> RangeOutcome:
         """Verify a range proof for state ``proof.segment`` against the commitment, bound to it
-        through the revealed ``state``."""
+        through the revealed ``state`` (through the chunk it names, for a chunked state)."""
         k = proof.segment
-        if not 0 <= k < commitment.num_states:
+        if not 0 <= k < commitment.num_states or commitment.num_states != len(manifest.states):
             raise ProofRejected(f"range proof names state {k}, outside the commitment")
-        circuit = self.range_circuit(prepared, manifest, k)
+        try:
+            circuit = self.range_circuit(prepared, manifest, k, chunk=proof.tile)
+        except CircuitUnsupported as exc:
+            raise ProofRejected(f"range proof of state {k}: {exc.reason}") from exc
         if proof.circuit_key != circuit.key:
             raise ProofRejected("range proof was made for another circuit")
         if not verify_proof_file(circuit, proof.proof):

@@ -29,10 +29,11 @@ import numpy as np
 from prover.circuit import Circuit, felt_to_int, witness
 from prover.errors import ProofRejected
 from prover.isolated import run_child
-from refute.errors import BindingError
+from refute.chunks import Chunking, range_chunking
+from refute.errors import BindingError, BundleError
 from refute.instances import check_binding
 from refute.manifest import EZKL_VERSION, Manifest
-from refute.tiling import Tiling
+from refute.tiling import Tile, Tiling
 from refute.verdict import Verdict, VerdictError, proven_units, step_verdict
 
 __all__ = [
@@ -70,7 +71,8 @@ class StepProof:
     y_hashes: tuple[int, ...]
     maxdiff_raw: int
     tile: int | None = None
-    """The tile of a tiled segment the proof is of (``None``: the whole segment)."""
+    """The tile of a tiled segment the proof is of, or for a range proof the chunk of a chunked
+    state (``None``: the whole segment, or the whole state)."""
     prove_seconds: float | None = field(default=None, compare=False)
     """How long proving took, when this process proved it (not part of the bundle)."""
     prove_peak_bytes: int | None = field(default=None, compare=False)
@@ -134,7 +136,8 @@ def prove_step(
     tile: int | None = None,
 ) -> StepProof:
     """Prove segment ``segment``'s adjudication circuit on (state i-1, claimed state i), or, for
-    a ``tile`` of a tiled segment, the tile's circuit on the tile's slices of them."""
+    a ``tile`` of a tiled segment, the tile's circuit on the tile's slices of them (a range
+    circuit: ``segment`` is the state, ``state_prev`` what it takes, ``tile`` its chunk)."""
     with tempfile.TemporaryDirectory(prefix="refute-prove-", dir=workdir) as tmp:
         folder = Path(tmp)
         witness(circuit, [*state_prev, *state_claimed], folder)
@@ -191,24 +194,57 @@ def bind(step: StepProof, manifest: Manifest, leaves: Sequence[bytes],
     """Check the binding of ``step`` (a step proof, or a range proof with ``kind="range"``) to
     the committed ``leaves`` through the revealed ``states`` it was made on (states i-1 and i of
     a step, state k of a range; for a tile's proof, ``tiling`` is the segment's, and the tile's
-    slices are cut from them); raise :class:`ProofRejected` naming what does not hold."""
+    slices are cut from them; for a range proof of a chunked state, ``step.tile`` names the
+    chunk, cut by the manifest's chunking); raise :class:`ProofRejected` naming what does not
+    hold."""
     i = step.segment
     indices = [i - 1, i] if kind == "step" else [i]
-    if (step.tile is None) != (tiling is None):
-        raise ProofRejected(f"step {i} is proven on a tile exactly when it is tiled: the proof "
-                            f"names tile {step.tile}, the segment is "
-                            f"{'tiled' if tiling is not None else 'proven whole'}")
-    chosen = None
-    if tiling is not None and step.tile is not None:
-        if not 0 <= step.tile < len(tiling.tiles):
-            raise ProofRejected(f"step {i} has tiles 0..{len(tiling.tiles) - 1}, not {step.tile}")
-        chosen = (tiling, tiling.tiles[step.tile])
     try:
+        if kind == "step":
+            tile = _chosen_tile(step, tiling)
+            chunk = None
+        else:
+            tile, chunk = None, _chosen_chunk(step, manifest)
         check_binding(scale=manifest.scale, specs=manifest.states, indices=indices,
                       states=states, leaves=leaves, instances=step.x_hashes + step.y_hashes,
-                      tile=chosen)
-    except BindingError as exc:
+                      tile=tile, chunk=chunk)
+    except (BindingError, BundleError) as exc:
         raise ProofRejected(exc.reason) from exc
+
+
+def _check_split(named: int | None, split: object, *, what: str, part: str,
+                 split_as: str) -> None:
+    """A proof names a ``part`` (a tile, a chunk) exactly when ``what`` it proves is split
+    into them (``split``: the tiling or chunking, ``None`` when proven whole)."""
+    if (named is None) != (split is None):
+        raise BindingError(f"{what} is proven on a {part} exactly when it is {split_as}: the "
+                           f"proof names {part} {named}, it is "
+                           f"{split_as if split is not None else 'proven whole'}")
+
+
+def _chosen_tile(step: StepProof, tiling: Tiling | None) -> tuple[Tiling, Tile] | None:
+    """The tile a step proof names, of the segment's ``tiling``; whole or tiled as it is."""
+    i = step.segment
+    _check_split(step.tile, tiling, what=f"step {i}", part="tile", split_as="tiled")
+    if tiling is None or step.tile is None:
+        return None
+    if not 0 <= step.tile < len(tiling.tiles):
+        raise BindingError(f"step {i} has tiles 0..{len(tiling.tiles) - 1}, not {step.tile}")
+    return tiling, tiling.tiles[step.tile]
+
+
+def _chosen_chunk(step: StepProof, manifest: Manifest) -> tuple[Chunking, int] | None:
+    """The chunk a range proof names (``step.tile``), of the state's chunking in the
+    manifest; whole or chunked as the state is."""
+    k = step.segment
+    if not 0 <= k < len(manifest.states):
+        raise BindingError(f"range proof names state {k}, outside the manifest")
+    chunking = range_chunking(manifest.circuits, k, manifest.states[k])
+    _check_split(step.tile, chunking, what=f"state {k}'s range", part="chunk",
+                 split_as="chunked")
+    if chunking is None or step.tile is None:
+        return None
+    return chunking, step.tile
 
 
 def verify_step(

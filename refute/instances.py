@@ -9,7 +9,9 @@ only if
 1. the revealed states reproduce their committed leaves, and
 2. the proof's hash instances equal Poseidon of the quantized tensors of exactly those states
    (of the slices a tile's proof takes, cut from them by the manifest's tiling:
-   :func:`refute.tiling.cut_input` of state i-1, :func:`refute.tiling.cut_output` of state i).
+   :func:`refute.tiling.cut_input` of state i-1, :func:`refute.tiling.cut_output` of state i;
+   of the chunk a range proof on a chunk takes, :meth:`refute.chunks.Chunking.cut`, which must
+   be the chunk holding the state's largest |v|).
 
 :func:`check_binding` checks both and names the first that fails.
 """
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from refute.chunks import Chunking
 from refute.errors import BindingError, CommitmentError
 from refute.leaves import state_leaf
 from refute.loading import TensorSpec
@@ -66,12 +69,14 @@ def check_binding(
     leaves: Sequence[bytes],
     instances: Sequence[int],
     tile: tuple[Tiling, Tile] | None = None,
+    chunk: tuple[Chunking, int] | None = None,
 ) -> None:
     """Check that ``states`` (state ``indices[n]`` of the result, in the order the proof takes
     them) reproduce their committed ``leaves`` and that the proof's hash ``instances`` are
     Poseidon of their quantized tensors; ``specs`` holds every state's tensor specs. With
     ``tile`` (a step's two states), the instances are of the tile's slices, cut here from the
-    revealed states.
+    revealed states; with ``chunk`` (a range proof's one state: its chunking and the chunk the
+    proof names), of that chunk, which must also be the one holding the state's largest |v|.
 
     Raises :class:`BindingError` naming the state (and tensor) at fault.
     """
@@ -82,15 +87,11 @@ def check_binding(
             raise BindingError(f"state {k} is outside the commitment")
         if state_leaf(state) != leaves[k]:
             raise BindingError(f"revealed state {k} does not match its committed leaf")
+    revealed = states
     if tile is not None:
-        if len(states) != 2:
-            raise BindingError("a tile's proof takes states i-1 and i")
-        tiling, chosen = tile
-        states = [cut_input(tiling, chosen, states[0]), cut_output(tiling, chosen, states[1])]
-        # a tile reads some tensors of state i-1 and computes one of state i
-        taken: list[Sequence[TensorSpec]] = [
-            [specs[indices[0]][j] for j in chosen.input_indices],
-            [specs[indices[1]][chosen.output_index]]]
+        states, taken = _tile_slices(tile, specs, indices, states)
+    elif chunk is not None:
+        states, taken = _chunk_slice(chunk, specs, indices, states)
     else:
         taken = [specs[k] for k in indices]
     expected = sum(len(state) for state in states)
@@ -108,3 +109,45 @@ def check_binding(
                 raise BindingError(f"the proof's hash instance {position} is not Poseidon of "
                                    f"state {k} tensor {state_specs[j].name!r}")
             position += 1
+    if chunk is not None:
+        _check_worst_chunk(chunk, indices[0], revealed[0])
+
+
+def _tile_slices(tile: tuple[Tiling, Tile], specs: Sequence[Sequence[TensorSpec]],
+                 indices: Sequence[int], states: Sequence[State]
+                 ) -> tuple[list[State], list[Sequence[TensorSpec]]]:
+    """A tile's slices of states i-1 and i, and their specs: a tile reads some tensors of
+    state i-1 and computes one of state i."""
+    if len(states) != 2:
+        raise BindingError("a tile's proof takes states i-1 and i")
+    tiling, chosen = tile
+    return ([cut_input(tiling, chosen, states[0]), cut_output(tiling, chosen, states[1])],
+            [[specs[indices[0]][j] for j in chosen.input_indices],
+             [specs[indices[1]][chosen.output_index]]])
+
+
+def _chunk_slice(chunk: tuple[Chunking, int], specs: Sequence[Sequence[TensorSpec]],
+                 indices: Sequence[int], states: Sequence[State]
+                 ) -> tuple[list[State], list[Sequence[TensorSpec]]]:
+    """The named chunk of a range proof's one state, and its spec."""
+    if len(states) != 1:
+        raise BindingError("a range proof on a chunk takes one state")
+    chunking, index = chunk
+    k = indices[0]
+    try:
+        return ([[chunking.cut(states[0], index)]], [[chunking.spec(specs[k], index)]])
+    except BindingError as exc:
+        raise BindingError(f"state {k}: {exc.reason}") from exc
+
+
+def _check_worst_chunk(chunk: tuple[Chunking, int], k: int, state: State) -> None:
+    """A range proof on a chunk speaks for the whole state only if it is of the chunk holding
+    the state's largest |v| (:meth:`Chunking.worst`)."""
+    chunking, index = chunk
+    try:
+        worst = chunking.worst(state)
+    except CommitmentError as exc:
+        raise BindingError(f"state {k}: {exc.reason}") from exc
+    if worst != index:
+        raise BindingError(f"the range proof is of chunk {index} of state {k}, but the chunk "
+                           f"holding its largest |v| is chunk {worst}")

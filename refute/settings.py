@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     #: Calibration of one segment's circuit (EZKL, in a child process) is stopped after this
     #: long and the segment reported unprovable with the reason.
     calibration_segment_timeout_s: float = Field(default=180.0, gt=0)
+    #: How many calibration children run at once (the tile shapes of a tiled segment are
+    #: calibrated in parallel); each has its own memory, so this multiplies the peak.
+    calibration_workers: int = Field(default=2, ge=1, le=64)
     #: The largest circuit (log2 of its rows) calibration may choose; a segment that needs more
     #: is reported unprovable. 20 is the largest development SRS refute generates.
     proving_max_logrows: int = Field(default=20, ge=1, le=26)

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import pytest
 
+from circuits.adjudication import adjudication_bytes
+from prover.calibration import tile_structure
 from refute.errors import UnprovableModel
 from refute.executor import DeterministicExecutor
 from refute.instances import check_binding, hash_states
@@ -43,12 +45,13 @@ from refute.tiling import (
 TOKENS, DIM, HEADS = 8, 16, 2
 
 
-def _export(tokens: int = TOKENS, dim: int = DIM, heads: int = HEADS) -> bytes:
+def _export(tokens: int = TOKENS, dim: int = DIM, heads: int = HEADS, layers: int = 1) -> bytes:
     torch = pytest.importorskip("torch")
     from refute.large_models import gpt2_small_module
 
     torch.manual_seed(0)
-    module = gpt2_small_module(layers=1, dim=dim, heads=heads, tokens=tokens, hidden=4 * dim).eval()
+    module = gpt2_small_module(layers=layers, dim=dim, heads=heads, tokens=tokens,
+                               hidden=4 * dim).eval()
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -250,6 +253,31 @@ def test_binding_of_a_tile_takes_the_tensors_it_reads(
 
 
 @pytest.mark.slow
+def test_the_blocks_of_a_transformer_have_tiles_of_one_structure() -> None:
+    """Calibration searches EZKL settings once per tile structure (prover.calibration's
+    ``known``): block 2's tiles are block 1's apart from names and weights; the segments of a
+    block differ from each other."""
+    two = segment_model(load_model(_export(layers=2)))
+    per_block = len(two.segments) // 2
+    assert per_block == 6
+
+    def structures(segment: Segment, blocks: Sequence[Sequence[int]] | Sequence[int]
+                   ) -> tuple[set[str], set[bytes]]:
+        tiling = make_tiling(segment, blocks)
+        graphs = [adjudication_bytes(tile_segment(segment, tiling, t)) for t in tiling.tiles]
+        return {tile_structure(g) for g in graphs}, set(graphs)
+
+    seen: list[set[str]] = []
+    for k in range(per_block):
+        first, second = two.segments[k], two.segments[k + per_block]
+        blocks = plan_tiling(first, rows_bound(12)).blocks
+        (a, graphs_a), (b, graphs_b) = structures(first, blocks), structures(second, blocks)
+        assert a == b, first.op_types
+        assert not graphs_a & graphs_b  # the weights differ
+        assert a not in seen, first.op_types  # (an identity tile of a passthrough may recur)
+        seen.append(a)
+
+
 def test_gpt2_small_every_segment_tiles_under_the_budget(
         executor: DeterministicExecutor) -> None:
     """Every segment of the GPT-2-small-shaped benchmark model plans a tiling under the bound
