@@ -74,6 +74,7 @@ from challenge.replay import write_bundle
 from challenge.result_lifecycle import ResultEvent, advance
 from challenge.transcript import FORMAT as TRANSCRIPT_FORMAT
 from challenge.transcript import SigningKey, Transcript, sign_head
+from prover.adapter import ProofMade
 from refute.commitment import TraceCommitment
 from refute.disclosure import write_states
 from refute.errors import Conflict, NotFound, RefuteError
@@ -727,11 +728,11 @@ def prove_pending(ctx: DisputeContext, dispute_id: str, now: datetime) -> Disput
 
 
 
-def _prove(ctx: DisputeContext, loaded: _Loaded, target: _Target) -> dict[str, Any]:
+def _prove(ctx: DisputeContext, loaded: _Loaded, target: _Target) -> ProofMade:
     """Make the proof (step ``index`` or one tile of it, or the range of state ``index``),
     verified by the prover port (and on chain when the context has one); keep its artifacts in
-    the blob store and return its transcript detail (what the proof established, the circuit
-    and the proof)."""
+    the blob store and return it with its transcript detail (what the proof established, the
+    circuit and the proof) and what it cost."""
     prepared = ctx.prepared(loaded.model)
     index = target.index
     needed = (index - 1, index) if target.kind is ProofKind.STEP else (index,)
@@ -746,7 +747,7 @@ def _prove(ctx: DisputeContext, loaded: _Loaded, target: _Target) -> dict[str, A
         vk, settings, srs = (ctx.blobs.get(str(detail[f"{what}_sha256"]))
                              for what in ("vk", "settings", "srs"))
         detail["chain"] = ctx.chain.verify(vk, settings, srs, detail["proof"])
-    return detail
+    return dataclasses.replace(made, detail=detail, files=())
 
 
 def _shared_proof(ctx: DisputeContext, loaded: _Loaded, target: _Target,
@@ -772,7 +773,7 @@ def _shared_proof(ctx: DisputeContext, loaded: _Loaded, target: _Target,
         else:
             return None
     try:
-        detail = _prove(ctx, loaded, target)
+        made = _prove(ctx, loaded, target)
     except BaseException:
         with ctx.sessions() as session, session.begin():  # let the next task prove it at once
             session.execute(delete(SharedProof).where(
@@ -785,12 +786,12 @@ def _shared_proof(ctx: DisputeContext, loaded: _Loaded, target: _Target,
         if row is not None and row.outcome is not None:
             return dict(row.outcome)  # a taken-over claim finished meanwhile: one outcome
         if row is None:
-            session.add(SharedProof(result_id=key[0], kind=kind, index=index,
-                                    tile=target.key_tile, claimed_at=now, outcome=detail,
-                                    done_at=now))
-        else:
-            row.outcome, row.done_at = detail, now
-    return detail
+            row = SharedProof(result_id=key[0], kind=kind, index=index, tile=target.key_tile,
+                              claimed_at=now)
+            session.add(row)
+        row.outcome, row.done_at = made.detail, now
+        row.prove_seconds, row.peak_bytes = made.seconds, made.peak_bytes
+    return made.detail
 
 
 def _apply_shared(ctx: DisputeContext, result_id: str, target: _Target,

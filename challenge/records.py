@@ -4,7 +4,8 @@ Every row that matters to money or to a verdict is written before it is acted on
 constraints make re-deliveries harmless (a result signed twice is one row; a spot-check of one
 segment of one result is recorded once). Migrations live in ``verifier/migrations`` (Alembic);
 ``0001``-``0005`` build the tables, ``0006_sha256_leaves`` adds ``results.leaf_format`` and moves
-manifests to ``refute.manifest/2``.
+manifests to ``refute.manifest/2``; ``0007`` keys shared proofs by tile; ``0008`` records what each
+proof cost (``prove_seconds``, ``peak_bytes``) and indexes spot-checks by outcome (metrics).
 """
 
 from __future__ import annotations
@@ -169,8 +170,9 @@ class SpotCheck(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     result_id: Mapped[str] = mapped_column(ForeignKey("results.id"), index=True)
     segment: Mapped[int] = mapped_column(Integer)
+    #: Indexed: the metrics count checks by outcome at every scrape (migration 0008).
     outcome: Mapped[CheckOutcome] = mapped_column(Enum(CheckOutcome, native_enum=False,
-                                                       length=10))
+                                                       length=10), index=True)
     maxdiff_units: Mapped[float] = mapped_column(Float)
     tolerance: Mapped[int] = mapped_column(Integer)
     checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -209,6 +211,12 @@ class SharedProof(Base):
     #: What the proof established and its transcript detail; None while it is being proven.
     outcome: Mapped[dict[str, object] | None] = mapped_column(JSON, nullable=True)
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: How long the prover took, when it measured it (EZKL's proving child; None for a fake
+    #: prover and for proofs stored before migration 0008). Operations only: not in the
+    #: transcript.
+    prove_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The proving process's peak resident memory (bytes), when measured.
+    peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Challenge(Base):

@@ -34,6 +34,10 @@ class ProofMade:
     ``srs_sha256``)."""
     files: tuple[bytes, ...] = field(default=())
     """The artifacts ``detail`` names by sha256, to keep in the blob store."""
+    seconds: float | None = None
+    """How long proving took, when measured (operations only: not in ``detail``)."""
+    peak_bytes: int | None = None
+    """The proving process's peak resident memory, when measured."""
 
 
 class EzklProofs:
@@ -84,7 +88,7 @@ class EzklProofs:
             detail={**measured, "circuit": proof.circuit_key, "vk_sha256": proof.vk_sha256,
                     "proof": proof.proof, "settings_sha256": _sha256(files[0]),
                     "srs_sha256": _sha256(files[2])},
-            files=tuple(files))
+            files=tuple(files), seconds=proof.prove_seconds, peak_bytes=proof.prove_peak_bytes)
 
     def artifacts(self, prepared: PreparedModel, kind: str, index: int, *,
                   tile: int | None = None) -> list[bytes]:

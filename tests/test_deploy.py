@@ -7,6 +7,7 @@ an append-only file; only documented ``REFUTE_*`` variables are used; the image 
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.test_metrics import FAMILIES
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S = DEPLOY / "k8s"
@@ -23,13 +26,17 @@ K8S_FILES = [p for p in YAML_FILES if p.parent == K8S and p.name != "kustomizati
 
 IMAGE = "refute:0.1.0"
 INFRA_IMAGES = {"postgres:15", "redis:7"}
+#: Monitoring beside the service in compose (Kubernetes brings its own Prometheus).
+MONITORING_IMAGES = {"prom/prometheus:v3.5.0", "grafana/grafana:12.1.0"}
 
 SERVE = ("refute", "serve", "--host", "0.0.0.0", "--port", "8000")
 SPOTCHECK = ("refute", "worker", "--queues", "spotcheck", "--concurrency", "2")
 PROVE = ("refute", "worker", "--queues", "prove", "--concurrency", "1")
 SCHEDULER = ("refute", "worker", "--beat", "--queues", "timers", "--concurrency", "1")
 MIGRATE = ("refute", "db", "upgrade")
-COMMANDS = {SERVE, SPOTCHECK, PROVE, SCHEDULER, MIGRATE}
+#: Flower, the Celery monitor, from the same image (the Celery app of verifier.worker).
+FLOWER = ("celery", "-A", "verifier.worker", "flower", "--address=0.0.0.0", "--port=5555")
+COMMANDS = {SERVE, SPOTCHECK, PROVE, SCHEDULER, MIGRATE, FLOWER}
 
 DOCUMENTED_ENV = {
     "REFUTE_DATABASE_URL",
@@ -44,6 +51,8 @@ DOCUMENTED_ENV = {
 }
 #: Variables of the official postgres image (only on the postgres container).
 POSTGRES_ENV = {"POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD", "PGDATA"}
+#: Variables of the official Grafana image (only on the grafana container).
+GRAFANA_ENV = {"GF_SECURITY_ADMIN_PASSWORD", "GF_USERS_ALLOW_SIGN_UP", "GF_AUTH_ANONYMOUS_ENABLED"}
 
 Doc = dict[str, Any]
 
@@ -195,6 +204,7 @@ def test_k8s_images_and_commands() -> None:
     ("Deployment", "refute-worker-prove", PROVE),
     ("Deployment", "refute-scheduler", SCHEDULER),
     ("Job", "refute-migrate", MIGRATE),
+    ("Deployment", "refute-flower", FLOWER),
 ])
 def test_each_workload_runs_its_command(kind: str, name: str, argv: tuple[str, ...]) -> None:
     spec = _pod_spec(_named(kind, name))
@@ -292,7 +302,9 @@ def test_k8s_volumes() -> None:
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         for mount in mounts.values():
             assert mount["name"] in _volume_names(workload), f"{workload}: {mount['name']}"
-        if container["image"] == IMAGE and _resolved_k8s_argv(container) != MIGRATE:
+        # Migrations and Flower touch no blob, circuit or SRS.
+        if container["image"] == IMAGE and _resolved_k8s_argv(container) not in {MIGRATE,
+                                                                                  FLOWER}:
             for key in ("REFUTE_BLOB_DIR", "REFUTE_HOME"):
                 assert config[key] in mounts, f"{workload}: {key} not on a volume"
             srs_dir = str(Path(config["REFUTE_SRS_PATH"]).parent)
@@ -341,10 +353,10 @@ def test_compose_images_and_commands() -> None:
     used: set[tuple[str, ...]] = set()
     for name, service in _compose_services().items():
         image = service["image"]
-        assert image == IMAGE or image in INFRA_IMAGES, f"{name}: image {image}"
+        assert image == IMAGE or image in INFRA_IMAGES | MONITORING_IMAGES, f"{name}: {image}"
         if image == IMAGE:
             assert service["build"]["dockerfile"] == "deploy/Dockerfile"
-            argv = ("refute", *_argv(service["command"]))
+            argv = (*_argv(service.get("entrypoint", ["refute"])), *_argv(service["command"]))
             assert argv in COMMANDS, f"{name}: {argv}"
             used.add(argv)
     assert used == COMMANDS
@@ -403,14 +415,16 @@ def test_compose_env_is_documented() -> None:
         for name, service in _load(path)[0]["services"].items():
             env = service.get("environment", {})
             names = set(env) if isinstance(env, dict) else {e.split("=")[0] for e in env}
-            allowed = POSTGRES_ENV if service.get("image") == "postgres:15" else DOCUMENTED_ENV
+            allowed = {"postgres:15": POSTGRES_ENV, "grafana/grafana:12.1.0": GRAFANA_ENV}.get(
+                service.get("image", ""), DOCUMENTED_ENV)
             assert names <= allowed, f"{path.name} {name}: {sorted(names - allowed)}"
 
 
 def test_compose_srs_overlay() -> None:
     services = _compose_services()
     overlay = _load(DEPLOY / "compose.srs.yaml")[0]["services"]
-    refute_services = {n for n, s in services.items() if s["image"] == IMAGE} - {"migrate"}
+    refute_services = {n for n, s in services.items() if s["image"] == IMAGE} - {"migrate",
+                                                                                  "flower"}
     assert set(overlay) == refute_services
     for service in overlay.values():
         srs = service["environment"]["REFUTE_SRS_PATH"]
@@ -468,3 +482,91 @@ def test_dockerfile() -> None:
     assert "torch" not in runs and "models" not in runs
     assert re.search(r"pip install [^&]*-e \.", runs)
     assert any(k == "EXPOSE" and rest == "8000" for k, rest in instructions)
+
+
+# --------------------------------------------------------------------------------- monitoring
+
+GRAFANA = DEPLOY / "grafana"
+
+
+def _dashboard() -> Doc:
+    dashboard = json.loads((GRAFANA / "refute-dashboard.json").read_text())
+    assert isinstance(dashboard, dict)
+    return dashboard
+
+
+#: Histogram families: PromQL reads them through ``_bucket``, ``_count`` and ``_sum``.
+_HISTOGRAMS = {"refute_proof_seconds", "refute_proof_peak_bytes", "refute_http_request_seconds"}
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The refute metrics a PromQL expression reads (a histogram by its family's name)."""
+    names = set()
+    for name in re.findall(r"\brefute_[a-z0-9_]+", expr):
+        family = re.sub(r"_(bucket|count|sum)$", "", name)
+        names.add(family if family in _HISTOGRAMS else name)
+    return names
+
+
+def test_grafana_dashboard_reads_every_family_and_nothing_else() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    exported = {f"{name}_total" if f"{name}_total" in _COUNTERS else name for name in FAMILIES}
+    exported |= {"refute_http_requests_total", "refute_http_request_seconds"}
+    read: set[str] = set()
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = _metric_names(target["expr"])
+            assert names, target["expr"]
+            assert names <= exported, (panel["title"], sorted(names - exported))
+            read |= names
+    # Every family has a panel (the HTTP ones and the collector's own timing included).
+    assert read == exported
+
+
+#: The families exported as counters (their samples end in ``_total``).
+_COUNTERS = {"refute_results_accepted_total", "refute_spotchecks_sampled_total",
+             "refute_spotchecks_total", "refute_disputes_opened_total",
+             "refute_disputes_resolved_total", "refute_proofs_total",
+             "refute_webhook_attempts_total", "refute_dead_letters_total"}
+
+
+def test_grafana_and_prometheus_provisioning() -> None:
+    (source,) = _load(GRAFANA / "provisioning" / "datasources" / "prometheus.yaml")[0][
+        "datasources"]
+    assert (source["type"], source["uid"]) == ("prometheus", "prometheus")
+    assert source["url"] == "http://prometheus:9090"
+    (provider,) = _load(GRAFANA / "provisioning" / "dashboards" / "refute.yaml")[0]["providers"]
+    scrape = _load(DEPLOY / "prometheus" / "prometheus.yml")[0]["scrape_configs"]
+    targets = {t for job in scrape for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {"api:8000", "flower:5555"}
+    compose = _compose()
+    services = compose["services"]
+    assert {"flower", "prometheus", "grafana"} <= set(services)
+    for name, config in compose["configs"].items():
+        assert (DEPLOY / config["file"]).is_file(), name
+    mounted = {c["target"]: compose["configs"][c["source"]]["file"]
+               for c in services["grafana"]["configs"]}
+    dashboards_dir = provider["options"]["path"]
+    assert mounted[f"{dashboards_dir}/refute-dashboard.json"] == "./grafana/refute-dashboard.json"
+    assert "/etc/grafana/provisioning/datasources/prometheus.yaml" in mounted
+    (prometheus_config,) = services["prometheus"]["configs"]
+    assert compose["configs"][prometheus_config["source"]]["file"] == (
+        "./prometheus/prometheus.yml")
+    # Monitoring listens on loopback only; Flower has no Secret and no volume.
+    for name in ("flower", "prometheus", "grafana"):
+        assert all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"]), name
+    assert services["flower"]["volumes"] == []
+    assert set(services["flower"]["environment"]) == {"REFUTE_REDIS_URL"}
+    flower = _pod_spec(_named("Deployment", "refute-flower"))
+    assert flower is not None
+    (container,) = flower["containers"]
+    assert [s for s in container["envFrom"] if "secretRef" in s] == []
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthcheck"
+    assert _named("Service", "refute-flower")["spec"]["ports"][0]["port"] == 5555

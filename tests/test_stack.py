@@ -12,17 +12,20 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 from eth_account import Account
+from prometheus_client.parser import text_string_to_metric_families
 
 from refute import zoo
 from refute.manifest import Manifest
 from refute.provider import prepare_model, run_trace
 from refute.trace import Trace
+from tests.test_metrics import FAMILIES
 from verifier.client import ApiError, RefuteClient, sign_result
 from verifier.stack import LocalStack
 from verifier.webhooks import verify_signature
@@ -49,7 +52,7 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     env = {"REFUTE_WEBHOOKS_ALLOW_PRIVATE": "1", "REFUTE_FINALIZE_EVERY_S": "1"}
-    with LocalStack(tmp_path / "stack", extra_env=env) as stack:
+    with LocalStack(tmp_path / "stack", extra_env=env, flower=True) as stack:
         admin = RefuteClient(stack.api_url)
         with pytest.raises(ApiError) as refused:
             admin.create_network("nope")
@@ -129,7 +132,58 @@ def test_stack_end_to_end(tmp_path: Path) -> None:
         assert [i.status for i in items] == [202, 202, 200] and items[2].id == items[0].id
         assert all(i.accepted and i.challenge_deadline for i in items)
         assert client.result(str(items[1].id)).model_id == registered["id"]
+        _metrics_after_the_dispute(stack)
+        _flower_sees_the_workers(stack)
     receiver.shutdown()
+
+
+def _metrics_after_the_dispute(stack: LocalStack) -> None:
+    """The issue's check: one scrape of /metrics after the dispute finds every family, counted
+    from what the workers (other processes) recorded: the spot-checks, the watcher's dispute and
+    its real proof (time and memory measured), the webhooks, the queues."""
+    with urllib.request.urlopen(f"{stack.api_url}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert FAMILIES | {"refute_http_requests", "refute_http_request_seconds"} <= set(families)
+
+    def value(name: str, **labels: str) -> float:
+        return sum(s.value for f in families.values() for s in f.samples
+                   if s.name == name and labels.items() <= s.labels.items())
+
+    assert value("refute_metrics_source_up", source="database") == 1
+    assert value("refute_metrics_source_up", source="broker") == 1
+    assert value("refute_results_accepted_total") == 5  # 3 + the batch's 2
+    assert value("refute_results", status="PROVIDER_FAULT") == 1
+    assert value("refute_results", status="FINALIZED") >= 2
+    assert value("refute_spotchecks_sampled_total") >= 9  # 3 segments of each of 3 results
+    assert value("refute_spotchecks_total", outcome="PASS") >= 6
+    assert value("refute_spotchecks_total", outcome="FAULT") >= 1
+    assert value("refute_disputes_opened_total") >= 1
+    assert value("refute_disputes_resolved_total", verdict="PROVIDER_FAULT") == 1
+    assert value("refute_proofs_total", kind="step") == 1
+    assert value("refute_proof_seconds_count", kind="step") == 1
+    assert 0 < value("refute_proof_seconds_sum", kind="step") < 600
+    assert value("refute_proof_peak_bytes_sum", kind="step") > 2**20
+    assert value("refute_webhook_deliveries", status="DELIVERED") >= 4
+    assert value("refute_webhook_attempts_total") >= 4
+    assert {s.labels["queue"] for s in families["refute_queue_depth"].samples} == {
+        "spotcheck", "prove", "timers"}
+    assert value("refute_queue_depth", queue="prove") == 0
+
+
+def _flower_sees_the_workers(stack: LocalStack) -> None:
+    """Flower, started beside the workers, reports them online (its own Prometheus gauge)."""
+    deadline = time.monotonic() + 60
+    online: set[str] = set()
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{stack.flower_url}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        online = {s.labels["worker"] for f in text_string_to_metric_families(text)
+                  for s in f.samples if s.name == "flower_worker_online" and s.value == 1}
+        if len(online) >= 3:  # spot-check, prove and timers workers
+            return
+        time.sleep(1)
+    raise AssertionError(f"Flower saw only {sorted(online)} online")
 
 
 _OWNER = """

@@ -43,15 +43,24 @@ def _free_port() -> int:
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"]
 
 
+def flower_command(port: int, *, address: str = "127.0.0.1") -> list[str]:
+    """Flower (the Celery monitor) on ``address:port``, watching the workers through the broker
+    the settings name (``REFUTE_REDIS_URL``, read by ``verifier.worker``'s Celery app)."""
+    return [sys.executable, "-m", "celery", "-A", "verifier.worker", "flower",
+            f"--address={address}", f"--port={port}"]
+
+
 class LocalStack:
-    """redis-server + ``refute serve`` + ``refute worker`` processes on loopback."""
+    """redis-server + ``refute serve`` + ``refute worker`` processes on loopback, and Flower
+    beside them when asked (``flower=True``: :attr:`flower_url`)."""
 
     def __init__(self, workdir: Path, *, admin_token: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, flower: bool = False) -> None:
         self.workdir = workdir.resolve()
         self.admin_token = admin_token or secrets.token_urlsafe(16)
         self.redis_port = _free_port()
         self.api_port = _free_port()
+        self.flower_port = _free_port() if flower else None
         self.extra_env = dict(extra_env or {})
         self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._commands: dict[str, list[str]] = {}
@@ -62,6 +71,13 @@ class LocalStack:
     def api_url(self) -> str:
         """Base URL of the API."""
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def flower_url(self) -> str:
+        """Base URL of Flower (the stack was made with ``flower=True``)."""
+        if self.flower_port is None:
+            raise StackError("this stack runs no Flower (LocalStack(..., flower=True))")
+        return f"http://127.0.0.1:{self.flower_port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -181,13 +197,19 @@ class LocalStack:
                                          "--loglevel", "WARNING"])
             self._spawn("worker-timers", [*refute, "worker", "--queues", "timers", "--beat",
                                           "--loglevel", "WARNING"])
+            if self.flower_port is not None:
+                self._spawn("flower", flower_command(self.flower_port))
             self._wait_ready()
+            if self.flower_port is not None:
+                self._wait_ready(url=f"{self.flower_url}/healthcheck")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self, timeout: float = 60.0) -> None:
+    def _wait_ready(self, timeout: float = 60.0, *, url: str | None = None) -> None:
+        """Wait until ``url`` (the API's readiness) answers 200, while every process runs."""
+        url = url or f"{self.api_url}/v1/ready"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, process in self._processes:
@@ -195,7 +217,7 @@ class LocalStack:
                     tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-400:]
                     raise StackError(f"{name} exited with {process.returncode}: {tail.strip()}")
             try:
-                with urllib.request.urlopen(f"{self.api_url}/v1/ready", timeout=2) as answer:
+                with urllib.request.urlopen(url, timeout=2) as answer:
                     if answer.status == 200:
                         return
             except OSError:

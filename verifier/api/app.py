@@ -25,7 +25,14 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -71,6 +78,7 @@ from verifier.api.schemas import (
 )
 from verifier.auth import is_api_key
 from verifier.lifecycle import attach_state, attach_states, disclosure_manifest, disclosure_needed
+from verifier.metrics import ServiceMetrics
 from verifier.registry import decode_model, register_in_subprocess, store_model
 from verifier.results import (
     attach_trace,
@@ -116,7 +124,6 @@ log = logging.getLogger(__name__)
 
 REQUESTS = Counter("refute_http_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram("refute_http_request_seconds", "HTTP request latency", ["route"])
-RESULTS = Counter("refute_results_accepted_total", "Results accepted")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Malformed request or refused content"},
@@ -288,10 +295,18 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         response.status_code = 200 if ok else 503
         return Health(status="ok" if ok else "unavailable", checks=checks)
 
+    # This process's HTTP metrics (the default registry) and the service's, derived from the
+    # database and Redis at scrape time (verifier/metrics.py: workers are other processes).
+    service_metrics = CollectorRegistry(auto_describe=False)
+    service_metrics.register(ServiceMetrics(ctx.engine, ctx.settings.redis_url))
+
     @app.get("/metrics", tags=["operations"], response_class=Response, responses=COMMON_ERRORS)
     def metrics() -> Response:
-        """Prometheus metrics."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics: HTTP requests of this process; results, spot-checks, disputes,
+        proofs, webhook deliveries and queue depths of the whole service (README
+        "Metrics")."""
+        return Response(generate_latest(REGISTRY) + generate_latest(service_metrics),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/networks", status_code=201, response_model=NetworkCreated, responses=ERRORS,
               tags=["networks"])
@@ -390,9 +405,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         with _write(s):
             row, created = submit_result(s, net, body, domain=domain, now=ctx.clock.now(),
                                          spot_key=ctx.settings.spot_key_bytes())
-        if created:
-            RESULTS.inc()
-        else:
+        if not created:
             response.status_code = 200
         return _result_out(s, row)
 
@@ -412,8 +425,6 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
                  BatchItem(index=i, status=202 if o[1] else 200, id=o[0].id,
                            challenge_deadline=o[0].challenge_deadline)
                  for i, o in enumerate(outcomes)]
-        created = sum(item.status == 202 for item in items)
-        RESULTS.inc(created)
         refused = sum(item.error is not None for item in items)
         return BatchOut(items=items, accepted=len(items) - refused, refused=refused)
 
