@@ -40,6 +40,7 @@ from refute.manifest import Manifest
 from refute.provider import PreparedModel, prepare_model, run_trace
 from refute.settings import Settings
 from refute.trace import Trace
+from tests.test_explorer import browse_dispute
 from verifier.client import RefuteClient, sign_result
 from verifier.service import ServiceContext
 from verifier.stack import LocalStack
@@ -247,6 +248,9 @@ def test_cheating_provider_loses_to_an_honest_whistleblower(deployment: Deployme
         recorded = RpcChain(chain.rpc_url, tmp_path / "chain").verify(vk, settings, srs,
                                                                         outcome["proof"])
     assert recorded["gas"] > 0
+    if lie_at == 2:  # the dispute explorer shows this real dispute (headless Chromium)
+        browse_dispute(d.stack.api_url, final["id"], api_key=d.api_key, verdict="PROVIDER_FAULT",
+                       step=lie_at, name="stack")
 
 
 def test_honest_provider_beats_a_dishonest_whistleblower(deployment: Deployment) -> None:

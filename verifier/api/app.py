@@ -533,6 +533,9 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
     from verifier.api.disputes import router as dispute_router
 
     app.include_router(dispute_router(ctx, ERRORS))
+    from verifier.explorer import pages as explorer_pages
+
+    app.include_router(explorer_pages())
     return app
 
 

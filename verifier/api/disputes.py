@@ -6,11 +6,13 @@ challenger's key), not by API keys. Anyone can read a dispute and a result's tra
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from challenge.codec import state_from_json
@@ -34,11 +36,22 @@ from challenge.orchestrator import (
     move,
     open_dispute,
     revealed_state,
+    service_signing_key,
 )
 from challenge.records import Dispute, Result, ResultStatus, SignedMessage
 from refute.errors import Conflict, NotFound
 from verifier.api.app import NetworkDep, SessionDep
-from verifier.api.schemas import HEX32, Address, DomainIn
+from verifier.api.schemas import (
+    HEX32,
+    Address,
+    ClocksOut,
+    DomainIn,
+    LedgerEntryOut,
+    ProofRecord,
+    TimelineEntry,
+    TranscriptCheck,
+)
+from verifier.explorer import record
 from verifier.results import owned_result
 from verifier.service import ServiceContext
 
@@ -132,6 +145,39 @@ class PublicResult(BaseModel):
     challenge_deadline: datetime
 
 
+class DisputeRecord(BaseModel):
+    """Everything public about a dispute, for the explorer: the dispute, its result's
+    commitment, the bisection move by move, the proofs and their on-chain checks, the clocks,
+    the result's bonds journal and its transcript checked by the service."""
+
+    dispute: DisputeOut
+    result: PublicResult
+    bond: str = Field(description="the challenger's bond (uint256, decimal)")
+    reason: str | None = Field(default=None, description="why the dispute resolved")
+    clocks: ClocksOut
+    timeline: list[TimelineEntry]
+    proofs: list[ProofRecord]
+    ledger: list[LedgerEntryOut]
+    transcript: TranscriptCheck
+
+
+def _public_result(result: Result) -> PublicResult:
+    return PublicResult(id=result.id, network_id=result.network_id, model_id=result.model_id,
+                        provider=result.provider, status=result.status.value,
+                        trace_root=result.trace_root, leaves=list(result.leaves),
+                        challenge_deadline=result.challenge_deadline)
+
+
+def _loaded(s: Session, dispute_id: str) -> tuple[Dispute, Result, DisputeState]:
+    """The dispute (404 when there is none), its result and its game state."""
+    dispute = s.get(Dispute, dispute_id)
+    if dispute is None:
+        raise NotFound(f"dispute {dispute_id} not found")
+    result = s.get(Result, dispute.result_id)
+    assert result is not None
+    return dispute, result, state_from_json(dispute.state)
+
+
 def _word(text: str) -> bytes:
     return bytes.fromhex(text.removeprefix("0x"))
 
@@ -213,11 +259,7 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         result = s.get(Result, result_id)
         if result is None:
             raise NotFound(f"result {result_id} not found")
-        return PublicResult(id=result.id, network_id=result.network_id,
-                            model_id=result.model_id, provider=result.provider,
-                            status=result.status.value, trace_root=result.trace_root,
-                            leaves=list(result.leaves),
-                            challenge_deadline=result.challenge_deadline)
+        return _public_result(result)
 
     @api.get("/v1/disputes/{dispute_id}", response_model=DisputeOut, responses=errors)
     def get_dispute(dispute_id: str, s: SessionDep) -> DisputeOut:
@@ -226,6 +268,38 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         if dispute is None:
             raise NotFound(f"dispute {dispute_id} not found")
         return _dispute_out(s, dispute)
+
+    @api.get("/v1/disputes", response_model=list[DisputeOut], responses=errors)
+    def network_disputes(net: NetworkDep, s: SessionDep,
+                         limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[DisputeOut]:
+        """The disputes over the calling network's results, newest first."""
+        rows = s.scalars(select(Dispute).join(Result, Result.id == Dispute.result_id)
+                         .where(Result.network_id == net.id)
+                         .order_by(Dispute.opened_at.desc(), Dispute.id).limit(limit)).all()
+        return [_dispute_out(s, d) for d in rows]
+
+    @functools.cache
+    def checker() -> record.TranscriptChecker:
+        return record.TranscriptChecker(service_signing_key(ctx.disputes))
+
+    @api.get("/v1/disputes/{dispute_id}/record", response_model=DisputeRecord,
+             responses=errors)
+    def dispute_record(dispute_id: str, s: SessionDep) -> DisputeRecord:
+        """Everything public about a dispute (the explorer's page): the bisection as a
+        timeline (each move: who, when, the state revealed and its leaf, the interval after
+        it), the clocks, the proofs (step, tile, maxdiff against τ, verifying key, on-chain
+        transaction when recorded), the verdict, the result's bonds journal, and the result's
+        transcript checked as ``refute replay`` does: hash chain recomputed, head signed with
+        the service's BLS key and the signature verified."""
+        dispute, result, state = _loaded(s, dispute_id)
+        rows = record.transcript_rows(s, result.id)
+        events = record.dispute_events(rows, dispute_id)
+        return DisputeRecord(
+            dispute=_dispute_out(s, dispute), result=_public_result(result), bond=dispute.bond,
+            reason=state.reason, clocks=record.clocks(state, dispute.timeout_at),
+            timeline=record.timeline(events, result.leaves), proofs=record.proofs(events),
+            ledger=record.ledger_entries(s, result.id, dispute_id),
+            transcript=checker().check(rows))
 
     @api.get("/v1/disputes/{dispute_id}/states/{k}", response_class=Response, responses=errors)
     def dispute_state(dispute_id: str, k: int) -> Response:
@@ -241,12 +315,7 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         (``kind`` 1/2, ``payload`` its leaf), or, in phase ``tile``, the tile of segment
         ``hi`` it disputes (``kind`` 3, ``payload`` the tile index as a 32-byte big-endian
         number)."""
-        dispute = s.get(Dispute, dispute_id)
-        if dispute is None:
-            raise NotFound(f"dispute {dispute_id} not found")
-        result = s.get(Result, dispute.result_id)
-        assert result is not None
-        state = state_from_json(dispute.state)
+        dispute, result, state = _loaded(s, dispute_id)
         m = body.message
         signed = SignedMove(network=_word(m.network), dispute=_word(m.dispute), round=m.round,
                             kind=m.kind, payload=_word(m.payload), nonce=m.nonce,

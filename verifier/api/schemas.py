@@ -249,3 +249,107 @@ class DeliveryOut(BaseModel):
     next_attempt_at: datetime
     last_error: str | None
     delivered_at: datetime | None
+
+
+# --- the dispute explorer (GET /v1/disputes/{id}/record) ---------------------------------------
+
+
+class TimelineEntry(BaseModel):
+    """One event of a dispute, in transcript order, with the bisection interval after it."""
+
+    seq: int = Field(description="the event's position in the result's transcript")
+    kind: str = Field(examples=["answer"])
+    at: float = Field(description="when the event was recorded (unix seconds)")
+    move_at: float | None = Field(default=None, description="the move's own time")
+    actor: str | None = Field(default=None, examples=["challenger"])
+    phase: str | None = Field(default=None, description="the phase the move led to")
+    round: int = Field(description="bisection rounds completed after this event")
+    lo: int = Field(description="the highest state agreed on after this event")
+    hi: int = Field(description="the lowest state disputed after this event")
+    state: int | None = None
+    leaf: str | None = Field(default=None, description="the committed leaf of ``state``")
+    choice: str | None = None
+    step: int | None = None
+    tile: int | None = None
+    verdict: str | None = None
+    reason: str | None = None
+
+
+class ChainCheck(BaseModel):
+    """The transaction that verified a proof on chain (``REFUTE_CHAIN_RPC_URL``)."""
+
+    contract: str | None = None
+    tx: str | None = None
+    gas: int | None = None
+
+
+class ProofRecord(BaseModel):
+    """A proof a dispute was settled by, as its transcript event records it (the game records
+    only proofs the prover verified with the verifying key named here)."""
+
+    seq: int
+    kind: str = Field(examples=["step"], description="``step`` or ``range``")
+    step: int | None = None
+    state: int | None = None
+    tile: int | None = None
+    maxdiff_units: str | None = Field(default=None, description="exact, ``a`` or ``a/b``")
+    tolerance: int | None = Field(default=None, description="τ of the step, in units")
+    max_abs_units: str | None = None
+    bound: int | None = None
+    circuit: str | None = None
+    vk_sha256: str | None = None
+    settings_sha256: str | None = None
+    proof_bytes: int = Field(description="size of the proof as recorded (JSON bytes)")
+    chain: ChainCheck | None = Field(default=None, description="``null``: not checked on chain")
+
+
+class PostingOut(BaseModel):
+    """One leg of a ledger entry."""
+
+    account: str
+    amount: int
+
+
+class LedgerEntryOut(BaseModel):
+    """One entry of the result's bonds journal."""
+
+    seq: int
+    kind: str = Field(examples=["post_bond"])
+    reference: str
+    memo: str
+    postings: list[PostingOut]
+    this_dispute: bool = Field(description="whether the entry is about this dispute")
+
+
+class TranscriptCheckLine(BaseModel):
+    """One check of the transcript (as ``refute replay`` prints it)."""
+
+    name: str = Field(examples=["chain"])
+    ok: bool
+    detail: str
+    seq: int | None = None
+
+
+class TranscriptCheck(BaseModel):
+    """The result's transcript checked by the service: its hash chain recomputed, its head
+    signed with the service's BLS key and the signature verified (FastAggregateVerify)."""
+
+    ok: bool
+    head: str
+    length: int
+    public_key: str = Field(description="the service's BLS public key (48 bytes, hex)")
+    signature: str | None = Field(default=None, description="its signature over the head")
+    checks: list[TranscriptCheckLine]
+
+
+class ClocksOut(BaseModel):
+    """A dispute's time control and what is left of it."""
+
+    provider_s: float
+    challenger_s: float
+    proof_timeout_s: float
+    provider_left_s: float
+    challenger_left_s: float
+    turn: str | None = Field(default=None, description="whose clock runs; ``null``: nobody's")
+    turn_started: float
+    deadline: float | None = Field(default=None, description="when the running clock expires")
