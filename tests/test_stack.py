@@ -216,3 +216,25 @@ def test_a_killed_owner_leaves_no_stack_process_behind(tmp_path: Path) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"stack process {child} outlived its killed owner")
+
+
+def test_a_process_started_from_a_short_lived_thread_outlives_it(tmp_path: Path) -> None:
+    # The death signal follows the thread that started a process: the fault drill restarts
+    # redis-server from a worker thread, and the restarted server died with that thread.
+    stack = LocalStack(tmp_path)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        started.append(stack._spawn("sleeper",
+                                    [sys.executable, "-c", "import time; time.sleep(60)"]))
+        time.sleep(1.0)  # the process has set its death signal before this thread ends
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    time.sleep(1.0)
+    try:
+        assert started[0].poll() is None, "killed when the thread that started it ended"
+    finally:
+        started[0].kill()
+        started[0].wait()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -41,6 +42,10 @@ def _free_port() -> int:
 #: (``PR_SET_PDEATHSIG`` through util-linux's ``setpriv``), so a killed test run or demo leaves
 #: no server or worker behind; its own session keeps it out of the owner's terminal signals.
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"]
+#: The kernel sends that signal when the *thread* that started the process ends, so every process
+#: of a stack is started from this one long-lived thread: one started from a short-lived thread
+#: (a fault drill restarting redis-server from a worker thread) would be killed with it.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refute-stack-spawner")
 
 
 def flower_command(port: int, *, address: str = "127.0.0.1") -> list[str]:
@@ -106,10 +111,10 @@ class LocalStack:
         own_env = dict(env if env is not None else self._envs.get(name, {}))
         if shutil.which(_DIE_WITH_PARENT[0]) is None:
             raise StackError("setpriv not found (Debian package util-linux): run scripts/bootstrap")
-        process = subprocess.Popen([*_DIE_WITH_PARENT, *args], env={**self.env, **own_env},
-                                   stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   cwd=self.workdir)
+        process = _SPAWNER.submit(
+            subprocess.Popen, [*_DIE_WITH_PARENT, *args], env={**self.env, **own_env},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.workdir).result()
         self._processes.append((name, process))
         self._commands[name] = args
         self._envs[name] = own_env
