@@ -350,17 +350,15 @@ def calibrate_tiled_segment(
     # own EZKL children); their results are put together in order, so the record is the same.
     with ThreadPoolExecutor(max_workers=rules.workers) as pool:
         outcomes = list(pool.map(group.calibrate, groups.values()))
-    failed = next((o for o in outcomes if isinstance(o, SegmentCalibration)), None)
-    if failed is not None:
-        return replace(failed, seconds=time.monotonic() - start)
-    models = [m for o in outcomes if not isinstance(o, SegmentCalibration) for m in o[0]]
-    worst: SegmentCalibration | None = None
-    for o in outcomes:
-        for found in o[1] if not isinstance(o, SegmentCalibration) else ():
-            if worst is None or (found.tolerance or 0, found.logrows or 0) > (
-                    worst.tolerance or 0, worst.logrows or 0):
-                worst = found
-    assert worst is not None  # a tiling has at least one tile
+    groups_done = []
+    for outcome in outcomes:
+        if isinstance(outcome, SegmentCalibration):  # the first group that failed, in order
+            return replace(outcome, seconds=time.monotonic() - start)
+        groups_done.append(outcome)
+    models = [m for group_models, _ in groups_done for m in group_models]
+    # τ of the segment is the largest; on a tie, the larger circuit (the first of equals).
+    worst = max((found for _, found_all in groups_done for found in found_all),
+                key=lambda f: (f.tolerance or 0, f.logrows or 0))
     record = {**tiling.to_json(), "models": models}
     return replace(worst, tiling=record, seconds=time.monotonic() - start)
 
