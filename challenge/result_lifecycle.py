@@ -74,18 +74,21 @@ TRANSITIONS: Mapping[tuple[ResultStatus, ResultEvent], Transition] = MappingProx
 """(status, event) → the new status; anything else is refused."""
 
 
-def accept(session: Session, result: Result) -> None:
-    """Record a new result ACCEPTED and lock its provider's stake (if any) in its journal.
-    ``result`` is added to ``session``; the caller commits."""
-    result.status = ResultStatus.ACCEPTED
-    session.add(result)
-    stake = int(result.stake)
-    if stake > 0:  # a new result's journal is empty: nothing to read
-        session.flush()  # the result's row first: its journal refers to it
-        ledger = Ledger(result_id=result.id)
-        ledger.deposit(result.provider, stake)
-        ledger.lock_stake(result.id, result.provider, stake)
-        save_ledger(session, result.id, ledger, 0)
+def accept(session: Session, *results: Result) -> None:
+    """Record new results ACCEPTED and lock each provider's stake (if any) in the result's
+    journal: the results are inserted in one flush, then their journals' opening entries. The
+    results are added to ``session``; the caller commits."""
+    for result in results:
+        result.status = ResultStatus.ACCEPTED
+    session.add_all(results)
+    session.flush()  # the results' rows first: their journals refer to them
+    for result in results:
+        stake = int(result.stake)
+        if stake > 0:  # a new result's journal is empty: nothing to read
+            ledger = Ledger(result_id=result.id)
+            ledger.deposit(result.provider, stake)
+            ledger.lock_stake(result.id, result.provider, stake)
+            save_ledger(session, result.id, ledger, 0)
 
 
 def advance(session: Session, result: Result, event: ResultEvent, now: datetime,

@@ -57,7 +57,8 @@ def start_server(home: Path, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     refute = str(Path(sys.executable).with_name("refute"))
     log = (home / "serve.log").open("wb")
-    process = subprocess.Popen([refute, "serve", "--port", str(port)], env=environment,
+    process = subprocess.Popen([refute, "serve", "--port", str(port), "--workers", "1"],
+                               env=environment,
                                stdout=log, stderr=subprocess.STDOUT, cwd=home)
     server = Server(process, port, home)
     deadline = time.monotonic() + 60

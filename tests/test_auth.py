@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from eth_abi.abi import encode
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from hypothesis import given, settings
@@ -29,6 +30,7 @@ from challenge.messages import (
     network_word,
     recover_signer,
     sign_typed,
+    typed_data,
     typed_data_hash,
     verify_signed,
 )
@@ -182,6 +184,34 @@ def test_digest_is_standard_eip712(factory: Callable[..., SignedObject]) -> None
     # Signing the hand-made digest directly gives the very same (deterministic) signature.
     by_hand = Account.unsafe_sign_hash(digest, PROVIDER.key)
     assert sign_typed(obj, DOMAIN, PROVIDER.key) == bytes(by_hand.signature)
+
+
+_WORDS = st.binary(min_size=32, max_size=32)
+_UINTS = st.integers(min_value=0, max_value=2**256 - 1)
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> tuple[SignedObject, Domain]:
+    kinds: list[type[SignedObject]] = [Result, Challenge, Move]
+    kind = draw(st.sampled_from(kinds))
+    values: dict[str, Any] = {attr: draw(_WORDS) if solidity == "bytes32" else
+              draw(st.integers(0, 255) if solidity == "uint8" else _UINTS)
+              for _, attr, solidity in kind.FIELDS}
+    contract = "0x" + draw(st.binary(min_size=20, max_size=20)).hex()
+    domain = Domain(chain_id=draw(st.integers(1, 2**256 - 1)), verifying_contract=contract,
+                    name=draw(st.text(max_size=12)), version=draw(st.text(max_size=4)))
+    return kind(**values), domain
+
+
+@given(_messages())
+@settings(max_examples=200, deadline=None)
+def test_fast_digest_equals_eth_account_encoding(message: tuple[SignedObject, Domain]) -> None:
+    """The service's own EIP-712 digest (static words, cached domain separator) is eth-account's
+    ``encode_typed_data`` digest, the one ``sign_typed`` signs, on any message and domain."""
+    obj, domain = message
+    signable = encode_typed_data(full_message=typed_data(obj, domain))
+    assert typed_data_hash(obj, domain) == keccak(
+        b"\x19" + signable.version + signable.header + signable.body)
 
 
 def test_default_domain_is_refute_v1_zero_contract() -> None:

@@ -1,19 +1,23 @@
 """Disputes end to end through the real stack: redis-server, ``refute serve`` and the Celery
 workers as processes, whistleblowers playing through the HTTP API, real EZKL proofs, and the
-proof of a verdict verified by a transaction on a local anvil chain.
+proof of a verdict verified by the prove worker with a transaction on a local anvil chain.
 
-One stack (and one registered model) serves the whole module. Its dispute clocks are short so
-timeouts are reached quickly; honest players answer within a second or two. Every dispute ends
-with exactly one verdict (and at most one proof outcome) in the result's hash-chained
-transcript, and the bonds ledger balances after it, including after crash drills that SIGKILL
-the prove worker mid-proof or the API mid-dispute, or kill the API between a committed answer
-and the reveal the service serves next (the timers' recovery serves it).
+One stack (and one registered model) serves the whole module, beside one anvil chain it is
+configured with (``REFUTE_CHAIN_RPC_URL``): the prove worker verifies every proof it makes by a
+transaction there, and the transcript records that check (contract, transaction, gas), which the
+dispute explorer shows. Its dispute clocks are short so timeouts are reached quickly; honest
+players answer within a second or two. Every dispute ends with exactly one verdict (and at most
+one proof outcome, checked on chain) in the result's hash-chained transcript, and the bonds
+ledger balances after it, including after crash drills that SIGKILL the prove worker mid-proof
+or the API mid-dispute, or kill the API between a committed answer and the reveal the service
+serves next (the timers' recovery serves it).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,7 +28,9 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
+from eth_typing import HexStr
 from sqlalchemy import select
+from web3 import Web3
 
 from challenge.books import all_books, combined_balances, load_ledger
 from challenge.game import Actor, Answer, Choice
@@ -32,8 +38,7 @@ from challenge.ledger import available_account
 from challenge.orchestrator import load_transcript, move
 from challenge.records import Dispute, TaskDelivery
 from challenge.whistleblower import Whistleblower
-from prover.chain import RpcChain
-from prover.evm import Anvil
+from prover.evm import Anvil, proof_calldata, verify_call
 from refute import settings as refute_settings
 from refute import zoo
 from refute.manifest import Manifest
@@ -55,7 +60,8 @@ BOND = 100
 CLOCK_S = 20.0
 #: Visibility timeout of the broker (s): the task of a killed worker comes back after it. The
 #: task time limit stays below it and well above a cold proof of one MLP step (measured 19-37 s
-#: on 2 cores, the first one including EZKL's start; a warm proof takes about 9 s).
+#: on 2 cores, the first one including EZKL's start; a warm proof takes about 9 s) and its
+#: on-chain check (the first of a circuit compiles and deploys its verifier: about 3 s).
 VISIBILITY_TIMEOUT_S = 90
 TASK_TIME_LIMIT_S = 75
 #: Slack (s) for a timeout to be applied after its deadline: the timers beat every second.
@@ -73,6 +79,8 @@ class Deployment:
     ctx: ServiceContext
     workdir: Path
     api_key: str
+    #: The anvil chain the prove worker verifies every proof on.
+    rpc_url: str
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +94,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         "REFUTE_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
         "REFUTE_TASK_TIME_LIMIT_S": str(TASK_TIME_LIMIT_S),
     }
-    with LocalStack(workdir / "stack", extra_env=env) as stack:
+    # The chain outlives the stack. Its key is left empty: on a loopback chain the service
+    # sends from anvil's development key (verifier.service.chain_from).
+    with Anvil() as chain, LocalStack(workdir / "stack", extra_env={
+            **env, "REFUTE_CHAIN_RPC_URL": chain.rpc_url, "REFUTE_CHAIN_KEY": ""}) as stack:
         # The in-process context below shares the stack's home (its circuit cache).
         mp = pytest.MonkeyPatch()
         mp.setenv("REFUTE_HOME", stack.env["REFUTE_HOME"])
@@ -109,7 +120,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 spot_key=stack.env["REFUTE_SPOT_KEY"]))
             with httpx.Client(base_url=stack.api_url, timeout=60) as http:
                 yield Deployment(stack, client, http, network_id, registered, prepared, ctx,
-                                 workdir, key)
+                                 workdir, key, chain.rpc_url)
             ctx.engine.dispose()
         finally:
             mp.undo()
@@ -196,6 +207,9 @@ def _settled_once(d: Deployment, result_id: str, dispute_id: str, verdict: str, 
     assert kinds.count("verdict") == 1, kinds
     assert kinds.count("proofoutcome") == (1 if proved else 0), kinds
     assert events[-1]["body"]["verdict"] == verdict
+    if proved:  # the prove worker verified the proof on chain before recording it
+        chain = _proof_outcome(events).get("chain")
+        assert isinstance(chain, dict) and chain["gas"] > 0, chain
     with d.ctx.sessions() as session:
         ledger = load_ledger(session, result_id)
         ledger.check()
@@ -217,6 +231,27 @@ def _challenger_balance(d: Deployment, dispute_id: str) -> int:
 def _proof_outcome(events: list[dict[str, Any]]) -> dict[str, Any]:
     body: dict[str, Any] = next(e["body"] for e in events if e["kind"] == "proofoutcome")
     return body
+
+
+def _checked_on_chain(d: Deployment, outcome: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """The on-chain check the prove worker recorded with ``outcome``, checked on the chain: its
+    transaction was mined without reverting, used the recorded gas, called the recorded verifier
+    contract with exactly this proof, and that contract accepts the proof. Returns the check."""
+    recorded = outcome["chain"]
+    assert isinstance(recorded, dict), recorded
+    tx, gas, contract = recorded["tx"], recorded["gas"], recorded["contract"]
+    assert isinstance(tx, str) and tx.startswith("0x") and len(tx) == 66, recorded
+    assert isinstance(gas, int) and gas > 0, recorded
+    assert isinstance(contract, str) and Web3.is_checksum_address(contract), recorded
+    w3 = Web3(Web3.HTTPProvider(d.rpc_url))
+    receipt = w3.eth.get_transaction_receipt(HexStr(tx))
+    assert receipt["status"] == 1 and receipt["gasUsed"] == gas, receipt
+    assert receipt["to"] == contract, receipt
+    proof = workdir / "proof.json"
+    proof.write_text(json.dumps(outcome["proof"]))
+    assert bytes(w3.eth.get_transaction(HexStr(tx))["input"]) == proof_calldata(proof)
+    assert verify_call(d.rpc_url, contract, proof)  # the deployed verifier accepts it
+    return recorded
 
 
 # --- the game ---------------------------------------------------------------------------------
@@ -241,16 +276,14 @@ def test_cheating_provider_loses_to_an_honest_whistleblower(deployment: Deployme
     assert float(Fraction(outcome["maxdiff_units"])) > outcome["tolerance"]
     # The whistleblower got its bond back and half the slashed stake.
     assert _challenger_balance(d, final["id"]) == BOND + STAKE // 2
-    # The proof in the transcript convinces the step circuit's Solidity verifier on chain.
-    vk, settings, srs = (d.ctx.blobs.get(str(outcome[f"{what}_sha256"]))
-                         for what in ("vk", "settings", "srs"))
-    with Anvil() as chain:
-        recorded = RpcChain(chain.rpc_url, tmp_path / "chain").verify(vk, settings, srs,
-                                                                        outcome["proof"])
-    assert recorded["gas"] > 0
-    if lie_at == 2:  # the dispute explorer shows this real dispute (headless Chromium)
+    # The prove worker verified the proof in the transcript with a transaction on the chain
+    # (the step circuit's Solidity verifier), and recorded that check with it.
+    recorded = _checked_on_chain(d, outcome, tmp_path)
+    print(f"step {lie_at} proof verified on anvil by the prove worker: gas {recorded['gas']:,} "
+          f"({recorded['tx']})")
+    if lie_at == 2:  # the dispute explorer shows this real dispute and its on-chain check
         browse_dispute(d.stack.api_url, final["id"], api_key=d.api_key, verdict="PROVIDER_FAULT",
-                       step=lie_at, name="stack")
+                       step=lie_at, name="stack", chain=recorded)
 
 
 def test_honest_provider_beats_a_dishonest_whistleblower(deployment: Deployment) -> None:

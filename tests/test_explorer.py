@@ -1,8 +1,9 @@
 """The dispute explorer (``/explorer/``): its files are served with their media types and
 strict headers, its pages reflect nothing of the URL, its script never builds markup from data,
-the record of a dispute (``GET /v1/disputes/{id}/record``) carries the bisection, the proof,
-the ledger and the checked transcript (a tampered one fails), and, in headless Chromium against
-a real server on loopback, the pages render it, hostile strings as text.
+the record of a dispute (``GET /v1/disputes/{id}/record``) carries the bisection, the proof and
+its on-chain check, the ledger and the checked transcript (a tampered one fails), and, in
+headless Chromium against a real server on loopback, the pages render it, hostile strings as
+text.
 
 :func:`browse_dispute` is also run at the end of a real-stack dispute
 (``tests/test_dispute_stack.py``); screenshots go to ``out/explorer-screenshots/`` (printed).
@@ -15,7 +16,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from challenge.orchestrator import open_dispute, prove_pending
+from challenge.fakes import FakeChain
+from challenge.orchestrator import load_transcript, open_dispute, prove_pending
 from challenge.records import Dispute, TranscriptEvent
 from tests.dispute_world import World, add_result, make_world
 from verifier.accounts import add_api_key
@@ -50,14 +52,28 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
                       model_id="mdl_x", ezkl=False)
 
 
-@pytest.fixture(scope="module")
-def settled(world: World) -> str:
+def _settle(world: World) -> str:
     """A dispute the watcher played against a lie at state 2 and the (fake) proof settled."""
     rid = add_result(world, seed=1, lie_at=2)
     dispute_id = open_dispute(world.disputes, rid, challenger="service", lo=0, hi=3, bond=10,
                               now=datetime.now(UTC))
     prove_pending(world.disputes, dispute_id, datetime.now(UTC))
     return dispute_id
+
+
+@pytest.fixture(scope="module")
+def settled(world: World) -> str:
+    """A dispute settled by a proof checked on no chain (none is configured)."""
+    return _settle(world)
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, FakeChain, str]:
+    """A world whose proofs are verified again on a (fake) chain, and a dispute settled there."""
+    chain = FakeChain()
+    world = make_world(tmp_path_factory.mktemp("explorer-chain"), network_id="net_c",
+                       model_id="mdl_c", ezkl=False, chain=chain)
+    return world, chain, _settle(world)
 
 
 def test_files_are_served_with_their_types_and_strict_headers(world: World) -> None:
@@ -111,6 +127,21 @@ def test_the_record_has_the_bisection_the_proof_the_ledger_and_a_checked_transcr
     assert transcript["ok"] and transcript["signature"], transcript
     assert {c["name"] for c in transcript["checks"]} >= {"chain", "head", "signature"}
     assert client.get("/v1/disputes/dsp_nope/record").status_code == 404
+
+
+def test_the_record_carries_the_on_chain_check_of_the_proof(
+        chained: tuple[World, FakeChain, str]) -> None:
+    world, chain, dispute_id = chained
+    record = TestClient(create_app(world.ctx)).get(f"/v1/disputes/{dispute_id}/record").json()
+    (proof,) = record["proofs"]
+    assert len(chain.verified) == 1  # the orchestrator verified the proof on the chain port
+    with world.ctx.sessions() as session:
+        events = load_transcript(session, record["result"]["id"]).events
+    (outcome,) = [e.body for e in events if e.kind == "proofoutcome"]
+    assert proof["chain"] == outcome["chain"]  # what the transcript recorded, as it recorded it
+    assert proof["chain"]["gas"] == chain.gas and proof["chain"]["contract"] == "0x" + "00" * 20
+    assert proof["chain"]["tx"].startswith("0x") and len(proof["chain"]["tx"]) == 66
+    assert record["transcript"]["ok"]
 
 
 def test_a_tampered_transcript_fails_its_check(world: World) -> None:
@@ -217,10 +248,12 @@ def _shot(driver: Any, name: str) -> Path:
 
 
 def browse_dispute(base_url: str, dispute_id: str, *, api_key: str, verdict: str, step: int,
-                   name: str) -> None:
+                   name: str, chain: Mapping[str, Any] | None = None) -> None:
     """Open the explorer on ``base_url`` in headless Chromium: the network page (with
     ``api_key``) lists the dispute, its page shows ``verdict``, ``step``, the bisection rounds,
-    the ledger and "transcript verified"; screenshots of both pages are kept."""
+    the ledger and "transcript verified"; screenshots of both pages are kept. With ``chain``
+    (the on-chain check recorded with the proof: ``contract``, ``tx``, ``gas``), the proofs
+    section shows it: "verified on chain", the gas, the transaction and the contract."""
     from selenium.webdriver.common.by import By
 
     with chromium() as driver:
@@ -240,6 +273,12 @@ def browse_dispute(base_url: str, dispute_id: str, *, api_key: str, verdict: str
         assert f"step{step}" in _text(driver, "#proofs", "maxdiff").replace(" ", "").replace(
             "\n", "")
         assert "bond" in _text(driver, "#ledger tbody", "bond")
+        if chain is not None:
+            shown = _text(driver, "#proofs", "verified on chain")
+            assert f"gas\n{chain['gas']:,}" in shown, shown
+            assert f"transaction\n{chain['tx']}" in shown, shown
+            assert f"verifier contract\n{chain['contract']}" in shown, shown
+            assert "not checked on chain" not in shown
         _shot(driver, f"{name}-dispute")
 
 
@@ -263,3 +302,16 @@ def test_the_pages_in_chromium_show_the_dispute_and_hostile_strings_as_text(
             assert driver.title != "pwned"
             assert not driver.find_elements(By.CSS_SELECTOR, "main img, main script, main b")
             _shot(driver, "fake-world-hostile")
+            driver.get(f"{url}/explorer/disputes/{settled}")
+            assert "not checked on chain" in _text(driver, "#proofs", "on-chain check")
+
+
+def test_the_dispute_page_in_chromium_shows_the_on_chain_check(
+        chained: tuple[World, FakeChain, str]) -> None:
+    world, _, dispute_id = chained
+    with world.ctx.sessions() as s, s.begin():
+        key = add_api_key(s, world.network_id, datetime.now(UTC))
+    record = TestClient(create_app(world.ctx)).get(f"/v1/disputes/{dispute_id}/record").json()
+    with _serve(world) as url:
+        browse_dispute(url, dispute_id, api_key=key, verdict="PROVIDER_FAULT", step=2,
+                       name="fake-chain", chain=record["proofs"][0]["chain"])

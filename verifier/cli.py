@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -85,6 +87,9 @@ def serve(
     migrate_first: Annotated[bool, typer.Option(
         "--migrate/--no-migrate", help="Create or upgrade the database schema before serving "
         "(turn off when a deployment runs `refute db upgrade` once itself).")] = True,
+    workers: Annotated[int, typer.Option(
+        min=0, max=64, help="Worker processes (0: one per core). Several share the port; "
+        "/metrics sums their HTTP metrics.")] = 0,
 ) -> None:
     """Run the HTTP API; the database schema is created or upgraded first (as
     `refute db upgrade` does), so a fresh home serves at once."""
@@ -92,19 +97,32 @@ def serve(
 
     from refute.logs import configure_logging
     from refute.settings import get_settings
-    from verifier.api.app import create_app
     from verifier.service import ServiceContext
 
+    count = workers or os.cpu_count() or 1
     try:
         settings = get_settings()
         configure_logging(settings)
         if migrate_first:
             _upgrade_schema(settings.database_url)
-        api = create_app(ServiceContext.create(settings), admin_token=admin_token)
+        ServiceContext.create(settings).engine.dispose()  # the settings hold: fail here, once
     except RefuteError as exc:
         raise console.fail(exc) from exc
     # log_config=None: uvicorn's own loggers go through the handler configured above.
-    uvicorn.run(api, host=host, port=port, log_level="warning", log_config=None)
+    if count == 1:
+        from verifier.api.app import create_app
+
+        api = create_app(ServiceContext.create(settings), admin_token=admin_token)
+        uvicorn.run(api, host=host, port=port, log_level="warning", log_config=None)
+        return
+    from verifier.api.factory import ADMIN_TOKEN_ENV
+
+    with tempfile.TemporaryDirectory(prefix="refute-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any worker starts
+        if admin_token is not None:
+            os.environ[ADMIN_TOKEN_ENV] = admin_token
+        uvicorn.run("verifier.api.factory:app_from_environment", factory=True, workers=count,
+                    host=host, port=port, log_level="warning", log_config=None)
 
 
 def stack(

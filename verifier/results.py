@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from challenge.blobs import BlobStore
@@ -20,6 +25,8 @@ from refute.merkle import merkle_root
 from refute.trace import Trace
 from verifier.api.schemas import ResultSubmit
 from verifier.spotcheck import sample_segments
+
+log = logging.getLogger(__name__)
 
 
 def _word(hex_text: str) -> bytes:
@@ -42,6 +49,49 @@ def owned_result(session: Session, network: Network, result_id: str) -> Result:
     return result
 
 
+#: What a result submission comes to: the stored result and whether it is new, or its refusal.
+Outcome = tuple[Result, bool] | RefuteError
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A signed result that passed every check that needs no database."""
+
+    model: RegisteredModel
+    num_segments: int
+    signer: str
+    digest: str
+    leaves: list[bytes]
+    body: ResultSubmit
+
+
+class _Manifests:
+    """The registered models' manifests, parsed once (a manifest never changes: it is keyed by
+    its sha256), the most recently used kept."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._items: OrderedDict[str, Manifest] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, model: RegisteredModel) -> Manifest:
+        """``model``'s manifest."""
+        with self._lock:
+            manifest = self._items.get(model.manifest_sha256)
+            if manifest is not None:
+                self._items.move_to_end(model.manifest_sha256)
+                return manifest
+        manifest = Manifest.from_json(model.manifest)
+        with self._lock:
+            self._items[model.manifest_sha256] = manifest
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return manifest
+
+
+_MANIFESTS = _Manifests()
+
+
 def submit_result(
     session: Session, network: Network, body: ResultSubmit, *, domain: Domain, now: datetime,
     spot_key: bytes,
@@ -51,8 +101,74 @@ def submit_result(
     The spot-checks the result owes are decided here (keyed by ``spot_key`` and the new id) and
     written with it, so a lost task is found and run again and the result cannot finalize with
     one missing; when sampled, the provider is asked (webhook ``spotcheck.disclosure_requested``)
-    for exactly the states those checks need, unless it uploads them first."""
-    model = owned_model(session, network, body.model_id)
+    for exactly the states those checks need, unless it uploads them first. Raises the
+    :class:`RefuteError` that refuses it."""
+    (outcome,) = submit_results(session, network, [body], domain=domain, now=now,
+                                spot_key=spot_key)
+    if isinstance(outcome, RefuteError):
+        raise outcome
+    return outcome
+
+
+def submit_results(
+    session: Session, network: Network, bodies: Sequence[ResultSubmit], *, domain: Domain,
+    now: datetime, spot_key: bytes,
+) -> list[Outcome]:
+    """Accept each of a batch of signed results on its own (as :func:`submit_result`), in the
+    caller's transaction: the outcome of ``bodies[i]`` is ``(result, created)`` or the 4xx
+    :class:`RefuteError` refusing it (a server fault aborts the whole batch).
+
+    The checks that need no database come first (signature, model, leaves); then one query
+    finds the messages already accepted and one the nonces already used, and the new results,
+    their journals and their disclosure requests are inserted together. When a concurrent
+    transaction takes one of the batch's messages or nonces first (a unique constraint fails),
+    the batch is rolled back to its savepoint and each result is accepted on its own."""
+    checked: list[_Checked | RefuteError] = []
+    models: dict[str, RegisteredModel | RefuteError] = {}
+    for body in bodies:
+        try:
+            checked.append(_check(session, network, body, models, domain=domain, now=now))
+        except RefuteError as exc:
+            if exc.http_status >= 500:
+                raise
+            checked.append(exc)
+    try:
+        with session.begin_nested():
+            return _store(session, network, checked, now=now, spot_key=spot_key)
+    except IntegrityError:
+        log.info("a concurrent submission took a message or nonce of a batch of %d: one by one",
+                 len(checked))
+    return [_store_alone(session, network, item, now=now, spot_key=spot_key)
+            for item in checked]
+
+
+def _store_alone(session: Session, network: Network, item: _Checked | RefuteError, *,
+                 now: datetime, spot_key: bytes) -> Outcome:
+    """:func:`_store` of one result, in its own savepoint; a second try after a lost race
+    (the winner's row is visible then, so it answers "already accepted" or "nonce used")."""
+    for _attempt in range(2):
+        try:
+            with session.begin_nested():
+                (outcome,) = _store(session, network, [item], now=now, spot_key=spot_key)
+                return outcome
+        except IntegrityError:
+            continue
+    return Conflict("a concurrent submission took this result's message or nonce: send it again")
+
+
+def _check(session: Session, network: Network, body: ResultSubmit,
+           models: dict[str, RegisteredModel | RefuteError], *, domain: Domain,
+           now: datetime) -> _Checked:
+    """The checks of one result that need no query but its model's (cached in ``models``)."""
+    model = models.get(body.model_id)
+    if model is None:
+        try:
+            model = owned_model(session, network, body.model_id)
+        except NotFound as exc:
+            model = exc
+        models[body.model_id] = model
+    if isinstance(model, RefuteError):
+        raise model
     m = body.message
     claim = SignedResult(network=_word(m.network), model=_word(m.model), input=_word(m.input),
                          output=_word(m.output), trace_root=_word(m.traceRoot), stake=m.stake,
@@ -66,63 +182,76 @@ def submit_result(
         raise AuthError("the signed message names another network")
     if claim.model.hex() != model.model_sha256:
         raise InputError("the signed message names another model than model_id")
-    manifest = Manifest.from_json(model.manifest)
+    manifest = _MANIFESTS.of(model)
     leaves = [_word(leaf) for leaf in body.leaves]
     if len(leaves) != len(manifest.states) or any(len(x) != 32 for x in leaves):
         raise InputError(f"a trace of this model has {len(manifest.states)} 32-byte leaves")
     if merkle_root(leaves) != claim.trace_root:
         raise InputError("leaves do not hash to the signed trace root")
-    digest = typed_data_hash(claim, domain).hex()
-    existing = session.scalars(select(Result).where(Result.message_hash == digest)).first()
-    if existing is not None:
-        if existing.network_id != network.id:
-            raise NotFound("result not found")
-        return existing, False
-    replay = session.scalars(select(Result).where(Result.provider == signer,
-                                                  Result.nonce == str(m.nonce))).first()
-    if replay is not None:
-        raise Conflict(f"nonce {m.nonce} of provider {signer} was already used")
+    return _Checked(model=model, num_segments=manifest.num_segments, signer=signer,
+                    digest=typed_data_hash(claim, domain).hex(), leaves=leaves, body=body)
+
+
+def _store(session: Session, network: Network, items: Sequence[_Checked | RefuteError], *,
+           now: datetime, spot_key: bytes) -> list[Outcome]:
+    """Insert the new results of ``items``: a message seen before answers its result, a nonce
+    used before (by another message) is a conflict, within the batch too."""
+    valid = [item for item in items if isinstance(item, _Checked)]
+    known: dict[str, Result] = {}
+    used: set[tuple[str, str]] = set()
+    if valid:
+        known = {row.message_hash: row for row in session.scalars(
+            select(Result).where(Result.message_hash.in_({item.digest for item in valid})))}
+        used = {(provider, nonce) for provider, nonce in session.execute(
+            select(Result.provider, Result.nonce).where(
+                Result.provider.in_({item.signer for item in valid}),
+                Result.nonce.in_({str(item.body.message.nonce) for item in valid})))}
+    outcomes: list[Outcome] = []
+    fresh: list[Result] = []
+    for item in items:
+        if isinstance(item, RefuteError):
+            outcomes.append(item)
+            continue
+        prior = known.get(item.digest)
+        nonce = str(item.body.message.nonce)
+        if prior is not None:
+            outcomes.append(NotFound("result not found") if prior.network_id != network.id
+                            else (prior, False))
+        elif (item.signer, nonce) in used:
+            outcomes.append(Conflict(f"nonce {nonce} of provider {item.signer} was already used"))
+        else:
+            row = _new_result(network, item, now=now, spot_key=spot_key)
+            known[item.digest] = row
+            used.add((item.signer, nonce))
+            fresh.append(row)
+            outcomes.append((row, True))
+    accept(session, *fresh)
+    for row in fresh:
+        if row.disclosure_deadline is not None:
+            enqueue(session, network.id, "spotcheck.disclosure_requested", f"disclose:{row.id}",
+                    {"result_id": row.id, "states": needed_states(row.spot_segments),
+                     "deadline": row.disclosure_deadline.isoformat(),
+                     "how": f"PUT /v1/results/{row.id}/states (or the whole trace)"}, now)
+    return outcomes
+
+
+def _new_result(network: Network, item: _Checked, *, now: datetime, spot_key: bytes) -> Result:
+    """The row of a new result, with the spot-checks it owes."""
+    m = item.body.message
     result_id = new_id("res")
-    picks = sample_segments(spot_key, result_id, num_segments=manifest.num_segments,
+    picks = sample_segments(spot_key, result_id, num_segments=item.num_segments,
                             probability=network.spot_probability, count=network.spot_count)
-    disclosure = now + timedelta(seconds=network.disclosure_window_s) if picks else None
-    result = Result(
-        id=result_id, network_id=network.id, model_id=model.id, message_hash=digest,
-        provider=signer, nonce=str(m.nonce), deadline=m.deadline, stake=str(m.stake),
+    return Result(
+        id=result_id, network_id=network.id, model_id=item.model.id, message_hash=item.digest,
+        provider=item.signer, nonce=str(m.nonce), deadline=m.deadline, stake=str(m.stake),
         input_hash=m.input, output_hash=m.output, trace_root=m.traceRoot,
-        leaves=["0x" + leaf.hex() for leaf in leaves], signature=body.signature,
+        leaves=["0x" + leaf.hex() for leaf in item.leaves], signature=item.body.signature,
         accepted_at=now,
         challenge_deadline=now + timedelta(seconds=network.challenge_window_s),
-        spot_segments=picks, spot_pending=bool(picks), disclosure_deadline=disclosure,
+        spot_segments=picks, spot_pending=bool(picks),
+        disclosure_deadline=now + timedelta(seconds=network.disclosure_window_s) if picks
+        else None,
     )
-    accept(session, result)
-    if disclosure is not None:
-        enqueue(session, network.id, "spotcheck.disclosure_requested", f"disclose:{result_id}",
-                {"result_id": result_id, "states": needed_states(picks),
-                 "deadline": disclosure.isoformat(),
-                 "how": f"PUT /v1/results/{result_id}/states (or the whole trace)"}, now)
-    return result, True
-
-
-def submit_results(
-    session: Session, network: Network, bodies: Sequence[ResultSubmit], *, domain: Domain,
-    now: datetime, spot_key: bytes,
-) -> list[tuple[Result, bool] | RefuteError]:
-    """Accept each of a batch of signed results on its own (:func:`submit_result`), in one
-    transaction the caller commits: a result refused (a 4xx :class:`RefuteError`, returned in
-    its place) is rolled back to its own savepoint and the others stand. A server fault
-    aborts the whole batch."""
-    outcomes: list[tuple[Result, bool] | RefuteError] = []
-    for body in bodies:
-        try:
-            with session.begin_nested():
-                outcomes.append(submit_result(session, network, body, domain=domain, now=now,
-                                              spot_key=spot_key))
-        except RefuteError as exc:
-            if exc.http_status >= 500:
-                raise
-            outcomes.append(exc)
-    return outcomes
 
 
 def needed_states(segments: list[int]) -> list[int]:

@@ -57,15 +57,18 @@ def flower_command(port: int, *, address: str = "127.0.0.1") -> list[str]:
 
 class LocalStack:
     """redis-server + ``refute serve`` + ``refute worker`` processes on loopback, and Flower
-    beside them when asked (``flower=True``: :attr:`flower_url`)."""
+    beside them when asked (``flower=True``: :attr:`flower_url`). The API runs ``api_workers``
+    processes (``refute serve --workers``; one by default, so a test's kill hits the server)."""
 
     def __init__(self, workdir: Path, *, admin_token: str | None = None,
-                 extra_env: dict[str, str] | None = None, flower: bool = False) -> None:
+                 extra_env: dict[str, str] | None = None, flower: bool = False,
+                 api_workers: int = 1) -> None:
         self.workdir = workdir.resolve()
         self.admin_token = admin_token or secrets.token_urlsafe(16)
         self.redis_port = _free_port()
         self.api_port = _free_port()
         self.flower_port = _free_port() if flower else None
+        self.api_workers = api_workers
         self.extra_env = dict(extra_env or {})
         self._processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._commands: dict[str, list[str]] = {}
@@ -195,7 +198,8 @@ class LocalStack:
                                   "--appendfsync", "everysec", "--save", ""])
             migrate(self.env["REFUTE_DATABASE_URL"])
             refute = [sys.executable, "-m", "verifier"]
-            self._spawn("api", [*refute, "serve", "--port", str(self.api_port)])
+            self._spawn("api", [*refute, "serve", "--port", str(self.api_port),
+                                "--workers", str(self.api_workers)])
             self._spawn("worker-spotcheck", [*refute, "worker", "--queues", "spotcheck",
                                              "--loglevel", "WARNING"])
             self._spawn("worker-prove", [*refute, "worker", "--queues", "prove",

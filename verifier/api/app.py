@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -186,6 +188,16 @@ def _refusal(request: Request, exc: RefuteError,
     return _error(status, exc.code, reason, headers=headers)
 
 
+def http_registry() -> CollectorRegistry:
+    """The registry of the HTTP metrics: this process's, or, when ``refute serve --workers N``
+    runs several processes (``PROMETHEUS_MULTIPROC_DIR`` set), every worker's summed."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
 def _observe(scope: MutableMapping[str, Any], status: int, seconds: float) -> None:
     route = scope_route(scope)
     LATENCY.labels(route).observe(seconds)
@@ -305,7 +317,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
         """Prometheus metrics: HTTP requests of this process; results, spot-checks, disputes,
         proofs, webhook deliveries and queue depths of the whole service (README
         "Metrics")."""
-        return Response(generate_latest(REGISTRY) + generate_latest(service_metrics),
+        return Response(generate_latest(http_registry()) + generate_latest(service_metrics),
                         media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/networks", status_code=201, response_model=NetworkCreated, responses=ERRORS,

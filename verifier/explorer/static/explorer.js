@@ -163,13 +163,9 @@ function renderDispute(record) {
           " units vs τ = " + p.tolerance +
           (fraction(p.maxdiff_units) > p.tolerance ? " (exceeds τ)" : " (within τ)")]]
       : [["state", p.state], ["max |value|", p.max_abs_units + " units vs bound " + p.bound]];
-    const chain = p.chain
-      ? "verified on chain: transaction " + (p.chain.tx || "—") + ", gas " + (p.chain.gas ?? "—") +
-        ", contract " + (p.chain.contract || "—")
-      : "not recorded (no chain configured)";
     for (const [name, value] of [["kind", p.kind + " proof"], ...numbers,
       ["verified by key", "vk sha256 " + (p.vk_sha256 || "—")], ["circuit", p.circuit],
-      ["proof size", p.proof_bytes + " bytes"], ["on-chain check", chain],
+      ["proof size", p.proof_bytes + " bytes"], ...chainCheck(p.chain),
       ["transcript event", "#" + p.seq]]) {
       list.append(el("dt", {}, name), el("dd", {}, value === null || value === undefined ? "—" : value));
     }
@@ -184,6 +180,18 @@ function renderDispute(record) {
   facts("transcript", [["events", t.length], ["head", t.head],
     ["service BLS key", t.public_key], ["head signature", t.signature || "not signed (chain broken)"]]);
   fill("transcript-checks", t.checks.map((k) => [k.name, k.ok ? "ok" : "failed", k.detail]));
+}
+
+// A proof's on-chain check: the service records one only for a transaction that was mined and
+// whose verifier contract accepted the proof (prover.chain.RpcChain refuses anything else).
+function chainCheck(chain) {
+  if (!chain) return [["on-chain check", "not checked on chain (no chain configured)"]];
+  return [
+    ["on-chain check", el("span", { class: "ok" }, "verified on chain")],
+    ["gas", typeof chain.gas === "number" ? chain.gas.toLocaleString("en-US") : "—"],
+    ["transaction", el("code", {}, chain.tx || "—")],
+    ["verifier contract", el("code", {}, chain.contract || "—")],
+  ];
 }
 
 function fraction(text) {
