@@ -34,6 +34,19 @@ class Server:
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes of a ``--workers N`` server (its children running uvicorn)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid and b"spawn_main" in cmdline:
+                pids.append(int(stat.parent.name))
+        return pids
+
     def alive(self) -> bool:
         """Whether the process still runs and answers its health route."""
         return self.process.poll() is None and httpx.get(
@@ -48,16 +61,17 @@ class Server:
         stop_process(self.process)
 
 
-def start_server(home: Path, env: dict[str, str] | None = None) -> Server:
-    """``refute serve`` with HOME=``home`` and no REFUTE_* settings but ``env`` (so the
-    defaults: a SQLite file under ``home/.cache/refute`` that nobody migrated)."""
+def start_server(home: Path, env: dict[str, str] | None = None, *, workers: int = 1) -> Server:
+    """``refute serve --workers workers`` with HOME=``home`` and no REFUTE_* settings but
+    ``env`` (so the defaults: a SQLite file under ``home/.cache/refute`` that nobody
+    migrated)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("REFUTE_")}
     environment["HOME"] = str(home)
     environment.update(env or {})
     port = free_port()
     refute = str(Path(sys.executable).with_name("refute"))
     log = (home / "serve.log").open("wb")
-    process = subprocess.Popen([refute, "serve", "--port", str(port), "--workers", "1"],
+    process = subprocess.Popen([refute, "serve", "--port", str(port), "--workers", str(workers)],
                                env=environment,
                                stdout=log, stderr=subprocess.STDOUT, cwd=home)
     server = Server(process, port, home)

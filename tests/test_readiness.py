@@ -3,6 +3,7 @@ fresh home (they create or upgrade the schema on start)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +151,29 @@ def test_serve_on_a_fresh_home_migrates_and_reports_readiness(tmp_path: Path) ->
         assert (home / ".cache" / "refute" / "refute.db").exists()
     finally:
         server.stop()
+
+
+def test_serve_with_two_workers_sums_their_http_metrics(tmp_path: Path) -> None:
+    """`refute serve --workers 2`: two worker processes share the port, and /metrics (whichever
+    worker answers it) counts the requests every worker served."""
+    home = tmp_path / "home"
+    home.mkdir()
+    server = start_server(home, env={"REFUTE_REDIS_URL": NO_BROKER}, workers=2)
+    try:
+        assert len(server.worker_pids()) == 2
+        before = _health_count(server.url)
+        for _ in range(40):  # a new connection each: the kernel hands them to either worker
+            assert httpx.get(f"{server.url}/v1/health", timeout=10).status_code == 200
+        for _ in range(3):  # every scrape, from either worker, sees all 40
+            assert _health_count(server.url) == before + 40
+    finally:
+        server.stop()
+    assert not server.worker_pids()  # stopping the server stopped its workers
+
+
+def _health_count(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    found = re.search(r'^refute_http_requests_total\{route="health",status="200"\} (\S+)$',
+                      metrics, re.MULTILINE)
+    assert found is not None, metrics[-2000:]
+    return float(found.group(1))

@@ -238,3 +238,30 @@ def test_a_process_started_from_a_short_lived_thread_outlives_it(tmp_path: Path)
     finally:
         started[0].kill()
         started[0].wait()
+
+
+def test_the_stack_command_runs_flower_and_two_api_workers_until_interrupted(
+        tmp_path: Path) -> None:
+    """`refute stack --flower --api-workers 2` as a person runs it: it prints where everything
+    is, all of it answers, and Ctrl-C stops it all."""
+    refute = str(Path(sys.executable).with_name("refute"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFUTE_")}
+    process = subprocess.Popen([refute, "stack", "--workdir", str(tmp_path / "stack"),
+                                "--flower", "--api-workers", "2"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    try:
+        shown: dict[str, str] = {}
+        while "logs" not in shown:
+            line = process.stdout.readline()
+            assert line, f"refute stack exited: {process.wait(timeout=10)}"
+            name, _, rest = line.partition(" ")
+            shown[name] = rest.split()[0] if rest.split() else ""
+        for url in (f"{shown['API']}/v1/ready", shown["Flower"]):
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                assert answer.status == 200, url
+    finally:
+        process.send_signal(2)  # Ctrl-C
+        out, _ = process.communicate(timeout=60)
+    assert "stopped" in out
+    assert process.returncode == 0

@@ -128,15 +128,21 @@ def serve(
 def stack(
     workdir: Annotated[Path, typer.Option(help="Folder for the database, blobs, logs.")]
     = Path(".refute/stack"),
+    flower: Annotated[bool, typer.Option(
+        "--flower", help="Run Flower, the Celery monitor, beside the workers.")] = False,
+    api_workers: Annotated[int, typer.Option(
+        min=1, max=64, help="API worker processes (`refute serve --workers`).")] = 1,
 ) -> None:
     """Start the whole local stack (redis-server, API, workers) until interrupted."""
     from verifier.stack import LocalStack
 
     try:
-        with LocalStack(workdir) as running:
+        with LocalStack(workdir, flower=flower, api_workers=api_workers) as running:
             console.out.print(f"API      {running.api_url}  (admin token {running.admin_token})",
                            highlight=False)
             console.out.print(f"redis    127.0.0.1:{running.redis_port}", highlight=False)
+            if flower:
+                console.out.print(f"Flower   {running.flower_url}", highlight=False)
             console.out.print(f"logs     {running.workdir}/*.log   — Ctrl-C stops everything",
                            highlight=False)
             while True:
