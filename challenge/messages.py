@@ -77,6 +77,7 @@ __all__ = [
     "typed_data",
     "typed_data_hash",
     "verify_signed",
+    "verify_signed_digest",
 ]
 
 
@@ -150,6 +151,7 @@ def checksummed_address(value: object) -> str | None:
     return _checksummed(value)
 
 
+@functools.lru_cache(maxsize=1024)
 def network_word(network_id: str) -> bytes:
     """The ``network`` field of every message: keccak256 of the network id (UTF-8), 32 bytes."""
     if not isinstance(network_id, str) or not network_id:
@@ -445,7 +447,11 @@ def recover_signer(obj: SignedObject, domain: Domain, signature: bytes | str) ->
     it with the expected signer (:func:`verify_signed` does).
     """
     canonical = _canonical_signature(signature)
-    digest = typed_data_hash(obj, domain)
+    return _recover(typed_data_hash(obj, domain), canonical)
+
+
+def _recover(digest: bytes, canonical: bytes) -> str:
+    """The checksummed signer of ``digest`` from a canonical signature."""
     try:
         public = Signature(canonical[:64] + bytes([canonical[64] - 27])) \
             .recover_public_key_from_msg_hash(digest)
@@ -466,7 +472,7 @@ def _domain_mismatch(claimed: Domain, expected: Domain) -> str | None:
     return None
 
 
-def verify_signed(
+def verify_signed_digest(
     obj: SignedObject,
     domain: Domain,
     signature: bytes | str,
@@ -474,8 +480,9 @@ def verify_signed(
     expected_signer: str | None,
     now: int,
     expected_domain: Domain,
-) -> str:
-    """Check a signed message and return its (checksummed) signer.
+) -> tuple[str, bytes]:
+    """Check a signed message and return its (checksummed) signer and its digest
+    (:func:`typed_data_hash` under ``expected_domain``, computed once for both).
 
     ``domain`` is the domain the client claims, ``expected_domain`` the service's own; they must
     be equal (chain id, name, version, verifying contract). The deadline must satisfy
@@ -510,7 +517,25 @@ def verify_signed(
             f"{obj.PRIMARY_TYPE} deadline {obj.deadline} is more than "
             f"{MAX_DEADLINE_AHEAD // 86400} days ahead of now {now}"
         )
-    signer = recover_signer(obj, expected_domain, signature)
+    canonical = _canonical_signature(signature)
+    digest = typed_data_hash(obj, expected_domain)
+    signer = _recover(digest, canonical)
     if want is not None and signer != want:
         raise AuthError(f"{obj.PRIMARY_TYPE} signed by {signer}, expected {want}")
+    return signer, digest
+
+
+def verify_signed(
+    obj: SignedObject,
+    domain: Domain,
+    signature: bytes | str,
+    *,
+    expected_signer: str | None,
+    now: int,
+    expected_domain: Domain,
+) -> str:
+    """Check a signed message and return its (checksummed) signer: every check and refusal of
+    :func:`verify_signed_digest`."""
+    signer, _ = verify_signed_digest(obj, domain, signature, expected_signer=expected_signer,
+                                     now=now, expected_domain=expected_domain)
     return signer

@@ -8,7 +8,7 @@ that did. Delivery (signing, retries, target checks) is the service's: :mod:`ver
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -71,32 +71,44 @@ def enqueue(  # noqa: PLR0917 - the outbox call mirrors the event's fields, posi
     the unique constraint (SQLite and PostgreSQL), so a concurrent transaction enqueuing the same
     event leaves one row and neither transaction fails. Returns how many rows were added.
     """
+    return enqueue_all(session, network_id, event, [(event_id, payload)], now)
+
+
+def enqueue_all(
+    session: Session, network_id: str, event: str,
+    occurrences: Sequence[tuple[str, Mapping[str, object]]], now: datetime,
+) -> int:
+    """:func:`enqueue` of several occurrences of ``event`` (``(event_id, payload)`` each), the
+    network's endpoints read once: a batch of accepted results announces in one query when
+    nobody subscribed. Returns how many rows were added."""
     if event not in EVENTS:
         raise WebhookError(f"unknown webhook event {event!r} (choose from {sorted(EVENTS)})")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH:
-        raise WebhookError(f"webhook event id must be 1..{MAX_EVENT_ID_LENGTH} characters")
+    for event_id, _ in occurrences:
+        if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH:
+            raise WebhookError(f"webhook event id must be 1..{MAX_EVENT_ID_LENGTH} characters")
     # Store exactly what will be sent (a JSON round trip normalises tuples, key types, ...).
-    stored = cast("dict[str, object]", json.loads(canonical_json(payload)))
+    stored = [(event_id, cast("dict[str, object]", json.loads(canonical_json(payload))))
+              for event_id, payload in occurrences]
+    if not stored:
+        return 0
     moment = utc(now)
     dialect = session.get_bind().dialect.name
-    endpoints = session.scalars(
+    endpoints = [endpoint for endpoint in session.scalars(
         select(WebhookEndpoint).where(WebhookEndpoint.network_id == network_id)
-        .order_by(WebhookEndpoint.id)
-    ).all()
+        .order_by(WebhookEndpoint.id)).all() if event in endpoint.events]
     added = 0
-    for endpoint in endpoints:
-        if event not in endpoint.events:
-            continue
-        exists = session.scalar(
-            select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == endpoint.id,
-                                             WebhookDelivery.event_id == event_id))
-        if exists is not None:
-            continue
-        row = {"endpoint_id": endpoint.id, "event_id": event_id, "event": event,
-               "payload": stored, "status": PENDING, "attempts": 0,
-               "next_attempt_at": moment, "last_error": None, "delivered_at": None}
-        if _insert_once(session, dialect, row):
-            added += 1
+    for event_id, payload in stored:
+        for endpoint in endpoints:
+            exists = session.scalar(
+                select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == endpoint.id,
+                                                 WebhookDelivery.event_id == event_id))
+            if exists is not None:
+                continue
+            row = {"endpoint_id": endpoint.id, "event_id": event_id, "event": event,
+                   "payload": payload, "status": PENDING, "attempts": 0,
+                   "next_attempt_at": moment, "last_error": None, "delivered_at": None}
+            if _insert_once(session, dialect, row):
+                added += 1
     return added
 
 

@@ -14,9 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from challenge.blobs import BlobStore
-from challenge.messages import AuthError, Domain, network_word, typed_data_hash, verify_signed
+from challenge.messages import AuthError, Domain, network_word, verify_signed_digest
 from challenge.messages import Result as SignedResult
-from challenge.outbox import enqueue
+from challenge.outbox import enqueue_all
 from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
 from challenge.result_lifecycle import accept
 from refute.errors import BundleError, Conflict, InputError, NotFound, RefuteError
@@ -176,8 +176,9 @@ def _check(session: Session, network: Network, body: ResultSubmit,
     claimed = Domain(chain_id=body.domain.chainId,
                      verifying_contract=body.domain.verifyingContract,
                      name=body.domain.name, version=body.domain.version)
-    signer = verify_signed(claim, claimed, body.signature, expected_signer=body.provider,
-                           now=int(now.timestamp()), expected_domain=domain)
+    signer, digest = verify_signed_digest(claim, claimed, body.signature,
+                                          expected_signer=body.provider,
+                                          now=int(now.timestamp()), expected_domain=domain)
     if claim.network != network_word(network.id):
         raise AuthError("the signed message names another network")
     if claim.model.hex() != model.model_sha256:
@@ -189,7 +190,7 @@ def _check(session: Session, network: Network, body: ResultSubmit,
     if merkle_root(leaves) != claim.trace_root:
         raise InputError("leaves do not hash to the signed trace root")
     return _Checked(model=model, num_segments=manifest.num_segments, signer=signer,
-                    digest=typed_data_hash(claim, domain).hex(), leaves=leaves, body=body)
+                    digest=digest.hex(), leaves=leaves, body=body)
 
 
 def _store(session: Session, network: Network, items: Sequence[_Checked | RefuteError], *,
@@ -226,12 +227,11 @@ def _store(session: Session, network: Network, items: Sequence[_Checked | Refute
             fresh.append(row)
             outcomes.append((row, True))
     accept(session, *fresh)
-    for row in fresh:
-        if row.disclosure_deadline is not None:
-            enqueue(session, network.id, "spotcheck.disclosure_requested", f"disclose:{row.id}",
-                    {"result_id": row.id, "states": needed_states(row.spot_segments),
-                     "deadline": row.disclosure_deadline.isoformat(),
-                     "how": f"PUT /v1/results/{row.id}/states (or the whole trace)"}, now)
+    enqueue_all(session, network.id, "spotcheck.disclosure_requested", [
+        (f"disclose:{row.id}", {"result_id": row.id, "states": needed_states(row.spot_segments),
+                                "deadline": row.disclosure_deadline.isoformat(),
+                                "how": f"PUT /v1/results/{row.id}/states (or the whole trace)"})
+        for row in fresh if row.disclosure_deadline is not None], now)
     return outcomes
 
 
