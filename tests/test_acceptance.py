@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from challenge.messages import Domain
-from challenge.records import Network, Result
+from challenge.records import ApiKey, Network, Result
 from refute.errors import Conflict, RefuteError
 from tests.dispute_world import make_world
 from tests.servers import postgres_server
 from tests.signing import signed_result
+from verifier.api.app import create_app
 from verifier.api.schemas import ResultSubmit
+from verifier.auth import new_api_key
 from verifier.results import Outcome, submit_results
 
 pytestmark = [pytest.mark.slow]
@@ -85,3 +89,42 @@ def test_a_batch_that_loses_a_race_is_accepted_result_by_result(
                 Result.__table__.select().with_only_columns(Result.nonce)))
         assert nonces == [1, 2, 3, 4]
         world.ctx.engine.dispose()
+
+
+def test_concurrent_writers_on_sqlite_wait_their_turn(tmp_path: Path) -> None:
+    """Four clients submitting at once to one SQLite database: every result is accepted. (A
+    request reads its network, then writes; begun deferred, the write was refused at once with
+    "database is locked" whenever another request wrote meanwhile: a 500.)"""
+    world = make_world(tmp_path, network_id="net-lock", model_id="mod-lock", ezkl=False)
+    token, key_hash = new_api_key()
+    with world.ctx.sessions() as s, s.begin():
+        s.add(ApiKey(network_id=world.network_id, key_hash=key_hash,
+                     created_at=datetime.now(UTC)))
+    manifest = world.prepared.manifest
+    model = {"id": world.model_id, "model_sha256": manifest.model_sha256,
+             "manifest": manifest.to_json()}
+    _, trace = signed_result(world.network_id, model, nonce=0)
+    bodies = [signed_result(world.network_id, model, nonce=n, trace=trace)[0]
+              for n in range(1, 49)]
+    app = create_app(world.ctx)
+    statuses: list[int] = []
+
+    def client(part: list[dict[str, Any]]) -> None:
+        with TestClient(app, raise_server_exceptions=False) as http:
+            for body in part[:8]:
+                statuses.append(http.post("/v1/results", json=body,
+                                          headers={"X-API-Key": token}).status_code)
+            answer = http.post("/v1/result-batches", json={"results": part[8:]},
+                               headers={"X-API-Key": token})
+            statuses.append(answer.status_code)
+            statuses.extend(item["status"] for item in answer.json().get("items", []))
+
+    threads = [threading.Thread(target=client, args=(bodies[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(set(statuses)) == [200, 202], statuses  # 200: each batch's own status
+    with world.ctx.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Result)) == 48
+    world.ctx.engine.dispose()
