@@ -47,10 +47,10 @@ def authenticate(session: Session, token: str | None) -> Network:
     if token is None or not is_api_key(token):
         raise AuthError("missing or malformed API key")
     digest = hash_api_key(token)
-    key = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
-    if key is None or key.revoked_at is not None or not api_key_matches(token, key.key_hash):
+    found = session.execute(
+        select(Network, ApiKey.key_hash).join(ApiKey, ApiKey.network_id == Network.id)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
+    if found is None or not api_key_matches(token, found.key_hash):
         raise AuthError("unknown or revoked API key")
-    network = session.get(Network, key.network_id)
-    if network is None:
-        raise AuthError("unknown or revoked API key")
+    network: Network = found.Network
     return network

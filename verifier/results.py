@@ -54,42 +54,69 @@ Outcome = tuple[Result, bool] | RefuteError
 
 
 @dataclass(frozen=True)
+class _ModelFacts:
+    """What accepting a result needs of its model (a registered model never changes)."""
+
+    id: str
+    network_id: str
+    model_sha256: str
+    num_states: int
+    num_segments: int
+
+
+@dataclass(frozen=True)
 class _Checked:
     """A signed result that passed every check that needs no database."""
 
-    model: RegisteredModel
-    num_segments: int
+    model: _ModelFacts
     signer: str
     digest: str
     leaves: list[bytes]
     body: ResultSubmit
 
 
-class _Manifests:
-    """The registered models' manifests, parsed once (a manifest never changes: it is keyed by
-    its sha256), the most recently used kept."""
+class _Models:
+    """Registered models' facts, read once per process (the manifest, which can be megabytes,
+    is read and parsed only then); the most recently used kept. Safe to share: a registered
+    model is never changed or removed."""
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._items: OrderedDict[str, Manifest] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], _ModelFacts] = OrderedDict()
         self._lock = threading.Lock()
 
-    def of(self, model: RegisteredModel) -> Manifest:
-        """``model``'s manifest."""
+    def owned(self, session: Session, network: Network, model_id: str) -> _ModelFacts:
+        """The facts of ``model_id``, a model of ``network`` (another network's is "not
+        found")."""
+        key = (str(session.get_bind().engine.url), model_id)  # ids are unique per database
         with self._lock:
-            manifest = self._items.get(model.manifest_sha256)
-            if manifest is not None:
-                self._items.move_to_end(model.manifest_sha256)
-                return manifest
-        manifest = Manifest.from_json(model.manifest)
-        with self._lock:
-            self._items[model.manifest_sha256] = manifest
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return manifest
+            facts = self._items.get(key)
+            if facts is not None:
+                self._items.move_to_end(key)
+        if facts is None:
+            facts = self._read(session, model_id)
+            with self._lock:
+                self._items[key] = facts
+                while len(self._items) > self._size:
+                    self._items.popitem(last=False)
+        if facts.network_id != network.id:
+            raise NotFound(f"model {model_id} not found")
+        return facts
+
+    @staticmethod
+    def _read(session: Session, model_id: str) -> _ModelFacts:
+        row = session.execute(select(RegisteredModel.network_id, RegisteredModel.model_sha256,
+                                     RegisteredModel.manifest)
+                              .where(RegisteredModel.id == model_id)).first()
+        if row is None:
+            raise NotFound(f"model {model_id} not found")
+        manifest = Manifest.from_json(row.manifest)
+        return _ModelFacts(id=model_id, network_id=row.network_id,
+                           model_sha256=row.model_sha256, num_states=len(manifest.states),
+                           num_segments=manifest.num_segments)
 
 
-_MANIFESTS = _Manifests()
+_MODELS = _Models()
 
 
 def submit_result(
@@ -124,10 +151,9 @@ def submit_results(
     transaction takes one of the batch's messages or nonces first (a unique constraint fails),
     the batch is rolled back to its savepoint and each result is accepted on its own."""
     checked: list[_Checked | RefuteError] = []
-    models: dict[str, RegisteredModel | RefuteError] = {}
     for body in bodies:
         try:
-            checked.append(_check(session, network, body, models, domain=domain, now=now))
+            checked.append(_check(session, network, body, domain=domain, now=now))
         except RefuteError as exc:
             if exc.http_status >= 500:
                 raise
@@ -156,19 +182,10 @@ def _store_alone(session: Session, network: Network, item: _Checked | RefuteErro
     return Conflict("a concurrent submission took this result's message or nonce: send it again")
 
 
-def _check(session: Session, network: Network, body: ResultSubmit,
-           models: dict[str, RegisteredModel | RefuteError], *, domain: Domain,
+def _check(session: Session, network: Network, body: ResultSubmit, *, domain: Domain,
            now: datetime) -> _Checked:
-    """The checks of one result that need no query but its model's (cached in ``models``)."""
-    model = models.get(body.model_id)
-    if model is None:
-        try:
-            model = owned_model(session, network, body.model_id)
-        except NotFound as exc:
-            model = exc
-        models[body.model_id] = model
-    if isinstance(model, RefuteError):
-        raise model
+    """The checks of one result that need no query (but its model's, once per process)."""
+    model = _MODELS.owned(session, network, body.model_id)
     m = body.message
     claim = SignedResult(network=_word(m.network), model=_word(m.model), input=_word(m.input),
                          output=_word(m.output), trace_root=_word(m.traceRoot), stake=m.stake,
@@ -183,13 +200,12 @@ def _check(session: Session, network: Network, body: ResultSubmit,
         raise AuthError("the signed message names another network")
     if claim.model.hex() != model.model_sha256:
         raise InputError("the signed message names another model than model_id")
-    manifest = _MANIFESTS.of(model)
     leaves = [_word(leaf) for leaf in body.leaves]
-    if len(leaves) != len(manifest.states) or any(len(x) != 32 for x in leaves):
-        raise InputError(f"a trace of this model has {len(manifest.states)} 32-byte leaves")
+    if len(leaves) != model.num_states or any(len(x) != 32 for x in leaves):
+        raise InputError(f"a trace of this model has {model.num_states} 32-byte leaves")
     if merkle_root(leaves) != claim.trace_root:
         raise InputError("leaves do not hash to the signed trace root")
-    return _Checked(model=model, num_segments=manifest.num_segments, signer=signer,
+    return _Checked(model=model, signer=signer,
                     digest=digest.hex(), leaves=leaves, body=body)
 
 
@@ -200,13 +216,14 @@ def _store(session: Session, network: Network, items: Sequence[_Checked | Refute
     valid = [item for item in items if isinstance(item, _Checked)]
     known: dict[str, Result] = {}
     used: set[tuple[str, str]] = set()
-    if valid:
-        known = {row.message_hash: row for row in session.scalars(
-            select(Result).where(Result.message_hash.in_({item.digest for item in valid})))}
-        used = {(provider, nonce) for provider, nonce in session.execute(
-            select(Result.provider, Result.nonce).where(
-                Result.provider.in_({item.signer for item in valid}),
-                Result.nonce.in_({str(item.body.message.nonce) for item in valid})))}
+    if valid:  # one query: the messages seen before, and the results holding these nonces
+        nonces = {str(item.body.message.nonce) for item in valid}
+        rows = session.scalars(select(Result).where(
+            Result.message_hash.in_({item.digest for item in valid})
+            | (Result.provider.in_({item.signer for item in valid}) & Result.nonce.in_(nonces))))
+        for row in rows:
+            known[row.message_hash] = row
+            used.add((row.provider, row.nonce))
     outcomes: list[Outcome] = []
     fresh: list[Result] = []
     for item in items:
@@ -239,7 +256,7 @@ def _new_result(network: Network, item: _Checked, *, now: datetime, spot_key: by
     """The row of a new result, with the spot-checks it owes."""
     m = item.body.message
     result_id = new_id("res")
-    picks = sample_segments(spot_key, result_id, num_segments=item.num_segments,
+    picks = sample_segments(spot_key, result_id, num_segments=item.model.num_segments,
                             probability=network.spot_probability, count=network.spot_count)
     return Result(
         id=result_id, network_id=network.id, model_id=item.model.id, message_hash=item.digest,
