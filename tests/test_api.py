@@ -222,6 +222,10 @@ def test_submit_is_optimistic_idempotent_and_guarded(
     assert accepted["status"] == "ACCEPTED" and accepted["challenge_deadline"]
     again = api.client.post("/v1/results", headers=headers, json=body)
     assert again.status_code == 200 and again.json()["id"] == accepted["id"]
+    # The new result's answer (built without reading it back) is what reading it shows.
+    assert accepted["owed_checks"] and accepted["disclosure"]["states"]  # sampled (p = 1)
+    assert accepted == again.json()
+    assert accepted == api.client.get(f"/v1/results/{accepted['id']}", headers=headers).json()
     replay, _ = _signed(network_id, model, nonce=1, seed=5)
     assert "already used" in _error(api.client.post("/v1/results", headers=headers,
                                                     json=replay), 409)

@@ -86,6 +86,7 @@ from verifier.registry import decode_model, register_in_subprocess, store_model
 from verifier.results import (
     attach_trace,
     list_results,
+    needed_states,
     owned_model,
     owned_result,
     submit_result,
@@ -439,7 +440,7 @@ def create_app(ctx: ServiceContext, *, admin_token: str | None = None) -> FastAP
                                          spot_key=ctx.settings.spot_key_bytes())
         if not created:
             response.status_code = 200
-        return _result_out(s, row)
+        return _result_out(s, row, new=created)
 
     @app.post("/v1/result-batches", response_model=BatchOut, responses=ERRORS,
               tags=["results"])
@@ -694,7 +695,19 @@ def _model_out(row: RegisteredModel, report: dict[str, Any] | None = None) -> Mo
                     created_at=row.created_at, report=report)
 
 
-def _result_out(s: Session, row: Result) -> ResultOut:
+def _result_out(s: Session, row: Result, *, new: bool = False) -> ResultOut:
+    """A result as the API shows it; ``new``: just accepted in this request (no check is
+    recorded and no state disclosed yet: nothing to read)."""
+    if new:
+        owed = [int(i) for i in row.spot_segments]
+        return ResultOut(
+            id=row.id, model_id=row.model_id, provider=row.provider, status=row.status.value,
+            trace_root=row.trace_root, accepted_at=row.accepted_at,
+            challenge_deadline=row.challenge_deadline, finalized_at=None, trace_uploaded=False,
+            spot_checks=[], owed_checks=owed,
+            disclosure=DisclosureRequest(states=needed_states(owed),
+                                         deadline=row.disclosure_deadline)
+            if owed and row.disclosure_deadline is not None else None)
     checks = s.scalars(select(SpotCheck).where(SpotCheck.result_id == row.id)
                        .order_by(SpotCheck.segment)).all()
     return ResultOut(

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
 from challenge.messages import checksummed_address
-from challenge.outbox import EVENTS
+from challenge.outbox import EVENTS, utc
 
 HEX32 = r"^0x[0-9a-fA-F]{64}$"
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
@@ -30,6 +30,10 @@ Address = Annotated[str, Field(pattern=ADDRESS,
                     AfterValidator(_eip55)]
 #: A 32-byte word in hex (``0x`` + 64 hex digits).
 Hex32 = Annotated[str, Field(pattern=HEX32)]
+
+
+#: A moment in UTC, always shown with its offset (SQLite hands naive UTC values back).
+UtcDatetime = Annotated[datetime, AfterValidator(utc)]
 
 
 class ErrorDetail(BaseModel):
@@ -161,7 +165,7 @@ class BatchItem(BaseModel):
     index: int
     status: int
     id: str | None = None
-    challenge_deadline: datetime | None = None
+    challenge_deadline: UtcDatetime | None = None
     error: ErrorDetail | None = None
 
 
@@ -177,7 +181,7 @@ class DisclosureRequest(BaseModel):
     """States a sampled provider must disclose (``PUT /v1/results/{id}/states``)."""
 
     states: list[int]
-    deadline: datetime
+    deadline: UtcDatetime
 
 
 class ResultOut(BaseModel):
@@ -188,9 +192,9 @@ class ResultOut(BaseModel):
     provider: str
     status: str
     trace_root: str
-    accepted_at: datetime
-    challenge_deadline: datetime
-    finalized_at: datetime | None
+    accepted_at: UtcDatetime
+    challenge_deadline: UtcDatetime
+    finalized_at: UtcDatetime | None
     trace_uploaded: bool
     spot_checks: list[dict[str, Any]] = Field(default_factory=list)
     #: Sampled segments whose check is not recorded yet (the result cannot finalize before).
