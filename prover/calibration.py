@@ -496,18 +496,33 @@ def tile_to_budget(
     never fit, keeps ``whole`` (the registration report then refuses it, saying why).
     ``known``: settings shared between segments (:func:`calibrate_tiled_segment`)."""
     logrows = tile_logrows(budget_bytes, rules.max_logrows)
+    tried: list[str] = []  # why each tile size failed: the refusal says it, not just `whole`'s
     for _ in range(TILE_ATTEMPTS):
         if logrows is None or logrows < TILE_LOGROWS[0]:
-            return whole
+            break
         try:
             tiling = plan_tiling(segment, rows_bound(logrows))
-        except RefuteError:
-            return whole
+        except RefuteError as exc:
+            tried.append(f"cannot be tiled: {exc}")
+            break
         found = calibrate_tiled_segment(segment, tiling.blocks, runs, rules, known=known)
         if found.estimate is not None and found.estimate.fits(budget_bytes):
             return replace(found, seconds=found.seconds + whole.seconds)
+        tried.append(_tile_failure(found, logrows, budget_bytes))
         logrows -= 1
-    return whole
+    if not tried or whole.reason is None:  # a whole circuit over the budget: the report says
+        return whole                       # what tiling could do (prover.report)
+    return replace(whole, reason=f"{whole.reason}; {'; '.join(tried)}")
+
+
+def _tile_failure(found: SegmentCalibration, planned: int, budget_bytes: int) -> str:
+    """Why tiles planned for 2^``planned`` rows did not do."""
+    if found.estimate is None:
+        return f"tiles planned for 2^{planned} rows: {found.reason}"
+    return (f"tiles planned for 2^{planned} rows need logrows {found.estimate.logrows} as EZKL "
+            f"calibrates them ({found.estimate.rows:,} rows; a lookup table's range can set "
+            f"it), estimated peak {found.estimate.peak_bytes / 2**30:.1f} GiB over the "
+            f"{budget_bytes / 2**30:.1f} GiB proving budget")
 
 
 def _range_settings(

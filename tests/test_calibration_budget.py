@@ -15,8 +15,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 from circuits.adjudication import adjudication_bytes
+from prover import calibration
 from prover.budget import ProvingEstimate, estimate
 from prover.calibration import (
+    CalibrationRules,
     SegmentCalibration,
     calibrate_model,
     calibrate_segment,
@@ -207,3 +209,32 @@ def test_a_row_bound_convolution_gets_more_inner_columns_and_fewer_rows() -> Non
     assert cal.settings is not None and cal.logrows is not None, cal.reason
     assert cal.settings["run_args"]["num_inner_cols"] > 2
     assert cal.logrows == 17
+
+
+def test_a_segment_whose_tiles_never_fit_is_refused_with_what_each_tile_size_needed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2's attention segment (scores, softmax, ·V) was refused after its whole registration
+    with only "not calibrated whole": its tiles' circuits needed logrows 20 (the softmax lookup
+    table's range), 31 GiB at peak, and the refusal did not say so. Now it does, per tile size
+    tried. (Tile calibration is replaced here by that outcome: the EZKL run takes minutes.)"""
+    prepared = _conv()
+    segment = prepared.segmentation.segments[0]
+    need = dataclasses.replace(estimate(_settings(20, rows=240_102)), rows=240_102)
+    tried: list[tuple[tuple[int, ...], ...]] = []
+
+    def too_big(_segment: Any, blocks: Any, *_args: Any, **_kwargs: Any) -> SegmentCalibration:
+        tried.append(blocks)
+        return SegmentCalibration(1, _settings(20), 1, Fraction(0), logrows=20, estimate=need)
+
+    monkeypatch.setattr(calibration, "calibrate_tiled_segment", too_big)
+    whole = SegmentCalibration(1, None, None, None, "its inputs need more rows than 2^20")
+    rules = CalibrationRules(7, 64.0, 2.0, 20, 60.0)
+    found = calibration.tile_to_budget(segment, whole, [], rules, budget_bytes=8 * 2**30)
+    assert found.settings is None and found.reason is not None
+    assert found.reason.startswith("its inputs need more rows than 2^20; tiles planned for 2^")
+    assert found.reason.count("need logrows 20 as EZKL calibrates them (240,102 rows") == \
+        len(tried) > 1
+    assert f"estimated peak {need.peak_bytes / 2**30:.1f} GiB over the 8.0 GiB" in found.reason
+    # A whole circuit merely over the budget keeps its estimate: the report words that case.
+    over = SegmentCalibration(1, _settings(20), 1, Fraction(0), logrows=20, estimate=need)
+    assert calibration.tile_to_budget(segment, over, [], rules, budget_bytes=8 * 2**30) is over
