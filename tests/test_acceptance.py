@@ -73,7 +73,7 @@ def test_a_batch_that_loses_a_race_is_accepted_result_by_result(
                 a.commit()
                 racing.join(timeout=60)
                 assert not racing.is_alive()
-        assert "one by one" in caplog.text  # their batch lost the race and was retried
+        assert "checking it again" in caplog.text  # their batch lost the race and was retried
         mine = [o for o in outcome["ours"] if not isinstance(o, RefuteError)]
         assert [created for _, created in mine] == [True, True, True]
         theirs_out = outcome["theirs"]

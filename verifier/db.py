@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,36 +21,18 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-#: Execution option asking a SQLite transaction to take the write lock when it begins
-#: (``BEGIN IMMEDIATE``): see :func:`make_engine`.
-SQLITE_BEGIN_IMMEDIATE = {"sqlite_begin": "IMMEDIATE"}
-
-
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets foreign keys, WAL and a busy timeout.
-
-    SQLite transactions are begun by SQLAlchemy, not by the stdlib driver (which opens one only
-    before a write, so a SAVEPOINT after a read committed when released). A transaction is
-    deferred (``BEGIN``) unless the connection carries :data:`SQLITE_BEGIN_IMMEDIATE`: a
-    deferred transaction that read and then writes is refused at once ("database is locked",
-    no busy wait) when another connection writes meanwhile, so a request that writes after
-    reading begins with the write lock instead and waits its turn."""
+    """An engine for ``url``; SQLite gets foreign keys, WAL and a busy timeout."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(connection: Connection) -> None:
-            mode = connection.get_execution_options().get("sqlite_begin", "")
-            connection.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else ''}")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -149,7 +149,10 @@ def submit_results(
     finds the messages already accepted and one the nonces already used, and the new results,
     their journals and their disclosure requests are inserted together. When a concurrent
     transaction takes one of the batch's messages or nonces first (a unique constraint fails),
-    the batch is rolled back to its savepoint and each result is accepted on its own."""
+    the transaction is rolled back (the caller's must hold no other write) and the batch stored
+    again: the winner's rows are seen then. No savepoint: on SQLite one would open the
+    transaction before the reads, and a transaction that read cannot wait for the write lock
+    ("database is locked" at once under concurrent writers)."""
     checked: list[_Checked | RefuteError] = []
     for body in bodies:
         try:
@@ -158,28 +161,19 @@ def submit_results(
             if exc.http_status >= 500:
                 raise
             checked.append(exc)
-    try:
-        with session.begin_nested():
-            return _store(session, network, checked, now=now, spot_key=spot_key)
-    except IntegrityError:
-        log.info("a concurrent submission took a message or nonce of a batch of %d: one by one",
-                 len(checked))
-    return [_store_alone(session, network, item, now=now, spot_key=spot_key)
-            for item in checked]
-
-
-def _store_alone(session: Session, network: Network, item: _Checked | RefuteError, *,
-                 now: datetime, spot_key: bytes) -> Outcome:
-    """:func:`_store` of one result, in its own savepoint; a second try after a lost race
-    (the winner's row is visible then, so it answers "already accepted" or "nonce used")."""
-    for _attempt in range(2):
+    for _attempt in range(_STORE_ATTEMPTS):
         try:
-            with session.begin_nested():
-                (outcome,) = _store(session, network, [item], now=now, spot_key=spot_key)
-                return outcome
-        except IntegrityError:
-            continue
-    return Conflict("a concurrent submission took this result's message or nonce: send it again")
+            return _store(session, network, checked, now=now, spot_key=spot_key)
+        except IntegrityError:  # a concurrent request took a message or nonce first: the
+            session.rollback()  # next attempt sees its row (no savepoint: see the docstring)
+            log.info("a concurrent submission took a message or nonce of a batch of %d: "
+                     "checking it again", len(checked))
+    raise Conflict("concurrent submissions kept taking this batch's messages or nonces: "
+                   "send it again")
+
+
+#: How many times a batch that loses a race to a concurrent one is stored again.
+_STORE_ATTEMPTS = 3
 
 
 def _check(session: Session, network: Network, body: ResultSubmit, *, domain: Domain,

@@ -79,7 +79,6 @@ from verifier.api.schemas import (
     WebhookCreated,
 )
 from verifier.auth import is_api_key
-from verifier.db import SQLITE_BEGIN_IMMEDIATE
 from verifier.lifecycle import attach_state, attach_states, disclosure_manifest, disclosure_needed
 from verifier.metrics import ServiceMetrics
 from verifier.registry import decode_model, register_in_subprocess, store_model
@@ -218,28 +217,9 @@ def _write(s: Session) -> Iterator[None]:
         raise
 
 
-#: The routes that read, then write through the request's session (method, path template).
-#: On SQLite their transaction takes the write lock when it begins: begun deferred, the write
-#: was refused at once ("database is locked", no busy wait) whenever another request wrote
-#: meanwhile. The others begin deferred: a model's registration works for minutes, and the
-#: dispute routes write through the dispute store's own sessions.
-_WRITERS = frozenset({
-    ("POST", "/v1/networks"), ("POST", "/v1/networks/me/keys"), ("POST", "/v1/results"),
-    ("POST", "/v1/result-batches"), ("PUT", "/v1/results/{result_id}/trace"),
-    ("PUT", "/v1/results/{result_id}/states"), ("PUT", "/v1/results/{result_id}/states/{k}"),
-    ("POST", "/v1/webhooks"),
-})
-
-
 def _session(request: Request) -> Iterator[Session]:
-    """The request's session; for the routes of :data:`_WRITERS`, its first transaction begins
-    with the write lock on SQLite (:data:`~verifier.db.SQLITE_BEGIN_IMMEDIATE`: concurrent
-    writers wait their turn); other databases ignore it."""
     ctx: ServiceContext = request.app.state.ctx
-    route = request.scope.get("route")
     with ctx.sessions() as s:
-        if (request.method, getattr(route, "path", None)) in _WRITERS:
-            s.connection(execution_options=SQLITE_BEGIN_IMMEDIATE)
         yield s
 
 
