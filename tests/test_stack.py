@@ -8,6 +8,7 @@ import dataclasses
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -261,7 +262,36 @@ def test_the_stack_command_runs_flower_and_two_api_workers_until_interrupted(
             with urllib.request.urlopen(url, timeout=30) as answer:
                 assert answer.status == 200, url
     finally:
-        process.send_signal(2)  # Ctrl-C
-        out, _ = process.communicate(timeout=60)
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            out, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()  # its stack processes die with it (their death signal)
+            raise
     assert "stopped" in out
     assert process.returncode == 0
+
+
+def test_the_stack_command_stops_on_sigint_even_when_started_with_it_ignored(
+        tmp_path: Path) -> None:
+    """A shell starts background jobs with SIGINT ignored (CI does), and Python then installs no
+    Ctrl-C handler: the stack ran on after Ctrl-C. It stops on SIGINT and SIGTERM regardless."""
+    refute = str(Path(sys.executable).with_name("refute"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFUTE_")}
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen(  # `trap "" INT`: SIGINT ignored, as a shell's background job
+            ["sh", "-c", 'trap "" INT; exec "$0" stack --workdir "$1"', refute,
+             str(tmp_path / stop.name)], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert process.stdout is not None
+        try:
+            while not process.stdout.readline().startswith("logs"):
+                assert process.poll() is None, "refute stack exited"
+        finally:
+            process.send_signal(stop)
+            try:
+                out, _ = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+        assert "stopped" in out and process.returncode == 0, (stop.name, out[-2000:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -136,6 +137,10 @@ def stack(
     """Start the whole local stack (redis-server, API, workers) until interrupted."""
     from verifier.stack import LocalStack
 
+    # Ctrl-C and SIGTERM stop the stack, even when started in the background (a shell then
+    # starts it with SIGINT ignored, and Python would install no handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with LocalStack(workdir, flower=flower, api_workers=api_workers) as running:
             console.out.print(f"API      {running.api_url}  (admin token {running.admin_token})",
