@@ -77,7 +77,6 @@ __all__ = [
     "typed_data",
     "typed_data_hash",
     "verify_signed",
-    "verify_signed_digest",
 ]
 
 
@@ -472,7 +471,7 @@ def _domain_mismatch(claimed: Domain, expected: Domain) -> str | None:
     return None
 
 
-def verify_signed_digest(
+def verify_signed(
     obj: SignedObject,
     domain: Domain,
     signature: bytes | str,
@@ -524,18 +523,3 @@ def verify_signed_digest(
         raise AuthError(f"{obj.PRIMARY_TYPE} signed by {signer}, expected {want}")
     return signer, digest
 
-
-def verify_signed(
-    obj: SignedObject,
-    domain: Domain,
-    signature: bytes | str,
-    *,
-    expected_signer: str | None,
-    now: int,
-    expected_domain: Domain,
-) -> str:
-    """Check a signed message and return its (checksummed) signer: every check and refusal of
-    :func:`verify_signed_digest`."""
-    signer, _ = verify_signed_digest(obj, domain, signature, expected_signer=expected_signer,
-                                     now=now, expected_domain=expected_domain)
-    return signer

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from challenge.blobs import BlobStore
-from challenge.messages import AuthError, Domain, network_word, verify_signed_digest
+from challenge.messages import AuthError, Domain, network_word, verify_signed
 from challenge.messages import Result as SignedResult
 from challenge.outbox import enqueue_all
 from challenge.records import Network, RegisteredModel, Result, ResultStatus, new_id
@@ -187,9 +187,9 @@ def _check(session: Session, network: Network, body: ResultSubmit, *, domain: Do
     claimed = Domain(chain_id=body.domain.chainId,
                      verifying_contract=body.domain.verifyingContract,
                      name=body.domain.name, version=body.domain.version)
-    signer, digest = verify_signed_digest(claim, claimed, body.signature,
-                                          expected_signer=body.provider,
-                                          now=int(now.timestamp()), expected_domain=domain)
+    signer, digest = verify_signed(claim, claimed, body.signature,
+                                   expected_signer=body.provider, now=int(now.timestamp()),
+                                   expected_domain=domain)
     if claim.network != network_word(network.id):
         raise AuthError("the signed message names another network")
     if claim.model.hex() != model.model_sha256:

@@ -24,7 +24,6 @@ from challenge.messages import (
     AuthError,
     Domain,
     network_word,
-    typed_data_hash,
     verify_signed,
 )
 from challenge.messages import Challenge as SignedChallenge
@@ -235,17 +234,17 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
         claim = SignedChallenge(network=_word(m.network), result=_word(m.result), lo=m.lo,
                                 hi=m.hi, bond=m.bond, nonce=m.nonce, deadline=m.deadline)
         now = ctx.clock.now()
-        signer = verify_signed(claim, _domain(body.domain), body.signature,
-                               expected_signer=body.challenger, now=int(now.timestamp()),
-                               expected_domain=expected)
+        signer, digest = verify_signed(claim, _domain(body.domain), body.signature,
+                                       expected_signer=body.challenger,
+                                       now=int(now.timestamp()), expected_domain=expected)
         if claim.network != network_word(result.network_id) or claim.result != network_word(
                 result_id):
             raise AuthError("the signed challenge names another network or result")
         if not 0 <= m.lo < m.hi <= len(result.leaves) - 1:
             raise AuthError(f"lo and hi must satisfy 0 <= lo < hi <= {len(result.leaves) - 1}")
         s.rollback()
-        signed = SignedClaim(digest=typed_data_hash(claim, expected).hex(), signer=signer,
-                             nonce=m.nonce, kind="challenge")
+        signed = SignedClaim(digest=digest.hex(), signer=signer, nonce=m.nonce,
+                             kind="challenge")
         dispute_id = open_dispute(ctx.disputes, result_id, challenger=signer, lo=m.lo, hi=m.hi,
                                   bond=m.bond, now=now,
                                   signed=signed)
@@ -321,16 +320,15 @@ def router(ctx: ServiceContext, errors: dict[int | str, Any]) -> APIRouter:
                             kind=m.kind, payload=_word(m.payload), nonce=m.nonce,
                             deadline=m.deadline)
         now = ctx.clock.now()
-        signer = verify_signed(signed, _domain(body.domain), body.signature,
-                               expected_signer=body.player, now=int(now.timestamp()),
-                               expected_domain=expected)
+        signer, digest = verify_signed(signed, _domain(body.domain), body.signature,
+                                       expected_signer=body.player,
+                                       now=int(now.timestamp()), expected_domain=expected)
         if signer.lower() != dispute.challenger.lower():
             raise AuthError("only the dispute's challenger may answer")
         if signed.network != network_word(result.network_id) or signed.dispute != network_word(
                 dispute_id):
             raise AuthError("the signed move names another network or dispute")
-        claim = SignedClaim(digest=typed_data_hash(signed, expected).hex(), signer=signer,
-                            nonce=m.nonce, kind="move")
+        claim = SignedClaim(digest=digest.hex(), signer=signer, nonce=m.nonce, kind="move")
         if s.get(SignedMessage, claim.digest) is not None:
             return _dispute_out(s, dispute)  # a retry of an applied move: applied once
         if m.kind == MOVE_TILE:
