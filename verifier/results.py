@@ -146,7 +146,7 @@ def submit_results(
     :class:`RefuteError` refusing it (a server fault aborts the whole batch).
 
     The checks that need no database come first (signature, model, leaves); then one query
-    finds the messages already accepted and one the nonces already used, and the new results,
+    finds the messages already accepted and the nonces already used, and the new results,
     their journals and their disclosure requests are inserted together. When a concurrent
     transaction takes one of the batch's messages or nonces first (a unique constraint fails),
     the transaction is rolled back (the caller's must hold no other write) and the batch stored

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, BinaryIO
 
@@ -678,18 +678,14 @@ def _model_out(row: RegisteredModel, report: dict[str, Any] | None = None) -> Mo
 def _result_out(s: Session, row: Result, *, new: bool = False) -> ResultOut:
     """A result as the API shows it; ``new``: just accepted in this request (no check is
     recorded and no state disclosed yet: nothing to read)."""
+    checks: Sequence[SpotCheck] = []
     if new:
         owed = [int(i) for i in row.spot_segments]
-        return ResultOut(
-            id=row.id, model_id=row.model_id, provider=row.provider, status=row.status.value,
-            trace_root=row.trace_root, accepted_at=row.accepted_at,
-            challenge_deadline=row.challenge_deadline, finalized_at=None, trace_uploaded=False,
-            spot_checks=[], owed_checks=owed,
-            disclosure=DisclosureRequest(states=needed_states(owed),
-                                         deadline=row.disclosure_deadline)
-            if owed and row.disclosure_deadline is not None else None)
-    checks = s.scalars(select(SpotCheck).where(SpotCheck.result_id == row.id)
-                       .order_by(SpotCheck.segment)).all()
+        needed = needed_states(owed)
+    else:
+        checks = s.scalars(select(SpotCheck).where(SpotCheck.result_id == row.id)
+                           .order_by(SpotCheck.segment)).all()
+        owed, needed = owed_segments(s, row), disclosure_needed(s, row)
     return ResultOut(
         id=row.id, model_id=row.model_id, provider=row.provider, status=row.status.value,
         trace_root=row.trace_root, accepted_at=row.accepted_at,
@@ -698,8 +694,7 @@ def _result_out(s: Session, row: Result, *, new: bool = False) -> ResultOut:
         spot_checks=[{"segment": c.segment, "outcome": c.outcome.value,
                       "maxdiff_units": c.maxdiff_units, "tolerance": c.tolerance}
                      for c in checks],
-        owed_checks=owed_segments(s, row),
+        owed_checks=owed,
         disclosure=DisclosureRequest(states=needed, deadline=row.disclosure_deadline)
-        if (needed := disclosure_needed(s, row)) and row.disclosure_deadline is not None
-        else None,
+        if needed and row.disclosure_deadline is not None else None,
     )
