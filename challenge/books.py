@@ -38,13 +38,19 @@ def save_ledger(session: Session, result_id: str, ledger: Ledger, known: int) ->
     the books are checked (a :class:`~challenge.ledger.LedgerError` aborts the caller's
     transaction: nothing moves). ``ledger`` must be the books of ``result_id``
     (:func:`load_ledger`)."""
+    session.add_all(LedgerEntry(**row) for row in journal_rows(result_id, ledger, known))
+
+
+def journal_rows(result_id: str, ledger: Ledger, known: int) -> list[dict[str, object]]:
+    """The ``ledger_entries`` rows :func:`save_ledger` adds, for a bulk insert; the same checks
+    first."""
     if ledger.result_id != result_id:
         raise LedgerError(
             f"the books of result {ledger.result_id} cannot be saved as result {result_id}'s"
         )
     ledger.check()
-    for entry in ledger.entries()[known:]:
-        session.add(LedgerEntry(result_id=result_id, seq=entry.seq, entry=entry.to_json()))
+    return [{"result_id": result_id, "seq": entry.seq, "entry": entry.to_json()}
+            for entry in ledger.entries()[known:]]
 
 
 def all_books(session: Session) -> dict[str, Ledger]:

@@ -23,13 +23,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
+from typing import cast
 
+from sqlalchemy import Table, insert, inspect
+from sqlalchemy.engine import ExecutionContext
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 
-from challenge.books import load_ledger, save_ledger
+from challenge.books import journal_rows, load_ledger, save_ledger
 from challenge.ledger import Ledger
 from challenge.outbox import enqueue
-from challenge.records import Result, ResultStatus
+from challenge.records import LedgerEntry, Result, ResultStatus
 from refute.errors import Conflict
 
 
@@ -76,19 +80,47 @@ TRANSITIONS: Mapping[tuple[ResultStatus, ResultEvent], Transition] = MappingProx
 
 def accept(session: Session, *results: Result) -> None:
     """Record new results ACCEPTED and lock each provider's stake (if any) in the result's
-    journal: the results are inserted in one flush, then their journals' opening entries. The
-    results are added to ``session``; the caller commits."""
+    journal, in two bulk inserts (one statement each, run as the driver's executemany): the
+    results, then their journals' opening entries. The ``results`` stay out of ``session``
+    (complete as built, so they can be shown; read a result again to change it); the caller
+    commits. Without the unit of work's bookkeeping a batch of accepted results costs a third
+    of the flush it replaced (``bench/bench_service.py``)."""
+    if not results:
+        return
+    journal: list[dict[str, object]] = []
     for result in results:
         result.status = ResultStatus.ACCEPTED
-    session.add_all(results)
-    session.flush()  # the results' rows first: their journals refer to them
-    for result in results:
         stake = int(result.stake)
         if stake > 0:  # a new result's journal is empty: nothing to read
             ledger = Ledger(result_id=result.id)
             ledger.deposit(result.provider, stake)
             ledger.lock_stake(result.id, result.provider, stake)
-            save_ledger(session, result.id, ledger, 0)
+            journal += journal_rows(result.id, ledger, 0)
+    session.execute(insert(_RESULT_TABLE), [_row(result) for result in results])
+    if journal:  # after the results: the entries refer to them
+        session.execute(insert(LedgerEntry), journal)
+
+
+def _row(result: Result) -> dict[str, object]:
+    """Every column of ``result``'s row: the values it was given, the column's Python default
+    for the others (else NULL). The same columns for every row: the batch is one executemany
+    (the ORM's bulk insert would split it by which columns are NULL)."""
+    given = inspect(result).dict
+    row: dict[str, object] = {}
+    for column in _RESULT_TABLE.columns:
+        if column.key in given:
+            row[column.key] = given[column.key]
+        elif isinstance(column.default, ScalarElementColumnDefault | CallableColumnDefault):
+            # A callable default here takes no context (``list``): SQLAlchemy's wrapper
+            # passes on none.
+            row[column.key] = (column.default.arg(cast("ExecutionContext", None))
+                               if column.default.is_callable else column.default.arg)
+        else:
+            row[column.key] = None
+    return row
+
+
+_RESULT_TABLE = cast("Table", Result.__table__)
 
 
 def advance(session: Session, result: Result, event: ResultEvent, now: datetime,

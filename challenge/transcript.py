@@ -13,8 +13,8 @@ An event is ``(seq, kind, at, body, prev)``. Its hash is::
         "at": at, "body": body, "kind": kind, "prev": prev, "seq": seq,
     }))
 
-* ``keccak256`` is the original Keccak-256 (Ethereum's, ``Crypto.Hash.keccak`` with
-  ``digest_bits=256``), not NIST SHA3-256. The domain tag is the 19 ASCII bytes
+* ``keccak256`` is the original Keccak-256 (Ethereum's, :func:`refute.merkle.keccak256`), not
+  NIST SHA3-256. The domain tag is the 19 ASCII bytes
   ``refute.transcript/1`` followed by one zero byte (20 bytes).
 * ``canonical_json`` is :func:`refute.manifest.canonical_json`: keys sorted, separators ``,``
   and ``:`` without spaces, UTF-8 without ``\\u`` escapes for non-ASCII characters. The
@@ -70,7 +70,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from Crypto.Hash import keccak
 from eth_typing import BLSPubkey, BLSSignature
 from eth_utils.exceptions import ValidationError
 from py_ecc.bls.ciphersuites import G2ProofOfPossession as _Bls
@@ -79,6 +78,7 @@ from py_ecc.optimized_bls12_381.optimized_curve import curve_order
 
 from refute.errors import RefuteError
 from refute.manifest import canonical_json
+from refute.merkle import keccak256
 
 FORMAT = "refute.transcript/1"
 #: Prefix of every event-hash preimage (the format name and a zero byte).
@@ -137,10 +137,6 @@ class TranscriptError(RefuteError):
 
 # --- hashing -----------------------------------------------------------------------------------
 
-
-def keccak256(data: bytes) -> bytes:
-    """Keccak-256 (Ethereum's) of ``data``."""
-    return keccak.new(digest_bits=256, data=data).digest()
 
 
 def _to_hex(raw: bytes) -> str:
