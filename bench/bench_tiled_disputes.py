@@ -9,7 +9,7 @@ segments; or ``--model gpt2``, the GPT-2-small-shaped transformer: 73 segments),
    registration), and reports the registration time;
 2. runs one honest trace (deterministic executor);
 3. for each step of ``--steps`` (default: MobileNet's first, a middle and the last; GPT-2's
-   middle attention-score segment, Q·Kᵀ, and middle MLP segment): a provider lying by 0.5 in
+   middle attention-score segment, Q·Kᵀ, middle Softmax·V segment and middle MLP segment): a provider lying by 0.5 in
    one element of that step's last output (inside the range rule) is disputed: the tile an
    honest challenger names (where the lie is, :func:`refute.tiling.worst_tile`) is proven,
    verified with the verifying key, bound to the commitment and judged — PROVIDER_FAULT
@@ -70,14 +70,16 @@ ALIASES = {"mobilenet": "mobilenet_v1", "gpt2": "gpt2_small"}
 
 
 def default_steps(prepared: PreparedModel) -> list[int]:
-    """A transformer's middle attention-score segment (Q·Kᵀ) and middle MLP segment (the one
-    with the GELU's Tanh); any other model's first, middle and last segments."""
+    """A transformer's middle attention-score segment (Q·Kᵀ), middle attention segment
+    (Softmax, ·V) and middle MLP segment (the one with the GELU's Tanh); any other model's
+    first, middle and last segments."""
     segments = prepared.segmentation.segments
     n = len(segments)
     scores = [s.index for s in segments if s.op_types == ("MatMul", "Mul", "Add")]
+    attention = [s.index for s in segments if "Softmax" in s.op_types]
     mlp = [s.index for s in segments if "Tanh" in s.op_types]
-    if scores and mlp:
-        return sorted(min(c, key=lambda i: abs(i - n / 2)) for c in (scores, mlp))
+    if scores and attention and mlp:
+        return sorted(min(c, key=lambda i: abs(i - n / 2)) for c in (scores, attention, mlp))
     return sorted({1, (n + 1) // 2, n})
 
 

@@ -12,6 +12,20 @@ an input of shape ``[1]`` (EZKL takes no rank-0 input; the hash is over the same
 reshaped back to a scalar where the segment reads it. A model input of whole numbers (an integer
 or boolean input, carried as float32 in the states) is an input of its declared type, so that
 EZKL takes it at scale 0, exactly as its leaf commits it.
+
+Every ``Softmax(x, axis=a)`` of the segment is copied in a guarded form,
+``Softmax(Max(x − ReduceMax(x, a), −SOFTMAX_FLOOR), axis=a)`` (:func:`guarded_softmax`). EZKL
+proves the exponential with a lookup table spanning every input it observed while calibrating,
+and attention adds a causal mask of −1e4 (or ``finfo.min``, or −inf, in real exports) to the
+masked scores: at scale 7 that is a table of about 1.3M entries, which alone needs 2^20 rows and
+tens of GiB to prove. The guarded form computes the same function: softmax is unchanged by
+subtracting a row's maximum, exactly, and clamping the shifted values at −SOFTMAX_FLOOR changes
+each output by less than half a fixed-point step (:data:`SOFTMAX_FLOOR`). What it changes is the
+range the exponential is looked up on: ``[−SOFTMAX_FLOOR·2^s, 0]``, a few thousand entries. The
+row maximum and the clamp are comparisons, which EZKL proves with range checks, not with the
+lookup table. The guard's own tensors are named ``softmax<k>/…`` (outside the ``seg/``
+namespace the segment's names are moved into, so that nothing can collide with them); only an
+adjudication graph with a Softmax changes (and so the circuits cached by its hash).
 """
 
 from __future__ import annotations
@@ -24,6 +38,16 @@ from refute.loading import TensorSpec, serialize
 from refute.segmentation import Segment, standalone_model
 
 MAXDIFF = "maxdiff"
+
+#: C of the guarded softmax: shifted scores below −C are raised to −C. The row's maximum
+#: becomes 0, so a row's sum of exponentials is at least 1, and raising k entries from below −C
+#: to −C changes each softmax output by less than ``(k + 1)·e^{−C}``. With C = 30 that is below
+#: ``2^{-(12+1)}`` (half a step at :data:`prover.registration.MAX_SCALE`, the largest scale
+#: registration tries) for rows of up to ``e^{30}·2^{-13} ≈ 1.3·10^9`` entries, and below float32
+#: resolution of a probability for rows of up to 10^5 entries (``1e5·e^{−30} ≈ 10^{−8}``): the
+#: guarded graph is the same function in floating point too. The exponential's lookup then spans
+#: ``30·2^s`` values (3,840 at scale 7) instead of the whole range of the masked scores.
+SOFTMAX_FLOOR = 30.0
 
 
 def _renamer(segment: Segment) -> dict[str, str]:
@@ -46,7 +70,17 @@ def adjudication_model(segment: Segment) -> ModelProto:
         for j, spec in enumerate(segment.inputs) if not spec.shape
     ]
     declared = {spec.name: spec.declared for spec in segment.inputs if spec.declared is not None}
+    initializers: list[TensorProto] = []
+    softmaxes = [n for n in source.graph.node if n.op_type == "Softmax"]
+    types = _tensor_types(source) if softmaxes else {}
     for node in source.graph.node:
+        if node.op_type == "Softmax":
+            guard_nodes, guard_init = guarded_softmax(
+                node, name(node.input[0]), name(node.output[0]), types[node.input[0]],
+                _default_opset(source), prefix=f"softmax{softmaxes.index(node)}")
+            nodes += guard_nodes
+            initializers += guard_init
+            continue
         copy = NodeProto()
         copy.CopyFrom(node)
         if _casts_to_declared(node, declared):
@@ -60,7 +94,6 @@ def adjudication_model(segment: Segment) -> ModelProto:
         copy.output.extend(name(o) for o in node.output)
         copy.name = name(node.name or node.output[0])
         nodes.append(copy)
-    initializers = []
     for init in source.graph.initializer:
         tensor = TensorProto()
         tensor.CopyFrom(init)
@@ -87,6 +120,64 @@ def adjudication_model(segment: Segment) -> ModelProto:
         graph, opset_imports=source.opset_import, ir_version=source.ir_version,
         label=f"adjudication graph of segment {segment.index}",
     )
+
+
+def guarded_softmax(node: NodeProto, x: str, y: str, x_type: tuple[int, int], opset: int, *,
+                    prefix: str) -> tuple[list[NodeProto], list[TensorProto]]:
+    """Nodes computing ``y = Softmax(Max(x − ReduceMax(x), −SOFTMAX_FLOOR))`` over the axes
+    the Softmax ``node`` normalizes (its ``axis``; before opset 13 every axis from ``axis`` on),
+    the same function as ``node`` on ``x``; ``x_type`` is the rank and element type of ``x``.
+    The new tensors are named ``<prefix>/…``; the axes are written non-negative, as opsets
+    before 11 require, and given as an attribute before opset 18, as an input from it."""
+    dims, elem_type = x_type
+    given = [a.i for a in node.attribute if a.name == "axis"]
+    axis = given[0] if given else (-1 if opset >= 13 else 1)
+    axis = axis + dims if axis < 0 else axis
+    axes = [axis] if opset >= 13 else list(range(axis, dims))
+    floor = numpy_helper.from_array(
+        np.array(-SOFTMAX_FLOOR, dtype=helper.tensor_dtype_to_np_dtype(elem_type)),
+        f"{prefix}/floor")
+    initializers = [floor]
+    if opset >= 18:
+        initializers.append(numpy_helper.from_array(np.array(axes, dtype=np.int64),
+                                                    f"{prefix}/axes"))
+        reduce = helper.make_node("ReduceMax", [x, f"{prefix}/axes"], [f"{prefix}/max"],
+                                  name=f"{prefix}/reducemax", keepdims=1)
+    else:
+        reduce = helper.make_node("ReduceMax", [x], [f"{prefix}/max"],
+                                  name=f"{prefix}/reducemax", axes=axes, keepdims=1)
+    softmax = NodeProto()
+    softmax.CopyFrom(node)
+    del softmax.input[:]
+    softmax.input.append(f"{prefix}/clamped")
+    del softmax.output[:]
+    softmax.output.append(y)
+    softmax.name = f"{prefix}/softmax"
+    return [
+        reduce,
+        helper.make_node("Sub", [x, f"{prefix}/max"], [f"{prefix}/shifted"],
+                         name=f"{prefix}/sub"),
+        helper.make_node("Max", [f"{prefix}/shifted", f"{prefix}/floor"], [f"{prefix}/clamped"],
+                         name=f"{prefix}/clamp"),
+        softmax,
+    ], initializers
+
+
+def _tensor_types(model: ModelProto) -> dict[str, tuple[int, int]]:
+    """(rank, element type) of every tensor of ``model`` whose shape is inferred."""
+    graph = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+    found: dict[str, tuple[int, int]] = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            found[info.name] = (len(t.shape.dim), t.elem_type)
+    for init in graph.initializer:
+        found[init.name] = (len(init.dims), init.data_type)
+    return found
+
+
+def _default_opset(model: ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def max_abs(tensors: list[str], output: str) -> tuple[list[NodeProto], list[TensorProto]]:
