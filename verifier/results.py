@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -211,10 +211,12 @@ def _store(session: Session, network: Network, items: Sequence[_Checked | Refute
     known: dict[str, Result] = {}
     used: set[tuple[str, str]] = set()
     if valid:  # one query: the messages seen before, and the results holding these nonces
-        nonces = {str(item.body.message.nonce) for item in valid}
+        # (as (provider, nonce) pairs: the unique index finds each; "provider IN … AND nonce
+        # IN …" had PostgreSQL read every result of the provider, a batch slower each time)
+        pairs = {(item.signer, str(item.body.message.nonce)) for item in valid}
         rows = session.scalars(select(Result).where(
             Result.message_hash.in_({item.digest for item in valid})
-            | (Result.provider.in_({item.signer for item in valid}) & Result.nonce.in_(nonces))))
+            | tuple_(Result.provider, Result.nonce).in_(pairs)))
         for row in rows:
             known[row.message_hash] = row
             used.add((row.provider, row.nonce))
