@@ -9,11 +9,12 @@ segments; or ``--model gpt2``, the GPT-2-small-shaped transformer: 73 segments),
    registration), and reports the registration time;
 2. runs one honest trace (deterministic executor);
 3. for each step of ``--steps`` (default: MobileNet's first, a middle and the last; GPT-2's
-   middle attention-score segment, Q·Kᵀ, middle Softmax·V segment and middle MLP segment): a provider lying by 0.5 in
-   one element of that step's last output (inside the range rule) is disputed: the tile an
-   honest challenger names (where the lie is, :func:`refute.tiling.worst_tile`) is proven,
-   verified with the verifying key, bound to the commitment and judged — PROVIDER_FAULT
-   expected — and verified again by a transaction on anvil (gas);
+   middle attention-score segment, Q·Kᵀ, middle Softmax·V segment and middle MLP segment): a
+   provider lying by 0.5 in one element of that step's last output (inside the range rule) is
+   disputed: the tile an honest challenger names (where the lie is,
+   :func:`refute.tiling.worst_tile`) is proven, verified with the verifying key, bound to the
+   commitment and judged — PROVIDER_FAULT expected — and verified again by a transaction on
+   anvil (gas);
 4. at the middle step, the honest state is disputed too: CHALLENGER_FAULT expected.
 
 Printed per proof: step, operators, tiles of the segment, the tile's input and output shapes,

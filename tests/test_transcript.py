@@ -28,7 +28,6 @@ from challenge.transcript import (
     check_bundle,
     event_hash,
     head_message,
-    keccak256,
     pop_prove,
     pop_verify,
     sign_head,
@@ -36,6 +35,7 @@ from challenge.transcript import (
 )
 from refute.errors import RefuteError
 from refute.manifest import canonical_json
+from refute.merkle import keccak256
 
 T0 = 1_700_000_000.0
 KINDS = ["submission", "spot_check", "challenge", "reveal", "answer", "proof", "verdict"]
