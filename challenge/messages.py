@@ -44,7 +44,6 @@ from coincurve import PublicKey
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_utils.address import to_checksum_address
-from eth_utils.crypto import keccak
 
 from refute.errors import RefuteError
 from refute.merkle import keccak256
@@ -154,7 +153,7 @@ def network_word(network_id: str) -> bytes:
     """The ``network`` field of every message: keccak256 of the network id (UTF-8), 32 bytes."""
     if not isinstance(network_id, str) or not network_id:
         raise ValueError("network id must be a non-empty string")
-    return keccak(text=network_id)
+    return keccak256(network_id.encode())
 
 
 @dataclass(frozen=True)
@@ -335,7 +334,7 @@ SignedObject = Result | Challenge | Move
 RESULT_TYPE = Result.type_string()
 CHALLENGE_TYPE = Challenge.type_string()
 MOVE_TYPE = Move.type_string()
-_TYPE_HASHES = {kind.PRIMARY_TYPE: keccak(text=kind.type_string())
+_TYPE_HASHES = {kind.PRIMARY_TYPE: keccak256(kind.type_string().encode())
                 for kind in (Result, Challenge, Move)}
 
 
@@ -390,9 +389,9 @@ def typed_data_hash(obj: SignedObject, domain: Domain) -> bytes:
 
 @functools.lru_cache(maxsize=64)
 def _domain_separator(domain: Domain) -> bytes:
-    return keccak(keccak(text=DOMAIN_TYPE) + keccak(text=domain.name)
-                  + keccak(text=domain.version) + domain.chain_id.to_bytes(32, "big")
-                  + bytes(12) + bytes.fromhex(domain.verifying_contract[2:]))
+    return keccak256(keccak256(DOMAIN_TYPE.encode()) + keccak256(domain.name.encode())
+                     + keccak256(domain.version.encode()) + domain.chain_id.to_bytes(32, "big")
+                     + bytes(12) + bytes.fromhex(domain.verifying_contract[2:]))
 
 
 def sign_typed(obj: SignedObject, domain: Domain, private_key: bytes | str) -> bytes:

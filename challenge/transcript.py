@@ -138,7 +138,6 @@ class TranscriptError(RefuteError):
 # --- hashing -----------------------------------------------------------------------------------
 
 
-
 def _to_hex(raw: bytes) -> str:
     return "0x" + raw.hex()
 

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from refute.loading import TensorSpec, serialize
+from refute.loading import TensorSpec, default_opset, serialize
 from refute.segmentation import Segment, standalone_model
 
 MAXDIFF = "maxdiff"
@@ -77,7 +77,7 @@ def adjudication_model(segment: Segment) -> ModelProto:
         if node.op_type == "Softmax":
             guard_nodes, guard_init = guarded_softmax(
                 node, name(node.input[0]), name(node.output[0]), types[node.input[0]],
-                _default_opset(source), prefix=f"softmax{softmaxes.index(node)}")
+                default_opset(source), prefix=f"softmax{softmaxes.index(node)}")
             nodes += guard_nodes
             initializers += guard_init
             continue
@@ -174,10 +174,6 @@ def _tensor_types(model: ModelProto) -> dict[str, tuple[int, int]]:
     for init in graph.initializer:
         found[init.name] = (len(init.dims), init.data_type)
     return found
-
-
-def _default_opset(model: ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def max_abs(tensors: list[str], output: str) -> tuple[list[NodeProto], list[TensorProto]]:

@@ -241,7 +241,7 @@ def load_model(
     digest = hashlib.sha256(data).hexdigest()
     model = _parse(data)
     _check_header(model, limits)
-    opset = _default_opset(model)
+    opset = default_opset(model)
     _check_tensors(model, limits)
     _check_nodes(model, limits)
     _drop_foreign_imports(model)
@@ -372,14 +372,16 @@ def _check_header(model: ModelProto, limits: LoadLimits) -> None:
         raise ModelTooLarge(
             f"graph has {len(graph.node)} nodes, over the limit of {limits.max_nodes}"
         )
-    opset = _default_opset(model)
+    opset = default_opset(model)
     if not limits.min_opset <= opset <= limits.max_opset:
         raise UnsupportedOpset(
             f"opset {opset} is outside the supported range {limits.min_opset}..{limits.max_opset}"
         )
 
 
-def _default_opset(model: ModelProto) -> int:
+def default_opset(model: ModelProto) -> int:
+    """The version of the default-domain (ai.onnx) opset ``model`` imports; refused when it
+    imports none or more than one."""
     versions = [imp.version for imp in model.opset_import if imp.domain in _DEFAULT_DOMAINS]
     if not versions:
         raise UnsupportedOpset("model imports no default-domain (ai.onnx) opset")

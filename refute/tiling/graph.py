@@ -13,6 +13,7 @@ import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from refute.errors import UnprovableModel
+from refute.loading import default_opset
 from refute.rewrites import node_label
 from refute.segmentation import Segment
 
@@ -57,7 +58,6 @@ def _parse(onnx_bytes: bytes, index: int, start: int) -> _Graph:
         v.name: tuple(int(d.dim_value) for d in v.type.tensor_type.shape.dim)
         for v in [*graph.input, *graph.value_info, *graph.output]
     }
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return _Graph(
         index=index,
         start=start,
@@ -67,7 +67,7 @@ def _parse(onnx_bytes: bytes, index: int, start: int) -> _Graph:
         outputs=tuple(o.name for o in model.graph.output),
         constants={t.name: numpy_helper.to_array(t) for t in model.graph.initializer},
         shapes=shapes,
-        opset=opset,
+        opset=default_opset(model),
     )
 
 
